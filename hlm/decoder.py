@@ -1,0 +1,226 @@
+"""The hybrid decoding loop (METHOD.md), yielding one `TokenEvent` per emitted token.
+
+Per step: the SLM drafts d ~ p from its KV cache; u comes from the same logits (temperature perturbation);
+for `ours` the SLM's pass over d (and, with the lookahead estimator, over the next draft) gives the attention
+row that scores d's importance. The policy then decides: keep d locally, or upload (d, p) with the ids kept
+locally since the last upload; the verifier accepts with min(1, q/p) or resamples from norm(max(0, q - p)).
+On a resample the SLM's cache rolls back to the corrected prefix (the verifier never caches drafts).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from hlm.config import LinkConfig, RunConfig
+from hlm.drafter import Drafter
+from hlm.energy import Window, measure, open_meter
+from hlm.events import TokenEvent
+from hlm.importance import PASSES_NEEDED, Importance, score
+from hlm.link import UploadCost, upload_bits, upload_cost
+from hlm.metrics import summarize
+from hlm.models import ModelPair
+from hlm.payload import encode
+from hlm.policies import should_upload
+from hlm.sampling import distribution, sample
+from hlm.uncertainty import uncertainty
+from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
+
+NO_UPLOAD = UploadCost(0, 0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class Draft:
+    token: int
+    p: torch.Tensor
+    u: float | None
+    position: int
+    passes: int = 0  # SLM passes over this draft and later ones; importance is known after PASSES_NEEDED
+    importance: Importance | None = None
+
+
+class TextStream:
+    """Incremental detokenisation (the prefix/read-offset scheme of TGI): each token's text is what it adds,
+    holding back incomplete UTF-8 sequences, so the texts of all events concatenate to the decoded output."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+class HybridDecoder:
+    def __init__(self, pair: ModelPair, verifier: Verifier | None = None) -> None:
+        self.pair = pair
+        self.verifier = verifier if verifier is not None else LocalVerifier(pair.verifier, pair.valid)
+        self.device = pair.draft.device
+        self.meter = open_meter(self.device)
+
+    def energy_methods(self, link: LinkConfig) -> dict[str, str]:
+        """How each energy part is obtained, for the summary and the hardware panel."""
+        cloud = getattr(self.verifier, "meter", None)
+        return {
+            "device_compute": self.meter.method if self.meter else
+            f"modelled: {link.device_compute_power_w} W x measured SLM compute time on {self.device.type}",
+            "radio": f"modelled: {link.tx_power_w} W x upload bits / (W log2(1+SNR)) "
+                     f"= {link.uplink_rate_bps / 1e6:.1f} Mbit/s",
+            "device_idle": f"modelled: {link.device_idle_power_w} W x (measured cloud compute + downlink + RTT)",
+            "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
+        }
+
+    def run(self, prompt: str, config: RunConfig, **kwargs) -> tuple[str, list[TokenEvent], dict]:  # noqa: ANN003
+        """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
+        events = list(self.generate(prompt, config, **kwargs))
+        summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
+                            self.energy_methods(config.link))
+        return "".join(e.text for e in events), events, summary.to_dict()
+
+    def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,
+                 diagnostics: bool = False) -> Iterator[TokenEvent]:
+        """Yield events as tokens are decided. `cancel` stops after the current token; `diagnostics` computes
+        u for every draft whatever the policy (calibration needs u under `hlm`)."""
+        s, pol, link = config.sampling, config.policy, config.link
+        prompt_ids = self.pair.encode_prompt(prompt, s.max_new_tokens)  # validates before any model work
+        self.verifier.open(s)
+        try:
+            if pol.name == "llm":
+                yield from self._cloud_only(prompt_ids, config, cancel)
+            else:
+                yield from self._hybrid(prompt_ids, config, cancel, diagnostics)
+        finally:
+            self.verifier.close()
+
+    def _hybrid(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
+                diagnostics: bool) -> Iterator[TokenEvent]:
+        s, pol, link = config.sampling, config.policy, config.link
+        t0 = time.perf_counter()
+        gens = [torch.Generator(self.device).manual_seed(s.seed + i) for i in range(3)]
+        draft_gen, u_gen, coin_gen = gens
+        needs_u = diagnostics or pol.name in ("uhlm", "ours", "random")
+        passes = PASSES_NEEDED[pol.estimator] if pol.uses_importance else 0
+        drafter = Drafter(self.pair.draft, pol.last_layers)
+        text = TextStream(self.pair.tokenizer)
+        context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
+        spent = Window(0.0, 0.0 if self.meter else None)  # device compute since the last emitted token
+
+        with measure(self.device, self.meter) as w:
+            logits = drafter.prefill(context)
+        _add(spent, w)
+        for index in range(s.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                return
+            # Draft until the oldest pending draft can be decided (at once, unless importance needs passes).
+            while not pending or pending[0].passes < passes:
+                with measure(self.device, self.meter) as w:
+                    p = distribution(logits, s, self.pair.valid)
+                    token = sample(p, draft_gen)
+                    u = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, self.pair.valid) \
+                        if needs_u else None
+                    pending.append(Draft(token, p, u, len(context) + len(pending)))
+                    if passes:
+                        logits, row = drafter.forward([token], attention=True)
+                        for d in pending:
+                            d.passes += 1
+                            if d.passes == passes:
+                                d.importance = score(row, d.position, pol.k, pol.gamma, pol.sink_tokens)
+                _add(spent, w)
+
+            d = pending.pop(0)
+            coin = float(torch.rand((), generator=coin_gen, device=self.device)) if pol.name == "random" else 1.0
+            important = d.importance.important if d.importance else None
+            verdict, bits_up, n_sync = None, 0, 0
+            if should_upload(pol, d.u if d.u is not None else 1.0, important, coin):
+                n_sync = len(context) - synced
+                bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
+                try:
+                    verdict = self.verifier.verify(context, d.token, encode(d.p, link.bits_per_prob, link.topk))
+                    synced = len(context) + 1  # the verifier knows its own verdict token
+                    source = "cloud_accepted" if verdict.accepted else "cloud_resampled"
+                except CloudUnavailable:
+                    source = "unverified"
+            else:
+                source = "local"
+            token = verdict.token if verdict else d.token
+            context.append(token)
+
+            with measure(self.device, self.meter) as w:
+                if source == "cloud_resampled" and passes:  # drop d and the drafts made after it
+                    drafter.rollback(len(pending) + 1)
+                    pending.clear()
+                if source == "cloud_resampled" or not passes:
+                    logits, _ = drafter.forward([token])
+            yield self._event(index, len(context) - 1, token, text.push(token), source, d, verdict, bits_up,
+                              n_sync, spent, link, t0)
+            spent = w
+            if s.stop_at_eos and token in self.pair.stop_ids:
+                return
+
+    def _cloud_only(self, prompt_ids: list[int], config: RunConfig,
+                    cancel: threading.Event | None) -> Iterator[TokenEvent]:
+        """The `llm` reference: the verifier generates alone; the device only sends the prompt and waits."""
+        s, link = config.sampling, config.link
+        t0 = time.perf_counter()
+        text = TextStream(self.pair.tokenizer)
+        context, synced = list(prompt_ids), 0
+        for index in range(s.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                return
+            n_sync = len(context) - synced
+            verdict = self.verifier.verify(context, None, None)
+            synced = len(context) + 1
+            context.append(verdict.token)
+            bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
+            yield self._event(index, len(context) - 1, verdict.token, text.push(verdict.token), "cloud_sampled",
+                              None, verdict, bits_up, n_sync, Window(0.0, None), link, t0)
+            if s.stop_at_eos and verdict.token in self.pair.stop_ids:
+                return
+
+    def _event(self, index: int, position: int, token: int, text: str, source: str, d: Draft | None,
+               verdict: Verdict | None, bits_up: int, n_sync: int, spent: Window, link: LinkConfig,
+               t0: float) -> TokenEvent:
+        cost = NO_UPLOAD
+        if bits_up or verdict is not None:
+            cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
+            if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for
+                cost = UploadCost(cost.bits_up, 0, cost.uplink_s, 0.0, cost.radio_j, 0.0)
+        measured = spent.joules is not None
+        cloud_measured = verdict is not None and verdict.energy_j is not None
+        imp = d.importance if d else None
+        return TokenEvent(
+            index=index, position=position, token_id=token, text=text, source=source,  # type: ignore[arg-type]
+            uploaded=bits_up > 0 and d is not None, draft_id=d.token if d else None, u=d.u if d else None,
+            importance=imp.score if imp else None, importance_threshold=imp.threshold if imp else None,
+            importance_rank=imp.rank if imp else None, important=imp.important if imp else None,
+            p_draft=verdict.p_draft if verdict else None, q_draft=verdict.q_draft if verdict else None,
+            synced_ids=n_sync, bits_up=cost.bits_up, bits_down=cost.bits_down,
+            wire_bytes_up=verdict.wire_bytes_up if verdict else None,
+            wire_bytes_down=verdict.wire_bytes_down if verdict else None,
+            draft_s=spent.seconds, verify_s=verdict.compute_s if verdict else 0.0,
+            uplink_s=cost.uplink_s, wait_s=cost.wait_s, wall_s=time.perf_counter() - t0,
+            energy_j={
+                "device_compute": spent.joules if measured else link.device_compute_power_w * spent.seconds,
+                "radio": cost.radio_j,
+                "device_idle": cost.idle_j,
+                "cloud": verdict.energy_j if cloud_measured else link.cloud_power_w * (
+                    verdict.compute_s if verdict else 0.0),
+            },
+            energy_method={"device_compute": "measured" if measured else "modelled", "radio": "modelled",
+                           "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"},
+        )
+
+
+def _add(total: Window, w: Window) -> None:
+    total.seconds += w.seconds
+    if total.joules is not None:
+        total.joules += w.joules or 0.0

@@ -1,0 +1,43 @@
+"""The device side: the small model and its KV cache, one token per pass, with rollback.
+
+Each pass returns the next-position logits and, when asked, the attention row of the newest query
+(`hlm.importance.attention_row`), taken from the same forward pass: importance costs no extra pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from hlm.importance import attention_row
+
+
+class Drafter:
+    def __init__(self, model: PreTrainedModel, last_layers: int = 4) -> None:
+        self.model = model
+        self.device = model.device
+        self.last_layers = last_layers
+        self.cache = DynamicCache()
+
+    @property
+    def length(self) -> int:
+        """Tokens held in the KV cache."""
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Process `ids` after the cached context; logits for the next position (+ attention row)."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache,
+                         use_cache=True, output_attentions=attention, logits_to_keep=1)
+        row = attention_row(out.attentions, self.last_layers) if attention else None
+        return out.logits[0, -1], row
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.cache = DynamicCache()
+        return self.forward(ids)[0]
+
+    def rollback(self, n_tokens: int) -> None:
+        """Drop the newest `n_tokens` from the cache. transformers 5.24's `crop` takes minus the count to
+        remove (a positive value, the old absolute length, raises); tests check this against a recompute."""
+        if n_tokens:
+            self.cache.crop(-n_tokens)

@@ -1,0 +1,98 @@
+"""The plain records the decoder yields. The CLI, the app, the HTTP client and the experiments all consume
+these and nothing else, so every figure a view shows is traceable to one token's record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Source = Literal["local", "cloud_accepted", "cloud_resampled", "cloud_sampled", "unverified"]
+SOURCES: tuple[str, ...] = ("local", "cloud_accepted", "cloud_resampled", "cloud_sampled", "unverified")
+ENERGY_PARTS = ("device_compute", "radio", "device_idle", "cloud")
+
+
+@dataclass
+class TokenEvent:
+    """One emitted token.
+
+    source: `local` kept without upload; `cloud_accepted` / `cloud_resampled` the verifier's verdict on an
+    uploaded draft; `cloud_sampled` the verifier generated it alone (policy `llm`); `unverified` the upload
+    failed (cloud unreachable) and the draft was kept.
+    importance / importance_threshold / importance_rank: the draft's attention weight, the adaptive threshold
+    tau it was compared with, and its rank in the row (0 = most attended); None where not computed.
+    p_draft / q_draft: draft and verifier probability of the drafted token, when verified.
+    energy_j: joules per part of ENERGY_PARTS; energy_method: `measured` or `modelled` per part.
+    """
+
+    index: int
+    position: int
+    token_id: int
+    text: str
+    source: Source
+    uploaded: bool
+    draft_id: int | None = None
+    u: float | None = None
+    importance: float | None = None
+    importance_threshold: float | None = None
+    importance_rank: int | None = None
+    important: bool | None = None
+    p_draft: float | None = None
+    q_draft: float | None = None
+    synced_ids: int = 0
+    bits_up: int = 0
+    bits_down: int = 0
+    wire_bytes_up: int | None = None
+    wire_bytes_down: int | None = None
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    uplink_s: float = 0.0
+    wait_s: float = 0.0
+    wall_s: float = 0.0
+    energy_j: dict[str, float] = field(default_factory=dict)
+    energy_method: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def accept_prob(self) -> float | None:
+        if self.p_draft is None or self.q_draft is None or self.p_draft <= 0:
+            return None
+        return min(1.0, self.q_draft / self.p_draft)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["accept_prob"] = self.accept_prob
+        return out
+
+
+@dataclass
+class Summary:
+    """Totals over a run's events. The HLM counterfactual prices the same tokens as if every one had been
+    uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run."""
+
+    policy: str
+    tokens: int
+    uploads: int
+    upload_rate: float
+    llm_calls: int
+    accepted: int
+    resampled: int
+    unverified: int
+    acceptance_rate: float | None
+    uplink_bits: int
+    downlink_bits: int
+    wire_bytes_up: int | None
+    wire_bytes_down: int | None
+    device_energy_j: float
+    device_energy_parts_j: dict[str, float]
+    cloud_energy_j: float
+    hlm_device_energy_j: float | None
+    energy_saving: float | None
+    device_compute_s: float
+    cloud_compute_s: float
+    wall_s: float
+    tokens_per_s: float
+    tokens_per_s_modelled_link: float
+    energy_methods: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

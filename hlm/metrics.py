@@ -1,0 +1,63 @@
+"""Run totals from event records (a pure function: the app calls it on partial streams for live figures)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hlm.config import LinkConfig
+from hlm.events import ENERGY_PARTS, Summary, TokenEvent
+from hlm.link import upload_bits, upload_cost
+
+DEVICE_PARTS = ENERGY_PARTS[:3]
+VERIFIED = ("cloud_accepted", "cloud_resampled")
+
+
+def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, policy: str,
+              energy_methods: dict[str, str]) -> Summary:
+    n = len(events)
+    calls = [e for e in events if e.source in (*VERIFIED, "cloud_sampled")]
+    verified = [e for e in events if e.source in VERIFIED]
+    uploads = sum(e.uploaded for e in events)
+    accepted = sum(e.source == "cloud_accepted" for e in events)
+    parts = {p: sum(e.energy_j.get(p, 0.0) for e in events) for p in DEVICE_PARTS}
+    device_j = sum(parts.values())
+    cloud_s = sum(e.verify_s for e in calls)
+    compute_s = sum(e.draft_s for e in events)
+
+    # HLM counterfactual: the same tokens, each uploaded alone with a full payload and one cloud call.
+    hlm_j = None
+    if policy != "llm" and n and parts["device_compute"] > 0:
+        per_call_s = cloud_s / len(calls) if calls else link.cloud_verify_time_s
+        cost = upload_cost(link, upload_bits(link, vocab_size, 0), per_call_s)
+        hlm_j = parts["device_compute"] + n * (cost.radio_j + cost.idle_j)
+
+    link_s = compute_s + sum(e.uplink_s + e.wait_s for e in events)
+    wall_s = events[-1].wall_s if events else 0.0
+    wires_up = [e.wire_bytes_up for e in events if e.wire_bytes_up is not None]
+    wires_down = [e.wire_bytes_down for e in events if e.wire_bytes_down is not None]
+    return Summary(
+        policy=policy,
+        tokens=n,
+        uploads=uploads,
+        upload_rate=uploads / n if n else 0.0,
+        llm_calls=len(calls),
+        accepted=accepted,
+        resampled=sum(e.source == "cloud_resampled" for e in events),
+        unverified=sum(e.source == "unverified" for e in events),
+        acceptance_rate=accepted / len(verified) if verified else None,
+        uplink_bits=sum(e.bits_up for e in events),
+        downlink_bits=sum(e.bits_down for e in events),
+        wire_bytes_up=sum(wires_up) if wires_up else None,
+        wire_bytes_down=sum(wires_down) if wires_down else None,
+        device_energy_j=device_j,
+        device_energy_parts_j=parts,
+        cloud_energy_j=sum(e.energy_j.get("cloud", 0.0) for e in events),
+        hlm_device_energy_j=hlm_j,
+        energy_saving=1.0 - device_j / hlm_j if hlm_j else None,
+        device_compute_s=compute_s,
+        cloud_compute_s=cloud_s,
+        wall_s=wall_s,
+        tokens_per_s=n / wall_s if wall_s > 0 else 0.0,
+        tokens_per_s_modelled_link=n / link_s if link_s > 0 else 0.0,
+        energy_methods=dict(energy_methods),
+    )

@@ -1,0 +1,203 @@
+"""Model pairs: a draft ("device") and a verifier ("cloud") causal LM that share one tokenizer.
+
+`load_pair(spec)` takes a preset name (`embedded`, `tiny`, `qwen`, `paper`) or `DRAFT,VERIFIER`, each a hub id,
+a local folder or a `.gguf` file. Vocabularies must match token for token; ids the tokenizer never emits
+(filler rows of the embedding) are masked in both models; one chat template renders prompts for both.
+Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+MAX_PROMPT_CHARS = 100_000
+
+
+class ModelError(RuntimeError):
+    """A model pair cannot be loaded or does not form a valid pair."""
+
+
+class PromptError(ValueError):
+    """The prompt is empty or too long for the pair's context."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """beta ~ a*u + b fitted by `python -m hlm calibrate` (U-HLM); thresholds on u."""
+
+    a: float
+    b: float
+    delta: float  # P(q[d] < p[d]) over the calibration run
+    risk_averse: float  # -b/a
+    risk_prone: float  # (delta - b)/a
+    samples: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    draft: str
+    verifier: str
+    description: str
+    calibration: Calibration | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "embedded": Preset("embedded:draft", "embedded:verifier",
+                       "Qwen2.5-Coder-0.5B-Instruct drafts for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M from PyPI, bf16)",
+                       None),
+    "tiny": Preset("tiny:draft", "tiny:verifier", "two tiny randomly initialised models (tests of mechanics)"),
+    "qwen": Preset("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 0.5B -> 1.5B (hub)"),
+    "paper": Preset("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "meta-llama/Llama-2-7b-chat-hf",
+                    "TinyLlama-1.1B -> Llama-2-7B, the paper's pair (hub)"),
+}
+
+
+@dataclass
+class ModelPair:
+    name: str
+    draft: PreTrainedModel
+    verifier: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    valid: torch.Tensor  # bool per vocabulary id: False for filler ids never emitted
+    stop_ids: frozenset[int]
+    max_context: int
+    calibration: Calibration | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.valid.shape[0])
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Chat-template the prompt (one template for both models) and check it fits the context."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+        else:
+            text = prompt
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + max_new_tokens > self.max_context:
+            raise PromptError(f"the prompt is {len(ids):,} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                              f"the context of {self.max_context:,} tokens")
+        return list(ids)
+
+    def describe(self) -> dict[str, Any]:
+        """Hardware and model facts for the CLI/app hardware panel."""
+        def info(m: PreTrainedModel) -> dict[str, Any]:
+            return {"name": getattr(m, "hlm_name", m.config.name_or_path), "params": m.num_parameters(),
+                    "dtype": str(m.dtype).removeprefix("torch."), "device": str(m.device),
+                    "attention": m.config._attn_implementation}
+        return {"pair": self.name, "draft": info(self.draft), "verifier": info(self.verifier),
+                "vocab_size": self.vocab_size, "max_context": self.max_context,
+                "torch_threads": torch.get_num_threads(),
+                "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA GPUs that support it and on CPUs (measured faster than fp32 here: MODELS.md)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": False}
+    path = Path(ref)
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {ref}")
+        kwargs["gguf_file"] = path.name
+        ref = str(path.parent)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {ref!r}: {str(exc).splitlines()[0]}") from exc
+    model.hlm_name = path.name if path.exists() else ref
+    return model.to(device).eval()
+
+
+def _load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    path = Path(ref)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if ref.endswith(".gguf"):
+        kwargs["gguf_file"], ref = path.name, str(path.parent)
+    try:
+        return AutoTokenizer.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load tokenizer {ref!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for m in models:
+        eos = getattr(m.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab)
+    return frozenset(ids)
+
+
+def make_pair(name: str, draft: PreTrainedModel, verifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              verifier_tokenizer: PreTrainedTokenizerBase | None = None,
+              calibration: Calibration | None = None) -> ModelPair:
+    """Check that the two models form a pair and mask filler ids; refuses mismatched vocabularies."""
+    if verifier_tokenizer is not None and verifier_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"{name}: the draft and verifier tokenizers have different vocabularies "
+                         f"({len(tokenizer)} vs {len(verifier_tokenizer)} tokens); speculative decoding needs one")
+    v_draft, v_verifier = draft.config.vocab_size, verifier.config.vocab_size
+    if v_draft != v_verifier:
+        raise ModelError(f"{name}: vocabulary sizes differ (draft {v_draft}, verifier {v_verifier})")
+    if len(tokenizer) > v_draft:
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the models only {v_draft}")
+    valid = torch.arange(v_draft) < len(tokenizer)
+    contexts = [getattr(m.config, "max_position_embeddings", None) or 2048 for m in (draft, verifier)]
+    max_context = min(*contexts, int(os.environ.get("HLM_MAX_CONTEXT", "32768")))
+    return ModelPair(name, draft, verifier, tokenizer, valid, _stop_ids(tokenizer, draft, verifier), max_context,
+                     calibration)
+
+
+@functools.lru_cache(maxsize=2)
+def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | None = None,
+              progress: bool = True) -> ModelPair:
+    """Load a pair by preset name or `DRAFT,VERIFIER`; cached per process (the app and tests reuse it)."""
+    dev = torch.device(device) if device else default_device()
+    if spec == "tiny":
+        from hlm.tiny import tiny_pair
+
+        return tiny_pair(device=dev)
+    torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
+    preset = PRESETS.get(spec)
+    if preset is not None:
+        draft_ref, verifier_ref = preset.draft, preset.verifier
+    elif "," in spec:
+        draft_ref, verifier_ref = (part.strip() for part in spec.split(",", 1))
+    else:
+        raise ModelError(f"unknown model pair {spec!r}: use one of {', '.join(PRESETS)} or DRAFT,VERIFIER "
+                         "(hub ids, local folders or .gguf files)")
+    if spec == "embedded":
+        from hlm.embedded import ensure_pair_dirs
+
+        draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=progress))
+    tokenizer = _load_tokenizer(draft_ref)
+    verifier_tokenizer = _load_tokenizer(verifier_ref)
+    # The drafter needs attention weights (eager); the verifier does not, so it uses the faster SDPA kernel.
+    draft = _load_model(draft_ref, dev, torch_dtype, "eager")
+    verifier = _load_model(verifier_ref, dev, torch_dtype, "sdpa")
+    return make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
