@@ -50,11 +50,12 @@ class TextStream:
     def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
-    def push(self, token: int) -> str:
+    def push(self, token: int, last: bool = False) -> str:
+        """Text this token adds; `last` flushes whatever is held back (an incomplete sequence stays as U+FFFD)."""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if last or (len(after) > len(before) and not after.endswith("\ufffd")):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
@@ -160,10 +161,11 @@ class HybridDecoder:
                     pending.clear()
                 if source == "cloud_resampled" or not passes:
                     logits, _ = drafter.forward([token])
-            yield self._event(index, len(context) - 1, token, text.push(token), source, d, verdict, bits_up,
+            last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
+            yield self._event(index, len(context) - 1, token, text.push(token, last), source, d, verdict, bits_up,
                               n_sync, spent, link, t0)
             spent = w
-            if s.stop_at_eos and token in self.pair.stop_ids:
+            if last:
                 return
 
     def _cloud_only(self, prompt_ids: list[int], config: RunConfig,
@@ -181,9 +183,10 @@ class HybridDecoder:
             synced = len(context) + 1
             context.append(verdict.token)
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
-            yield self._event(index, len(context) - 1, verdict.token, text.push(verdict.token), "cloud_sampled",
+            last = index == s.max_new_tokens - 1 or (s.stop_at_eos and verdict.token in self.pair.stop_ids)
+            yield self._event(index, len(context) - 1, verdict.token, text.push(verdict.token, last), "cloud_sampled",
                               None, verdict, bits_up, n_sync, Window(0.0, None), link, t0)
-            if s.stop_at_eos and verdict.token in self.pair.stop_ids:
+            if last:
                 return
 
     def _event(self, index: int, position: int, token: int, text: str, source: str, d: Draft | None,

@@ -1,0 +1,179 @@
+"""The sweep's figures (plotly): interactive HTML, plus PNG for the README where a Chrome is available.
+
+All four are drawn from the summary rows of `hlm.sweep.aggregate` (mean and 95 % CI over prompts per policy and
+setting), so every point on a figure is a row of summary.csv:
+- pareto: device-energy saving vs BERTScore, every policy and (k, gamma) point, each ours setting joined to its
+  random-skip control at the same upload rate;
+- upload_heatmap: ours' upload rate over the k x gamma grid, one panel per estimator;
+- throughput: tokens/s with the modelled link vs upload rate;
+- energy_breakdown: device energy per token split into compute, radio and idle, per policy and setting.
+
+PNG export uses kaleido 1.x, which drives a Chrome/Chromium found by choreographer: the `BROWSER_PATH`
+environment variable if set, else `chromium`, `google-chrome`, ... on PATH. We point it at Debian's
+/usr/bin/chromium when nothing else is set. Without a browser the HTML is still written and the error reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+COLOURS = {"hlm": "#222222", "uhlm": "#ff7f0e", "slm": "#8c8c8c", "llm": "#9467bd", "random": "#d62728",
+           "ours lookahead": "#1f77b4", "ours self": "#2ca02c"}
+PARTS = (("compute_j_per_token", "SLM compute"), ("radio_j_per_token", "radio (uplink)"),
+         ("idle_j_per_token", "idle while waiting"))
+ORDER = ("llm", "hlm", "uhlm", "ours", "random", "slm")
+SIZE = {"width": 1000, "height": 620}
+
+
+def _groups(summary: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    """(legend name, rows, marker style) per policy, ours split by estimator; llm (the reference) left out."""
+    names: dict[str, list[dict[str, Any]]] = {}
+    for r in summary:
+        if r["policy"] != "llm":
+            name = f"ours {r['estimator']}" if r["policy"] == "ours" else r["policy"]
+            names.setdefault(name, []).append(r)
+    for name, rows in names.items():
+        symbol = "x" if name == "random" else "diamond" if name in ("hlm", "uhlm", "slm") else "circle"
+        yield name, rows, {"color": COLOURS.get(name, "#17becf"), "symbol": symbol, "size": 10}
+
+
+def _xy(rows: Sequence[dict[str, Any]], x: str, y: str, x_scale: float = 1.0,
+        y_scale: float = 1.0) -> dict[str, Any]:
+    """Scatter arguments for mean ± CI of two metrics."""
+    def values(m: str, part: str, scale: float) -> list[float | None]:
+        return [r[f"{m}_{part}"] * scale if r[f"{m}_{part}"] is not None else None for r in rows]
+
+    return {"x": values(x, "mean", x_scale), "y": values(y, "mean", y_scale),
+            "error_x": {"type": "data", "array": values(x, "ci95", x_scale), "thickness": 1},
+            "error_y": {"type": "data", "array": values(y, "ci95", y_scale), "thickness": 1}}
+
+
+def _hover(r: dict[str, Any]) -> str:
+    saving = r["energy_saving_mean"]
+    return (f"{r['policy']} {r['setting']}<br>upload rate {r['upload_rate_mean']:.1%}<br>energy saving "
+            f"{saving if saving is None else f'{saving:.1%}'}<br>BERTScore {r['bertscore_f1_mean']:.3f}<br>"
+            f"{r['tokens_per_s_modelled_link_mean']:.2f} tok/s (modelled link)<br>{r['n_prompts']} prompts")
+
+
+def _n_prompts(summary: Sequence[dict[str, Any]]) -> int:
+    return max((r["n_prompts"] for r in summary), default=0)
+
+
+def pareto(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None = None) -> go.Figure:
+    fig = go.Figure()
+    hybrid = [r for r in summary if r["policy"] != "llm" and r["energy_saving_mean"] is not None
+              and r["bertscore_f1_mean"] is not None]
+    for name, rows, marker in _groups(hybrid):
+        text = [f"k={r['k']} γ={r['gamma']:g}" for r in rows] if name.startswith("ours") else None
+        fig.add_trace(go.Scatter(name=name, mode="markers+text" if text else "markers", text=text,
+                                 textposition="top center", textfont={"size": 9}, marker=marker,
+                                 hovertext=[_hover(r) for r in rows], hoverinfo="text",
+                                 **_xy(rows, "bertscore_f1", "energy_saving", y_scale=100)))
+    # Each ours setting joined to its random control (same upload rate): the line shows what importance adds.
+    random = {r["setting"]: r for r in hybrid if r["policy"] == "random"}
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for r in hybrid:
+        if r["policy"] == "ours" and r["setting"] in random:
+            c = random[r["setting"]]
+            xs += [r["bertscore_f1_mean"], c["bertscore_f1_mean"], None]
+            ys += [r["energy_saving_mean"] * 100, c["energy_saving_mean"] * 100, None]
+    if xs:
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="ours ↔ random at equal upload rate",
+                                 line={"color": "#bbbbbb", "dash": "dot", "width": 1}, hoverinfo="skip"))
+    front = []
+    for r in sorted(hybrid, key=lambda r: -r["bertscore_f1_mean"]):
+        if not front or r["energy_saving_mean"] > front[-1]["energy_saving_mean"]:
+            front.append(r)
+    fig.add_trace(go.Scatter(x=[r["bertscore_f1_mean"] for r in front],
+                             y=[r["energy_saving_mean"] * 100 for r in front], mode="lines", name="Pareto front",
+                             line={"color": "#444444", "dash": "dash", "width": 1}, hoverinfo="skip"))
+    for key in ("accuracy_leaning", "energy_leaning"):
+        pick = (decisions or {}).get(key)
+        if pick:
+            fig.add_annotation(x=pick["bertscore_f1_mean"], y=pick["energy_saving_mean"] * 100,
+                               text=key.replace("_", "-"), showarrow=True, arrowhead=2, ax=40, ay=-40)
+    fig.update_layout(title=f"Device-energy saving vs quality (mean ± 95% CI over {_n_prompts(summary)} prompts)",
+                      xaxis_title="BERTScore F1 against the LLM-only output",
+                      yaxis_title="device-energy saving vs HLM (%)", template="plotly_white")
+    return fig
+
+
+def upload_heatmap(summary: Sequence[dict[str, Any]]) -> go.Figure:
+    ours = [r for r in summary if r["policy"] == "ours"]
+    estimators = list(dict.fromkeys(r["estimator"] for r in ours)) or ["(no ours runs)"]
+    ks = sorted({r["k"] for r in ours})
+    gammas = sorted({r["gamma"] for r in ours})
+    fig = make_subplots(rows=1, cols=len(estimators), subplot_titles=estimators, shared_yaxes=True)
+    for col, est in enumerate(estimators, 1):
+        cell = {(r["k"], r["gamma"]): r["upload_rate_mean"] * 100 for r in ours if r["estimator"] == est}
+        fig.add_trace(go.Heatmap(x=[str(k) for k in ks], y=[f"{g:g}" for g in gammas],
+                                 z=[[cell.get((k, g)) for k in ks] for g in gammas], coloraxis="coloraxis",
+                                 texttemplate="%{z:.1f}%", hovertemplate="k=%{x} γ=%{y}: %{z:.1f}%<extra></extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="k (top-k rank bound)", type="category", row=1, col=col)
+    fig.update_yaxes(title_text="γ (threshold strictness)", type="category", row=1, col=1)
+    fig.update_layout(title="Upload rate of ours over k × γ (mean over prompts)", template="plotly_white",
+                      coloraxis={"colorscale": "Viridis", "colorbar": {"title": "upload %"}})
+    return fig
+
+
+def throughput(summary: Sequence[dict[str, Any]]) -> go.Figure:
+    fig = go.Figure()
+    for name, rows, marker in _groups(summary):
+        fig.add_trace(go.Scatter(name=name, mode="markers", marker=marker, hovertext=[_hover(r) for r in rows],
+                                 hoverinfo="text", **_xy(rows, "upload_rate", "tokens_per_s_modelled_link",
+                                                         x_scale=100)))
+    llm = next((r for r in summary if r["policy"] == "llm"), None)
+    if llm:
+        fig.add_hline(y=llm["tokens_per_s_modelled_link_mean"], line_dash="dot", line_color=COLOURS["llm"],
+                      annotation_text="LLM only (cloud generates every token)")
+    fig.update_layout(title="Throughput vs upload rate (modelled link: device compute + uplink + cloud + downlink)",
+                      xaxis_title="upload rate (%)", yaxis_title="tokens/s with the modelled link",
+                      template="plotly_white")
+    return fig
+
+
+def energy_breakdown(summary: Sequence[dict[str, Any]]) -> go.Figure:
+    rows = sorted(summary, key=lambda r: ORDER.index(r["policy"]) if r["policy"] in ORDER else len(ORDER))
+    labels = [r["policy"] if r["setting"] == "-" else f"{r['policy']} {r['setting']}" for r in rows]
+    fig = go.Figure([go.Bar(name=title, x=labels, y=[r[f"{part}_mean"] for r in rows],
+                            hovertemplate="%{x}: %{y:.4f} J/token<extra>" + title + "</extra>")
+                     for part, title in PARTS])
+    fig.update_layout(barmode="stack", title="Device energy per token by part (mean over prompts)",
+                      yaxis_title="J per token", xaxis_tickangle=-45, template="plotly_white")
+    return fig
+
+
+def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None, out_dir: Path,
+                  png: bool = True) -> dict[str, Any]:
+    """Write NAME.html (plotly.min.js once beside them, so the folder works offline) and NAME.png.
+    Returns the paths written and, if PNG export failed, why."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = {"pareto": pareto(summary, decisions), "upload_heatmap": upload_heatmap(summary),
+            "throughput": throughput(summary), "energy_breakdown": energy_breakdown(summary)}
+    html = []
+    for name, fig in figs.items():
+        path = out_dir / f"{name}.html"
+        fig.write_html(path, include_plotlyjs="directory")
+        html.append(str(path))
+    result: dict[str, Any] = {"html": html, "png": [], "png_error": None}
+    if png:
+        if "BROWSER_PATH" not in os.environ and Path(DEBIAN_CHROMIUM).is_file():
+            os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
+        paths = [out_dir / f"{name}.png" for name in figs]
+        try:
+            import plotly.io as pio
+
+            pio.write_images(list(figs.values()), paths, **SIZE)
+            result["png"] = [str(p) for p in paths]
+        except Exception as exc:  # noqa: BLE001 - no browser, kaleido missing, ...: HTML is still there
+            result["png_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return result

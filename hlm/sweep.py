@@ -1,0 +1,514 @@
+"""`python -m hlm sweep`: the energy/quality trade-off measured on one model pair, and the defaults chosen from it.
+
+Every (prompt, policy, setting, seed) is one run, cached as DIR/runs/<hash>.json where the hash covers the model
+spec, the prompt and the full RunConfig: an interrupted sweep resumes by skipping the runs already on disk. The
+`llm` run of each (prompt, seed) is always made: it is the BERTScore reference. The `random` control runs last:
+for each `ours` setting its skip rate is 1 - (ours upload rate / uhlm upload rate) measured on the same prompts,
+so it uploads as often as `ours` while choosing *which* uncertain drafts to upload by a coin. Ours beating it at
+equal upload rate is the evidence that importance picks the right tokens.
+
+Writes results.csv/.json (one row per run), summary.csv (mean and 95 % CI over prompts per policy and setting),
+decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.figures`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig
+from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+
+HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
+TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
+GATED = ("ours", "uhlm", "random")  # policies that use u_th
+QUICK = {"limit": 6, "max_new_tokens": 24, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": ESTIMATORS,
+         "seeds": (0,)}
+FULL = {"limit": None, "max_new_tokens": 64, "k": (2, 4, 8, 16), "gamma": (0.0, 0.5, 1.0, 2.0),
+        "estimators": ESTIMATORS, "seeds": (0,)}
+# Aggregated per (policy, setting) as mean and 95 % CI over prompts.
+METRICS = ("upload_rate", "energy_saving", "energy_saving_vs_hlm_run", "bertscore_f1", "tokens_per_s_modelled_link",
+           "tokens_per_s", "acceptance_rate", "llm_calls", "tokens", "device_j_per_token", "compute_j_per_token",
+           "radio_j_per_token", "idle_j_per_token")
+# Columns derived from measured time (compute, wall clock): they differ between two runs of the same job.
+TIMED = ("device_energy_j", "device_energy_compute_j", "device_energy_radio_j", "device_energy_idle_j",
+         "cloud_energy_j", "hlm_device_energy_j", "energy_saving", "energy_saving_vs_hlm_run", "device_compute_s",
+         "cloud_compute_s", "wall_s", "tokens_per_s", "tokens_per_s_modelled_link", "device_j_per_token",
+         "compute_j_per_token", "radio_j_per_token", "idle_j_per_token")
+PART_COLUMNS = {"device_compute": "compute", "radio": "radio", "device_idle": "idle"}
+
+
+def setting_label(policy: PolicyConfig) -> str:
+    """The importance setting as a short label (rows, summary, figures)."""
+    return f"{policy.estimator} k={policy.k} γ={policy.gamma:g}"
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: dict[str, str]  # id, category, prompt
+    config: RunConfig
+    matched_to: str = ""  # random control: the ours setting whose upload rate it matches
+
+    def identity(self, models: str) -> dict[str, Any]:
+        return {"models": models, "prompt_id": self.prompt["id"],
+                "prompt_sha256": hashlib.sha256(self.prompt["prompt"].encode()).hexdigest(),
+                "config": self.config.to_dict()}
+
+    def label(self) -> str:
+        pol = self.config.policy
+        return f"{pol.name} {setting_label(pol)}" if pol.name in TUNED else pol.name
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a sweep runs. Configs are canonical: fields a policy ignores stay at their defaults, so e.g. the HLM
+    run of a prompt is shared by every sweep over the same pair, prompt, sampling and link."""
+
+    policies: tuple[str, ...] = HYBRID
+    ks: tuple[int, ...] = FULL["k"]
+    gammas: tuple[float, ...] = FULL["gamma"]
+    estimators: tuple[str, ...] = ESTIMATORS
+    seeds: tuple[int, ...] = (0,)
+    u_th: float = PolicyConfig.u_th
+    settings: tuple[PolicyConfig, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name, values in (("policies", self.policies), ("k", self.ks), ("gamma", self.gammas),
+                             ("estimators", self.estimators), ("seeds", self.seeds)):
+            if not values:
+                raise ConfigError(f"{name}: give at least one value")
+        if "random" in self.policies and "ours" not in self.policies:
+            raise ConfigError("the random control is matched to ours settings: include ours")
+        settings = tuple(PolicyConfig(name="ours", u_th=self.u_th, k=k, gamma=g, estimator=e)  # validates
+                         for e in self.estimators for k in self.ks for g in self.gammas)
+        object.__setattr__(self, "settings", settings if "ours" in self.policies else ())
+
+    def first_jobs(self, prompts: Sequence[dict[str, str]], base: RunConfig) -> list[Job]:
+        """Everything but the random control, prompt by prompt (a partial sweep holds whole prompts)."""
+        singles = ["llm", *(p for p in ("hlm", "slm", "uhlm") if p in self.policies or
+                                  (p == "uhlm" and "random" in self.policies))]
+        jobs = []
+        for prompt in prompts:
+            for seed in self.seeds:
+                cfg = replace(base, sampling=replace(base.sampling, seed=seed))
+                jobs += [Job(prompt, replace(cfg, policy=PolicyConfig(name=p, **({"u_th": self.u_th} if p in GATED
+                                                                                   else {})))) for p in singles]
+                jobs += [Job(prompt, replace(cfg, policy=s)) for s in self.settings]
+        return jobs
+
+    def random_count(self, prompts: Sequence[dict[str, str]]) -> int:
+        return len(prompts) * len(self.seeds) * len(self.settings) if "random" in self.policies else 0
+
+    def random_jobs(self, first: Sequence[tuple[Job, dict]]) -> list[Job]:
+        """The random control for each ours setting, at the skip rate that matches its pooled upload rate."""
+        if "random" not in self.policies:
+            return []
+        pooled: dict[tuple[str, str], list[int]] = {}
+        for job, record in first:
+            pol = job.config.policy
+            if pol.name in ("ours", "uhlm"):
+                tally = pooled.setdefault((pol.name, setting_label(pol) if pol.name == "ours" else ""), [0, 0])
+                tally[0] += record["summary"]["uploads"]
+                tally[1] += record["summary"]["tokens"]
+        uhlm_up, uhlm_tokens = pooled[("uhlm", "")]
+        uhlm_rate = uhlm_up / uhlm_tokens if uhlm_tokens else 0.0
+        jobs = []
+        for job, _ in first:
+            pol = job.config.policy
+            if pol.name == "ours":
+                up, tokens = pooled[("ours", setting_label(pol))]
+                rate = up / tokens if tokens else 0.0
+                skip = round(min(1.0, max(0.0, 1.0 - rate / uhlm_rate)), 4) if uhlm_rate else 1.0
+                jobs.append(Job(job.prompt, job.config.with_policy(name="random", skip_rate=skip),
+                                setting_label(pol)))
+        return jobs
+
+
+def minimal_token(event: Any) -> dict[str, Any]:  # noqa: ANN401 - a TokenEvent
+    """The per-token stats a run file keeps (enough to redo every figure of the importance analysis)."""
+    return {"u": event.u, "importance": event.importance, "important": event.important, "uploaded": event.uploaded,
+            "source": event.source}
+
+
+def write_atomic(path: Path, data: Any) -> None:  # noqa: ANN401 - any JSON value
+    """Temp file + rename, so an interrupted sweep never leaves a truncated run file that would be skipped."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Runner:
+    """Runs jobs through one decoder, skipping those whose run file exists."""
+
+    def __init__(self, decoder: Any, models: str, runs_dir: Path, bar: Any,  # noqa: ANN401 - HybridDecoder, tqdm
+                 after_run: Callable[[Job, dict], None] | None = None) -> None:
+        self.decoder, self.models, self.runs_dir, self.bar, self.after_run = decoder, models, runs_dir, bar, after_run
+        runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, job: Job) -> Path:
+        text = json.dumps(job.identity(self.models), sort_keys=True)
+        return self.runs_dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+    def cached(self, jobs: Sequence[Job]) -> int:
+        return sum(self.path(j).is_file() for j in jobs)
+
+    def run(self, jobs: Sequence[Job]) -> list[tuple[Job, dict]]:
+        """Records in job order. The bar advances only for new runs (cached ones were counted up front)."""
+        done = []
+        for job in jobs:
+            path = self.path(job)
+            if path.is_file():
+                done.append((job, json.loads(path.read_text(encoding="utf-8"))))
+                continue
+            self.bar.set_postfix_str(f"{job.prompt['id']} {job.label()}", refresh=False)
+            text, events, summary = self.decoder.run(job.prompt["prompt"], job.config)
+            record = {"identity": job.identity(self.models), "text": text, "summary": summary,
+                      "tokens": [minimal_token(e) for e in events]}
+            write_atomic(path, record)
+            self.bar.update(1)
+            done.append((job, record))
+            if self.after_run is not None:
+                self.after_run(job, record)
+        return done
+
+
+def execute(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,  # noqa: ANN401
+            out_dir: Path, progress: bool = True,
+            after_run: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
+    """Run (or load) every job of the sweep; returns (job, record) pairs, random controls last."""
+    from tqdm import tqdm
+
+    first = grid.first_jobs(prompts, base)
+    with tqdm(total=len(first) + grid.random_count(prompts), unit="run", desc="sweep", disable=not progress,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        runner = Runner(decoder, models, out_dir / "runs", bar, after_run)
+        bar.update(runner.cached(first))
+        done = runner.run(first)
+        second = grid.random_jobs(done)
+        bar.update(runner.cached(second))
+        return done + runner.run(second)
+
+
+def _per_token(value: float | None, tokens: int) -> float | None:
+    return value / tokens if value is not None and tokens else None
+
+
+def tabulate(done: Sequence[tuple[Job, dict]], scorer: Any) -> list[dict[str, Any]]:  # noqa: ANN401 - QualityScorer
+    """One tidy row per run: the settings, every Summary figure, per-token energy and BERTScore F1 against the
+    `llm` output for the same prompt and seed (scored in one batch by the one loaded scorer)."""
+    def key(job: Job) -> tuple[str, int]:
+        return job.prompt["id"], job.config.sampling.seed
+
+    by_policy: dict[str, dict[tuple[str, int], dict]] = {"llm": {}, "hlm": {}}
+    for job, record in done:
+        if job.config.policy.name in by_policy:
+            by_policy[job.config.policy.name][key(job)] = record
+    scored = [(job, record) for job, record in done if job.config.policy.name != "llm"]
+    f1s = iter(scorer.f1([r["text"] for _, r in scored], [by_policy["llm"][key(j)]["text"] for j, _ in scored]))
+
+    rows = []
+    for job, record in done:
+        pol, s = job.config.policy, record["summary"]
+        tuned = pol.name in TUNED
+        n = s["tokens"]
+        hlm = by_policy["hlm"].get(key(job), {}).get("summary")
+        hlm_per_token = _per_token(hlm["device_energy_j"], hlm["tokens"]) if hlm else None
+        mine = _per_token(s["device_energy_j"], n)
+        row: dict[str, Any] = {
+            "prompt_id": job.prompt["id"], "category": job.prompt["category"], "seed": job.config.sampling.seed,
+            "policy": pol.name, "setting": (job.matched_to or setting_label(pol)) if tuned else "-",
+            "estimator": pol.estimator if tuned else None, "k": pol.k if tuned else None,
+            "gamma": pol.gamma if tuned else None, "u_th": pol.u_th if pol.name in GATED else None,
+            "skip_rate": pol.skip_rate if pol.name == "random" else None, "matched_to": job.matched_to or None,
+        }
+        row |= {k: v for k, v in s.items() if not isinstance(v, dict) and k != "policy"}
+        parts = s["device_energy_parts_j"]
+        for part, short in PART_COLUMNS.items():
+            row[f"device_energy_{short}_j"] = parts[part]
+            row[f"{short}_j_per_token"] = _per_token(parts[part], n)
+        row["device_j_per_token"] = mine
+        row["energy_saving_vs_hlm_run"] = (1.0 - mine / hlm_per_token if mine is not None and hlm_per_token
+                                           and pol.name != "llm" else None)
+        row["bertscore_f1"] = next(f1s) if pol.name != "llm" else None
+        rows.append(row)
+    return rows
+
+
+def _ci95(values: Any) -> float:  # noqa: ANN401 - a pandas Series
+    """Half-width of the t-based 95 % confidence interval of the mean (NaN below two values)."""
+    from scipy.stats import t
+
+    x = values.dropna()
+    return float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and 95 % CI over prompts per (policy, setting); seeds are averaged within a prompt first, so the CI
+    is over prompts, the unit the claim is about."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df[list(METRICS)] = df[list(METRICS)].astype(float)
+    groups = ["policy", "setting"]
+    per_prompt = df.groupby([*groups, "prompt_id"], sort=False, dropna=False)[list(METRICS)].mean()
+    stats = per_prompt.groupby(level=groups, sort=False).agg(["mean", _ci95, "count"])
+    labels = df.groupby(groups, sort=False)[["estimator", "k", "gamma", "skip_rate"]].first()
+    out = []
+    for (policy, setting), r in stats.iterrows():
+        row = {"policy": policy, "setting": setting,
+               **{c: _plain(labels.loc[(policy, setting), c]) for c in labels.columns},
+               "n_prompts": int(per_prompt.loc[(policy, setting)].shape[0])}
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_ci95"] = _plain(r[(m, "mean")]), _plain(r[(m, "_ci95")])
+        out.append(row)
+    return out
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """numpy scalars to Python, NaN to None (JSON has no NaN)."""
+    if value is None:
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def versus_random(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours against its random control at the matched upload rate, paired by (prompt, seed): the mean BERTScore
+    difference with a 95 % CI over prompts and a verdict that only claims what the CI supports."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if not {"ours", "random"} <= set(df["policy"]):
+        return []
+    cols = ["prompt_id", "seed", "setting", "bertscore_f1", "upload_rate", "energy_saving"]
+    ours, rnd = df[df.policy == "ours"][[*cols, "estimator", "k", "gamma"]], df[df.policy == "random"][cols]
+    pairs = ours.merge(rnd, on=["prompt_id", "seed", "setting"], suffixes=("_ours", "_random"))
+    out = []
+    for setting, g in pairs.groupby("setting", sort=False):
+        per_prompt = g.groupby("prompt_id")[[c for c in g.columns if c.endswith(("_ours", "_random"))]].mean()
+        delta = (per_prompt["bertscore_f1_ours"] - per_prompt["bertscore_f1_random"]).astype(float)
+        mean, ci = float(delta.mean()), _ci95(delta)
+        verdict = ("no clear difference" if math.isnan(ci) or abs(mean) <= ci else
+                   "ours better" if mean > 0 else "random better")
+        out.append({"setting": setting, "estimator": g["estimator"].iloc[0], "k": int(g["k"].iloc[0]),
+                    "gamma": float(g["gamma"].iloc[0]), "n_prompts": len(per_prompt),
+                    **{c: _plain(per_prompt[c].mean()) for c in per_prompt.columns},
+                    "delta_bertscore": mean, "delta_bertscore_ci95": _plain(ci), "verdict": verdict})
+    return out
+
+
+def _row(summary: Sequence[dict[str, Any]], policy: str) -> dict[str, Any] | None:
+    return next((r for r in summary if r["policy"] == policy), None)
+
+
+def pick_setting(summary: Sequence[dict[str, Any]], min_bertscore: float,
+                 estimator: str | None = None) -> dict[str, Any] | None:
+    """The ours setting with the largest mean energy saving whose mean BERTScore is at least `min_bertscore`."""
+    ok = [r for r in summary if r["policy"] == "ours" and (estimator is None or r["estimator"] == estimator)
+          and r["bertscore_f1_mean"] is not None and r["bertscore_f1_mean"] >= min_bertscore
+          and r["energy_saving_mean"] is not None]
+    return max(ok, key=lambda r: r["energy_saving_mean"], default=None)
+
+
+def decide(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
+           tolerance: float = 0.01) -> dict[str, Any]:
+    """Defaults from evidence. Accuracy-leaning: the most energy saved with BERTScore within `tolerance` of HLM.
+    Energy-leaning: the most saved with BERTScore no worse than U-HLM (the paper's 'vs U-HLM' comparison).
+    Estimator: the one the accuracy-leaning pick uses, reported beside how each estimator fares against random
+    skipping at the same upload rate."""
+    hlm, uhlm = _row(summary, "hlm"), _row(summary, "uhlm")
+    hlm_q = hlm["bertscore_f1_mean"] if hlm else None
+    uhlm_q = uhlm["bertscore_f1_mean"] if uhlm else None
+    accuracy = pick_setting(summary, hlm_q - tolerance if hlm_q is not None else -math.inf)
+    energy = pick_setting(summary, uhlm_q if uhlm_q is not None else -math.inf)
+    comparisons = versus_random(rows)
+    by_estimator: dict[str, dict[str, Any]] = {}
+    for c in comparisons:
+        e = by_estimator.setdefault(c["estimator"], {"settings": 0, "ours better": 0, "random better": 0,
+                                                     "no clear difference": 0, "deltas": []})
+        e["settings"] += 1
+        e[c["verdict"]] += 1
+        e["deltas"].append(c["delta_bertscore"])
+    for e in by_estimator.values():
+        e["mean_delta_bertscore"] = sum(e.pop("deltas")) / e["settings"]
+
+    def describe(name: str, pick: dict[str, Any] | None, floor: str) -> str:
+        if pick is None:
+            return f"{name}: no ours setting reaches {floor}."
+        return (f"{name}: {pick['setting']} saves {pick['energy_saving_mean']:.1%} device energy at BERTScore "
+                f"{pick['bertscore_f1_mean']:.3f} (upload rate {pick['upload_rate_mean']:.1%}; {floor}).")
+
+    lines = [describe("accuracy-leaning", accuracy, f"HLM {hlm_q:.3f} - {tolerance}" if hlm_q is not None
+                      else "no HLM run"),
+             describe("energy-leaning", energy, f"U-HLM {uhlm_q:.3f}" if uhlm_q is not None else "no U-HLM run")]
+    for name, e in by_estimator.items():
+        lines.append(f"{name} vs random at the same upload rate over {e['settings']} settings: ours better in "
+                     f"{e['ours better']}, random better in {e['random better']}, no clear difference in "
+                     f"{e['no clear difference']}; mean ΔBERTScore {e['mean_delta_bertscore']:+.4f}.")
+    if comparisons and not any(c["verdict"] == "ours better" for c in comparisons):
+        lines.append("Importance did NOT beat random skipping at equal upload rate in any setting of this sweep.")
+    return {"tolerance": tolerance, "hlm_bertscore": hlm_q, "uhlm_bertscore": uhlm_q,
+            "estimator": accuracy["estimator"] if accuracy else None, "accuracy_leaning": accuracy,
+            "energy_leaning": energy, "by_estimator": by_estimator, "versus_random": comparisons,
+            "why": " ".join(lines)}
+
+
+@dataclass
+class Result:
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    decisions: dict[str, Any]
+    figures: dict[str, Any]
+
+
+def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,  # noqa: ANN401
+          out_dir: Path, scorer: Any, meta: dict[str, Any] | None = None, png: bool = True,  # noqa: ANN401
+          progress: bool = True, tolerance: float = 0.01,
+          after_run: Callable[[Job, dict], None] | None = None) -> Result:
+    """Run everything (resuming), score, aggregate, decide and write every output file."""
+    import pandas as pd
+
+    from hlm.figures import write_figures
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done = execute(decoder, models, prompts, grid, base, out_dir, progress, after_run)
+    rows = tabulate(done, scorer)
+    summary = aggregate(rows)
+    decisions = decide(rows, summary, tolerance)
+    figures = write_figures(summary, decisions, out_dir / "figures", png=png)
+    meta = {**(meta or {}), "models": models, "prompts": len(prompts), "runs": len(rows),
+            "grid": {k: v for k, v in asdict(grid).items() if k != "settings"}, "sampling": asdict(base.sampling),
+            "link": asdict(base.link), "uplink_rate_bps": base.link.uplink_rate_bps,
+            "energy_methods": decoder.energy_methods(base.link), "quality": scorer.method,
+            "sweep_wall_s": time.perf_counter() - start, "figures": figures}
+    pd.DataFrame(rows).to_csv(out_dir / "results.csv", index=False)
+    write_atomic(out_dir / "results.json", {"meta": meta, "rows": rows})
+    pd.DataFrame(summary).to_csv(out_dir / "summary.csv", index=False)
+    write_atomic(out_dir / "decisions.json", decisions)
+    return Result(rows, summary, decisions, figures)
+
+
+def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
+    """argparse type for a comma-separated list."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        bad = [str(v) for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices or ())}")
+        return values
+    return parse
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags the user left out from --quick or the full preset (explicit flags always win)."""
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hlm.cli import UsageError, load_decoder, run_config
+    from hlm.quality import QualityError, get_scorer
+
+    if args.skip_rate is not None:
+        raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
+    apply_preset(args)
+    defaults = PolicyConfig()
+    base = run_config(argparse.Namespace(**{**vars(args), "policy": "hlm", "k": defaults.k, "gamma": defaults.gamma,
+                                            "estimator": defaults.estimator, "skip_rate": defaults.skip_rate,
+                                            "seed": args.seeds[0]}))
+    try:
+        prompts = load_prompts(args.prompts, args.limit)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if len({p["id"] for p in prompts}) != len(prompts):
+        raise UsageError(f"{args.prompts}: prompt ids must be unique (they key the cache and the BERTScore pairs)")
+    Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds)  # validate before any model is loaded
+    decoder = load_decoder(args)
+    cal = decoder.pair.calibration
+    u_th = args.u_th if args.u_th is not None else cal.risk_averse if cal else defaults.u_th
+    u_th_source = "--u-th" if args.u_th is not None else "calibrated risk-averse" if cal else "PolicyConfig default"
+    grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
+    try:
+        scorer = get_scorer(args.backbone)
+    except QualityError as exc:
+        raise UsageError(str(exc)) from exc
+    out = Path(args.out)
+    result = sweep(decoder, args.models, prompts, grid, base, out, scorer, png=not args.no_png,
+                   tolerance=args.tolerance, meta={"u_th_source": u_th_source, "pair": decoder.pair.describe(),
+                                                   "prompt_file": str(args.prompts), "quick": args.quick})
+    print(format_summary(result.summary))
+    print("\n" + result.decisions["why"])
+    if result.figures.get("png_error"):
+        print(f"PNG export failed ({result.figures['png_error']}); HTML figures written", file=sys.stderr)
+    print(f"\nwrote {out}/results.csv, results.json, summary.csv, decisions.json and figures/", file=sys.stderr)
+    return 0
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a plain text table: mean ± 95 % CI over prompts."""
+    def cell(r: dict[str, Any], m: str, scale: float, digits: int) -> str:
+        mean, ci = r[f"{m}_mean"], r[f"{m}_ci95"]
+        if mean is None:
+            return "-"
+        return f"{mean * scale:.{digits}f}" + (f" ±{ci * scale:.{digits}f}" if ci is not None else "")
+
+    head = (f"{'policy':<7} {'setting':<24} {'upload %':>12} {'saving %':>12} {'BERTScore F1':>15} "
+            f"{'tok/s (link)':>13}")
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        lines.append(f"{r['policy']:<7} {r['setting']:<24} {cell(r, 'upload_rate', 100, 1):>12} "
+                     f"{cell(r, 'energy_saving', 100, 1):>12} {cell(r, 'bertscore_f1', 1, 3):>15} "
+                     f"{cell(r, 'tokens_per_s_modelled_link', 1, 2):>13}")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from hlm.cli import add_model_args, add_run_args
+
+    p = sub.add_parser("sweep", help="measure the energy/quality trade-off over prompts, policies and (k, gamma)",
+                       description=__doc__.split("\n\n")[0], conflict_handler="resolve")
+    add_model_args(p)
+    add_run_args(p)  # sampling, --u-th and the link group; the single-valued policy flags are replaced below
+    p.add_argument("--policies", "--policy", type=_list(str, HYBRID), default=HYBRID,
+                   help=f"comma-separated subset of {','.join(HYBRID)} (llm always runs: it is the reference)")
+    p.add_argument("--k", type=_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
+    p.add_argument("--gamma", type=_list(float), default=None, help="comma-separated gamma values (full: 0,0.5,1,2)")
+    p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,
+                   help="comma-separated importance estimators")
+    p.add_argument("--seeds", "--seed", type=_list(int), default=None, help="comma-separated seeds (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 24)")
+    p.add_argument("--skip-rate", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSON Lines prompt file (id, category, prompt)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (quick: 6)")
+    p.add_argument("--out", required=True, help="output folder; run files cached under OUT/runs")
+    p.add_argument("--quick", action="store_true",
+                   help="6 prompts x 24 tokens, k 4,16 x gamma 0,1, both estimators: every figure in minutes")
+    p.add_argument("--backbone", default=None, help="BERTScore backbone (default: offline all-MiniLM-L6-v2)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="accuracy-leaning pick: BERTScore at most this far below HLM")
+    p.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG export needs a Chrome)")
+    p.set_defaults(func=cmd_sweep)

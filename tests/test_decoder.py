@@ -1,0 +1,179 @@
+"""Mechanics of the hybrid loop on the tiny pair: exactness, rollback, policies, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from hlm import decoder as decoder_module
+from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+from hlm.decoder import HybridDecoder
+from hlm.drafter import Drafter
+from hlm.sampling import distribution
+from hlm.verifier import LocalVerifier
+
+ALPHA = 1e-3  # significance level of the goodness-of-fit tests
+PROMPT = "abc"
+
+
+def cfg(policy: str = "hlm", n: int = 16, seed: int = 0, temperature: float = 1.0, **policy_kw) -> RunConfig:
+    return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=n, seed=seed, stop_at_eos=False),
+                     PolicyConfig(name=policy, **policy_kw))
+
+
+def next_token_probs(model, pair, ids, temperature=1.0):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    return distribution(logits, SamplingConfig(temperature=temperature), pair.valid).numpy()
+
+
+def chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
+    """Goodness of fit, with cells of expected count < 5 pooled into one."""
+    n = len(samples)
+    counts = np.bincount(samples, minlength=len(probs)).astype(float)
+    expected = probs.astype(np.float64) / probs.sum() * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
+
+
+@pytest.mark.parametrize("policy", ["hlm", "llm"])
+def test_output_follows_the_verifier_distribution(tiny, policy):
+    """Over many seeds the emitted token is distributed as the verifier's q (chi-square, alpha = 1e-3), and the
+    same test rejects the draft's p, so it has the power to fail."""
+    dec = HybridDecoder(tiny)
+    ids = tiny.encode_prompt(PROMPT, 1)
+    q = next_token_probs(tiny.verifier, tiny, ids)
+    p = next_token_probs(tiny.draft, tiny, ids)
+    samples = [next(dec.generate(PROMPT, cfg(policy, n=1, seed=s))).token_id for s in range(2000)]
+    assert chi2_pvalue(samples, q) > ALPHA
+    assert chi2_pvalue(samples, p) < ALPHA
+
+
+def test_second_token_follows_the_verifier_after_a_local_sync(tiny):
+    """Position 2 under hlm after a fixed first token: checks the verifier's cache sync path, not just prefill."""
+    dec = HybridDecoder(tiny)
+    first = {}
+    for s in range(1500):
+        events = list(dec.generate(PROMPT, cfg("hlm", n=2, seed=s)))
+        first.setdefault(events[0].token_id, []).append(events[1].token_id)
+    t1, seconds = max(first.items(), key=lambda kv: len(kv[1]))
+    ids = tiny.encode_prompt(PROMPT, 2) + [t1]
+    assert len(seconds) > 300
+    assert chi2_pvalue(seconds, next_token_probs(tiny.verifier, tiny, ids)) > ALPHA
+
+
+def test_drafter_rollback_matches_recompute(tiny):
+    ids = tiny.encode_prompt(PROMPT, 8)
+    d = Drafter(tiny.draft)
+    d.prefill(ids)
+    d.forward([65], attention=True)
+    d.forward([66], attention=True)
+    d.rollback(2)
+    assert d.length == len(ids)
+    cached, _ = d.forward([67])
+    fresh = Drafter(tiny.draft).prefill(ids + [67])
+    torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+class CheckingDrafter(Drafter):
+    """Shadows the cached sequence and checks every pass against a from-scratch recompute."""
+
+    checks = 0
+
+    def prefill(self, ids):
+        self.shadow = []  # Drafter.prefill goes through forward(), which records the ids
+        return super().prefill(ids)
+
+    def forward(self, ids, attention=False):
+        if not hasattr(self, "shadow"):
+            return super().forward(ids, attention)
+        logits, row = super().forward(ids, attention)
+        self.shadow += ids
+        with torch.no_grad():
+            fresh = self.model(torch.tensor([self.shadow])).logits[0, -1]
+        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
+        CheckingDrafter.checks += 1
+        return logits, row
+
+    def rollback(self, n):
+        super().rollback(n)
+        del self.shadow[len(self.shadow) - n:]
+        assert self.length == len(self.shadow)
+
+
+@pytest.mark.parametrize("estimator", ["lookahead", "self"])
+def test_decoder_cache_after_resamples_equals_recompute(tiny, monkeypatch, estimator):
+    monkeypatch.setattr(decoder_module, "Drafter", CheckingDrafter)
+    events = list(HybridDecoder(tiny).generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=1000, gamma=0.0,
+                                                           estimator=estimator)))
+    assert sum(e.source == "cloud_resampled" for e in events) >= 2  # rollbacks really happened
+    assert CheckingDrafter.checks > 24
+
+
+class CountingVerifier(LocalVerifier):
+    calls = 0
+
+    def verify(self, context, draft, payload):
+        CountingVerifier.calls += 1
+        return super().verify(context, draft, payload)
+
+
+def test_slm_never_calls_the_verifier_and_hlm_verifies_every_token(tiny):
+    CountingVerifier.calls = 0
+    dec = HybridDecoder(tiny, CountingVerifier(tiny.verifier, tiny.valid))
+    events = list(dec.generate(PROMPT, cfg("slm", n=20)))
+    assert CountingVerifier.calls == 0 and all(e.source == "local" and not e.uploaded for e in events)
+    events = list(dec.generate(PROMPT, cfg("hlm", n=20)))
+    assert CountingVerifier.calls == 20
+    assert all(e.uploaded and e.source in ("cloud_accepted", "cloud_resampled") for e in events)
+
+
+def test_ours_uploads_a_subset_of_what_uhlm_would(decoder):
+    """On the same drafts: every draft ours uploads is uncertain (uhlm uploads it too), and importance does
+    skip some uncertain drafts."""
+    u_th = 0.3
+    events = list(decoder.generate(PROMPT, cfg("ours", n=48, u_th=u_th, k=2, gamma=1.0)))
+    assert all(e.u > u_th and e.important for e in events if e.uploaded)
+    assert any(e.u > u_th and not e.uploaded for e in events)
+    assert any(e.uploaded for e in events)
+
+
+def test_same_seed_same_output_different_seed_differs(decoder):
+    runs = [[e.token_id for e in decoder.generate(PROMPT, cfg("ours", n=24, seed=s, u_th=0.2))] for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_event_texts_concatenate_to_the_decoded_output(decoder, tiny):
+    text, events, summary = decoder.run("héllo ✓", cfg("ours", n=40, u_th=0.2))
+    assert text == tiny.tokenizer.decode([e.token_id for e in events], skip_special_tokens=True)
+    assert summary["tokens"] == len(events) == 40
+    assert summary["uploads"] == sum(e.uploaded for e in events)
+    for e in events:
+        assert set(e.energy_j) == {"device_compute", "radio", "device_idle", "cloud"}
+        assert set(e.energy_method.values()) <= {"measured", "modelled"}
+        assert (e.bits_up > 0) == e.uploaded
+
+
+def test_cancel_stops_after_the_current_token(decoder):
+    import threading
+
+    cancel = threading.Event()
+    got = []
+    for e in decoder.generate(PROMPT, cfg("ours", n=50, u_th=0.2), cancel=cancel):
+        got.append(e)
+        if len(got) == 5:
+            cancel.set()
+    assert len(got) == 5
+
+
+def test_greedy_hlm_equals_the_verifier_greedy(decoder, tiny):
+    """At temperature 0 HLM must reproduce the verifier's own greedy decoding token for token."""
+    events = list(decoder.generate(PROMPT, cfg("hlm", n=12, temperature=0.0)))
+    ids = tiny.encode_prompt(PROMPT, 12)
+    out = tiny.verifier.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                 suppress_tokens=list(range(len(tiny.tokenizer), tiny.vocab_size)))
+    assert [e.token_id for e in events] == out[0, len(ids):].tolist()

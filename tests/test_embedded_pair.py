@@ -1,0 +1,38 @@
+"""The real embedded pair end to end (slow: loads Qwen2.5-Coder 0.5B + 1.5B; CI runs it)."""
+
+import pytest
+import torch
+
+from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    torch.set_num_threads(2)
+    from hlm.decoder import HybridDecoder
+    from hlm.models import load_pair
+
+    yield HybridDecoder(load_pair("embedded"))
+    torch.set_num_threads(1)
+
+
+def test_embedded_pair_shares_one_vocabulary_and_masks_fillers(embedded):
+    pair = embedded.pair
+    assert pair.vocab_size == 151_936 and int(pair.valid.sum()) == len(pair.tokenizer) == 151_665
+    assert pair.tokenizer.convert_tokens_to_ids("<|im_end|>") in pair.stop_ids
+
+
+@pytest.mark.parametrize("policy", ["ours", "hlm"])
+def test_embedded_pair_generates_code(embedded, policy):
+    cfg = RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=12),
+                    PolicyConfig(name=policy, u_th=0.05, k=8, gamma=0.5))
+    text, events, summary = embedded.run("Write a Python function that reverses a string.", cfg)
+    assert len(events) == 12 and text.strip()
+    assert "def" in text or "```" in text
+    if policy == "hlm":
+        assert summary["llm_calls"] == 12 and summary["energy_saving"] == pytest.approx(0.0, abs=0.02)
+    else:
+        assert all(e.importance is not None for e in events)
+        assert summary["uploads"] <= 12

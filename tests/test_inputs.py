@@ -1,0 +1,70 @@
+"""Bad input gets a clear error, from the library and from the CLI (exit status 2, one line)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hlm.models import ModelError, PromptError, load_pair, make_pair
+from hlm.tiny import tiny_model, tiny_tokenizer
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hlm", *args], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t "])
+def test_empty_prompt(tiny, prompt):
+    with pytest.raises(PromptError, match="empty"):
+        tiny.encode_prompt(prompt, 8)
+
+
+def test_prompt_longer_than_the_context(tiny):
+    with pytest.raises(PromptError, match="exceeds the context"):
+        tiny.encode_prompt("x" * 2000, 8)
+    with pytest.raises(PromptError, match="characters"):
+        tiny.encode_prompt("x" * 200_000, 8)
+
+
+def test_unknown_preset():
+    with pytest.raises(ModelError, match="unknown model pair"):
+        load_pair("nonexistent-preset")
+
+
+def test_mismatched_vocabularies_are_refused():
+    other = tiny_tokenizer(specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra>"))
+    with pytest.raises(ModelError, match="different vocabularies"):
+        make_pair("bad", tiny_model(1), tiny_model(2), tiny_tokenizer(), other)
+    with pytest.raises(ModelError, match="vocabulary sizes differ"):
+        make_pair("bad", tiny_model(1), tiny_model(2, vocab_size=300), tiny_tokenizer(), tiny_tokenizer())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "prompt is empty"),
+    (["--prompt", "hi", "--k", "0"], "k must be"),
+    (["--prompt", "hi", "--gamma", "-1"], "gamma must be"),
+    (["--prompt", "hi", "--u-th", "1.5"], "u_th must be"),
+    (["--prompt", "hi", "--models", "nope"], "unknown model pair"),
+    (["--prompt", "hi", "--bits-per-prob", "12"], "bits_per_prob"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, message):
+    out = cli("generate", "--models", "tiny", *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_json_output():
+    out = cli("generate", "--models", "tiny", "--prompt", "hello", "--max-new-tokens", "12", "--policy", "ours",
+              "--u-th", "0.2", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) >= {"text", "tokens", "summary"}
+    assert len(data["tokens"]) == data["summary"]["tokens"] <= 12
+    assert data["text"] == "".join(t["text"] for t in data["tokens"])
+    assert {"source", "u", "importance", "importance_threshold", "uploaded", "bits_up", "energy_j",
+            "energy_method"} <= set(data["tokens"][0])

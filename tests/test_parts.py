@@ -1,0 +1,123 @@
+"""The pure pieces: payload encoding, config validation, uncertainty, importance, policies, link model."""
+
+import math
+
+import pytest
+import torch
+
+from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.importance import score
+from hlm.link import upload_bits, upload_cost
+from hlm.payload import PayloadError, decode, encode, payload_bits
+from hlm.policies import should_upload
+from hlm.uncertainty import uncertainty
+
+
+def probs(v=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(v, generator=g) * 3, -1)
+
+
+@pytest.mark.parametrize("bits,tol", [(32, 1e-6), (16, 1e-3), (8, 0.06)])
+def test_full_payload_roundtrip(bits, tol):
+    p = probs()
+    data = encode(p, bits)
+    assert len(data) * 8 == payload_bits(1000, bits, 0)
+    q = decode(data, 1000)
+    assert abs(float(q.sum()) - 1) < 1e-5
+    assert float((q - p).abs().max() / p.max()) < tol
+
+
+def test_topk_payload_keeps_the_top_entries_and_spreads_the_rest():
+    p = probs()
+    q = decode(encode(p, 32, topk=16), 1000)
+    top = p.topk(16).indices
+    torch.testing.assert_close(q[top], p[top] / float(q.sum()), rtol=1e-5, atol=1e-7)
+    rest = torch.ones(1000, dtype=torch.bool)
+    rest[top] = False
+    assert torch.allclose(q[rest], q[rest][0].expand(984))
+    assert payload_bits(151_936, 16, 16) < payload_bits(151_936, 16, 0) / 1000
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d[:5],
+    lambda d: b"XXXX" + d[4:],
+    lambda d: d + b"\0",
+    lambda d: d[:-2],
+])
+def test_malformed_payloads_are_rejected(mutate):
+    with pytest.raises(PayloadError):
+        decode(mutate(encode(probs(), 16)), 1000)
+
+
+def test_payload_of_another_vocabulary_is_rejected():
+    with pytest.raises(PayloadError, match="vocabulary"):
+        decode(encode(probs(), 16), 999)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PolicyConfig(k=0), lambda: PolicyConfig(gamma=-0.1), lambda: PolicyConfig(u_th=1.5),
+    lambda: PolicyConfig(u_th=-0.01), lambda: PolicyConfig(name="nope"), lambda: SamplingConfig(temperature=-1),
+    lambda: SamplingConfig(max_new_tokens=0), lambda: SamplingConfig(top_p=0), lambda: LinkConfig(bits_per_prob=12),
+    lambda: LinkConfig(bandwidth_hz=0), lambda: LinkConfig(snr_db=float("nan")),
+    lambda: RunConfig.from_dict({"policy": {"kk": 3}}),
+])
+def test_out_of_range_settings_raise_config_error(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_run_config_roundtrips_through_dicts():
+    cfg = RunConfig().with_policy(name="uhlm", k=3)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_uncertainty_is_zero_when_peaked_and_high_when_flat():
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.full((500,), -30.0)
+    peaked[7] = 30.0
+    assert uncertainty(peaked, 7, 20, 2.0, g) == 0.0
+    assert uncertainty(torch.zeros(500), 7, 20, 2.0, g) > 0.9
+
+
+def test_uncertainty_matches_its_definition_in_expectation():
+    """E[u] = E_theta[1 - softmax(z/theta)[d]]: compare the Gumbel estimate with numerical integration."""
+    z = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    g = torch.Generator().manual_seed(1)
+    est = sum(uncertainty(z, 0, 20, 2.0, g) for _ in range(2000)) / 2000
+    thetas = torch.linspace(1e-3, 2.0, 20001)
+    exact = float((1 - torch.softmax(z[None] / thetas[:, None], -1)[:, 0]).mean())
+    assert abs(est - exact) < 0.01
+
+
+def test_importance_excludes_sinks_and_uses_the_adaptive_threshold():
+    row = torch.tensor([0.6, 0.1, 0.02, 0.02, 0.2, 0.02, 0.04])  # query at 6, candidate 4 stands out
+    imp = score(row, 4, k=1, gamma=1.0, sink_tokens=2)
+    assert imp.rank == 0 and imp.important
+    assert math.isclose(imp.score, 0.2 / (0.02 + 0.02 + 0.2 + 0.02), rel_tol=1e-6)  # sinks and the query itself excluded
+    assert not score(row, 5, k=3, gamma=1.0, sink_tokens=2).important  # below tau
+    assert not score(row, 4, k=1, gamma=10.0, sink_tokens=2).important  # stricter gamma
+    assert score(row, 6, k=8, gamma=0.0, sink_tokens=2).rank >= 0  # self estimator: the query scores itself
+
+
+def test_policies_are_pure_functions_of_the_statistics():
+    assert not should_upload(PolicyConfig(name="slm"), 1.0, True, 0.5)
+    assert should_upload(PolicyConfig(name="hlm"), 0.0, False, 0.5)
+    assert should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.3, False, 0.5)
+    assert not should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.2, True, 0.5)
+    assert should_upload(PolicyConfig(name="ours", u_th=0.2), 0.3, True, 0.5)
+    assert not should_upload(PolicyConfig(name="ours", u_th=0.2), 0.3, False, 0.5)
+    assert should_upload(PolicyConfig(name="random", u_th=0.2, skip_rate=0.25), 0.3, None, 0.5)
+    assert not should_upload(PolicyConfig(name="random", u_th=0.2, skip_rate=0.75), 0.3, None, 0.5)
+
+
+def test_link_model_follows_shannon_and_power_times_time():
+    link = LinkConfig(bandwidth_hz=1e6, snr_db=0.0, tx_power_w=2.0, device_idle_power_w=0.5, rtt_s=0.01,
+                      bits_per_prob=16, topk=0)
+    assert link.uplink_rate_bps == pytest.approx(1e6)  # log2(1 + 1) = 1
+    bits = upload_bits(link, 1000, n_sync_ids=3)
+    assert bits == payload_bits(1000, 16, 0) + 32 * 4
+    cost = upload_cost(link, bits, cloud_s=0.1)
+    assert cost.uplink_s == pytest.approx(bits / 1e6)
+    assert cost.radio_j == pytest.approx(2.0 * bits / 1e6)
+    assert cost.idle_j == pytest.approx(0.5 * (0.1 + cost.bits_down / link.downlink_rate_bps + 0.01))
