@@ -1,9 +1,7 @@
-"""hlm: uncertainty- and importance-aware hybrid decoding of a small on-device LM with a large cloud LM."""
+"""hlm: uncertainty- and importance-aware hybrid decoding of a small on-device LM with a large cloud LM.
 
-from hlm.config import LinkConfig, PolicyConfig, RunConfig, SamplingConfig
-from hlm.decoder import HybridDecoder
-from hlm.events import Summary, TokenEvent
-from hlm.models import ModelPair, load_pair
+Entry points: `hlm.models.load_pair`, `hlm.decoder.HybridDecoder`, `python -m hlm`. Kept import-free so that
+light modules (`python -m hlm.embedded`, `--help`) do not pay for importing torch.
+"""
 
-__all__ = ["HybridDecoder", "LinkConfig", "ModelPair", "PolicyConfig", "RunConfig", "SamplingConfig", "Summary",
-           "TokenEvent", "load_pair"]
+__version__ = "0.1.0"

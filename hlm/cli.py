@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from hlm.config import POLICIES, ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.server")
 COLOURS = {"local": "", "cloud_accepted": "\033[32m", "cloud_resampled": "\033[31m", "cloud_sampled": "\033[34m",
            "unverified": "\033[33m"}
 
@@ -129,11 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hlm.embedded import EmbeddedModelError
     from hlm.models import ModelError, PromptError
+    from hlm.verifier import CloudUnavailable
 
     try:
         return args.func(args)
-    except (UsageError, ConfigError, PromptError, ModelError) as exc:
+    except CloudUnavailable as exc:
+        print(f"error: the cloud verifier is unavailable: {exc}", file=sys.stderr)
+        return 1
+    except (UsageError, ConfigError, PromptError, ModelError, EmbeddedModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

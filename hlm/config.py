@@ -71,7 +71,8 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in POLICIES, f"unknown policy {self.name!r}; choose one of {', '.join(POLICIES)}")
-        _check(self.estimator in ESTIMATORS, f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        _check(self.estimator in ESTIMATORS,
+               f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         _check(0.0 <= self.u_th <= 1.0, f"u_th must be in [0, 1], got {self.u_th}")
         _check(isinstance(self.k, int) and self.k >= 1, f"k must be an integer >= 1, got {self.k}")
         _check(math.isfinite(self.gamma) and self.gamma >= 0.0, f"gamma must be >= 0, got {self.gamma}")

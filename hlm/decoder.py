@@ -91,7 +91,7 @@ class HybridDecoder:
                  diagnostics: bool = False) -> Iterator[TokenEvent]:
         """Yield events as tokens are decided. `cancel` stops after the current token; `diagnostics` computes
         u for every draft whatever the policy (calibration needs u under `hlm`)."""
-        s, pol, link = config.sampling, config.policy, config.link
+        s, pol = config.sampling, config.policy
         prompt_ids = self.pair.encode_prompt(prompt, s.max_new_tokens)  # validates before any model work
         self.verifier.open(s)
         try:

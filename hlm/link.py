@@ -34,4 +34,5 @@ def upload_cost(link: LinkConfig, bits_up: int, cloud_s: float) -> UploadCost:
     bits_down = link.token_id_bits + ACK_BITS
     uplink_s = bits_up / link.uplink_rate_bps
     wait_s = cloud_s + bits_down / link.downlink_rate_bps + link.rtt_s
-    return UploadCost(bits_up, bits_down, uplink_s, wait_s, link.tx_power_w * uplink_s, link.device_idle_power_w * wait_s)
+    radio_j, idle_j = link.tx_power_w * uplink_s, link.device_idle_power_w * wait_s
+    return UploadCost(bits_up, bits_down, uplink_s, wait_s, radio_j, idle_j)

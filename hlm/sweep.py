@@ -238,10 +238,9 @@ def tabulate(done: Sequence[tuple[Job, dict]], scorer: Any) -> list[dict[str, An
         }
         row |= {k: v for k, v in s.items() if not isinstance(v, dict) and k != "policy"}
         parts = s["device_energy_parts_j"]
-        for part, short in PART_COLUMNS.items():
-            row[f"device_energy_{short}_j"] = parts[part]
-            row[f"{short}_j_per_token"] = _per_token(parts[part], n)
+        row |= {f"device_energy_{short}_j": parts[part] for part, short in PART_COLUMNS.items()}
         row["device_j_per_token"] = mine
+        row |= {f"{short}_j_per_token": _per_token(parts[part], n) for part, short in PART_COLUMNS.items()}
         row["energy_saving_vs_hlm_run"] = (1.0 - mine / hlm_per_token if mine is not None and hlm_per_token
                                            and pol.name != "llm" else None)
         row["bertscore_f1"] = next(f1s) if pol.name != "llm" else None
@@ -272,7 +271,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (policy, setting), r in stats.iterrows():
         row = {"policy": policy, "setting": setting,
                **{c: _plain(labels.loc[(policy, setting), c]) for c in labels.columns},
-               "n_prompts": int(per_prompt.loc[(policy, setting)].shape[0])}
+               "n_prompts": int(r[("upload_rate", "count")])}
+        row["k"] = int(row["k"]) if row["k"] is not None else None
         for m in METRICS:
             row[f"{m}_mean"], row[f"{m}_ci95"] = _plain(r[(m, "mean")]), _plain(r[(m, "_ci95")])
         out.append(row)

@@ -94,7 +94,8 @@ def test_importance_excludes_sinks_and_uses_the_adaptive_threshold():
     row = torch.tensor([0.6, 0.1, 0.02, 0.02, 0.2, 0.02, 0.04])  # query at 6, candidate 4 stands out
     imp = score(row, 4, k=1, gamma=1.0, sink_tokens=2)
     assert imp.rank == 0 and imp.important
-    assert math.isclose(imp.score, 0.2 / (0.02 + 0.02 + 0.2 + 0.02), rel_tol=1e-6)  # sinks and the query itself excluded
+    # sinks and the query itself are excluded from the renormalised row
+    assert math.isclose(imp.score, 0.2 / (0.02 + 0.02 + 0.2 + 0.02), rel_tol=1e-6)
     assert not score(row, 5, k=3, gamma=1.0, sink_tokens=2).important  # below tau
     assert not score(row, 4, k=1, gamma=10.0, sink_tokens=2).important  # stricter gamma
     assert score(row, 6, k=8, gamma=0.0, sink_tokens=2).rank >= 0  # self estimator: the query scores itself
@@ -121,3 +122,14 @@ def test_link_model_follows_shannon_and_power_times_time():
     assert cost.uplink_s == pytest.approx(bits / 1e6)
     assert cost.radio_j == pytest.approx(2.0 * bits / 1e6)
     assert cost.idle_j == pytest.approx(0.5 * (0.1 + cost.bits_down / link.downlink_rate_bps + 0.01))
+
+
+def test_log_normaliser_matches_the_exact_logsumexp():
+    from hlm.uncertainty import log_normaliser
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(151_936, generator=g) * 2.5
+    z[11] = 22.0
+    thetas = torch.tensor([1e-3, 0.05, 0.3, 1.0, 2.0])
+    exact = torch.stack([torch.logsumexp((z.double() - 22.0) / t, 0) for t in thetas.double()])
+    assert float((log_normaliser(z, thetas).double() - exact).abs().max()) < 1e-4

@@ -1,0 +1,255 @@
+"""The cloud over HTTP, client side: `HttpVerifier` implements `hlm.verifier.Verifier` against
+`python -m hlm serve-cloud`, and this module defines the binary wire format both sides use (fixed
+little-endian structs, token ids as uint32, the distribution as an `hlm.payload` blob; never pickle).
+
+The transport mirrors what the server's session holds (prompt, synced ids and the verdict tokens the server
+produced itself), so each verify carries only the ids the server has not seen. Failures never stop
+generation: a network error, timeout or 5xx raises `CloudUnavailable` (the decoder keeps the draft as
+`unverified`) and starts an exponential backoff during which `verify` fails at once, without touching the
+network, so local generation runs at full speed. When the server has lost the session (restart, idle expiry:
+404) or holds another context (it decided a verify whose answer was lost: 409), the transport opens a new
+session and re-sends the whole committed context: the decoder needs no resync logic of its own.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from hlm.config import ConfigError, LinkConfig, SamplingConfig
+from hlm.link import upload_cost
+from hlm.verifier import CloudUnavailable, Verdict
+
+WIRE_VERSION = 1
+REQUEST_MAGIC, RESPONSE_MAGIC = b"HLMV", b"HLMR"
+# magic, version, flags (bit 0: a draft follows), reserved, base (ids the client assumes the session holds),
+# number of ids, draft id; then the ids as uint32 and, with a draft, the hlm.payload bytes to the end.
+REQUEST = struct.Struct("<4sBBHIII")
+# magic, version, accepted (0 no, 1 yes, 2 no draft), reserved, token, ids the session now holds,
+# p_draft, q_draft, compute_s, energy_j (NaN where absent).
+RESPONSE = struct.Struct("<4sBBHIIffff")
+HAS_DRAFT = 1
+NO_DRAFT = 2
+
+
+class WireError(ValueError):
+    """Bytes that do not form a valid request or response of this protocol."""
+
+
+class CloudRejected(ConfigError):
+    """The cloud refused a request for a reason retrying cannot fix (bad token, another vocabulary, not an
+    hlm server): a configuration error, so the CLI reports it as bad input instead of degrading silently."""
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    base: int
+    ids: list[int]
+    draft: int | None
+    payload: bytes | None
+
+
+@dataclass(frozen=True)
+class RemoteMeter:
+    """The server's energy counter, as far as the decoder's labels need it (`method`)."""
+
+    method: str
+
+
+def pack_request(base: int, ids: list[int], draft: int | None, payload: bytes | None) -> bytes:
+    flags = HAS_DRAFT if draft is not None else 0
+    head = REQUEST.pack(REQUEST_MAGIC, WIRE_VERSION, flags, 0, base, len(ids), draft or 0)
+    return head + np.asarray(ids, dtype="<u4").tobytes() + (payload or b"")
+
+
+def unpack_request(body: bytes, vocab_size: int, max_ids: int) -> VerifyRequest:
+    """Parse and bound-check a verify body; the payload itself is checked by `hlm.payload.decode`."""
+    if len(body) < REQUEST.size:
+        raise WireError(f"request is {len(body)} bytes, shorter than its {REQUEST.size}-byte header")
+    magic, version, flags, _, base, n_ids, draft = REQUEST.unpack_from(body)
+    if magic != REQUEST_MAGIC or version != WIRE_VERSION:
+        raise WireError("not an hlm verify request (bad magic or version)")
+    if flags & ~HAS_DRAFT:
+        raise WireError(f"unknown flags {flags:#x}")
+    if n_ids > max_ids:
+        raise WireError(f"{n_ids} ids exceed the limit of {max_ids}")
+    end = REQUEST.size + 4 * n_ids
+    if len(body) < end:
+        raise WireError(f"request announces {n_ids} ids but carries {(len(body) - REQUEST.size) // 4}")
+    ids = np.frombuffer(body, dtype="<u4", count=n_ids, offset=REQUEST.size)
+    if n_ids and int(ids.max()) >= vocab_size:
+        raise WireError(f"token id {int(ids.max())} is outside the vocabulary of {vocab_size}")
+    payload = body[end:]
+    if not flags & HAS_DRAFT:
+        if draft or payload:
+            raise WireError("a draft id or payload without the draft flag")
+        return VerifyRequest(base, ids.tolist(), None, None)
+    if draft >= vocab_size:
+        raise WireError(f"draft id {draft} is outside the vocabulary of {vocab_size}")
+    if not payload:
+        raise WireError("a draft without its distribution payload")
+    return VerifyRequest(base, ids.tolist(), draft, payload)
+
+
+def _opt(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def pack_verdict(v: Verdict, known: int) -> bytes:
+    accepted = NO_DRAFT if v.accepted is None else int(v.accepted)
+    return RESPONSE.pack(RESPONSE_MAGIC, WIRE_VERSION, accepted, 0, v.token, known, _opt(v.p_draft),
+                         _opt(v.q_draft), v.compute_s, _opt(v.energy_j))
+
+
+def unpack_verdict(body: bytes) -> tuple[Verdict, int]:
+    if len(body) != RESPONSE.size:
+        raise WireError(f"verdict is {len(body)} bytes, expected {RESPONSE.size}")
+    magic, version, accepted, _, token, known, p_d, q_d, compute_s, energy_j = RESPONSE.unpack(body)
+    if magic != RESPONSE_MAGIC or version != WIRE_VERSION or accepted > NO_DRAFT:
+        raise WireError("not an hlm verdict (bad magic, version or flag)")
+    def opt(x: float) -> float | None:
+        return None if np.isnan(x) else x
+    return Verdict(token, None if accepted == NO_DRAFT else bool(accepted), opt(p_d), opt(q_d), compute_s,
+                   opt(energy_j)), known
+
+
+def _http_bytes(start_line: str, headers: httpx.Headers, body_len: int) -> int:
+    """Bytes of an HTTP/1.1 message as h11 writes it: start line, `name: value` lines, blank line, body."""
+    return len(start_line) + 2 + sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2 + body_len
+
+
+class HttpVerifier:
+    """`Verifier` over HTTP. `wire_bytes_up/down` of each verdict count the HTTP/1.1 messages of that verify
+    (request/status line, headers and body, a re-open included); TCP/IP and TLS framing are not counted."""
+
+    def __init__(self, url: str, vocab_size: int, token: str | None = None, emulate_link: LinkConfig | None = None,
+                 timeout_s: float = 30.0, connect_timeout_s: float = 3.0, backoff_s: float = 0.5,
+                 max_backoff_s: float = 8.0, retries: int = 1) -> None:
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"cloud URL must look like http://HOST:PORT, got {url!r}")
+        if timeout_s <= 0 or connect_timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s or retries < 0:
+            raise ConfigError("timeouts and backoff must be > 0, max_backoff_s >= backoff_s, retries >= 0")
+        self.url, self.vocab_size, self.emulate_link = url, vocab_size, emulate_link
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        headers = {"user-agent": "hlm", "accept": "*/*", "accept-encoding": "identity"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        # HTTPTransport(retries=) retries failed connection attempts only, never a request the server may have run.
+        self.client = httpx.Client(base_url=url, headers=headers, transport=httpx.HTTPTransport(retries=retries),
+                                   timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        self.meter: RemoteMeter | None = None
+        self.sampling: SamplingConfig | None = None
+        self.session: str | None = None
+        self.mirror: list[int] = []  # the ids the server's session holds, verdict tokens included
+        self.failures, self.retry_at = 0, 0.0
+
+    def open(self, sampling: SamplingConfig) -> None:
+        """Lazy: the session is created by the first verify, so a server that is down cannot fail `open`."""
+        self.sampling, self.session, self.mirror = sampling, None, []
+
+    def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
+        if self.sampling is None:
+            raise RuntimeError("verify() before open()")
+        if context[: len(self.mirror)] != self.mirror:
+            raise ValueError("context does not extend what the verifier has seen")
+        wait = self.retry_at - time.monotonic()
+        if wait > 0:
+            raise CloudUnavailable(f"cloud at {self.url} unavailable; next try in {wait:.1f} s")
+        try:
+            verdict = self._verify(context, draft, payload)
+        except CloudUnavailable:
+            self.failures += 1
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self.failures - 1))
+            self.retry_at = time.monotonic() + delay
+            raise
+        self.failures = 0
+        return verdict
+
+    def close(self) -> None:
+        """Best effort: a server that is down (or in backoff) is not waited for; it expires idle sessions."""
+        if self.session is not None and time.monotonic() >= self.retry_at:
+            try:
+                self.client.delete(f"/v1/sessions/{self.session}", timeout=2.0)
+            except httpx.HTTPError:
+                pass
+        self.sampling, self.session, self.mirror = None, None, []
+
+    def _verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
+        response, up, down = self._post_verify(context, draft, payload, 0, 0)
+        if response.status_code in (404, 409):  # session lost or out of step: start over with the full context
+            self.session, self.mirror = None, []
+            response, up, down = self._post_verify(context, draft, payload, up, down)
+            if response.status_code in (404, 409):
+                self.session, self.mirror = None, []
+                raise CloudUnavailable(f"cloud lost the session twice in a row ({response.status_code})")
+        self._check(response)
+        try:
+            verdict, known = unpack_verdict(response.content)
+        except WireError as exc:
+            self.session, self.mirror = None, []
+            raise CloudUnavailable(f"garbled verdict from {self.url}: {exc}") from exc
+        if known != len(context) + 1:
+            self.session, self.mirror = None, []
+            raise CloudUnavailable(f"cloud session holds {known} ids, expected {len(context) + 1}")
+        self.mirror = [*context, verdict.token]
+        verdict.wire_bytes_up, verdict.wire_bytes_down = up, down
+        verdict.energy_method = self.meter.method if self.meter and verdict.energy_j is not None else None
+        return verdict
+
+    def _post_verify(self, context: list[int], draft: int | None, payload: bytes | None, up: int,
+                     down: int) -> tuple[httpx.Response, int, int]:
+        """One verify request (opening the session first if there is none) carrying the ids it lacks."""
+        if self.session is None:
+            up, down = self._open(up, down)
+        body = pack_request(len(self.mirror), context[len(self.mirror):], draft, payload)
+        if self.emulate_link is not None:
+            time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
+        return self._send("POST", f"/v1/sessions/{self.session}/verify", up, down, content=body,
+                          headers={"content-type": "application/octet-stream"})
+
+    def _open(self, up: int, down: int) -> tuple[int, int]:
+        s = self.sampling
+        response, up, down = self._send("POST", "/v1/sessions", up, down,
+                                        json={"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed})
+        self._check(response)
+        try:
+            info = response.json()
+            session, vocab, model, method = info["session"], info["vocab_size"], info["model"], info["energy_method"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CloudRejected(f"{self.url} did not answer like `hlm serve-cloud`: {exc}") from exc
+        if vocab != self.vocab_size:
+            raise CloudRejected(f"the cloud verifier {model} has a vocabulary of {vocab}, this pair {self.vocab_size}")
+        self.session, self.mirror = session, []
+        self.meter = RemoteMeter(f"{method} (on the cloud server)") if method else None
+        return up, down
+
+    def _send(self, method: str, path: str, up: int, down: int, **kwargs) -> tuple[httpx.Response, int, int]:  # noqa: ANN003
+        request = self.client.build_request(method, path, **kwargs)
+        try:
+            response = self.client.send(request)
+        except httpx.TransportError as exc:  # refused, reset, timed out; the session may still live: keep its id
+            raise CloudUnavailable(f"cloud at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
+        up += _http_bytes(f"{method} {request.url.raw_path.decode()} HTTP/1.1", request.headers, len(request.content))
+        down += _http_bytes(f"HTTP/1.1 {response.status_code} {response.reason_phrase}", response.headers,
+                            len(response.content))
+        return response, up, down
+
+    def _check(self, response: httpx.Response) -> None:
+        """2xx passes; 401/403 and other 4xx are configuration errors; 429 and 5xx are outages (retry later)."""
+        status = response.status_code
+        if status < 300:
+            return
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        if status in (401, 403):
+            raise CloudRejected(f"the cloud refused the bearer token (set HLM_CLOUD_TOKEN): {message}")
+        if status == 429 or status >= 500:
+            raise CloudUnavailable(f"cloud answered {status}: {message}")
+        raise CloudRejected(f"the cloud rejected the request ({status}): {message}")

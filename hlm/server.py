@@ -1,0 +1,371 @@
+"""`python -m hlm serve-cloud`: the verifier model as an HTTP service (FastAPI on uvicorn).
+
+Endpoints; all but /health need `Authorization: Bearer $HLM_CLOUD_TOKEN` when the server has a token:
+  GET    /health                    liveness and model facts
+  GET    /metrics                   JSON: uploads, accepts, resamples, body bytes in/out, latency, sessions
+  POST   /v1/sessions               JSON {"temperature", "top_p", "seed"} -> {"session", "vocab_size", ...}
+  POST   /v1/sessions/{id}/verify   binary request of `hlm.remote` -> binary verdict
+  DELETE /v1/sessions/{id}
+Each session is a `LocalVerifier` (its own KV cache and RNG, seeded as in process, so tokens match the
+in-process path exactly) over the one shared model. Every model call and every change to session state runs
+on a single worker thread: sessions never race, and torch is not oversubscribed on a small CPU. Errors are
+JSON {"error": message} with a 4xx/5xx status; nothing a client sends can crash the server.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and fastapi
+# itself is imported lazily (in `create_app`) so the rest of the CLI does not pay for it.
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hlm.config import ConfigError, SamplingConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from hlm.models import ModelPair
+    from hlm.verifier import LocalVerifier, Verdict
+
+TOKEN_ENV = "HLM_CLOUD_TOKEN"
+MIN_TOKEN_CHARS = 16
+CONTROL_BYTES = 4096  # cap on JSON bodies of control endpoints
+OPEN_FIELDS = ("temperature", "top_p", "seed")
+LATENCY_WINDOW = 4096  # the percentiles cover the most recent verifies
+
+
+class HttpError(Exception):
+    """A request the server refuses; becomes a JSON error with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 16
+    idle_s: float = 300.0
+    max_request_bytes: int = 4 << 20
+    max_kv_bytes: int = 4 << 30
+
+
+@dataclass
+class Session:
+    verifier: "LocalVerifier"
+    context: list[int] = field(default_factory=list)  # ids the session holds, its own verdict tokens included
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def kv_bytes_per_token(model: Any) -> int:  # noqa: ANN401 - any transformers causal LM
+    """KV-cache bytes one token costs: 2 (K and V) x layers x KV heads x head dim x element size."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+class SessionStore:
+    """All sessions and their verifiers. Not thread-safe by design: only the worker thread calls it."""
+
+    def __init__(self, pair: "ModelPair", limits: Limits) -> None:
+        from hlm.energy import open_meter
+
+        self.pair, self.limits = pair, limits
+        self.meter = open_meter(pair.verifier.device)
+        self.kv_per_token = kv_bytes_per_token(pair.verifier)
+        self.sessions: dict[str, Session] = {}
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(len(s.context) for s in self.sessions.values())
+
+    def expire(self) -> None:
+        cutoff = time.monotonic() - self.limits.idle_s
+        for sid in [sid for sid, s in self.sessions.items() if s.last_used < cutoff]:
+            del self.sessions[sid]
+            self.counts["expired"] += 1
+
+    def open(self, sampling: SamplingConfig) -> str:
+        from hlm.verifier import LocalVerifier
+
+        self.expire()
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise HttpError(503, f"all {self.limits.max_sessions} sessions are in use; try again later")
+        verifier = LocalVerifier(self.pair.verifier, self.pair.valid, self.meter)
+        verifier.open(sampling)
+        sid = secrets.token_urlsafe(18)
+        self.sessions[sid] = Session(verifier)
+        self.counts["opened"] += 1
+        return sid
+
+    def close(self, sid: str) -> None:
+        self._get(sid)
+        del self.sessions[sid]
+        self.counts["closed"] += 1
+
+    def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
+        from hlm.payload import PayloadError, decode
+        from hlm.remote import WireError, pack_verdict, unpack_request
+
+        s = self._get(sid)
+        max_ids = self.pair.max_context - len(s.context)
+        try:
+            req = unpack_request(body, self.pair.vocab_size, max_ids)
+            if req.payload is not None:  # check before the model runs, so a bad payload leaves the session intact
+                decode(req.payload, self.pair.vocab_size)
+        except (WireError, PayloadError) as exc:
+            raise HttpError(400, str(exc)) from exc
+        if req.base != len(s.context):
+            raise HttpError(409, f"the session holds {len(s.context)} ids, the request assumes {req.base}")
+        if not s.context and not req.ids:
+            raise HttpError(400, "the first verify of a session must carry the prompt ids")
+        if (self.kv_tokens + len(req.ids) + 1) * self.kv_per_token > self.limits.max_kv_bytes:
+            raise HttpError(503, "the KV-cache memory cap is reached; try again later")
+        context = s.context + req.ids
+        try:
+            verdict = s.verifier.verify(context, req.draft, req.payload)
+        except Exception:  # the cache may be half-updated: drop the session (the client re-opens on 404)
+            del self.sessions[sid]
+            raise
+        s.context, s.last_used = [*context, verdict.token], time.monotonic()
+        return pack_verdict(verdict, len(s.context)), verdict
+
+    def _get(self, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise HttpError(404, "unknown or expired session")
+        return s
+
+
+def _percentiles(values: deque[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+    def at(q: float) -> float | None:
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
+
+
+class Metrics:
+    """Counters for /metrics; touched only on the event-loop thread."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.counts: Counter[str] = Counter()
+        self.status: Counter[str] = Counter()
+        self.latency_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.compute_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
+
+    def record(self, verdict: "Verdict", latency_s: float) -> None:
+        if verdict.accepted is None:
+            self.counts["samples"] += 1
+        else:
+            self.counts["uploads"] += 1
+            self.counts["accepts" if verdict.accepted else "resamples"] += 1
+        self.latency_s.append(latency_s)
+        self.compute_s.append(verdict.compute_s)
+
+    def snapshot(self, store: SessionStore) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            **{k: c[k] for k in ("uploads", "accepts", "resamples", "samples")},
+            "bytes_in": c["bytes_in"], "bytes_out": c["bytes_out"], "bytes_counted": "HTTP bodies",
+            "latency_ms": _percentiles(self.latency_s), "compute_ms": _percentiles(self.compute_s),
+            "responses": dict(self.status),
+            "sessions": {"active": len(store.sessions), "max": store.limits.max_sessions,
+                         "idle_expiry_s": store.limits.idle_s,
+                         **{k: store.counts[k] for k in ("opened", "closed", "expired")}},
+            "kv_cache": {"tokens": store.kv_tokens, "bytes_estimate": store.kv_tokens * store.kv_per_token,
+                         "cap_bytes": store.limits.max_kv_bytes},
+        }
+
+
+async def read_body(request: Any, cap: int) -> bytes:  # noqa: ANN401 - a starlette Request
+    """The body, refused with 413 as soon as it exceeds `cap` (by its declared length, or while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > cap):
+        raise HttpError(413, f"request body over the limit of {cap:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise HttpError(413, f"request body over the limit of {cap:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_open(body: bytes) -> SamplingConfig:
+    """The sampling settings a session's RNG and distribution transform need; everything else is refused."""
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HttpError(400, f"body is not JSON: {exc}") from exc
+    if not isinstance(fields, dict) or set(fields) != set(OPEN_FIELDS):
+        raise HttpError(400, f"body must be a JSON object with exactly {', '.join(OPEN_FIELDS)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields.values()) or \
+            not isinstance(fields["seed"], int):
+        raise HttpError(400, "temperature and top_p must be numbers, seed an integer")
+    try:
+        return SamplingConfig(**fields)
+    except ConfigError as exc:
+        raise HttpError(400, str(exc)) from exc
+
+
+def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "FastAPI":
+    from fastapi import APIRouter, Depends, FastAPI, Request, Response
+    from fastapi.exceptions import HTTPException
+    from fastapi.responses import JSONResponse
+
+    store, metrics = SessionStore(pair, limits), Metrics()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+
+    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+        return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(limits.idle_s / 4, 10.0))
+            await on_worker(store.expire)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        task = asyncio.create_task(sweep())
+        yield
+        task.cancel()
+        worker.shutdown(wait=False, cancel_futures=True)
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HttpError(401, "missing or wrong bearer token")
+
+    app = FastAPI(title="hlm cloud verifier", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api = APIRouter(dependencies=[Depends(check_token)])
+
+    def error(status: int, message: str) -> JSONResponse:
+        metrics.status[str(status)] += 1
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HttpError)
+    async def on_http_error(request: Request, exc: HttpError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def on_route_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        print(f"internal error on {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": getattr(pair.verifier, "hlm_name", pair.name), "pair": pair.name,
+                "vocab_size": pair.vocab_size, "sessions": len(store.sessions)}
+
+    @api.get("/metrics")
+    async def get_metrics() -> dict[str, Any]:
+        return metrics.snapshot(store)
+
+    @api.post("/v1/sessions")
+    async def open_session(request: Request) -> dict[str, Any]:
+        body = await read_body(request, CONTROL_BYTES)
+        metrics.counts["bytes_in"] += len(body)
+        sid = await on_worker(store.open, parse_open(body))
+        metrics.status["200"] += 1
+        answer = {"session": sid, "vocab_size": pair.vocab_size, "max_context": pair.max_context,
+                  "model": getattr(pair.verifier, "hlm_name", pair.name),
+                  "energy_method": store.meter.method if store.meter else None}
+        metrics.counts["bytes_out"] += len(json.dumps(answer, separators=(",", ":")))
+        return answer
+
+    @api.post("/v1/sessions/{sid}/verify")
+    async def verify(sid: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, limits.max_request_bytes)
+        metrics.counts["bytes_in"] += len(body)
+        out, verdict = await on_worker(store.verify, sid, body)
+        metrics.record(verdict, time.perf_counter() - t0)
+        metrics.counts["bytes_out"] += len(out)
+        metrics.status["200"] += 1
+        return Response(out, media_type="application/octet-stream")
+
+    @api.delete("/v1/sessions/{sid}")
+    async def close_session(sid: str) -> dict[str, bool]:
+        await on_worker(store.close, sid)
+        metrics.status["200"] += 1
+        return {"closed": True}
+
+    app.include_router(api)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hlm.cli import UsageError
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and (token is None or len(token) < MIN_TOKEN_CHARS):
+        raise UsageError(f"refusing to listen on {args.host} without a bearer token: set {TOKEN_ENV} to a secret "
+                         f"of at least {MIN_TOKEN_CHARS} characters (or bind 127.0.0.1)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    limits = Limits(args.max_sessions, args.idle_s, int(args.max_request_mib * (1 << 20)),
+                    int(args.max_kv_mib * (1 << 20)))
+    if limits.max_sessions < 1 or limits.idle_s <= 0 or limits.max_request_bytes < 1024 or limits.max_kv_bytes <= 0:
+        raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001 and --max-kv-mib > 0")
+    import torch
+    import uvicorn
+
+    from hlm.models import load_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype)
+    app = create_app(pair, limits, token)
+    print(f"hlm cloud: verifier {getattr(pair.verifier, 'hlm_name', pair.name)} (pair {pair.name}) on "
+          f"http://{args.host}:{args.port}{' (bearer token required)' if token else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                server_header=False, date_header=False)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from hlm.cli import add_model_args
+
+    p = sub.add_parser("serve-cloud", help="serve the verifier model over HTTP (for generate --cloud URL)",
+                       description=f"Non-loopback hosts require a bearer token in ${TOKEN_ENV}.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
+    p.add_argument("--idle-s", type=float, default=Limits.idle_s, help="idle sessions expire after this")
+    p.add_argument("--max-request-mib", type=float, default=Limits.max_request_bytes / (1 << 20))
+    p.add_argument("--max-kv-mib", type=float, default=Limits.max_kv_bytes / (1 << 20),
+                   help="cap on the estimated KV-cache memory of all sessions together")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,167 @@
+"""The sweep machinery on the tiny pair: columns, figures, resume after interruption, presets, decisions.
+(BERTScore of tiny-model garbage means nothing, but it must run.)"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hlm.config import ConfigError, RunConfig, SamplingConfig
+from hlm.sweep import FULL, QUICK, TIMED, Grid, apply_preset, decide, pick_setting, register, sweep
+
+PROMPTS = [{"id": f"p{i}", "category": c, "prompt": p} for i, (c, p) in enumerate(
+    [("code", "def add(a, b):"), ("knowledge", "What is the capital of France?"),
+     ("explanation", "Why is the sky blue?")])]
+GRID = Grid(policies=("ours", "uhlm", "hlm", "slm", "random"), ks=(2, 8), gammas=(0.0,), estimators=("lookahead",))
+BASE = RunConfig(SamplingConfig(max_new_tokens=4))
+FIGURES = ("pareto", "upload_heatmap", "throughput", "energy_breakdown")
+RUNS = 3 * (4 + 2 + 2)  # per prompt: llm, hlm, slm, uhlm, two ours settings, their two random controls
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tools():
+    from hlm.decoder import HybridDecoder
+    from hlm.models import load_pair
+    from hlm.quality import get_scorer
+
+    return HybridDecoder(load_pair("tiny")), get_scorer()
+
+
+@pytest.fixture(scope="module")
+def full(tools, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    decoder, scorer = tools
+    return out, sweep(decoder, "tiny", PROMPTS, GRID, BASE, out, scorer, progress=False)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def untimed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in TIMED} for r in rows]
+
+
+def test_outputs_and_columns(full):
+    out, result = full
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == RUNS == len(list((out / "runs").glob("*.json")))
+    for column in ("prompt_id", "category", "seed", "policy", "estimator", "k", "gamma", "u_th", "skip_rate",
+                   "tokens", "uploads", "upload_rate", "energy_saving", "device_energy_j", "tokens_per_s",
+                   "tokens_per_s_modelled_link", "device_energy_radio_j", "bertscore_f1"):
+        assert column in rows[0], column
+    scored = [r for r in rows if r["policy"] != "llm"]
+    assert all(0.0 <= float(r["bertscore_f1"]) <= 1.0 for r in scored)
+    assert {r["policy"] for r in rows} == {"llm", "hlm", "slm", "uhlm", "ours", "random"}
+    assert all(float(r["upload_rate"]) == 1.0 for r in rows if r["policy"] == "hlm")
+    summary = read_csv(out / "summary.csv")
+    assert {"policy", "setting", "n_prompts", "bertscore_f1_mean", "bertscore_f1_ci95", "upload_rate_mean"} <= set(
+        summary[0])
+    assert all(int(r["n_prompts"]) == 3 for r in summary)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["rows"]) == RUNS and saved["meta"]["link"]["bandwidth_hz"] > 0
+    run = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert {"u", "importance", "important", "uploaded", "source"} == set(run["tokens"][0])
+    assert json.loads((out / "decisions.json").read_text())["why"]
+
+
+def test_random_control_matches_ours_upload_rate(full):
+    _, result = full
+    by = {(r["policy"], r["setting"], r["prompt_id"]): r for r in result.rows}
+    for setting in ("lookahead k=2 γ=0", "lookahead k=8 γ=0"):
+        ours = sum(by["ours", setting, p["id"]]["uploads"] for p in PROMPTS) / sum(
+            by["ours", setting, p["id"]]["tokens"] for p in PROMPTS)
+        uhlm = sum(by["uhlm", "-", p["id"]]["uploads"] for p in PROMPTS) / sum(
+            by["uhlm", "-", p["id"]]["tokens"] for p in PROMPTS)
+        skip = by["random", setting, PROMPTS[0]["id"]]["skip_rate"]
+        assert skip == pytest.approx(1 - ours / uhlm if uhlm else 1.0, abs=1e-4)
+
+
+def test_figures_written(full):
+    out, result = full
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.html").stat().st_size > 1000
+    assert (out / "figures" / "plotly.min.js").is_file()  # the HTML works offline
+    if shutil.which("chromium") or shutil.which("google-chrome"):
+        assert result.figures["png_error"] is None, result.figures["png_error"]
+        for name in FIGURES:
+            assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
+    decoder, scorer = tools
+    seen = []
+
+    def stop_after_five(job, record):
+        seen.append(job)
+        if len(seen) == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        sweep(decoder, "tiny", PROMPTS, GRID, BASE, tmp_path, scorer, png=False, progress=False,
+              after_run=stop_after_five)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 5
+    assert not list((tmp_path / "runs").glob("*.tmp"))
+    seen.clear()
+    sweep(decoder, "tiny", PROMPTS, GRID, BASE, tmp_path, scorer, png=False, progress=False,
+          after_run=lambda job, record: seen.append(job))
+    assert len(seen) == RUNS - 5  # the five finished runs were not redone
+    assert untimed(read_csv(tmp_path / "results.csv")) == untimed(read_csv(full[0] / "results.csv"))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return apply_preset(parser.parse_args(["sweep", "--out", "x", *argv]))
+
+
+def test_quick_preset_and_overrides():
+    args = parse(["--quick"])
+    assert (args.limit, args.max_new_tokens, args.k, args.gamma, args.seeds) == (
+        QUICK["limit"], QUICK["max_new_tokens"], QUICK["k"], QUICK["gamma"], QUICK["seeds"])
+    args = parse(["--quick", "--k", "3", "--gamma", "0.5,2", "--max-new-tokens", "10", "--policies", "ours,random"])
+    assert (args.k, args.gamma, args.max_new_tokens, args.limit) == ((3,), (0.5, 2.0), 10, QUICK["limit"])
+    assert args.policies == ("ours", "random")
+    args = parse([])
+    assert (args.k, args.gamma, args.limit) == (FULL["k"], FULL["gamma"], None)
+
+
+@pytest.mark.parametrize("argv", [["--policies", "ours,nope"], ["--k", "two"], ["--estimators", "magic"]])
+def test_bad_lists_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+
+
+def test_bad_grid_fails_before_any_model_work():
+    with pytest.raises(ConfigError, match="include ours"):
+        Grid(policies=("random", "uhlm"))
+    with pytest.raises(ConfigError, match="k must be"):
+        Grid(ks=(0,))
+
+
+def summary_row(policy, setting, quality, saving, estimator="lookahead"):
+    return {"policy": policy, "setting": setting, "estimator": estimator if policy == "ours" else None,
+            "bertscore_f1_mean": quality, "energy_saving_mean": saving, "upload_rate_mean": 1 - saving}
+
+
+def test_pick_setting_and_decisions():
+    summary = [summary_row("hlm", "-", 0.90, 0.0), summary_row("uhlm", "-", 0.86, 0.3),
+               summary_row("ours", "a", 0.895, 0.35), summary_row("ours", "b", 0.87, 0.5),
+               summary_row("ours", "c", 0.80, 0.7, "self")]
+    assert pick_setting(summary, 0.89)["setting"] == "a"
+    assert pick_setting(summary, 0.86)["setting"] == "b"
+    assert pick_setting(summary, 0.0, estimator="self")["setting"] == "c"
+    assert pick_setting(summary, 0.99) is None
+    d = decide([{"policy": "hlm"}], summary, tolerance=0.01)
+    assert (d["accuracy_leaning"]["setting"], d["energy_leaning"]["setting"], d["estimator"]) == ("a", "b", "lookahead")
