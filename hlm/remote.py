@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -95,14 +96,18 @@ def unpack_request(body: bytes, vocab_size: int, max_ids: int) -> VerifyRequest:
     return VerifyRequest(base, ids.tolist(), draft, payload)
 
 
-def _opt(value: float | None) -> float:
+def _to_nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def _from_nan(value: float) -> float | None:
+    return None if np.isnan(value) else value
 
 
 def pack_verdict(v: Verdict, known: int) -> bytes:
     accepted = NO_DRAFT if v.accepted is None else int(v.accepted)
-    return RESPONSE.pack(RESPONSE_MAGIC, WIRE_VERSION, accepted, 0, v.token, known, _opt(v.p_draft),
-                         _opt(v.q_draft), v.compute_s, _opt(v.energy_j))
+    return RESPONSE.pack(RESPONSE_MAGIC, WIRE_VERSION, accepted, 0, v.token, known, _to_nan(v.p_draft),
+                         _to_nan(v.q_draft), v.compute_s, _to_nan(v.energy_j))
 
 
 def unpack_verdict(body: bytes) -> tuple[Verdict, int]:
@@ -111,10 +116,8 @@ def unpack_verdict(body: bytes) -> tuple[Verdict, int]:
     magic, version, accepted, _, token, known, p_d, q_d, compute_s, energy_j = RESPONSE.unpack(body)
     if magic != RESPONSE_MAGIC or version != WIRE_VERSION or accepted > NO_DRAFT:
         raise WireError("not an hlm verdict (bad magic, version or flag)")
-    def opt(x: float) -> float | None:
-        return None if np.isnan(x) else x
-    return Verdict(token, None if accepted == NO_DRAFT else bool(accepted), opt(p_d), opt(q_d), compute_s,
-                   opt(energy_j)), known
+    return Verdict(token, None if accepted == NO_DRAFT else bool(accepted), _from_nan(p_d), _from_nan(q_d),
+                   compute_s, _from_nan(energy_j)), known
 
 
 def _http_bytes(start_line: str, headers: httpx.Headers, body_len: int) -> int:
@@ -129,8 +132,11 @@ class HttpVerifier:
     def __init__(self, url: str, vocab_size: int, token: str | None = None, emulate_link: LinkConfig | None = None,
                  timeout_s: float = 30.0, connect_timeout_s: float = 3.0, backoff_s: float = 0.5,
                  max_backoff_s: float = 8.0, retries: int = 1) -> None:
-        parsed = httpx.URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
             raise ConfigError(f"cloud URL must look like http://HOST:PORT, got {url!r}")
         if timeout_s <= 0 or connect_timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s or retries < 0:
             raise ConfigError("timeouts and backoff must be > 0, max_backoff_s >= backoff_s, retries >= 0")
@@ -164,24 +170,30 @@ class HttpVerifier:
             verdict = self._verify(context, draft, payload)
         except CloudUnavailable:
             self.failures += 1
-            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self.failures - 1))
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(self.failures - 1, 30))
             self.retry_at = time.monotonic() + delay
             raise
         self.failures = 0
         return verdict
 
     def close(self) -> None:
-        """Best effort: a server that is down (or in backoff) is not waited for; it expires idle sessions."""
-        if self.session is not None and time.monotonic() >= self.retry_at:
+        if time.monotonic() >= self.retry_at:  # a server that is down (in backoff) is not waited for
+            self._delete_session()
+        self.sampling, self.session, self.mirror = None, None, []
+
+    def _delete_session(self) -> None:
+        """Best effort: the server expires idle sessions anyway, this only frees their KV cache sooner."""
+        if self.session is not None:
             try:
                 self.client.delete(f"/v1/sessions/{self.session}", timeout=2.0)
             except httpx.HTTPError:
                 pass
-        self.sampling, self.session, self.mirror = None, None, []
 
     def _verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         response, up, down = self._post_verify(context, draft, payload, 0, 0)
         if response.status_code in (404, 409):  # session lost or out of step: start over with the full context
+            if response.status_code == 409:
+                self._delete_session()
             self.session, self.mirror = None, []
             response, up, down = self._post_verify(context, draft, payload, up, down)
             if response.status_code in (404, 409):
@@ -228,7 +240,8 @@ class HttpVerifier:
         self.meter = RemoteMeter(f"{method} (on the cloud server)") if method else None
         return up, down
 
-    def _send(self, method: str, path: str, up: int, down: int, **kwargs) -> tuple[httpx.Response, int, int]:  # noqa: ANN003
+    def _send(self, method: str, path: str, up: int, down: int,
+              **kwargs: Any) -> tuple[httpx.Response, int, int]:
         request = self.client.build_request(method, path, **kwargs)
         try:
             response = self.client.send(request)

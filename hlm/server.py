@@ -25,7 +25,7 @@ import secrets
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,8 @@ from hlm.config import ConfigError, SamplingConfig
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.requests import Request
+    from transformers import PreTrainedModel
 
     from hlm.models import ModelPair
     from hlm.verifier import LocalVerifier, Verdict
@@ -68,7 +70,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
-def kv_bytes_per_token(model: Any) -> int:  # noqa: ANN401 - any transformers causal LM
+def kv_bytes_per_token(model: "PreTrainedModel") -> int:
     """KV-cache bytes one token costs: 2 (K and V) x layers x KV heads x head dim x element size."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -152,6 +154,7 @@ class SessionStore:
 
 def _percentiles(values: deque[float]) -> dict[str, float | None]:
     ordered = sorted(values)
+
     def at(q: float) -> float | None:
         return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
@@ -192,7 +195,7 @@ class Metrics:
         }
 
 
-async def read_body(request: Any, cap: int) -> bytes:  # noqa: ANN401 - a starlette Request
+async def read_body(request: "Request", cap: int) -> bytes:
     """The body, refused with 413 as soon as it exceeds `cap` (by its declared length, or while streaming)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > cap):
@@ -225,13 +228,13 @@ def parse_open(body: bytes) -> SamplingConfig:
 
 def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "FastAPI":
     from fastapi import APIRouter, Depends, FastAPI, Request, Response
-    from fastapi.exceptions import HTTPException
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     store, metrics = SessionStore(pair, limits), Metrics()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
 
-    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
 
     async def sweep() -> None:
@@ -240,7 +243,7 @@ def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "
             await on_worker(store.expire)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(sweep())
         yield
         task.cancel()

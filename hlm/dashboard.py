@@ -1,0 +1,761 @@
+"""The web dashboard's library side: runs, sessions and everything the page renders. `app.py` only lays out and
+wires the Gradio components, so all of this is tested without a server (nothing here imports Gradio).
+
+Why a worker thread: the decoder runs on its own thread and fills a queue; the page's generator drains it and
+renders on the first token, then at most every `INTERVAL_S` seconds, so rendering never blocks decoding and the
+page updates ~2.5 times a second whatever the token rate. One decode at a time (`Service.lock`): the models and
+the verifier's KV cache are shared by every session.
+
+Renderers return HTML strings, plotly figure dicts (plain dicts: building `go.Figure` objects costs ~5-25 ms
+each, and three per update would tax the decoding thread through the GIL) and table rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import json
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.decoder import HybridDecoder
+from hlm.embedded import EmbeddedModelError
+from hlm.events import SOURCES, Summary, TokenEvent
+from hlm.figures import COLOURS as POLICY_COLOURS
+from hlm.link import upload_bits, upload_cost
+from hlm.metrics import summarize
+from hlm.models import PRESETS, Calibration, ModelError, PromptError
+from hlm.quality import QualityError, get_scorer
+from hlm.verifier import CloudUnavailable
+
+INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
+POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
+REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
+HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
+STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
+COMPARED = ("hlm", "uhlm", "ours")  # the Compare action runs these after the LLM-only reference
+# Errors a viewer can cause or fix (bad settings, prompt, pair, cloud); the app shows their message as a Gradio
+# error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
+                                            EmbeddedModelError)
+
+SOURCE_LABELS = {
+    "local": "kept on device",
+    "cloud_accepted": "accepted by cloud",
+    "cloud_resampled": "resampled by cloud",
+    "cloud_sampled": "cloud only (LLM)",
+    "unverified": "unverified (upload failed)",
+}
+PART_LABELS = {"device_compute": "SLM compute", "radio": "radio", "device_idle": "idle wait", "cloud": "cloud compute"}
+PART_COLOURS = {"device_compute": "#3b82f6", "radio": "#f59e0b", "device_idle": "#94a3b8"}
+_S, _P, _L = SamplingConfig(), PolicyConfig(), LinkConfig()
+DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs) finishes in about a minute on CPU
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def _number(name: str, value: Any, whole: bool = False) -> float | int:
+    """Gradio numbers arrive as floats (8.0) or None when a box is cleared; configs want ints and a message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if whole:
+        if value != int(value):
+            raise ConfigError(f"{name} must be a whole number, got {value}")
+        return int(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs the page and the API expose, in display units (bandwidth in MHz); `run_config` validates."""
+
+    k: int = _P.k
+    gamma: float = _P.gamma
+    policy: str = _P.name
+    u_th: float | None = None  # None: the pair's calibrated risk-averse value, else PolicyConfig's default
+    temperature: float = _S.temperature
+    max_new_tokens: int = DEMO_MAX_NEW_TOKENS
+    seed: int = _S.seed
+    bandwidth_mhz: float = _L.bandwidth_hz / 1e6
+    snr_db: float = _L.snr_db
+    tx_power_w: float = _L.tx_power_w
+    bits_per_prob: int = _L.bits_per_prob
+    topk: int = _L.topk
+
+    def run_config(self, calibration: Calibration | None) -> RunConfig:
+        u_th = self.u_th if self.u_th is not None else calibration.risk_averse if calibration else _P.u_th
+        return RunConfig(
+            SamplingConfig(temperature=_number("temperature", self.temperature), top_p=_S.top_p,
+                           max_new_tokens=_number("max_new_tokens", self.max_new_tokens, whole=True),
+                           seed=_number("seed", self.seed, whole=True)),
+            PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),  # type: ignore[arg-type]
+                         u_th=_number("u_th", u_th)),
+            LinkConfig(bandwidth_hz=_number("bandwidth_mhz", self.bandwidth_mhz) * 1e6,
+                       snr_db=_number("snr_db", self.snr_db), tx_power_w=_number("tx_power_w", self.tx_power_w),
+                       bits_per_prob=_number("bits_per_prob", self.bits_per_prob, whole=True),
+                       topk=_number("topk", self.topk, whole=True)),
+        )
+
+
+def calibrated_u_th(preset: str) -> Calibration | None:
+    """The pair's fitted thresholds, known without loading the models (presets carry them)."""
+    p = PRESETS.get(preset)
+    return p.calibration if p else None
+
+
+def default_u_th(preset: str) -> float:
+    cal = calibrated_u_th(preset)
+    return cal.risk_averse if cal else _P.u_th
+
+
+def load_examples(path: Path = EXAMPLES) -> list[dict[str, str]]:
+    """Example prompts for the page: a list of {"label", "prompt"}."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return [{"label": str(r["label"]), "prompt": str(r["prompt"])} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+class RunView:
+    """One run as the page shows it, built incrementally: rendered token spans and summaries of growing
+    prefixes (the charts' points; `hlm.metrics.summarize` on the partial stream, so the live figures are
+    the same numbers the CLI prints at the end)."""
+
+    def __init__(self, label: str, config: RunConfig, vocab_size: int, energy_methods: dict[str, str]) -> None:
+        self.label, self.config, self.vocab_size, self.methods = label, config, vocab_size, energy_methods
+        self.events: list[TokenEvent] = []
+        self.spans: list[str] = []
+        self.points: list[Summary] = []
+        self.records: list[dict[str, Any]] = []
+        self.f1: float | None = None
+        self.phase = "waiting"  # waiting | decoding | reference | done | stopped
+        self.note = ""  # what is happening now, for the status line
+        self.started = time.monotonic()
+
+    def update(self, events: list[TokenEvent]) -> None:
+        new = events[len(self.spans):]
+        self.spans.extend(token_span(e, self.config.policy) for e in new)
+        self.events = events
+        done = self.points[-1].tokens if self.points else 0
+        if len(events) > done:
+            step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
+            for n in [*range(done + step, len(events), step), len(events)]:
+                self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
+                                             self.methods))
+
+    @property
+    def summary(self) -> Summary | None:
+        return self.points[-1] if self.points else None
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    def payload(self, tokens: bool = True) -> dict[str, Any]:
+        """What the API streams: the run so far (cumulative, so the last message is the whole result)."""
+        out = {"status": self.phase, "policy": self.label, "text": self.text,
+               "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
+               "config": self.config.to_dict()}
+        if tokens:
+            self.records.extend(e.to_dict() for e in self.events[len(self.records):])
+            out["tokens"] = self.records
+        return out
+
+
+@dataclass
+class Job:
+    """A session's running request, so Stop can reach it."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_END = object()
+
+
+class Service:
+    """The loaded model pairs (one decode at a time), the LLM-only reference cache, the quality scorer and the
+    sessions' running jobs. Shared by every session of the app."""
+
+    def __init__(self, load: Callable[[str], HybridDecoder], start: str, presets: Sequence[str],
+                 cloud: str | None = None) -> None:
+        self._load, self.start, self.presets, self.cloud = load, start, list(presets), cloud
+        self.lock = threading.Lock()
+        self._decoders: dict[str, HybridDecoder] = {}
+        self._references: OrderedDict[tuple, tuple[LinkConfig, list[TokenEvent]]] = OrderedDict()
+        self._jobs: dict[str, Job] = {}
+        self._scorer_lock = threading.Lock()
+        self.decoder(start)  # models load once, at start-up
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Service:
+        """From `hlm.cli.add_model_args` flags plus --cloud/--emulate-link, reusing the CLI's loader."""
+        from hlm.cli import load_decoder
+
+        def load(preset: str) -> HybridDecoder:
+            return load_decoder(argparse.Namespace(**{**vars(args), "models": preset}))
+
+        return cls(load, args.models, loadable_presets(args.models, bool(args.cloud)), args.cloud)
+
+    def decoder(self, preset: str) -> HybridDecoder:
+        if preset not in self.presets:
+            raise ModelError(f"model pair {preset!r} is not offered here; choose one of {', '.join(self.presets)}")
+        with self.lock:  # a load must not race a decode for memory
+            if preset not in self._decoders:
+                self._decoders[preset] = self._load(preset)
+        return self._decoders[preset]
+
+    def warm_up(self) -> None:
+        """Touch every code path once (kernels, allocator, scorer) so the first viewer's first token is fast."""
+        decoder = self.decoder(self.start)
+        for name in ("ours", "llm"):
+            config = Settings(policy=name, max_new_tokens=2).run_config(decoder.pair.calibration)
+            for _ in self.stream(decoder, "Hello", config, threading.Event()):
+                pass
+        self.score("warm up", "warm up")
+
+    def score(self, candidate: str, reference: str) -> float:
+        with self._scorer_lock:
+            return get_scorer().f1([candidate], [reference])[0]
+
+    @property
+    def quality_method(self) -> str:
+        return get_scorer().method
+
+    def stream(self, decoder: HybridDecoder, prompt: str, config: RunConfig,
+               cancel: threading.Event) -> Iterator[list[TokenEvent]]:
+        """Decode on a worker thread; yield the growing event list on the first token, then at most every
+        INTERVAL_S, and once at the end. Closing the iterator early cancels the decode."""
+        decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)  # bad prompts fail here, at once
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    for event in decoder.generate(prompt, config, cancel):
+                        inbox.put(event)
+            except Exception as exc:  # noqa: BLE001 - handed to the request, which re-raises it
+                inbox.put(exc)
+            inbox.put(_END)
+
+        threading.Thread(target=work, name="hlm-decode", daemon=True).start()
+        events: list[TokenEvent] = []
+        shown, due, finished = 0, 0.0, False
+        try:
+            while True:
+                waiting = len(events) > shown
+                try:
+                    item = inbox.get(timeout=max(0.0, due - time.monotonic()) if waiting else None)
+                except queue.Empty:
+                    item = None
+                if item is _END:
+                    finished = True
+                    yield events
+                    return
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                if item is not None:
+                    events.append(item)
+                if len(events) > shown and time.monotonic() >= due:
+                    shown, due = len(events), time.monotonic() + INTERVAL_S
+                    yield events
+        finally:
+            if not finished:
+                cancel.set()
+
+    def reference(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
+                  same_link: bool = False) -> Iterator[list[TokenEvent]]:
+        """The LLM-only run for this prompt and sampling settings, from the cache or generated (streamed).
+        Quality needs only its text; `same_link` also wants its energy figures priced with `config.link`."""
+        key = (preset, prompt, config.sampling)
+        cached = self._references.get(key)
+        if cached and (not same_link or cached[0] == config.link):
+            self._references.move_to_end(key)
+            yield cached[1]
+            return
+        llm = config.with_policy(name="llm")
+        events: list[TokenEvent] = []
+        for events in self.stream(self.decoder(preset), prompt, llm, cancel):
+            yield events
+        if not cancel.is_set():
+            self.remember_reference(preset, prompt, llm, events)
+
+    def remember_reference(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent]) -> None:
+        key = (preset, prompt, config.sampling)
+        self._references[key] = (config.link, list(events))
+        self._references.move_to_end(key)
+        while len(self._references) > REFERENCE_CACHE:
+            self._references.popitem(last=False)
+
+    def begin(self, session: str) -> Job:
+        job = self._jobs[session] = Job()
+        return job
+
+    def end(self, session: str, job: Job) -> None:
+        job.done.set()
+        if self._jobs.get(session) is job:
+            del self._jobs[session]
+
+    def stop(self, session: str) -> None:
+        """Ask the session's decode to stop after its current token and wait until its request has shown the
+        final state (the page then cancels whatever is still queued)."""
+        job = self._jobs.get(session)
+        if job is not None:
+            job.cancel.set()
+            job.done.wait(STOP_WAIT_S)
+
+    def run(self, preset: str, prompt: str, run: RunView, job: Job, quality: bool = True) -> Iterator[None]:
+        """Decode into `run`, then (unless stopped) score it against the LLM-only reference. Yields after
+        every change to `run`."""
+        decoder = self.decoder(preset)
+        run.phase, run.note = "decoding", "decoding…"
+        for events in self.stream(decoder, prompt, run.config, job.cancel):
+            run.update(events)
+            run.note = f"decoding… {len(events)} tokens"
+            yield
+        if run.config.policy.name == "llm" and not job.cancel.is_set():
+            self.remember_reference(preset, prompt, run.config, run.events)
+        if quality and not job.cancel.is_set():
+            run.phase = "reference"
+            reference: list[TokenEvent] = []
+            limit = run.config.sampling.max_new_tokens
+            for reference in self.reference(preset, prompt, run.config, job.cancel):
+                run.note = f"generating the LLM-only reference for BERTScore… {len(reference)}/{limit} tokens"
+                yield
+            if not job.cancel.is_set():
+                run.note = "scoring…"
+                yield
+                run.f1 = self.score(run.text, "".join(e.text for e in reference))
+        stopped = job.cancel.is_set()
+        run.phase = "stopped" if stopped else "done"
+        s = run.summary
+        run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
+                    f"done: {s.tokens if s else 0} tokens in {time.monotonic() - run.started:.1f} s")
+        yield
+
+
+def loadable_presets(start: str, cloud: bool) -> list[str]:
+    """The start-up pair first, then the presets that can load offline here. A remote cloud serves one pair."""
+    if cloud:
+        return [start]
+    return [start, *(name for name in PRESETS if name != start and _can_load(name))]
+
+
+def _can_load(name: str) -> bool:
+    if name == "tiny":
+        return True
+    if name == "embedded":
+        from hlm.embedded import DRAFT, VERIFIER, is_ready
+
+        return is_ready(DRAFT) and is_ready(VERIFIER)
+    from huggingface_hub import try_to_load_from_cache
+
+    preset = PRESETS[name]
+    return all(isinstance(try_to_load_from_cache(ref, "config.json"), str) for ref in (preset.draft, preset.verifier))
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+def run_label(config: RunConfig) -> str:
+    p = config.policy
+    if p.name == "ours":
+        return f"ours k={p.k} γ={p.gamma:g}"
+    if p.name in ("uhlm", "random"):
+        return f"{p.name} u_th={p.u_th:.2f}"
+    return p.name
+
+
+def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | None:
+    """One scatter point for a finished run; None where the trade-off is undefined (the LLM reference itself)."""
+    s = run.summary
+    if run.phase != "done" or s is None or s.energy_saving is None or run.f1 is None:
+        return None
+    p = run.config.policy
+    return {"label": run_label(run.config), "policy": p.name, "estimator": p.estimator, "k": p.k, "gamma": p.gamma,
+            "u_th": p.u_th, "energy_saving": s.energy_saving, "bertscore_f1": run.f1, "upload_rate": s.upload_rate,
+            "tokens": s.tokens, "pair": preset, "prompt": prompt[:60]}
+
+
+def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [*(history or []), *(p for p in points if p)][-HISTORY_LIMIT:]
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
+    """The hover text of one token: why it was kept or uploaded, and what the cloud said."""
+    lines = [f"#{e.index}  {e.text!r}  {SOURCE_LABELS[e.source]}"]
+    if e.u is not None:
+        lines.append(f"uncertainty u = {e.u:.2f} ({'above' if e.u > policy.u_th else 'not above'} "
+                     f"u_th = {policy.u_th:.2f})")
+    if e.importance is not None and e.importance_threshold is not None and e.importance_rank is not None:
+        lines.append(f"importance {e.importance:.4f} vs threshold τ {e.importance_threshold:.4f}, "
+                     f"rank {e.importance_rank + 1} (top-k {policy.k}): "
+                     f"{'important' if e.important else 'not important'}")
+    if e.p_draft is not None and e.q_draft is not None:
+        lines.append(f"p(draft) {e.p_draft:.3f}, q(draft) {e.q_draft:.3f}, accept prob min(1, q/p) "
+                     f"{e.accept_prob:.3f}" if e.accept_prob is not None else f"p {e.p_draft:.3f}, q {e.q_draft:.3f}")
+    if e.source == "cloud_resampled" and e.draft_id is not None:
+        lines.append(f"draft id {e.draft_id} rejected; the cloud sampled id {e.token_id}")
+    if e.bits_up:
+        synced = f", including {e.synced_ids} synced ids" if e.synced_ids else ""
+        lines.append(f"uploaded {e.bits_up:,} bits{synced}")
+    else:
+        lines.append("nothing uploaded")
+    return "\n".join(lines)
+
+
+def token_span(e: TokenEvent, policy: PolicyConfig) -> str:
+    title = html.escape(token_title(e, policy)).replace("\n", "&#10;")
+    return f'<span class="tok {e.source}" title="{title}">{html.escape(e.text)}</span>'
+
+
+def tokens_html(run: RunView) -> str:
+    """Only spans: the output grows by appending, which Gradio sends as a diff (the styling is the
+    component's class)."""
+    return "".join(run.spans)
+
+
+def legend_html(sources: Sequence[str] = SOURCES) -> str:
+    items = "".join(f'<span class="item"><span class="swatch tok {s}"></span>{SOURCE_LABELS[s]}</span>'
+                    for s in sources)
+    return f'<div class="hlm-legend">{items}<span class="hint">hover a token for its details</span></div>'
+
+
+def _card(value: str, name: str, sub: str) -> str:
+    return (f'<div class="card"><div class="value">{value}</div><div class="name">{name}</div>'
+            f'<div class="sub">{sub}</div></div>')
+
+
+def stats_html(run: RunView | None) -> str:
+    """The headline figures and a status line."""
+    s = run.summary if run else None
+    if s is None:
+        cards = [_card("–", n, "") for n in ("upload rate", "energy saved", "tokens / s", "LLM calls", "BERTScore")]
+    else:
+        hlm_j = f"{s.device_energy_j:.3g} J vs {s.hlm_device_energy_j:.3g} J for HLM" if s.hlm_device_energy_j else \
+            f"{s.device_energy_j:.3g} J on the device"
+        f1 = run.f1 if run else None
+        cards = [
+            _card(_pct(s.upload_rate), "upload rate", f"{s.uploads} of {s.tokens} tokens"),
+            _card(_pct(s.energy_saving), "energy saved", hlm_j),
+            _card(f"{s.tokens_per_s:.1f}", "tokens / s", f"{s.tokens_per_s_modelled_link:.1f} over the modelled link"),
+            _card(str(s.llm_calls), "LLM calls", f"{s.accepted} accepted, {s.resampled} resampled"),
+            _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output"),
+        ]
+    note = html.escape(f"{run.label}: {run.note}") if run else "Enter a prompt and press Generate."
+    phase = run.phase if run else "waiting"
+    return f'<div class="hlm-stats">{"".join(cards)}</div><div class="hlm-status {phase}">{note}</div>'
+
+
+def compare_html(runs: Sequence[RunView]) -> str:
+    cols = []
+    for run in runs:
+        s = run.summary
+        facts = "waiting…" if s is None else (
+            f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
+            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
+        cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
+                    f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(run.spans)}</div></div>')
+    return f'<div class="hlm-compare">{"".join(cols)}</div>'
+
+
+def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, quality_method: str) -> str:
+    """Device, dtype, and how each energy figure is obtained (measured by a counter, or modelled)."""
+    d = decoder.pair.describe()
+    methods = decoder.energy_methods(link)
+
+    def model(m: dict[str, Any]) -> str:
+        return f"{html.escape(m['name'])}: {m['params'] / 1e6:,.0f} M parameters, {m['dtype']} on {m['device']}"
+
+    full = upload_bits(link, decoder.pair.vocab_size, 0)
+    cost = upload_cost(link, full, link.cloud_verify_time_s)
+    rows = [
+        ("model pair", f"{html.escape(d['pair'])}, vocabulary {d['vocab_size']:,}, context {d['max_context']:,}"),
+        ("device (drafts)", model(d["draft"])),
+        ("cloud (verifies)", model(d["verifier"]) + (f", served by {html.escape(cloud)}" if cloud else
+                                                     ", in this process (the radio link between them is modelled)")),
+        ("hardware", f"{html.escape(d['device_name'])}, {d['torch_threads']} torch threads"),
+        *((f"energy: {PART_LABELS[p]}", _method(m)) for p, m in methods.items()),
+        ("link", f"uplink {link.uplink_rate_bps / 1e6:.1f} Mbit/s; one full upload is {full:,} bits = "
+                 f"{cost.uplink_s * 1e3:.1f} ms and {cost.radio_j * 1e3:.2f} mJ of radio"),
+        ("quality", html.escape(quality_method) + ", against the LLM-only output for the same prompt and sampling"),
+    ]
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="hlm-hardware">{body}</table>'
+
+
+def _method(label: str) -> str:
+    kind = "measured" if label.startswith("measured") else "modelled"
+    return f'<span class="badge {kind}">{kind}</span> {html.escape(label.split(": ", 1)[-1])}'
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+TOKEN_HEADERS = ["#", "token", "source", "u", "importance", "τ", "rank", "p(draft)", "q(draft)", "accept",
+                 "bits up"]
+COMPARE_HEADERS = ["policy", "tokens", "upload rate", "LLM calls", "device energy (J)", "saving vs HLM",
+                   "tok/s", "tok/s (modelled link)", "BERTScore F1"]
+
+
+def _fmt(x: float | int | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def token_rows(events: Sequence[TokenEvent]) -> list[list[str]]:
+    return [[str(e.index), repr(e.text), e.source, _fmt(e.u, ".2f"), _fmt(e.importance, ".4f"),
+             _fmt(e.importance_threshold, ".4f"), _fmt(None if e.importance_rank is None else e.importance_rank + 1,
+                                                        "d"),
+             _fmt(e.p_draft, ".3f"), _fmt(e.q_draft, ".3f"), _fmt(e.accept_prob, ".3f"), _fmt(e.bits_up, ",")]
+            for e in events]
+
+
+def compare_rows(runs: Sequence[RunView]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        s = run.summary
+        if s is not None:
+            rows.append([run.label, str(s.tokens), _pct(s.upload_rate), str(s.llm_calls), f"{s.device_energy_j:.3g}",
+                         _pct(s.energy_saving), f"{s.tokens_per_s:.2f}", f"{s.tokens_per_s_modelled_link:.2f}",
+                         _fmt(run.f1, ".3f")])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
+    """Shared look: title top left, legend under the x axis (it fits narrow screens), transparent background
+    (light and dark themes), no mode bar (less for the browser to redraw on every update)."""
+    axis = {"gridcolor": "rgba(148,163,184,0.25)", "zeroline": False, "automargin": True}
+    return {"title": {"text": title, "font": {"size": 14}, "x": 0.01, "xanchor": "left", "y": 0.97,
+                      "yref": "container", "yanchor": "top"},
+            "height": 300, "margin": {"l": 56, "r": 12, "t": 36, "b": 96},
+            "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)",
+            "font": {"size": 12, "color": "#64748b"},
+            "legend": {"orientation": "h", "x": 0, "y": -0.36, "yanchor": "top", "xanchor": "left",
+                       "bgcolor": "rgba(0,0,0,0)", "font": {"size": 11}},
+            "xaxis": {**axis, "title": {"text": x}}, "yaxis": {**axis, "title": {"text": y}},
+            "hovermode": "x unified", **extra}
+
+
+def _figure(data: list[dict[str, Any]], layout: dict[str, Any]) -> dict[str, Any]:
+    return {"data": data, "layout": layout, "config": {"displayModeBar": False}}
+
+
+def _empty(layout: dict[str, Any], text: str) -> dict[str, Any]:
+    layout["annotations"] = [{"text": text, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5,
+                              "y": 0.5, "font": {"size": 13}}]
+    layout["xaxis"]["showticklabels"] = layout["yaxis"]["showticklabels"] = False
+    return _figure([], layout)
+
+
+def energy_figure(points: Sequence[Summary]) -> dict[str, Any]:
+    """Cumulative device energy split into compute / radio / idle, with the HLM counterfactual dashed."""
+    layout = _layout("Device energy, cumulative", "tokens", "joules")
+    if not points:
+        return _empty(layout, "energy appears here as tokens stream")
+    x = [s.tokens for s in points]
+    data: list[dict[str, Any]] = [
+        {"type": "scatter", "x": x, "y": [s.device_energy_parts_j[part] for s in points], "name": PART_LABELS[part],
+         "stackgroup": "device", "mode": "lines", "line": {"width": 0.5, "color": colour},
+         "hovertemplate": "%{y:.3g} J"}
+        for part, colour in PART_COLOURS.items()]
+    if any(s.hlm_device_energy_j for s in points):
+        data.append({"type": "scatter", "x": x, "y": [s.hlm_device_energy_j for s in points],
+                     "name": "HLM", "mode": "lines",
+                     "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hovertemplate": "%{y:.3g} J"})
+    return _figure(data, layout)
+
+
+def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
+    layout = _layout("Upload rate, running", "tokens", "% of tokens uploaded")
+    layout["yaxis"]["range"] = [0, 105]
+    if not points:
+        return _empty(layout, "the share of uploaded tokens appears here")
+    x = [s.tokens for s in points]
+    data = [{"type": "scatter", "x": x, "y": [s.upload_rate * 100 for s in points], "name": "this run",
+             "mode": "lines", "line": {"width": 2, "color": "#16a34a"}, "fill": "tozeroy",
+             "fillcolor": "rgba(22,163,74,0.12)", "customdata": [s.uploads for s in points],
+             "hovertemplate": "%{y:.1f}% (%{customdata} uploads)"},
+            {"type": "scatter", "x": [x[0], x[-1]], "y": [100, 100], "name": "HLM", "mode": "lines",
+             "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hoverinfo": "skip"}]
+    return _figure(data, layout)
+
+
+def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """This session's runs: energy saving vs BERTScore F1, one point per run, the trade-off frontier."""
+    layout = _layout("Your runs: energy saving vs quality", "BERTScore F1 vs the LLM-only output",
+                     "energy saving vs HLM (%)", hovermode="closest", height=340)
+    if not history:
+        return _empty(layout, "each finished run adds a point here")
+    f1 = [h["bertscore_f1"] for h in history]
+    saving = [h["energy_saving"] * 100 for h in history]
+    layout["xaxis"]["range"] = [min(0.5, *f1) - 0.08, 1.04]
+    layout["yaxis"]["range"] = [min(0.0, *saving) - 8, max(10.0, *saving) + 12]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for h in history:
+        groups.setdefault(f"ours {h['estimator']}" if h["policy"] == "ours" else h["policy"], []).append(h)
+    data = [{"type": "scatter", "mode": "markers+text", "name": name,
+             "x": [h["bertscore_f1"] for h in rows], "y": [h["energy_saving"] * 100 for h in rows],
+             "text": [h["label"] for h in rows], "textposition": "top center", "textfont": {"size": 10},
+             "cliponaxis": False,
+             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf")},
+             "customdata": [[h["upload_rate"] * 100, h["prompt"]] for h in rows],
+             "hovertemplate": "%{text}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>upload rate %{customdata[0]:.1f}%"
+                              "<br>%{customdata[1]}<extra></extra>"}
+            for name, rows in groups.items()]
+    return _figure(data, layout)
+
+
+# ---------------------------------------------------------------------------------------------- page flows
+
+
+@dataclass
+class Frame:
+    """One update of the page, field for field the app's outputs; None leaves a component as it is."""
+
+    stats: str | None = None
+    tokens: str | None = None
+    energy: dict[str, Any] | None = None
+    uploads: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    table: list[list[str]] | None = None
+    history: list[dict[str, Any]] | None = None
+    compare: str | None = None
+    compare_table: list[list[str]] | None = None
+    tab: str | None = None
+    hardware: str | None = None
+
+
+def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
+    """A frame per update of `run`: stats and tokens always; the charts only when their points changed, and not
+    with the first token (a plotly redraw costs the browser far more than text, so the first token shows at once)."""
+    drawn = 0
+    for n, _ in enumerate(updates):
+        frame = Frame(stats=stats_html(run), tokens=tokens_html(run))
+        if len(run.points) != drawn and (n > 0 or run.phase != "decoding"):
+            drawn = len(run.points)
+            frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
+        yield frame
+
+
+class Dashboard:
+    """The page's actions on top of a `Service`: each is a generator of `Frame`s (or API payloads)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
+        decoder = self.service.decoder(preset)
+        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
+
+    def _prepare(self, preset: str, prompt: str, settings: Settings) -> tuple[HybridDecoder, RunConfig]:
+        """Validate everything a viewer typed before any model work (errors surface at once)."""
+        decoder = self.service.decoder(preset)
+        config = settings.run_config(decoder.pair.calibration)
+        decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
+        return decoder, config
+
+    def hardware(self, preset: str, link: LinkConfig | None = None) -> str:
+        return hardware_html(self.service.decoder(preset), link or LinkConfig(), self.service.cloud,
+                             self.service.quality_method)
+
+    def hardware_info(self, preset: str) -> dict[str, Any]:
+        """The hardware panel as data (the /hardware endpoint), with the default link."""
+        decoder, link = self.service.decoder(preset), LinkConfig()
+        cal = decoder.pair.calibration
+        return {"pair": decoder.pair.describe(), "energy_methods": decoder.energy_methods(link),
+                "cloud": self.service.cloud, "quality": self.service.quality_method,
+                "calibration": asdict(cal) if cal else None}
+
+    def generate(self, session: str, preset: str, prompt: str, settings: Settings,
+                 history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The Generate button: stream one run, then its quality and a history point."""
+        _, config = self._prepare(preset, prompt, settings)
+        run = self._new_run(preset, run_label(config), config)
+        job = self.service.begin(session)
+        try:
+            yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
+                        hardware=self.hardware(preset, config.link))
+            yield from live_frames(run, self.service.run(preset, prompt, run, job))
+            history = add_history(history, history_point(run, prompt, preset))
+            yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
+        finally:
+            self.service.end(session, job)
+
+    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job) -> Iterator[tuple[list[RunView], RunView]]:
+        """The LLM-only reference, then hlm, uhlm and ours with the same settings, each scored against the
+        reference. Yields (all runs, the one running) after every change."""
+        llm = base.with_policy(name="llm")
+        runs = [self._new_run(preset, "llm (reference)", llm),
+                *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
+                  for n in COMPARED)]
+        reference = runs[0]
+        reference.phase = "decoding"
+        yield runs, reference
+        for events in self.service.reference(preset, prompt, llm, job.cancel, same_link=True):
+            reference.update(events)
+            reference.note = f"decoding… {len(events)} tokens"
+            yield runs, reference
+        if job.cancel.is_set():
+            reference.phase, reference.note = "stopped", "stopped"
+            return
+        reference.f1, reference.phase, reference.note = 1.0, "done", "done"  # the reference against itself
+        for run in runs[1:]:
+            for _ in self.service.run(preset, prompt, run, job, quality=False):
+                yield runs, run
+            if run.phase != "done":
+                return
+            run.f1 = self.service.score(run.text, reference.text)
+            yield runs, run
+
+    def compare(self, session: str, preset: str, prompt: str, settings: Settings,
+                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The Compare button: the runs side by side, the headline figures and charts following the one running."""
+        _, base = self._prepare(preset, prompt, settings)
+        job = self.service.begin(session)
+        try:
+            steps = self._compare(preset, prompt, base, job)
+            runs, _ = next(steps)
+            yield Frame(compare=compare_html(runs), compare_table=[], tab="compare",
+                        hardware=self.hardware(preset, base.link))
+            for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
+                for frame in live_frames(run, updates):
+                    frame.tokens, frame.compare = None, compare_html(runs)
+                    yield frame
+            history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
+            yield Frame(compare=compare_html(runs), compare_table=compare_rows(runs), history=history,
+                        quality=history_figure(history))
+        finally:
+            self.service.end(session, job)
+
+    def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
+        _, config = self._prepare(preset, prompt, settings)
+        run = self._new_run(preset, run_label(config), config)
+        for _ in self.service.run(preset, prompt, run, Job(), quality=quality):
+            yield run.payload()
+
+    def api_compare(self, preset: str, prompt: str, settings: Settings) -> Iterator[dict[str, Any]]:
+        _, base = self._prepare(preset, prompt, settings)
+        for runs, _ in self._compare(preset, prompt, base, Job()):
+            yield {"runs": [r.payload(tokens=False) for r in runs]}
