@@ -63,7 +63,7 @@ def run_config(args: argparse.Namespace, calibrated_u_th: float | None = None) -
     )
 
 
-def load_decoder(args: argparse.Namespace):  # -> HybridDecoder; imports torch lazily so --help is instant
+def load_decoder(args: argparse.Namespace, link: LinkConfig | None = None):  # -> HybridDecoder (lazy torch import)
     from hlm.decoder import HybridDecoder
     from hlm.models import load_pair
 
@@ -73,13 +73,13 @@ def load_decoder(args: argparse.Namespace):  # -> HybridDecoder; imports torch l
         from hlm.remote import HttpVerifier
 
         verifier = HttpVerifier(args.cloud, vocab_size=pair.vocab_size, token=os.environ.get("HLM_CLOUD_TOKEN"),
-                                emulate_link=LinkConfig() if args.emulate_link else None)
+                                emulate_link=(link or LinkConfig()) if args.emulate_link else None)
     return HybridDecoder(pair, verifier)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     config_check = run_config(args)  # validate flags before loading any model
-    decoder = load_decoder(args)
+    decoder = load_decoder(args, config_check.link)
     cal = decoder.pair.calibration
     config = run_config(args, cal.risk_averse if cal else None) if args.u_th is None else config_check
     if args.json:

@@ -99,7 +99,7 @@ class Settings:
             SamplingConfig(temperature=_number("temperature", self.temperature), top_p=_S.top_p,
                            max_new_tokens=_number("max_new_tokens", self.max_new_tokens, whole=True),
                            seed=_number("seed", self.seed, whole=True)),
-            PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),  # type: ignore[arg-type]
+            PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),
                          u_th=_number("u_th", u_th)),
             LinkConfig(bandwidth_hz=_number("bandwidth_mhz", self.bandwidth_mhz) * 1e6,
                        snr_db=_number("snr_db", self.snr_db), tx_power_w=_number("tx_power_w", self.tx_power_w),
@@ -108,14 +108,14 @@ class Settings:
         )
 
 
-def calibrated_u_th(preset: str) -> Calibration | None:
+def calibration_of(preset: str) -> Calibration | None:
     """The pair's fitted thresholds, known without loading the models (presets carry them)."""
     p = PRESETS.get(preset)
     return p.calibration if p else None
 
 
 def default_u_th(preset: str) -> float:
-    cal = calibrated_u_th(preset)
+    cal = calibration_of(preset)
     return cal.risk_averse if cal else _P.u_th
 
 
@@ -142,7 +142,6 @@ class RunView:
         self.f1: float | None = None
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
-        self.started = time.monotonic()
 
     def update(self, events: list[TokenEvent]) -> None:
         new = events[len(self.spans):]
@@ -212,9 +211,10 @@ class Service:
     def decoder(self, preset: str) -> HybridDecoder:
         if preset not in self.presets:
             raise ModelError(f"model pair {preset!r} is not offered here; choose one of {', '.join(self.presets)}")
-        with self.lock:  # a load must not race a decode for memory
-            if preset not in self._decoders:
-                self._decoders[preset] = self._load(preset)
+        if preset not in self._decoders:
+            with self.lock:  # a load must not race a decode for memory
+                if preset not in self._decoders:
+                    self._decoders[preset] = self._load(preset)
         return self._decoders[preset]
 
     def warm_up(self) -> None:
@@ -343,7 +343,7 @@ class Service:
         run.phase = "stopped" if stopped else "done"
         s = run.summary
         run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
-                    f"done: {s.tokens if s else 0} tokens in {time.monotonic() - run.started:.1f} s")
+                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s" if s else "done: no tokens")
         yield
 
 
@@ -375,7 +375,7 @@ def run_label(config: RunConfig) -> str:
     if p.name == "ours":
         return f"ours k={p.k} γ={p.gamma:g}"
     if p.name in ("uhlm", "random"):
-        return f"{p.name} u_th={p.u_th:.2f}"
+        return f"{p.name} u_th={p.u_th:g}"
     return p.name
 
 
@@ -398,7 +398,7 @@ def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | 
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1%}"
+    return "–" if x is None else f"{round(x, 3) + 0.0:.1%}"  # + 0.0: no "-0.0%"
 
 
 def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
@@ -406,7 +406,7 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
     lines = [f"#{e.index}  {e.text!r}  {SOURCE_LABELS[e.source]}"]
     if e.u is not None:
         lines.append(f"uncertainty u = {e.u:.2f} ({'above' if e.u > policy.u_th else 'not above'} "
-                     f"u_th = {policy.u_th:.2f})")
+                     f"u_th = {policy.u_th:g})")
     if e.importance is not None and e.importance_threshold is not None and e.importance_rank is not None:
         lines.append(f"importance {e.importance:.4f} vs threshold τ {e.importance_threshold:.4f}, "
                      f"rank {e.importance_rank + 1} (top-k {policy.k}): "
@@ -438,7 +438,8 @@ def tokens_html(run: RunView) -> str:
 def legend_html(sources: Sequence[str] = SOURCES) -> str:
     items = "".join(f'<span class="item"><span class="swatch tok {s}"></span>{SOURCE_LABELS[s]}</span>'
                     for s in sources)
-    return f'<div class="hlm-legend">{items}<span class="hint">hover a token for its details</span></div>'
+    hint = '<span class="hint">hover a token for its details, or see Token details</span>'
+    return f'<div class="hlm-legend">{items}{hint}</div>'
 
 
 def _card(value: str, name: str, sub: str) -> str:
@@ -468,6 +469,12 @@ def stats_html(run: RunView | None) -> str:
 
 
 def compare_html(runs: Sequence[RunView]) -> str:
+    """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
+    head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
+    done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
+    table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'
+             f'<tbody>{body}</tbody></table></div>' if body else "")
     cols = []
     for run in runs:
         s = run.summary
@@ -476,7 +483,7 @@ def compare_html(runs: Sequence[RunView]) -> str:
             f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
         cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
                     f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(run.spans)}</div></div>')
-    return f'<div class="hlm-compare">{"".join(cols)}</div>'
+    return f'{table}<div class="hlm-compare">{"".join(cols)}</div>'
 
 
 def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, quality_method: str) -> str:
@@ -513,8 +520,8 @@ def _method(label: str) -> str:
 
 TOKEN_HEADERS = ["#", "token", "source", "u", "importance", "τ", "rank", "p(draft)", "q(draft)", "accept",
                  "bits up"]
-COMPARE_HEADERS = ["policy", "tokens", "upload rate", "LLM calls", "device energy (J)", "saving vs HLM",
-                   "tok/s", "tok/s (modelled link)", "BERTScore F1"]
+COMPARE_HEADERS = ["policy", "tokens", "upload rate", "LLM calls", "device energy (J)", "saved vs HLM", "tokens/s",
+                   "tokens/s, modelled link", "BERTScore F1"]
 
 
 def _fmt(x: float | int | None, spec: str) -> str:
@@ -642,7 +649,6 @@ class Frame:
     table: list[list[str]] | None = None
     history: list[dict[str, Any]] | None = None
     compare: str | None = None
-    compare_table: list[list[str]] | None = None
     tab: str | None = None
     hardware: str | None = None
 
@@ -737,14 +743,14 @@ class Dashboard:
         try:
             steps = self._compare(preset, prompt, base, job)
             runs, _ = next(steps)
-            yield Frame(compare=compare_html(runs), compare_table=[], tab="compare",
+            yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base.link))
             for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
                 for frame in live_frames(run, updates):
                     frame.tokens, frame.compare = None, compare_html(runs)
                     yield frame
             history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
-            yield Frame(compare=compare_html(runs), compare_table=compare_rows(runs), history=history,
+            yield Frame(compare=compare_html(runs), history=history,
                         quality=history_figure(history))
         finally:
             self.service.end(session, job)

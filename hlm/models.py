@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,9 @@ def _load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         raise ModelError(f"cannot load tokenizer {ref!r}: {str(exc).splitlines()[0]}") from exc
 
 
+_FILLER = re.compile(r"\[PAD\d+\]")
+
+
 def _stop_ids(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> frozenset[int]:
     ids: set[int] = set()
     for m in models:
@@ -172,6 +176,9 @@ def make_pair(name: str, draft: PreTrainedModel, verifier: PreTrainedModel, toke
     if len(tokenizer) > v_draft:
         raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the models only {v_draft}")
     valid = torch.arange(v_draft) < len(tokenizer)
+    # GGUF tokenizers name the embedding's padding rows "[PAD<id>]": fillers too, though the tokenizer lists them.
+    fillers = [i for token, i in tokenizer.get_vocab().items() if i < v_draft and _FILLER.fullmatch(token)]
+    valid[fillers] = False
     contexts = [getattr(m.config, "max_position_embeddings", None) or 2048 for m in (draft, verifier)]
     max_context = min(*contexts, int(os.environ.get("HLM_MAX_CONTEXT", "32768")))
     return ModelPair(name, draft, verifier, tokenizer, valid, _stop_ids(tokenizer, draft, verifier), max_context,

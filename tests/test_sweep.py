@@ -165,3 +165,5 @@ def test_pick_setting_and_decisions():
     assert pick_setting(summary, 0.99) is None
     d = decide([{"policy": "hlm"}], summary, tolerance=0.01)
     assert (d["accuracy_leaning"]["setting"], d["energy_leaning"]["setting"], d["estimator"]) == ("a", "b", "lookahead")
+    d = decide([{"policy": "hlm"}], [summary_row("hlm", "-", 0.99, 0.0), *summary[1:]], tolerance=0.01)
+    assert d["accuracy_leaning"]["setting"] == "a" and "none reaches" in d["why"]  # best BERTScore as fallback

@@ -1,0 +1,334 @@
+"""The web dashboard: type a prompt and watch the hybrid decoder work (layout and wiring only; `hlm.dashboard`
+computes everything shown).
+
+    python app.py [--models embedded|tiny|DRAFT,VERIFIER] [--cloud URL]
+
+Serves on 127.0.0.1:7860; Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override that, HLM_MODELS and
+HLM_CLOUD stand for --models and --cloud. Named API endpoints (see the page's "Use via API" link):
+/generate (streams one run), /compare (hlm, uhlm and ours against the LLM-only reference), /hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from gradio.components.plot import PlotData
+
+from hlm.cli import add_model_args
+from hlm.config import POLICIES
+from hlm.dashboard import (
+    TOKEN_HEADERS,
+    USER_ERRORS,
+    Dashboard,
+    Frame,
+    Service,
+    Settings,
+    calibration_of,
+    compare_html,
+    default_u_th,
+    energy_figure,
+    history_figure,
+    legend_html,
+    load_examples,
+    stats_html,
+    upload_figure,
+)
+from hlm.models import PRESETS
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PLOTS = {"energy", "uploads", "quality"}
+
+HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
+          'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
+          'uploaded for the large cloud model to verify, which saves radio energy. Colours show where each token '
+          'came from.</p></div>')
+POLICY_INFO = ("ours: upload if uncertain and important · uhlm: if uncertain · hlm: every token · slm: never · "
+               "llm: the cloud model alone · random: uncertain and a coin (the control)")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Errors a viewer can fix show as a Gradio error with their message; no traceback reaches the page."""
+    def convert(exc: Exception) -> gr.Error:
+        return gr.Error(str(exc), title="Cannot run", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except USER_ERRORS as exc:
+                raise convert(exc) from None
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise convert(exc) from None
+    return call
+
+
+def emit(frame: Frame) -> list[Any]:
+    """A frame as the outputs' values, in `Frame` field order; None skips a component."""
+    out: list[Any] = []
+    for f in fields(Frame):
+        value = getattr(frame, f.name)
+        if value is None:
+            out.append(gr.skip())
+        elif f.name in PLOTS:
+            out.append(_plot(value))
+        elif f.name == "table":
+            out.append(pd.DataFrame(value, columns=TOKEN_HEADERS))
+        elif f.name == "tab":
+            out.append(gr.Tabs(selected=value))
+        else:
+            out.append(value)
+    return out
+
+
+def build(dash: Dashboard) -> gr.Blocks:
+    service = dash.service
+    start = service.start
+    names = [f.name for f in fields(Settings)]
+    with gr.Blocks(title="Hybrid LM decoding: device drafts, cloud verifies") as demo:
+        gr.HTML(HEADER)
+        history = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                prompt = gr.Textbox(label="Prompt", lines=4, max_lines=12, placeholder="Ask a question or for code…",
+                                    autofocus=True)
+                examples = load_examples()
+                gr.Examples([[e["prompt"]] for e in examples], [prompt], label="Examples",
+                            example_labels=[e["label"] for e in examples])
+                preset = gr.Dropdown(service.presets, value=start, label="Model pair (device → cloud)",
+                                     interactive=len(service.presets) > 1)
+                c: dict[str, gr.components.Component] = {
+                    "k": gr.Slider(1, 64, value=Settings.k, step=1, label="k: importance rank bound", elem_id="hlm-k",
+                                   info="a draft can be important only within the top-k attended; smaller k uploads "
+                                        "less"),
+                    "gamma": gr.Slider(0, 3, value=Settings.gamma, step=0.1, label="γ: importance strictness",
+                                       elem_id="hlm-gamma",
+                                       info="threshold τ = mean + γ·std of the attention row; larger γ uploads less"),
+                }
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
+                    compare = gr.Button("Compare", scale=2, min_width=100)
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=70)
+                with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
+                    c["policy"] = gr.Dropdown(list(POLICIES), value=Settings.policy, label="Policy", info=POLICY_INFO,
+                                              elem_id="hlm-policy")
+                    c["u_th"] = gr.Slider(0, 1, value=default_u_th(start), step=0.01, label="u_th: uncertainty "
+                                          "threshold", info="a draft is uncertain when u > u_th")
+                    with gr.Row():
+                        averse = gr.Button("risk-averse", size="sm", visible=False)
+                        prone = gr.Button("risk-prone", size="sm", visible=False)
+                    calibration = gr.Markdown(elem_classes="hlm-note")
+                    c["temperature"] = gr.Slider(0, 2, value=Settings.temperature, step=0.05, label="Temperature")
+                    c["max_new_tokens"] = gr.Slider(8, 512, value=Settings.max_new_tokens, step=8,
+                                                    label="Max new tokens")
+                    c["seed"] = gr.Number(value=Settings.seed, precision=0, minimum=0, label="Seed")
+                    gr.Markdown("**Radio link** (modelled)", elem_classes="hlm-note")
+                    c["bandwidth_mhz"] = gr.Slider(0.1, 100, value=Settings.bandwidth_mhz, step=0.1,
+                                                   label="Uplink bandwidth (MHz)")
+                    c["snr_db"] = gr.Slider(-30, 60, value=Settings.snr_db, step=1, label="SNR (dB)")
+                    c["tx_power_w"] = gr.Slider(0, 3, value=Settings.tx_power_w, step=0.05,
+                                                label="Transmit power (W)")
+                    c["bits_per_prob"] = gr.Radio([8, 16, 32], value=Settings.bits_per_prob,
+                                                  label="Bits per probability")
+                    c["topk"] = gr.Slider(0, 1024, value=Settings.topk, step=1,
+                                          label="Top-k compression (0 = full distribution)")
+            with gr.Column(scale=3, min_width=300):
+                stats = gr.HTML(stats_html(None))
+                with gr.Tabs(selected="output") as tabs:
+                    with gr.Tab("Output", id="output"):
+                        gr.HTML(legend_html())
+                        tokens = gr.HTML("", elem_classes="hlm-tokens", min_height=120, max_height=360,
+                                         autoscroll=True)
+                        with gr.Row(equal_height=True):
+                            energy = gr.Plot(_plot(energy_figure([])), show_label=False, min_width=280)
+                            uploads = gr.Plot(_plot(upload_figure([])), show_label=False, min_width=280)
+                        quality = gr.Plot(_plot(history_figure([])), show_label=False)
+                    with gr.Tab("Compare", id="compare"):
+                        gr.Markdown("**Compare** runs the prompt with the LLM alone (the reference), then HLM "
+                                    "(every token uploaded), U-HLM (uncertain tokens) and ours (uncertain and "
+                                    "important), with the settings on the left.", elem_classes="hlm-note")
+                        compare_view = gr.HTML(compare_html([]))
+                    with gr.Tab("Token details", id="details"):
+                        table = gr.Dataframe(headers=TOKEN_HEADERS, interactive=False, max_height=480,
+                                             label="Every token of the last run (hovering a token shows the same)")
+                    with gr.Tab("Hardware", id="hardware"):
+                        hardware = gr.HTML(dash.hardware(start))
+
+        controls = [c[n] for n in names]
+        targets = {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
+                   "table": table, "history": history, "compare": compare_view,
+                   "tab": tabs, "hardware": hardware}
+        outputs = [targets[f.name] for f in fields(Frame)]
+
+        def settings(values: Sequence[Any]) -> Settings:
+            return Settings(**dict(zip(names, values, strict=True)))
+
+        @user_errors
+        def on_generate(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
+            for frame in dash.generate(request.session_hash, pair, text, settings(values), past):
+                yield emit(frame)
+
+        @user_errors
+        def on_compare(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
+            for frame in dash.compare(request.session_hash, pair, text, settings(values), past):
+                yield emit(frame)
+
+        def on_stop(request: gr.Request) -> None:
+            service.stop(request.session_hash)
+
+        def on_pair(pair: str) -> list:
+            cal = calibration_of(pair)
+            note = (f"u_th calibrated for this pair ({cal.samples} samples): risk-averse {cal.risk_averse:g}, "
+                    f"risk-prone {cal.risk_prone:g}." if cal else
+                    f"This pair is not calibrated (`python -m hlm calibrate`); u_th {default_u_th(pair):.2f} is "
+                    "U-HLM's reported risk-averse value.")
+            return [f"{_pair_info(pair)}. {note}", default_u_th(pair),
+                    gr.Button(f"risk-averse {cal.risk_averse:g}" if cal else "", visible=cal is not None),
+                    gr.Button(f"risk-prone {cal.risk_prone:g}" if cal else "", visible=cal is not None)]
+
+        model_work = {"outputs": outputs, "concurrency_limit": 1, "concurrency_id": "model",
+                      "show_progress": "minimal", "show_progress_on": [stats], "scroll_to_output": True,
+                      "api_visibility": "private"}
+        run = generate.click(on_generate, [preset, prompt, history, *controls], **model_work)
+        prompt.submit(on_generate, [preset, prompt, history, *controls], **model_work)
+        both = compare.click(on_compare, [preset, prompt, history, *controls], **model_work)
+        stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
+            None, None, None, cancels=[run, both], api_visibility="private")
+        pair_outputs = [calibration, c["u_th"], averse, prone]
+        preset.change(on_pair, preset, pair_outputs, api_visibility="private")
+        demo.load(on_pair, preset, pair_outputs, api_visibility="private")
+        for button, key in ((averse, "risk_averse"), (prone, "risk_prone")):
+            button.click(lambda pair, key=key: getattr(calibration_of(pair), key), preset, c["u_th"],
+                         api_visibility="private")
+
+        _api(dash, start)
+    return demo
+
+
+def _api(dash: Dashboard, start: str) -> None:
+    """The documented endpoints for `gradio_client` (plain JSON in and out; the page's events are private)."""
+    api = {"concurrency_limit": 1, "concurrency_id": "model"}
+
+    @user_errors
+    def generate(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, policy: str = Settings.policy,
+                 u_th: float | None = None, temperature: float = Settings.temperature,
+                 max_new_tokens: int = Settings.max_new_tokens, seed: int = Settings.seed,
+                 bandwidth_mhz: float = Settings.bandwidth_mhz, snr_db: float = Settings.snr_db,
+                 tx_power_w: float = Settings.tx_power_w, bits_per_prob: int = Settings.bits_per_prob,
+                 topk: int = Settings.topk, quality: bool = True, pair: str = "") -> Iterator[dict[str, Any]]:
+        """Stream one run of the hybrid decoder. Each message holds the run so far: status (decoding, reference,
+        done, stopped), text, tokens (one record per token: source, u, importance, p/q, bits, energy), summary
+        (upload rate, LLM calls, energy and its HLM counterfactual, tokens/s) and, at the end, bertscore_f1.
+
+        Args:
+            prompt: the user message (chat-templated for both models)
+            k: importance: a draft is important only within the top-k of its attention row (>= 1)
+            gamma: importance threshold strictness: tau = mean + gamma * std of the row (>= 0)
+            policy: ours, uhlm, hlm, slm, llm or random
+            u_th: uncertainty threshold in [0, 1]; omitted: the pair's calibrated risk-averse value
+            temperature: sampling temperature of both models
+            max_new_tokens: tokens to generate at most
+            seed: random seed of drafting, uncertainty and verification
+            bandwidth_mhz: modelled uplink bandwidth
+            snr_db: modelled uplink SNR
+            tx_power_w: modelled transmit power
+            bits_per_prob: 8, 16 or 32 bits per uploaded probability
+            topk: 0 uploads the full distribution, > 0 its top-k entries
+            quality: score the output with BERTScore against the LLM-only output (generated once, then cached)
+            pair: model pair (default: the one the app started with)
+        """
+        values = locals()
+        yield from dash.api_generate(pair or start, prompt, Settings(**{n: values[n] for n in _SETTINGS}),
+                                     quality)
+
+    @user_errors
+    def compare(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, u_th: float | None = None,
+                temperature: float = Settings.temperature, max_new_tokens: int = Settings.max_new_tokens,
+                seed: int = Settings.seed, pair: str = "") -> Iterator[dict[str, Any]]:
+        """Run the LLM-only reference, then hlm, uhlm and ours on one prompt with the same settings (the link
+        at its defaults). Streams {"runs": [...]}, each run with status, text, summary and bertscore_f1
+        against the reference.
+
+        Args:
+            prompt: the user message
+            k: importance rank bound for ours
+            gamma: importance strictness for ours
+            u_th: uncertainty threshold for uhlm and ours; omitted: the pair's calibrated value
+            temperature: sampling temperature
+            max_new_tokens: tokens to generate at most per run
+            seed: random seed
+            pair: model pair (default: the one the app started with)
+        """
+        values = locals()
+        yield from dash.api_compare(pair or start, prompt, Settings(**{n: values[n] for n in _SETTINGS
+                                                                       if n in values}))
+
+    @user_errors
+    def hardware(pair: str = "") -> dict[str, Any]:
+        """The model pair, the hardware it runs on, and how each energy figure is obtained (measured or modelled).
+
+        Args:
+            pair: model pair (default: the one the app started with)
+        """
+        return dash.hardware_info(pair or start)
+
+    gr.api(generate, api_name="generate", **api)
+    gr.api(compare, api_name="compare", **api)
+    gr.api(hardware, api_name="hardware")
+
+
+_SETTINGS = [f.name for f in fields(Settings)]
+
+
+def _pair_info(preset: str) -> str:
+    p = PRESETS.get(preset)
+    return p.description if p else preset
+
+
+def _plot(figure: dict[str, Any]) -> PlotData:
+    """Figure dicts go out as plotly JSON as they are (no `go.Figure` validation on every update)."""
+    return PlotData(type="plotly", plot=json.dumps(figure))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve the hybrid-decoding dashboard (Gradio).")
+    add_model_args(parser)
+    parser.add_argument("--cloud", default=os.environ.get("HLM_CLOUD"),
+                        help="URL of a remote verifier (`serve-cloud`); default: the verifier runs in this process")
+    parser.add_argument("--emulate-link", action="store_true", help="with --cloud: delay uploads by the modelled time")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        service = Service.from_args(args)
+        service.warm_up()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    demo = build(Dashboard(service))
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The dashboard: `hlm.dashboard`'s pieces in process, then `app.py` launched on the tiny pair and driven through
+its documented endpoints with gradio_client (the stream arrives, events are well formed, bad input is a clean
+error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import plotly.graph_objects as go
+import pytest
+
+from hlm.config import ConfigError
+from hlm.dashboard import (
+    INTERVAL_S,
+    Dashboard,
+    RunView,
+    Service,
+    Settings,
+    energy_figure,
+    history_figure,
+    token_span,
+    upload_figure,
+)
+from hlm.decoder import HybridDecoder
+from hlm.events import SOURCES, TokenEvent
+from hlm.models import Calibration, PromptError, load_pair
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Say hello."
+
+
+# ---------------------------------------------------------------------------------------------- a launched app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def launched_app(models: str = "tiny", timeout_s: float = 240.0) -> Iterator[str]:
+    """`python app.py --models MODELS` on a free port; yields its URL once it answers, stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    if models == "tiny":
+        env["OMP_NUM_THREADS"] = "1"  # the tiny models are faster on one thread
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--models", models], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"app.py did not come up:\n{log.read().decode(errors='replace')[-3000:]}")
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client():
+    from gradio_client import Client
+
+    with launched_app() as url:
+        yield Client(url, verbose=False)
+
+
+def test_generate_streams_well_formed_events(client):
+    job = client.submit(prompt=PROMPT, k=4, gamma=0.5, max_new_tokens=24, api_name="/generate")
+    messages = list(job)
+    assert len(messages) >= 2, "the run should arrive in several messages, not one"
+    assert messages[0]["status"] == "decoding" and messages[-1]["status"] == "done"
+    sizes = [len(m["tokens"]) for m in messages]
+    assert sizes == sorted(sizes) and sizes[0] >= 1
+    final = messages[-1]
+    tokens = final["tokens"]
+    assert final["text"] == "".join(t["text"] for t in tokens)
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    for t in tokens:
+        assert t["source"] in SOURCES
+        assert t["uploaded"] == (t["source"] in ("cloud_accepted", "cloud_resampled"))
+        assert t["u"] is not None and 0.0 <= t["u"] <= 1.0
+        assert set(t["energy_j"]) == {"device_compute", "radio", "device_idle", "cloud"}
+    s = final["summary"]
+    assert s["tokens"] == len(tokens) and s["uploads"] == sum(t["uploaded"] for t in tokens)
+    assert final["config"]["policy"]["k"] == 4 and final["config"]["policy"]["gamma"] == 0.5
+    assert 0.0 <= final["bertscore_f1"] <= 1.0 + 1e-6
+
+
+def test_compare_runs_the_three_policies_against_the_reference(client):
+    final = client.predict(prompt=PROMPT, max_new_tokens=12, api_name="/compare")
+    runs = final["runs"]
+    assert [r["config"]["policy"]["name"] for r in runs] == ["llm", "hlm", "uhlm", "ours"]
+    assert all(r["status"] == "done" and r["bertscore_f1"] is not None for r in runs)
+    assert runs[1]["summary"]["upload_rate"] == 1.0  # hlm uploads every token
+    assert runs[0]["bertscore_f1"] == 1.0  # the reference against itself
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"prompt": "   "}, "the prompt is empty"),
+    ({"prompt": PROMPT, "k": 0}, "k must be an integer >= 1, got 0"),
+    ({"prompt": PROMPT, "policy": "greedy"}, "unknown policy 'greedy'"),
+    ({"prompt": PROMPT, "snr_db": 99.0}, "snr_db must be in [-30, 60]"),
+    ({"prompt": PROMPT, "pair": "nonexistent"}, "model pair 'nonexistent' is not offered here"),
+])
+def test_bad_input_is_a_clean_error(client, kwargs, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as err:
+        client.predict(api_name="/generate", **kwargs)
+    assert message in str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_hardware_says_how_energy_is_obtained(client):
+    info = client.predict(api_name="/hardware")
+    assert info["pair"]["pair"] == "tiny"
+    assert set(info["energy_methods"]) == {"device_compute", "radio", "device_idle", "cloud"}
+    assert all(m.startswith(("measured", "modelled")) for m in info["energy_methods"].values())
+
+
+def test_page_serves_the_dashboard(client):
+    page = httpx.get(client.src, timeout=10).text
+    assert "Hybrid LM decoding" in page
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+@pytest.fixture()
+def service(tiny, monkeypatch):
+    svc = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"])
+    monkeypatch.setattr(svc, "score", lambda candidate, reference: 0.5)  # the real scorer is tested above
+    return svc
+
+
+def test_settings_coerce_and_validate():
+    config = Settings(k=8.0, max_new_tokens=16.0, bandwidth_mhz=20).run_config(None)
+    assert config.policy.k == 8 and isinstance(config.policy.k, int)
+    assert config.link.bandwidth_hz == 20e6 and config.policy.u_th == 0.08
+    cal = Calibration(a=0.8, b=-0.1, delta=0.2, risk_averse=0.125, risk_prone=0.375, samples=10)
+    assert Settings().run_config(cal).policy.u_th == 0.125
+    assert Settings(u_th=0.3).run_config(cal).policy.u_th == 0.3
+    for bad, message in (({"k": 2.5}, "k must be a whole number"), ({"temperature": None}, "temperature must be a "
+                         "number"), ({"gamma": -1.0}, "gamma must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            Settings(**bad).run_config(None)
+
+
+def test_figures_are_valid_plotly(service):
+    decoder = service.decoder("tiny")
+    config = Settings(max_new_tokens=20, policy="hlm").run_config(None)
+    run = RunView("hlm", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
+    run.update(list(decoder.generate(PROMPT, config)))
+    history = [{"label": "ours k=8 γ=1", "policy": "ours", "estimator": "lookahead", "energy_saving": 0.4,
+                "bertscore_f1": 0.9, "upload_rate": 0.2, "prompt": PROMPT}]
+    for fig in (energy_figure(run.points), upload_figure(run.points), history_figure(history), energy_figure([]),
+                upload_figure([]), history_figure([])):
+        go.Figure(data=fig["data"], layout=fig["layout"])  # raises on anything plotly does not know
+        json.dumps(fig)
+    assert run.points[-1].tokens == len(run.events) and run.points[-1].upload_rate == 1.0
+    assert len(run.points) <= 8  # one update adds at most POINTS_PER_UPDATE points
+
+
+def test_token_span_escapes_text_and_explains_the_decision():
+    config = Settings(k=3).run_config(None)
+    e = TokenEvent(index=4, position=30, token_id=7, text="<b>&", source="cloud_resampled", uploaded=True,
+                   draft_id=9, u=0.5, importance=0.2, importance_threshold=0.1, importance_rank=0, important=True,
+                   p_draft=0.6, q_draft=0.3, bits_up=1234, synced_ids=2)
+    span = token_span(e, config.policy)
+    assert "&lt;b&gt;&amp;</span>" in span and 'class="tok cloud_resampled"' in span
+    for fact in ("u = 0.50", "above u_th = 0.08", "rank 1 (top-k 3): important", "accept prob min(1, q/p) 0.500",
+                 "draft id 9 rejected", "uploaded 1,234 bits, including 2 synced ids"):
+        assert fact in span
+
+
+def test_stream_shows_the_first_token_at_once_then_throttles(service):
+    decoder = service.decoder("tiny")
+    config = Settings(max_new_tokens=256, policy="slm").run_config(None)
+    config = replace(config, sampling=replace(config.sampling, stop_at_eos=False))
+    cancel = threading.Event()
+    start = time.monotonic()
+    sizes, times = [], []
+    for events in service.stream(decoder, PROMPT, config, cancel):
+        sizes.append(len(events))
+        times.append(time.monotonic() - start)
+    assert sizes[0] == 1 and sizes[-1] == 256 and len(sizes) >= 3
+    gaps = [b - a for a, b in zip(times[:-2], times[1:-1], strict=True)]  # the last one comes when the run ends
+    assert all(g >= INTERVAL_S * 0.9 for g in gaps)
+    assert not cancel.is_set()
+
+
+def test_closing_the_stream_cancels_the_decode(service):
+    decoder = service.decoder("tiny")
+    config = Settings(max_new_tokens=512, policy="hlm").run_config(None)
+    config = replace(config, sampling=replace(config.sampling, stop_at_eos=False))
+    cancel = threading.Event()
+    stream = service.stream(decoder, PROMPT, config, cancel)
+    next(stream)
+    stream.close()
+    assert cancel.is_set()
+    assert service.lock.acquire(timeout=10), "the worker should stop after its current token"
+    service.lock.release()
+
+
+def test_bad_prompt_fails_before_any_model_work(service):
+    with pytest.raises(PromptError):
+        next(Dashboard(service).generate("s", "tiny", "", Settings(), []))
+
+
+def test_generate_frames_end_with_table_and_history(service):
+    frames = list(Dashboard(service).generate("s", "tiny", PROMPT, Settings(max_new_tokens=16), []))
+    assert frames[0].tokens == "" and frames[0].tab == "output"  # the previous run is cleared first
+    last = frames[-1]
+    assert len(last.history) == 1 and last.history[0]["bertscore_f1"] == 0.5
+    assert len(last.table) == frames[-2].tokens.count('class="tok ')
+    assert any(f.energy is not None for f in frames) and frames[1].energy is None  # first token without charts
+
+
+def test_stop_ends_the_run_with_a_final_frame(service):
+    dash = Dashboard(service)
+    frames = []
+
+    def consume() -> None:
+        frames.extend(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=512, policy="hlm"),
+                                    []))
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    while not any(f.tokens for f in frames):
+        time.sleep(0.01)
+    service.stop("viewer")
+    worker.join(10)
+    assert not worker.is_alive()
+    assert "stopped after" in frames[-2].stats and not frames[-1].history  # a stopped run adds no point
+
+
+def test_compare_frames_fill_four_columns_and_a_table(service):
+    frames = list(Dashboard(service).compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
+    assert frames[0].tab == "compare"
+    last = frames[-1]
+    rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
+    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", "ours k=8 γ=1"]
+    assert last.compare.count('class="col"') == 4 and len(last.history) == 3

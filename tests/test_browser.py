@@ -1,0 +1,116 @@
+"""The dashboard in a real browser: headless Debian chromium driven by Playwright against `app.py` on the tiny pair.
+
+Load the page, enter a prompt, Generate, wait for coloured tokens and a chart; change k and γ, run again, then
+the policy, and check that the displayed upload rate changed; Compare fills its table. Screenshots at 1280x800
+and phone width (390x844) go to $HLM_SCREENSHOTS when set, else to the test's temporary folder. The README's
+come from `HLM_SCREENSHOTS=docs/screenshots HLM_APP_MODELS=embedded`; HLM_APP_URL points the test at an app
+that is already running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from test_app import launched_app
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # Playwright adds --headless and a fresh profile itself
+MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
+PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
+RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    if os.environ.get("HLM_APP_URL"):  # an app already running (e.g. on the embedded pair)
+        yield os.environ["HLM_APP_URL"]
+        return
+    with launched_app(MODELS) as u:
+        yield u
+
+
+def shots(tmp_path: Path) -> Path:
+    out = Path(os.environ.get("HLM_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def generate(page, label: str) -> str:  # noqa: ANN001 - a Playwright page
+    """Press Generate, wait for coloured tokens, a drawn chart and the end of the run labelled `label` (the
+    status line names the policy and settings); the upload-rate figure."""
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator(".prose.hlm-tokens .tok").first.wait_for(state="attached", timeout=RUN_TIMEOUT_MS)
+    page.locator(".hlm-status.done", has_text=re.compile(f"^{re.escape(label)}:")).wait_for(timeout=RUN_TIMEOUT_MS)
+    page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(state="attached", timeout=RUN_TIMEOUT_MS)
+    return page.locator(".hlm-stats .card").first.locator(".value").inner_text()
+
+
+def set_number(page, elem_id: str, value: str) -> None:  # noqa: ANN001
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Enter")
+
+
+def test_generate_change_knobs_and_run_again(browser, url, tmp_path):
+    out = shots(tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    first = generate(page, "ours k=8 γ=1")
+    assert re.fullmatch(r"\d+\.\d%", first)
+    token = page.locator(".prose.hlm-tokens .tok").first
+    assert "uploaded" in token.get_attribute("title")  # the hover details are there
+    assert page.locator(".hlm-legend .item").count() == 5
+    page.screenshot(path=str(out / "dashboard-1280.png"))
+
+    set_number(page, "hlm-k", "64")
+    set_number(page, "hlm-gamma", "0")
+    generate(page, "ours k=64 γ=0")  # the knobs reach the run (its label names them)
+    page.get_by_text("Advanced settings").click()
+    page.locator("#hlm-policy input").click()
+    page.get_by_role("option", name="hlm", exact=True).click()
+    third = generate(page, "hlm")
+    assert third == "100.0%" and third != first  # hlm uploads every token; ours did not
+    page.screenshot(path=str(out / "dashboard-1280-full.png"), full_page=True)  # three points in the history
+    page.close()
+
+
+def test_phone_width_screenshot(browser, url, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                            has_touch=True)
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, "ours k=8 γ=1")
+    out = shots(tmp_path)
+    page.screenshot(path=str(out / "dashboard-390-top.png"))
+    page.locator(".hlm-stats").evaluate("e => e.scrollIntoView({block: 'start'})")  # the results, top of screen
+    page.screenshot(path=str(out / "dashboard-390.png"))
+    page.close()
+
+
+def test_compare_fills_the_table(browser, url, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.locator(".hlm-compare-summary.done").wait_for(timeout=4 * RUN_TIMEOUT_MS)
+    assert page.locator(".hlm-compare-summary tbody tr").count() == 4
+    assert page.locator(".hlm-compare .col").count() == 4
+    page.locator(".hlm-compare").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
+    page.close()
