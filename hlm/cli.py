@@ -28,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=os.environ.get("HLM_MODELS", "embedded"),
                    help="preset (embedded, tiny, qwen, paper) or DRAFT,VERIFIER (hub ids, folders, .gguf files)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16)")
+    p.add_argument("--dtype", default=None,
+                   help="bfloat16, float16 or float32 (default: bf16 where the hardware has fast kernels, else fp32)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

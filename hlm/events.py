@@ -67,7 +67,8 @@ class TokenEvent:
 @dataclass
 class Summary:
     """Totals over a run's events. The HLM counterfactual prices the same tokens as if every one had been
-    uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run."""
+    uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run. It keeps this
+    run's device compute (which includes the uncertainty/importance overhead HLM would not pay: ~6 ms a token)."""
 
     policy: str
     tokens: int
@@ -87,6 +88,8 @@ class Summary:
     cloud_energy_j: float
     hlm_device_energy_j: float | None
     energy_saving: float | None
+    hlm_call_s: float  # cloud time per call priced into the counterfactual, and where it came from
+    hlm_call_basis: str
     device_compute_s: float
     cloud_compute_s: float
     wall_s: float

@@ -42,9 +42,9 @@ METRICS = ("upload_rate", "energy_saving", "energy_saving_vs_hlm_run", "bertscor
            "radio_j_per_token", "idle_j_per_token")
 # Columns derived from measured time (compute, wall clock): they differ between two runs of the same job.
 TIMED = ("device_energy_j", "device_energy_compute_j", "device_energy_radio_j", "device_energy_idle_j",
-         "cloud_energy_j", "hlm_device_energy_j", "energy_saving", "energy_saving_vs_hlm_run", "device_compute_s",
-         "cloud_compute_s", "wall_s", "tokens_per_s", "tokens_per_s_modelled_link", "device_j_per_token",
-         "compute_j_per_token", "radio_j_per_token", "idle_j_per_token")
+         "cloud_energy_j", "hlm_device_energy_j", "hlm_call_s", "energy_saving", "energy_saving_vs_hlm_run",
+         "device_compute_s", "cloud_compute_s", "wall_s", "tokens_per_s", "tokens_per_s_modelled_link",
+         "device_j_per_token", "compute_j_per_token", "radio_j_per_token", "idle_j_per_token")
 PART_COLUMNS = {"device_compute": "compute", "radio": "radio", "device_idle": "idle"}
 
 
