@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{COLOURS[e.source]}{e.text}\033[0m" if colour and COLOURS[e.source] else e.text)
         sys.stdout.flush()
     s = summarize(events, config.link, decoder.pair.vocab_size, config.policy.name,
-                  decoder.energy_methods(config.link))
+                  decoder.energy_methods(config.link), decoder.call_s)
     saving = f"{s.energy_saving:.1%}" if s.energy_saving is not None else "n/a"
     print(f"\n\n[{s.policy}] {s.tokens} tokens, upload rate {s.upload_rate:.1%}, {s.llm_calls} LLM calls, "
           f"accepted {s.accepted}, resampled {s.resampled}, unverified {s.unverified}; device energy "

@@ -133,8 +133,10 @@ class RunView:
     prefixes (the charts' points; `hlm.metrics.summarize` on the partial stream, so the live figures are
     the same numbers the CLI prints at the end)."""
 
-    def __init__(self, label: str, config: RunConfig, vocab_size: int, energy_methods: dict[str, str]) -> None:
+    def __init__(self, label: str, config: RunConfig, vocab_size: int, energy_methods: dict[str, str],
+                 known_call_s: float | None = None) -> None:
         self.label, self.config, self.vocab_size, self.methods = label, config, vocab_size, energy_methods
+        self.known_call_s = known_call_s  # `HybridDecoder.call_s` when the run began
         self.events: list[TokenEvent] = []
         self.spans: list[str] = []
         self.points: list[Summary] = []
@@ -152,7 +154,7 @@ class RunView:
             step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
-                                             self.methods))
+                                             self.methods, self.known_call_s))
 
     @property
     def summary(self) -> Summary | None:
@@ -673,7 +675,7 @@ class Dashboard:
 
     def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
         decoder = self.service.decoder(preset)
-        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
+        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link), decoder.call_s)
 
     def _prepare(self, preset: str, prompt: str, settings: Settings) -> tuple[HybridDecoder, RunConfig]:
         """Validate everything a viewer typed before any model work (errors surface at once)."""

@@ -9,8 +9,10 @@ On a resample the SLM's cache rolls back to the corrected prefix (the verifier n
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,9 +66,18 @@ class TextStream:
 class HybridDecoder:
     def __init__(self, pair: ModelPair, verifier: Verifier | None = None) -> None:
         self.pair = pair
-        self.verifier = verifier if verifier is not None else LocalVerifier(pair.verifier, pair.valid)
+        if verifier is None:
+            verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
+        self.verifier = verifier
         self.device = pair.draft.device
         self.meter = open_meter(self.device)
+        self.one_token_calls: deque[float] = deque(maxlen=64)  # recent cloud times of one-new-token verifies
+
+    @property
+    def call_s(self) -> float | None:
+        """Median cloud time of a one-token verify seen by this decoder: prices the HLM counterfactual of runs
+        that made no such call themselves (`hlm.metrics.hlm_call_time`)."""
+        return statistics.median(self.one_token_calls) if self.one_token_calls else None
 
     def energy_methods(self, link: LinkConfig) -> dict[str, str]:
         """How each energy part is obtained, for the summary and the hardware panel."""
@@ -84,7 +95,7 @@ class HybridDecoder:
         """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
-                            self.energy_methods(config.link))
+                            self.energy_methods(config.link), self.call_s)
         return "".join(e.text for e in events), events, summary.to_dict()
 
     def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,
@@ -110,7 +121,7 @@ class HybridDecoder:
         draft_gen, u_gen, coin_gen = gens
         needs_u = diagnostics or pol.name in ("uhlm", "ours", "random")
         passes = PASSES_NEEDED[pol.estimator] if pol.uses_importance else 0
-        drafter = Drafter(self.pair.draft, pol.last_layers)
+        drafter = Drafter(self.pair.draft, pol.last_layers, self.pair.template_head)
         text = TextStream(self.pair.tokenizer)
         context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
         spent = Window(0.0, 0.0 if self.meter else None)  # device compute since the last emitted token
@@ -193,6 +204,8 @@ class HybridDecoder:
                verdict: Verdict | None, bits_up: int, n_sync: int, spent: Window, link: LinkConfig,
                t0: float) -> TokenEvent:
         cost = NO_UPLOAD
+        if verdict is not None and n_sync <= 1:
+            self.one_token_calls.append(verdict.compute_s)
         if bits_up or verdict is not None:
             cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
             if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from hlm import prefix
 from hlm.importance import attention_row
 
 
 class Drafter:
-    def __init__(self, model: PreTrainedModel, last_layers: int = 4) -> None:
+    def __init__(self, model: PreTrainedModel, last_layers: int = 4, head: tuple[int, ...] = ()) -> None:
         self.model = model
+        self.head = head  # the chat template's fixed head, prefilled once per model (`hlm.prefix`)
         self.device = model.device
         self.last_layers = last_layers
         self.cache = DynamicCache()
@@ -33,8 +35,8 @@ class Drafter:
         return out.logits[0, -1], row
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        self.cache = DynamicCache()
-        return self.forward(ids)[0]
+        self.cache, held = prefix.start(self.model, ids, self.head)
+        return self.forward(ids[held:])[0]
 
     def rollback(self, n_tokens: int) -> None:
         """Drop the newest `n_tokens` from the cache. transformers 5.24's `crop` takes minus the count to

@@ -12,16 +12,20 @@ DEVICE_PARTS = ENERGY_PARTS[:3]
 VERIFIED = ("cloud_accepted", "cloud_resampled")
 
 
-def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig) -> tuple[float, str]:
+def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: float | None = None
+                  ) -> tuple[float, str]:
     """Cloud time of one HLM call (the draft plus the one token before it), for the counterfactual.
 
     Not this run's mean per call: a call after skipped tokens also syncs them, which would make HLM look dearer
-    and inflate the saving. Prefer calls that processed just that much; else the cheapest call after the
-    prompt's (an upper bound: extra ids cost little in a memory-bound forward); else the configured figure.
+    and inflate the saving. Prefer this run's calls that processed just that much; else `known_call_s`, the
+    same figure measured on earlier runs by this verifier; else the cheapest call after the prompt's (an upper
+    bound: extra ids cost little in a memory-bound forward); else the configured figure.
     """
     one = sorted(e.verify_s for e in calls if e.synced_ids <= 1)
     if one:
         return one[len(one) // 2], f"measured: median of {len(one)} one-token cloud calls"
+    if known_call_s is not None:
+        return known_call_s, "measured: median one-token cloud call of earlier runs on this verifier"
     later = [e.verify_s for e in calls[1:]]
     if later:
         return min(later), f"measured: cheapest of {len(later)} cloud calls after the prompt (an upper bound)"
@@ -29,7 +33,7 @@ def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig) -> tuple[float,
 
 
 def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, policy: str,
-              energy_methods: dict[str, str]) -> Summary:
+              energy_methods: dict[str, str], known_call_s: float | None = None) -> Summary:
     n = len(events)
     calls = [e for e in events if e.source in (*VERIFIED, "cloud_sampled")]
     verified = [e for e in events if e.source in VERIFIED]
@@ -42,10 +46,12 @@ def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, p
 
     # HLM counterfactual: the same tokens, each uploaded alone with a full payload and one cloud call.
     hlm_j = None
-    per_call_s, basis = hlm_call_time(calls, link)
+    per_call_s, basis = hlm_call_time(calls, link, known_call_s)
     if policy != "llm" and n and parts["device_compute"] > 0:
-        cost = upload_cost(link, upload_bits(link, vocab_size, 1), per_call_s)
-        hlm_j = parts["device_compute"] + n * (cost.radio_j + cost.idle_j)
+        bits = upload_bits(link, vocab_size, 1)
+        first = upload_cost(link, bits, calls[0].verify_s if calls else per_call_s)  # it also prefills the prompt
+        cost = upload_cost(link, bits, per_call_s)
+        hlm_j = parts["device_compute"] + first.radio_j + first.idle_j + (n - 1) * (cost.radio_j + cost.idle_j)
 
     link_s = compute_s + sum(e.uplink_s + e.wait_s for e in events)
     wall_s = events[-1].wall_s if events else 0.0

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hlm.prefix import template_head
+
 MAX_PROMPT_CHARS = 100_000
 
 
@@ -84,16 +86,22 @@ class ModelPair:
             raise PromptError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=False)
-        else:
-            text = prompt
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._render(prompt)
         if len(ids) + max_new_tokens > self.max_context:
             raise PromptError(f"the prompt is {len(ids):,} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                               f"the context of {self.max_context:,} tokens")
-        return list(ids)
+        return ids
+
+    def _render(self, prompt: str) -> list[int]:
+        if self.tokenizer.chat_template:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def template_head(self) -> tuple[int, ...]:
+        """The template ids every prompt starts with (`hlm.prefix` prefills them once per model)."""
+        return template_head(self._render("Hello."), self._render("? 42"))
 
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""

@@ -106,7 +106,7 @@ class SessionStore:
         self.expire()
         if len(self.sessions) >= self.limits.max_sessions:
             raise HttpError(503, f"all {self.limits.max_sessions} sessions are in use; try again later")
-        verifier = LocalVerifier(self.pair.verifier, self.pair.valid, self.meter)
+        verifier = LocalVerifier(self.pair.verifier, self.pair.valid, self.meter, self.pair.template_head)
         verifier.open(sampling)
         sid = secrets.token_urlsafe(18)
         self.sessions[sid] = Session(verifier)

@@ -32,7 +32,9 @@ from hlm.prompts import DEFAULT_PROMPTS, load_prompts
 HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
 TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
 GATED = ("ours", "uhlm", "random")  # policies that use u_th
-QUICK = {"limit": 6, "max_new_tokens": 16, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": ESTIMATORS,
+# Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator: 48 runs, every
+# figure, under 10 minutes on 2 CPU cores; the estimator comparison needs the full sweep (or --estimators).
+QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": ("lookahead",),
          "seeds": (0,)}
 FULL = {"limit": None, "max_new_tokens": 64, "k": (2, 4, 8, 16), "gamma": (0.0, 0.5, 1.0, 2.0),
         "estimators": ESTIMATORS, "seeds": (0,)}
@@ -506,13 +508,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,
                    help="comma-separated importance estimators")
     p.add_argument("--seeds", "--seed", type=_list(int), default=None, help="comma-separated seeds (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 10)")
     p.add_argument("--skip-rate", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSON Lines prompt file (id, category, prompt)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (quick: 6)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (quick: 4)")
     p.add_argument("--out", required=True, help="output folder; run files cached under OUT/runs")
     p.add_argument("--quick", action="store_true",
-                   help="6 prompts x 16 tokens, k 4,16 x gamma 0,1, both estimators: every figure in minutes")
+                   help="4 prompts x 10 tokens, k 4,16 x gamma 0,1, lookahead: every figure in under 10 minutes")
     p.add_argument("--backbone", default=None, help="BERTScore backbone (default: offline all-MiniLM-L6-v2)")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="accuracy-leaning pick: BERTScore at most this far below HLM")

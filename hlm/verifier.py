@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from hlm import prefix
 from hlm.config import SamplingConfig
 from hlm.energy import EnergyMeter, measure, open_meter
 from hlm.payload import decode
@@ -57,8 +58,10 @@ class Verifier(Protocol):
 class LocalVerifier:
     """The verifier model in this process, with its own KV cache."""
 
-    def __init__(self, model: PreTrainedModel, valid: torch.Tensor, meter: EnergyMeter | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, valid: torch.Tensor, meter: EnergyMeter | None = None,
+                 head: tuple[int, ...] = ()) -> None:
         self.model = model
+        self.head = head  # the chat template's fixed head, prefilled once per model (`hlm.prefix`)
         self.device = model.device
         self.valid = valid.to(self.device)
         self.vocab_size = int(valid.shape[0])
@@ -73,6 +76,9 @@ class LocalVerifier:
 
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> None:
+        if not self.known:
+            self.cache, held = prefix.start(self.model, context, self.head)
+            self.known = list(context[:held])
         new = context[len(self.known):]
         if not new:
             return

@@ -179,7 +179,7 @@ def test_figures_are_valid_plotly(service):
     config = Settings(max_new_tokens=20, policy="hlm").run_config(None)
     run = RunView("hlm", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
     run.update(list(decoder.generate(PROMPT, config)))
-    history = [{"label": "ours k=8 γ=1", "policy": "ours", "estimator": "lookahead", "energy_saving": 0.4,
+    history = [{"label": "ours k=16 γ=0", "policy": "ours", "estimator": "lookahead", "energy_saving": 0.4,
                 "bertscore_f1": 0.9, "upload_rate": 0.2, "prompt": PROMPT}]
     for fig in (energy_figure(run.points), upload_figure(run.points), history_figure(history), energy_figure([]),
                 upload_figure([]), history_figure([])):
@@ -267,5 +267,5 @@ def test_compare_frames_fill_four_columns_and_a_table(service):
     assert frames[0].tab == "compare"
     last = frames[-1]
     rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
-    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", "ours k=8 γ=1"]
+    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", "ours k=16 γ=0"]
     assert last.compare.count('class="col"') == 4 and len(last.history) == 3

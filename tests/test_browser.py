@@ -71,7 +71,7 @@ def test_generate_change_knobs_and_run_again(browser, url, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.goto(url)
     page.get_by_label("Prompt").fill(PROMPT)
-    first = generate(page, "ours k=8 γ=1")
+    first = generate(page, "ours k=16 γ=0")
     assert re.fullmatch(r"\d+\.\d%", first)
     token = page.locator(".prose.hlm-tokens .tok").first
     assert "uploaded" in token.get_attribute("title")  # the hover details are there
@@ -95,7 +95,7 @@ def test_phone_width_screenshot(browser, url, tmp_path):
                             has_touch=True)
     page.goto(url)
     page.get_by_label("Prompt").fill(PROMPT)
-    generate(page, "ours k=8 γ=1")
+    generate(page, "ours k=16 γ=0")
     out = shots(tmp_path)
     page.screenshot(path=str(out / "dashboard-390-top.png"))
     page.locator(".hlm-stats").evaluate("e => e.scrollIntoView({block: 'start'})")  # the results, top of screen

@@ -78,13 +78,37 @@ def test_drafter_rollback_matches_recompute(tiny):
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
+def test_template_head_is_prefilled_once_and_changes_no_token(tiny, monkeypatch):
+    from hlm import prefix
+
+    ids = tiny.encode_prompt(PROMPT, 8)
+    head = tiny.template_head
+    assert 0 < len(head) < len(ids) and tuple(ids[: len(head)]) == head
+    prefix._HEADS.clear()
+    calls = []
+    monkeypatch.setattr(tiny.draft, "forward", lambda *a, _f=tiny.draft.forward, **k: calls.append(1) or _f(*a, **k))
+    cold = Drafter(tiny.draft, head=head).prefill(ids)
+    warm_drafter = Drafter(tiny.draft, head=head)
+    warm = warm_drafter.prefill(ids)
+    assert len(calls) == 3  # the head once, then the rest of the prompt per run
+    assert torch.equal(cold, warm) and warm_drafter.length == len(ids)
+    torch.testing.assert_close(warm, Drafter(tiny.draft).prefill(ids), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    dec = HybridDecoder(tiny)
+    runs = [[e.token_id for e in dec.generate(PROMPT, cfg("hlm", n=12, seed=5))] for _ in range(2)]
+    prefix._HEADS.clear()
+    assert [e.token_id for e in dec.generate(PROMPT, cfg("hlm", n=12, seed=5))] == runs[0] == runs[1]
+
+
 class CheckingDrafter(Drafter):
     """Shadows the cached sequence and checks every pass against a from-scratch recompute."""
 
     checks = 0
 
     def prefill(self, ids):
-        self.shadow = []  # Drafter.prefill goes through forward(), which records the ids
+        # Drafter.prefill goes through forward(), which records the ids; the template head comes from its cache.
+        head = len(self.head) if tuple(ids[: len(self.head)]) == self.head and len(ids) > len(self.head) else 0
+        self.shadow = list(ids[:head])
         return super().prefill(ids)
 
     def forward(self, ids, attention=False):
