@@ -95,11 +95,14 @@ def pareto(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None =
     fig.add_trace(go.Scatter(x=[r["bertscore_f1_mean"] for r in front],
                              y=[r["energy_saving_mean"] * 100 for r in front], mode="lines", name="Pareto front",
                              line={"color": "#444444", "dash": "dash", "width": 1}, hoverinfo="skip"))
+    picks: dict[str, tuple[dict[str, Any], list[str]]] = {}  # one label per point, naming every pick there
     for key in ("accuracy_leaning", "energy_leaning"):
         pick = (decisions or {}).get(key)
         if pick:
-            fig.add_annotation(x=pick["bertscore_f1_mean"], y=pick["energy_saving_mean"] * 100,
-                               text=key.replace("_", "-"), showarrow=True, arrowhead=2, ax=40, ay=-40)
+            picks.setdefault(pick["setting"], (pick, []))[1].append(key.split("_")[0])
+    for pick, names in picks.values():
+        fig.add_annotation(x=pick["bertscore_f1_mean"], y=pick["energy_saving_mean"] * 100,
+                           text=" & ".join(names) + "-leaning", showarrow=True, arrowhead=2, ax=40, ay=-40)
     fig.update_layout(title=f"Device-energy saving vs quality (mean ± 95% CI over {_n_prompts(summary)} prompts)",
                       xaxis_title="BERTScore F1 against the LLM-only output",
                       yaxis_title="device-energy saving vs HLM (%)", template="plotly_white")
