@@ -24,7 +24,7 @@ from hlm.energy import Window, measure, open_meter
 from hlm.events import TokenEvent
 from hlm.importance import PASSES_NEEDED, Importance, score
 from hlm.link import UploadCost, upload_bits, upload_cost
-from hlm.metrics import summarize
+from hlm.metrics import is_one_token_call, summarize
 from hlm.models import ModelPair
 from hlm.payload import encode
 from hlm.policies import should_upload
@@ -106,10 +106,12 @@ class HybridDecoder:
         prompt_ids = self.pair.encode_prompt(prompt, s.max_new_tokens)  # validates before any model work
         self.verifier.open(s)
         try:
-            if pol.name == "llm":
-                yield from self._cloud_only(prompt_ids, config, cancel)
-            else:
-                yield from self._hybrid(prompt_ids, config, cancel, diagnostics)
+            events = self._cloud_only(prompt_ids, config, cancel) if pol.name == "llm" else \
+                self._hybrid(prompt_ids, config, cancel, diagnostics)
+            for e in events:
+                if is_one_token_call(e):
+                    self.one_token_calls.append(e.verify_s)
+                yield e
         finally:
             self.verifier.close()
 
@@ -204,8 +206,6 @@ class HybridDecoder:
                verdict: Verdict | None, bits_up: int, n_sync: int, spent: Window, link: LinkConfig,
                t0: float) -> TokenEvent:
         cost = NO_UPLOAD
-        if verdict is not None and n_sync <= 1:
-            self.one_token_calls.append(verdict.compute_s)
         if bits_up or verdict is not None:
             cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
             if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 from hlm.config import LinkConfig
@@ -10,6 +11,12 @@ from hlm.link import upload_bits, upload_cost
 
 DEVICE_PARTS = ENERGY_PARTS[:3]
 VERIFIED = ("cloud_accepted", "cloud_resampled")
+CALLS = (*VERIFIED, "cloud_sampled")
+
+
+def is_one_token_call(e: TokenEvent) -> bool:
+    """A cloud call that processed only the token before this one (and the draft): what every HLM call costs."""
+    return e.source in CALLS and e.synced_ids <= 1
 
 
 def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: float | None = None
@@ -21,9 +28,9 @@ def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: f
     same figure measured on earlier runs by this verifier; else the cheapest call after the prompt's (an upper
     bound: extra ids cost little in a memory-bound forward); else the configured figure.
     """
-    one = sorted(e.verify_s for e in calls if e.synced_ids <= 1)
+    one = [e.verify_s for e in calls if is_one_token_call(e)]
     if one:
-        return one[len(one) // 2], f"measured: median of {len(one)} one-token cloud calls"
+        return statistics.median(one), f"measured: median of {len(one)} one-token cloud calls"
     if known_call_s is not None:
         return known_call_s, "measured: median one-token cloud call of earlier runs on this verifier"
     later = [e.verify_s for e in calls[1:]]
@@ -35,7 +42,7 @@ def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: f
 def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, policy: str,
               energy_methods: dict[str, str], known_call_s: float | None = None) -> Summary:
     n = len(events)
-    calls = [e for e in events if e.source in (*VERIFIED, "cloud_sampled")]
+    calls = [e for e in events if e.source in CALLS]
     verified = [e for e in events if e.source in VERIFIED]
     uploads = sum(e.uploaded for e in events)
     accepted = sum(e.source == "cloud_accepted" for e in events)

@@ -9,6 +9,7 @@ as its own pass, warm or not, so a run's numbers never depend on what ran before
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from weakref import WeakKeyDictionary
 
@@ -21,10 +22,7 @@ _LOCK = threading.Lock()
 
 def template_head(render: list[int], other: list[int]) -> tuple[int, ...]:
     """The ids two renderings of different messages share from the start: the part no message changes."""
-    n = 0
-    while n < min(len(render), len(other)) and render[n] == other[n]:
-        n += 1
-    return tuple(render[:n])
+    return tuple(os.path.commonprefix([render, other]))  # element-wise on any sequences, not only paths
 
 
 @torch.inference_mode()
