@@ -26,7 +26,7 @@ import pandas as pd
 from gradio.components.plot import PlotData
 
 from hlm.cli import add_model_args
-from hlm.config import POLICIES
+from hlm.config import ESTIMATORS, POLICIES
 from hlm.dashboard import (
     TOKEN_HEADERS,
     USER_ERRORS,
@@ -44,6 +44,7 @@ from hlm.dashboard import (
     stats_html,
     upload_figure,
 )
+from hlm.estimators import REGISTRY, WINDOW
 from hlm.models import PRESETS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -53,8 +54,9 @@ HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model o
           'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
           'uploaded for the large cloud model to verify, which saves radio energy. Colours show where each token '
           'came from.</p></div>')
-POLICY_INFO = ("ours: upload if uncertain and important · uhlm: if uncertain · hlm: every token · slm: never · "
-               "llm: the cloud model alone · random: uncertain and a coin (the control)")
+POLICY_INFO = ("ours: upload the drafts its estimator scores highest · uhlm: if u > u_th · hlm: every token · "
+               "slm: never · llm: the cloud model alone · random: a coin (the control)")
+ESTIMATOR_INFO = " · ".join(f"{name}: {e.description}" for name, e in REGISTRY.items())
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -115,12 +117,12 @@ def build(dash: Dashboard) -> gr.Blocks:
                 preset = gr.Dropdown(service.presets, value=start, label="Model pair (device → cloud)",
                                      interactive=len(service.presets) > 1)
                 c: dict[str, gr.components.Component] = {
-                    "k": gr.Slider(1, 64, value=Settings.k, step=1, label="k: importance rank bound", elem_id="hlm-k",
-                                   info="a draft can be important only within the top-k attended; smaller k uploads "
-                                        "less"),
-                    "gamma": gr.Slider(0, 3, value=Settings.gamma, step=0.1, label="γ: importance strictness",
+                    "k": gr.Slider(1, WINDOW, value=Settings.k, step=1, label="k: upload budget", elem_id="hlm-k",
+                                   info=f"about k uploads per {WINDOW} drafts on typical prompts (more on hard ones)"),
+                    "gamma": gr.Slider(0, 3, value=Settings.gamma, step=0.1, label="γ: strictness",
                                        elem_id="hlm-gamma",
-                                       info="threshold τ = mean + γ·std of the attention row; larger γ uploads less"),
+                                       info="raises the bar by γ standard deviations of the score; larger γ uploads "
+                                            "less"),
                 }
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
@@ -129,8 +131,10 @@ def build(dash: Dashboard) -> gr.Blocks:
                 with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
                     c["policy"] = gr.Dropdown(list(POLICIES), value=Settings.policy, label="Policy", info=POLICY_INFO,
                                               elem_id="hlm-policy")
+                    c["estimator"] = gr.Dropdown(list(ESTIMATORS), value=Settings.estimator, label="Estimator (ours)",
+                                                 info=ESTIMATOR_INFO, elem_id="hlm-estimator")
                     c["u_th"] = gr.Slider(0, 1, value=default_u_th(start), step=0.01, label="u_th: uncertainty "
-                                          "threshold", info="a draft is uncertain when u > u_th")
+                                          "threshold", info="uhlm and paper-*: a draft is uncertain when u > u_th")
                     with gr.Row():
                         averse = gr.Button("risk-averse", size="sm", visible=False)
                         prone = gr.Button("risk-prone", size="sm", visible=False)
@@ -228,8 +232,9 @@ def _api(dash: Dashboard, start: str) -> None:
 
     @user_errors
     def generate(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, policy: str = Settings.policy,
-                 u_th: float | None = None, temperature: float = Settings.temperature,
-                 max_new_tokens: int = Settings.max_new_tokens, seed: int = Settings.seed,
+                 estimator: str = Settings.estimator, u_th: float | None = None,
+                 temperature: float = Settings.temperature, max_new_tokens: int = Settings.max_new_tokens,
+                 seed: int = Settings.seed,
                  bandwidth_mhz: float = Settings.bandwidth_mhz, snr_db: float = Settings.snr_db,
                  tx_power_w: float = Settings.tx_power_w, bits_per_prob: int = Settings.bits_per_prob,
                  topk: int = Settings.topk, quality: bool = True, pair: str = "") -> Iterator[dict[str, Any]]:
@@ -239,9 +244,10 @@ def _api(dash: Dashboard, start: str) -> None:
 
         Args:
             prompt: the user message (chat-templated for both models)
-            k: importance: a draft is important only within the top-k of its attention row (>= 1)
-            gamma: importance threshold strictness: tau = mean + gamma * std of the row (>= 0)
+            k: ours' upload budget: about k uploads per 32 drafts (1..32; paper-* estimators: attention-row rank)
+            gamma: ours' strictness: the bar rises by gamma std of the score (>= 0)
             policy: ours, uhlm, hlm, slm, llm or random
+            estimator: how ours scores a draft (probe, ubar, semantic, rauq, paper-lookahead, paper-self)
             u_th: uncertainty threshold in [0, 1]; omitted: the pair's calibrated risk-averse value
             temperature: sampling temperature of both models
             max_new_tokens: tokens to generate at most
@@ -268,8 +274,8 @@ def _api(dash: Dashboard, start: str) -> None:
 
         Args:
             prompt: the user message
-            k: importance rank bound for ours
-            gamma: importance strictness for ours
+            k: ours' upload budget (about k uploads per 32 drafts)
+            gamma: ours' strictness
             u_th: uncertainty threshold for uhlm and ours; omitted: the pair's calibrated value
             temperature: sampling temperature
             max_new_tokens: tokens to generate at most per run

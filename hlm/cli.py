@@ -13,9 +13,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from hlm.config import POLICIES, ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import ESTIMATORS, POLICIES, ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.estimators import REGISTRY
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.server")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.study", "hlm.server")
 COLOURS = {"local": "", "cloud_accepted": "\033[32m", "cloud_resampled": "\033[31m", "cloud_sampled": "\033[34m",
            "unverified": "\033[33m"}
 
@@ -36,11 +37,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling, policy and link flags; defaults come from the config dataclasses (one source of truth)."""
     s, pol = SamplingConfig(), PolicyConfig()
     p.add_argument("--policy", default=pol.name, choices=POLICIES)
-    p.add_argument("--k", type=int, default=pol.k, help="importance: top-k rank bound (>= 1)")
-    p.add_argument("--gamma", type=float, default=pol.gamma, help="importance: tau = mean + gamma*std (>= 0)")
+    p.add_argument("--k", type=int, default=pol.k,
+                   help="ours: about k uploads per 32 drafts, 1..32 (paper-* estimators: attention-row rank bound)")
+    p.add_argument("--gamma", type=float, default=pol.gamma,
+                   help="ours: strictness, raises the bar by gamma std of the score (paper-*: row mean + gamma*std)")
     p.add_argument("--u-th", type=float, default=None,
                    help="uncertainty threshold in [0, 1] (default: the pair's calibrated risk-averse value)")
-    p.add_argument("--estimator", default=pol.estimator, choices=("lookahead", "self"))
+    p.add_argument("--estimator", default=pol.estimator, choices=ESTIMATORS,
+                   help="how ours scores a draft: " + "; ".join(f"{n}: {e.description}" for n, e in REGISTRY.items()))
     p.add_argument("--skip-rate", type=float, default=pol.skip_rate, help="random policy: skip probability")
     p.add_argument("--temperature", type=float, default=s.temperature)
     p.add_argument("--top-p", type=float, default=s.top_p)

@@ -10,11 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from hlm.estimators import NAMES as ESTIMATORS
+from hlm.estimators import WINDOW
+
 POLICIES = ("ours", "uhlm", "hlm", "slm", "llm", "random")
-ESTIMATORS = ("lookahead", "self")
 
 PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
-EstimatorName = Literal["lookahead", "self"]
 
 
 class ConfigError(ValueError):
@@ -46,13 +47,15 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """When a drafted token is uploaded (see `hlm.policies`).
+    """When a drafted token is uploaded (see `hlm.policies` and, for `ours`, `hlm.estimators`).
 
-    u_th: uncertainty threshold in [0, 1]; a draft is uncertain iff u > u_th.
-    k: a draft is important only if it ranks within the top-k of its attention row (k >= 1).
-    gamma: strictness of the adaptive threshold tau = mean + gamma * std of the row (gamma >= 0).
-    estimator: which attention row scores a draft (`hlm.importance`).
-    skip_rate: for the `random` control, the probability that an uncertain draft is skipped.
+    estimator: how `ours` scores a draft (`hlm.estimators.REGISTRY`).
+    k (1..32): bounds how many tokens are sent: about k uploads per 32 drafts on the calibration prompts
+    (paper-literal estimators: the draft must rank within the top-k of its attention row).
+    gamma (>= 0): strictness: the bar rises by gamma standard deviations of the score (paper-literal: the row
+    threshold tau = mean + gamma * std).
+    u_th: uncertainty threshold in [0, 1] of `uhlm` and the paper-literal estimators: uncertain iff u > u_th.
+    skip_rate: for the `random` control, the probability that a draft is skipped.
     n_samples / theta_max: the temperature-perturbation uncertainty estimate (K and theta_max in U-HLM).
     sink_tokens: the first positions of the context, excluded from importance (attention sinks).
     last_layers: importance averages heads over this many final layers (0 = all layers).
@@ -60,9 +63,9 @@ class PolicyConfig:
 
     name: PolicyName = "ours"
     u_th: float = 0.08
-    k: int = 16  # k and gamma: the accuracy-leaning pick of the sweep (README "Experiments")
+    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (README "Selection")
     gamma: float = 0.0
-    estimator: EstimatorName = "lookahead"
+    estimator: str = "probe-horizon"
     skip_rate: float = 0.5
     n_samples: int = 20
     theta_max: float = 2.0
@@ -74,17 +77,14 @@ class PolicyConfig:
         _check(self.estimator in ESTIMATORS,
                f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         _check(0.0 <= self.u_th <= 1.0, f"u_th must be in [0, 1], got {self.u_th}")
-        _check(isinstance(self.k, int) and self.k >= 1, f"k must be an integer >= 1, got {self.k}")
+        _check(isinstance(self.k, int) and 1 <= self.k <= WINDOW,
+               f"k must be an integer in [1, {WINDOW}], got {self.k}")
         _check(math.isfinite(self.gamma) and self.gamma >= 0.0, f"gamma must be >= 0, got {self.gamma}")
         _check(0.0 <= self.skip_rate <= 1.0, f"skip_rate must be in [0, 1], got {self.skip_rate}")
         _check(1 <= self.n_samples <= 1024, f"n_samples must be in [1, 1024], got {self.n_samples}")
         _check(0.0 < self.theta_max <= 10.0, f"theta_max must be in (0, 10], got {self.theta_max}")
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
         _check(self.last_layers >= 0, f"last_layers must be >= 0, got {self.last_layers}")
-
-    @property
-    def uses_importance(self) -> bool:
-        return self.name == "ours"
 
 
 @dataclass(frozen=True)

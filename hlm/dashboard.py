@@ -83,6 +83,7 @@ class Settings:
     k: int = _P.k
     gamma: float = _P.gamma
     policy: str = _P.name
+    estimator: str = _P.estimator
     u_th: float | None = None  # None: the pair's calibrated risk-averse value, else PolicyConfig's default
     temperature: float = _S.temperature
     max_new_tokens: int = DEMO_MAX_NEW_TOKENS
@@ -100,7 +101,7 @@ class Settings:
                            max_new_tokens=_number("max_new_tokens", self.max_new_tokens, whole=True),
                            seed=_number("seed", self.seed, whole=True)),
             PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),
-                         u_th=_number("u_th", u_th)),
+                         u_th=_number("u_th", u_th), estimator=self.estimator),
             LinkConfig(bandwidth_hz=_number("bandwidth_mhz", self.bandwidth_mhz) * 1e6,
                        snr_db=_number("snr_db", self.snr_db), tx_power_w=_number("tx_power_w", self.tx_power_w),
                        bits_per_prob=_number("bits_per_prob", self.bits_per_prob, whole=True),
@@ -375,7 +376,7 @@ def _can_load(name: str) -> bool:
 def run_label(config: RunConfig) -> str:
     p = config.policy
     if p.name == "ours":
-        return f"ours k={p.k} γ={p.gamma:g}"
+        return f"ours k={p.k} γ={p.gamma:g}" + ("" if p.estimator == _P.estimator else f" {p.estimator}")
     if p.name in ("uhlm", "random"):
         return f"{p.name} u_th={p.u_th:g}"
     return p.name
@@ -409,6 +410,9 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
     if e.u is not None:
         lines.append(f"uncertainty u = {e.u:.2f} ({'above' if e.u > policy.u_th else 'not above'} "
                      f"u_th = {policy.u_th:g})")
+    if e.score is not None and e.score_threshold is not None:
+        lines.append(f"{policy.estimator} score {e.score:.3f} vs bar {e.score_threshold:.3f} (k {policy.k}, "
+                     f"γ {policy.gamma:g}): {'upload' if e.score >= e.score_threshold else 'keep'}")
     if e.importance is not None and e.importance_threshold is not None and e.importance_rank is not None:
         lines.append(f"importance {e.importance:.4f} vs threshold τ {e.importance_threshold:.4f}, "
                      f"rank {e.importance_rank + 1} (top-k {policy.k}): "

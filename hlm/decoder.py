@@ -1,10 +1,11 @@
 """The hybrid decoding loop (METHOD.md), yielding one `TokenEvent` per emitted token.
 
-Per step: the SLM drafts d ~ p from its KV cache; u comes from the same logits (temperature perturbation);
-for `ours` the SLM's pass over d (and, with the lookahead estimator, over the next draft) gives the attention
-row that scores d's importance. The policy then decides: keep d locally, or upload (d, p) with the ids kept
-locally since the last upload; the verifier accepts with min(1, q/p) or resamples from norm(max(0, q - p)).
-On a resample the SLM's cache rolls back to the corrected prefix (the verifier never caches drafts).
+Per step: the SLM drafts d ~ p from its KV cache; u and the draft's other statistics come from the same logits
+and attention weights (`hlm.features`); `ours` scores them with its estimator (`hlm.estimators`; the
+paper-literal ones wait for the SLM's pass over d, or over the next draft, for their attention row). The policy
+then decides: keep d locally, or upload (d, p) with the ids kept locally since the last upload; the verifier
+accepts with min(1, q/p) or resamples from norm(max(0, q - p)). On a resample the SLM's cache rolls back to the
+corrected prefix (the verifier never caches drafts).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from hlm.config import LinkConfig, RunConfig
-from hlm.drafter import Drafter
+from hlm.drafter import Attentions, Drafter
 from hlm.energy import Window, measure, open_meter
+from hlm.estimators import REGISTRY, DraftStats
 from hlm.events import TokenEvent
-from hlm.importance import PASSES_NEEDED, Importance, score
+from hlm.features import default_heads, draft_stats, prev_attention
+from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
 from hlm.models import ModelPair
@@ -41,8 +44,12 @@ class Draft:
     p: torch.Tensor
     u: float | None
     position: int
-    passes: int = 0  # SLM passes over this draft and later ones; importance is known after PASSES_NEEDED
+    logits: torch.Tensor  # the SLM's logits that drafted it
+    stats: DraftStats | None = None  # for `ours`: what its estimator scores
+    passes: int = 0  # SLM passes over this draft and later ones; the paper rows exist after estimator.passes
     importance: Importance | None = None
+    score: float | None = None  # the estimator's score and the threshold it was held against
+    threshold: float | None = None
 
 
 class TextStream:
@@ -121,12 +128,19 @@ class HybridDecoder:
         t0 = time.perf_counter()
         gens = [torch.Generator(self.device).manual_seed(s.seed + i) for i in range(3)]
         draft_gen, u_gen, coin_gen = gens
-        needs_u = diagnostics or pol.name in ("uhlm", "ours", "random")
-        passes = PASSES_NEEDED[pol.estimator] if pol.uses_importance else 0
-        drafter = Drafter(self.pair.draft, pol.last_layers, self.pair.template_head)
+        est = REGISTRY[pol.estimator] if pol.name == "ours" else None
+        needs_u = diagnostics or pol.name in ("uhlm", "ours")
+        passes, attention = (est.passes, est.attention) if est else (0, False)
+        selection, valid = self.pair.selection, self.pair.valid
+        cfg = self.pair.draft.config
+        heads = selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
+        embeddings = self.pair.draft.get_output_embeddings().weight
+        drafter = Drafter(self.pair.draft, self.pair.template_head)
         text = TextStream(self.pair.tokenizer)
         context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
         spent = Window(0.0, 0.0 if self.meter else None)  # device compute since the last emitted token
+        attn: Attentions | None = None  # attention weights of the pass that produced `logits`
+        p_prev: float | None = None  # the SLM's probability of the newest token in its context
 
         with measure(self.device, self.meter) as w:
             logits = drafter.prefill(context)
@@ -134,27 +148,38 @@ class HybridDecoder:
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            # Draft until the oldest pending draft can be decided (at once, unless importance needs passes).
+            # 1. Draft until the oldest pending draft can be decided (at once, unless a paper row needs passes).
             while not pending or pending[0].passes < passes:
                 with measure(self.device, self.meter) as w:
-                    p = distribution(logits, s, self.pair.valid)
+                    p = distribution(logits, s, valid)
                     token = sample(p, draft_gen)
-                    u = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, self.pair.valid) \
-                        if needs_u else None
-                    pending.append(Draft(token, p, u, len(context) + len(pending)))
+                    # 2. The draft's statistics from the same logits and attention: no extra forward pass.
+                    unc = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, valid) if needs_u else None
+                    d = Draft(token, p, unc.u if unc else None, len(context) + len(pending), logits)
+                    if est is not None:
+                        d.stats = draft_stats(logits, token, unc, valid, embeddings,
+                                              prev_attention(attn, heads) if attn else None, p_prev,
+                                              d.position - len(prompt_ids))
+                        if not est.passes:
+                            d.score = est.score(d.stats, selection)
+                            d.threshold = selection.scale(est.name).threshold(pol.k, pol.gamma)
+                    pending.append(d)
                     if passes:
-                        logits, row = drafter.forward([token], attention=True)
-                        for d in pending:
-                            d.passes += 1
-                            if d.passes == passes:
-                                d.importance = score(row, d.position, pol.k, pol.gamma, pol.sink_tokens)
+                        p_prev = d.stats.p_draft
+                        logits, attn = drafter.forward([token], attention=True)
+                        row = attention_row(attn, pol.last_layers)
+                        for q in pending:
+                            q.passes += 1
+                            if q.passes == passes:
+                                q.importance = score(row, q.position, pol.k, pol.gamma, pol.sink_tokens)
                 _add(spent, w)
 
+            # 3. The policy: upload or keep.
             d = pending.pop(0)
             coin = float(torch.rand((), generator=coin_gen, device=self.device)) if pol.name == "random" else 1.0
-            important = d.importance.important if d.importance else None
             verdict, bits_up, n_sync = None, 0, 0
-            if should_upload(pol, d.u if d.u is not None else 1.0, important, coin):
+            if should_upload(pol, d.u, coin) if est is None else est.decide(d.stats, d.importance, pol, selection):
+                # 4. Verify: the ids kept since the last upload travel with the draft.
                 n_sync = len(context) - synced
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
                 try:
@@ -168,12 +193,15 @@ class HybridDecoder:
             token = verdict.token if verdict else d.token
             context.append(token)
 
+            # 5. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
             with measure(self.device, self.meter) as w:
-                if source == "cloud_resampled" and passes:  # drop d and the drafts made after it
+                if source == "cloud_resampled" and passes:
                     drafter.rollback(len(pending) + 1)
                     pending.clear()
                 if source == "cloud_resampled" or not passes:
-                    logits, _ = drafter.forward([token])
+                    if d.stats is not None:
+                        p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, valid)
+                    logits, attn = drafter.forward([token], attention=attention)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
             yield self._event(index, len(context) - 1, token, text.push(token, last), source, d, verdict, bits_up,
                               n_sync, spent, link, t0)
@@ -218,6 +246,8 @@ class HybridDecoder:
             uploaded=bits_up > 0 and d is not None, draft_id=d.token if d else None, u=d.u if d else None,
             importance=imp.score if imp else None, importance_threshold=imp.threshold if imp else None,
             importance_rank=imp.rank if imp else None, important=imp.important if imp else None,
+            ubar=d.stats.ubar if d and d.stats else None, score=d.score if d else None,
+            score_threshold=d.threshold if d else None,
             p_draft=verdict.p_draft if verdict else None, q_draft=verdict.q_draft if verdict else None,
             synced_ids=n_sync, bits_up=cost.bits_up, bits_down=cost.bits_down,
             wire_bytes_up=verdict.wire_bytes_up if verdict else None,
@@ -234,6 +264,11 @@ class HybridDecoder:
             energy_method={"device_compute": "measured" if measured else "modelled", "radio": "modelled",
                            "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"},
         )
+
+
+def _probability(logits: torch.Tensor, token: int, valid: torch.Tensor) -> float:
+    """The SLM's probability (temperature 1) of `token` under `logits`: a statistic of the next draft."""
+    return float(torch.softmax(logits.float().masked_fill(~valid, float("-inf")), -1)[token])
 
 
 def _add(total: Window, w: Window) -> None:

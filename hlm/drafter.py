@@ -1,7 +1,7 @@
 """The device side: the small model and its KV cache, one token per pass, with rollback.
 
-Each pass returns the next-position logits and, when asked, the attention row of the newest query
-(`hlm.importance.attention_row`), taken from the same forward pass: importance costs no extra pass.
+Each pass returns the next-position logits and, when asked, the attention weights of the same forward pass
+(one (1, heads, new, context) tensor per layer): selection scores read them and cost no extra pass.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hlm import prefix
-from hlm.importance import attention_row
+
+Attentions = tuple[torch.Tensor, ...]
 
 
 class Drafter:
-    def __init__(self, model: PreTrainedModel, last_layers: int = 4, head: tuple[int, ...] = ()) -> None:
+    def __init__(self, model: PreTrainedModel, head: tuple[int, ...] = ()) -> None:
         self.model = model
         self.head = head  # the chat template's fixed head, prefilled once per model (`hlm.prefix`)
         self.device = model.device
-        self.last_layers = last_layers
         self.cache = DynamicCache()
 
     @property
@@ -27,12 +27,11 @@ class Drafter:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Process `ids` after the cached context; logits for the next position (+ attention row)."""
+    def forward(self, ids: list[int], attention: bool = False) -> tuple[torch.Tensor, Attentions | None]:
+        """Process `ids` after the cached context; logits for the next position (+ attention weights)."""
         out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache,
                          use_cache=True, output_attentions=attention, logits_to_keep=1)
-        row = attention_row(out.attentions, self.last_layers) if attention else None
-        return out.logits[0, -1], row
+        return out.logits[0, -1], (out.attentions if attention else None)
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         self.cache, held = prefix.start(self.model, ids, self.head)

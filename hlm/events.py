@@ -19,8 +19,10 @@ class TokenEvent:
     source: `local` kept without upload; `cloud_accepted` / `cloud_resampled` the verifier's verdict on an
     uploaded draft; `cloud_sampled` the verifier generated it alone (policy `llm`); `unverified` the upload
     failed (cloud unreachable) and the draft was kept.
-    importance / importance_threshold / importance_rank: the draft's attention weight, the adaptive threshold
-    tau it was compared with, and its rank in the row (0 = most attended); None where not computed.
+    importance / importance_threshold / importance_rank: for the paper-literal estimators, the draft's attention
+    weight, the adaptive threshold tau it was compared with, and its rank in the row (0 = most attended);
+    ubar: the Rao-Blackwellised uncertainty; score / score_threshold: the `ours` estimator's score and the bar
+    it was held against (upload iff score >= bar); None where not computed.
     p_draft / q_draft: draft and verifier probability of the drafted token, when verified.
     energy_j: joules per part of ENERGY_PARTS; energy_method: `measured` or `modelled` per part.
     """
@@ -37,6 +39,9 @@ class TokenEvent:
     importance_threshold: float | None = None
     importance_rank: int | None = None
     important: bool | None = None
+    ubar: float | None = None
+    score: float | None = None
+    score_threshold: float | None = None
     p_draft: float | None = None
     q_draft: float | None = None
     synced_ids: int = 0

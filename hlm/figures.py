@@ -155,6 +155,19 @@ def energy_breakdown(summary: Sequence[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def export_png(figs: Sequence[go.Figure], paths: Sequence[Path], width: int, height: int) -> str | None:
+    """Write each figure as PNG through kaleido; returns why not (no browser, ...) instead of raising."""
+    if "BROWSER_PATH" not in os.environ and Path(DEBIAN_CHROMIUM).is_file():
+        os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
+    try:
+        import plotly.io as pio
+
+        pio.write_images(list(figs), list(paths), width=width, height=height)
+    except Exception as exc:  # noqa: BLE001 - no browser, kaleido missing, ...: the HTML is still there
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None, out_dir: Path,
                   png: bool = True) -> dict[str, Any]:
     """Write NAME.html (plotly.min.js once beside them, so the folder works offline) and NAME.png.
@@ -169,14 +182,7 @@ def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] |
         html.append(str(path))
     result: dict[str, Any] = {"html": html, "png": [], "png_error": None}
     if png:
-        if "BROWSER_PATH" not in os.environ and Path(DEBIAN_CHROMIUM).is_file():
-            os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
         paths = [out_dir / f"{name}.png" for name in figs]
-        try:
-            import plotly.io as pio
-
-            pio.write_images(list(figs.values()), paths, **SIZE)
-            result["png"] = [str(p) for p in paths]
-        except Exception as exc:  # noqa: BLE001 - no browser, kaleido missing, ...: HTML is still there
-            result["png_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result["png_error"] = export_png(list(figs.values()), paths, **SIZE)
+        result["png"] = [] if result["png_error"] else [str(p) for p in paths]
     return result

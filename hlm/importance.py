@@ -3,8 +3,8 @@
 Decoder LMs pour attention onto a few sink positions and per-position weights shrink like 1/t, so a fixed
 threshold drifts with position and prompt ("attention collapse"). We therefore drop the sinks, renormalise
 the row, and compare the draft's weight with an adaptive threshold tau = mean + gamma * std of that row,
-and also require it to rank within the row's top-k. Two estimators choose which row scores draft d_n
-(METHOD.md; the default is chosen by the sweep in `hlm.sweep`):
+and also require it to rank within the row's top-k. Two readings choose which row scores draft d_n
+(METHOD.md); `hlm.estimators` registers them as `paper-lookahead` and `paper-self`:
 
 - `lookahead`: the weight the *next* query (the pass that processes d_{n+1}) puts on d_n: how much the model
   actually uses d_n to continue. The decision waits one draft.
@@ -18,9 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-# SLM passes after drafting d_n until its importance row exists: the pass on d_n, plus one for lookahead.
-PASSES_NEEDED = {"self": 1, "lookahead": 2}
-
 
 @dataclass(frozen=True)
 class Importance:
@@ -30,14 +27,18 @@ class Importance:
     important: bool
 
 
-def attention_row(attentions: Sequence[torch.Tensor], last_layers: int) -> torch.Tensor:
-    """Mean over heads (and the last `last_layers` layers; 0 = all) of the newest query's attention row."""
+def attention_row(attentions: Sequence[torch.Tensor], last_layers: int, query: int = -1) -> torch.Tensor:
+    """Mean over heads (and the last `last_layers` layers; 0 = all) of one query's attention row (default: the
+    newest), cut at the query's own key so that a teacher-forced prefill gives the row a decode step would."""
     layers = attentions[-last_layers:] if last_layers else attentions
-    return torch.stack([a[0, :, -1, :].to(torch.float32).mean(0) for a in layers]).mean(0)
+    q = query if query >= 0 else attentions[0].shape[2] + query
+    kv = attentions[0].shape[3] - attentions[0].shape[2] + q + 1
+    return torch.stack([a[0, :, q, :kv].to(torch.float32).mean(0) for a in layers]).mean(0)
 
 
-def score(row: torch.Tensor, position: int, k: int, gamma: float, sink_tokens: int) -> Importance:
-    """Importance of `position` in `row` (the query sits at the row's last position)."""
+def row_stats(row: torch.Tensor, position: int, sink_tokens: int) -> tuple[float, float, float, int]:
+    """`position`'s renormalised weight in `row` (the query sits at the row's last position), the mean and std
+    of the candidates' weights, and its rank among them: all the paper-literal rule needs for any (k, gamma)."""
     query = row.shape[0] - 1
     keep = torch.ones_like(row, dtype=torch.bool)
     keep[: min(sink_tokens, position)] = False
@@ -47,6 +48,14 @@ def score(row: torch.Tensor, position: int, k: int, gamma: float, sink_tokens: i
     weights = weights / weights.sum().clamp_min(1e-12)
     mine = float(row[position] / row[keep].sum().clamp_min(1e-12))
     std = float(weights.std()) if weights.numel() > 1 else 0.0
-    tau = float(weights.mean()) + gamma * std
-    rank = int((weights > mine).sum())
+    return mine, float(weights.mean()), std, int((weights > mine).sum())
+
+
+def decide(mine: float, mean: float, std: float, rank: int, k: int, gamma: float) -> Importance:
+    tau = mean + gamma * std
     return Importance(mine, tau, rank, mine >= tau and rank < k)
+
+
+def score(row: torch.Tensor, position: int, k: int, gamma: float, sink_tokens: int) -> Importance:
+    """Importance of `position` in `row` (the query sits at the row's last position)."""
+    return decide(*row_stats(row, position, sink_tokens), k, gamma)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hlm.estimators import SelectionCalibration
 from hlm.prefix import template_head
 
 MAX_PROMPT_CHARS = 100_000
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 class ModelError(RuntimeError):
@@ -50,6 +52,14 @@ class Preset:
     verifier: str
     description: str
     calibration: Calibration | None = None
+    selection: str = ""  # file in assets/ with the pair's `SelectionCalibration` (`python -m hlm study --fit`)
+
+    def selection_calibration(self) -> SelectionCalibration:
+        """The shipped calibration; without one (not fitted yet) the scores' scales are guesses, and it says so."""
+        path = ASSETS / self.selection
+        if self.selection and path.is_file():
+            return SelectionCalibration.load(path)
+        return SelectionCalibration(note=f"not fitted ({path.name} missing): `python -m hlm study --fit`")
 
 
 PRESETS: dict[str, Preset] = {
@@ -57,7 +67,8 @@ PRESETS: dict[str, Preset] = {
                        "Qwen2.5-Coder-0.5B-Instruct drafts for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from PyPI)",
                        # `python -m hlm calibrate --models embedded --limit 10 --max-new-tokens 32` (bf16, T=0.7)
                        Calibration(a=0.577, b=-0.015, delta=0.483, risk_averse=0.025, risk_prone=0.862,
-                                   samples=319, note="10 prompts of assets/prompts.jsonl, 32 tokens, T=0.7")),
+                                   samples=319, note="10 prompts of assets/prompts.jsonl, 32 tokens, T=0.7"),
+                       selection="selection-embedded.json"),
     "tiny": Preset("tiny:draft", "tiny:verifier", "two tiny randomly initialised models (tests of mechanics)"),
     "qwen": Preset("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 0.5B -> 1.5B (hub)"),
     "paper": Preset("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "meta-llama/Llama-2-7b-chat-hf",
@@ -75,6 +86,7 @@ class ModelPair:
     stop_ids: frozenset[int]
     max_context: int
     calibration: Calibration | None = None
+    selection: SelectionCalibration = field(default_factory=SelectionCalibration)
 
     @property
     def vocab_size(self) -> int:
@@ -220,4 +232,7 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     # The drafter needs attention weights (eager); the verifier does not, so it uses the faster SDPA kernel.
     draft = _load_model(draft_ref, dev, torch_dtype, "eager")
     verifier = _load_model(verifier_ref, dev, torch_dtype, "sdpa")
-    return make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
+    pair = make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
+    if preset is not None:
+        pair.selection = preset.selection_calibration()
+    return pair

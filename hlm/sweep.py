@@ -3,8 +3,8 @@
 Every (prompt, policy, setting, seed) is one run, cached as DIR/runs/<hash>.json where the hash covers the model
 spec, the prompt and the full RunConfig: an interrupted sweep resumes by skipping the runs already on disk. The
 `llm` run of each (prompt, seed) is always made: it is the BERTScore reference. The `random` control runs last:
-for each `ours` setting its skip rate is 1 - (ours upload rate / uhlm upload rate) measured on the same prompts,
-so it uploads as often as `ours` while choosing *which* uncertain drafts to upload by a coin. Ours beating it at
+for each `ours` setting its skip rate is 1 - (ours upload rate) measured on the same prompts, so it uploads as
+often as `ours` while choosing *which* drafts to upload by a coin. Ours beating it at
 equal upload rate is the evidence that importance picks the right tokens.
 
 Writes results.csv/.json (one row per run), summary.csv (mean and 95 % CI over prompts per policy and setting),
@@ -32,9 +32,9 @@ from hlm.prompts import DEFAULT_PROMPTS, load_prompts
 HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
 TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
 GATED = ("ours", "uhlm", "random")  # policies that use u_th
-# Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator: 48 runs, every
-# figure, under 10 minutes on 2 CPU cores; the estimator comparison needs the full sweep (or --estimators).
-QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": ("lookahead",),
+# Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator, every figure,
+# under 10 minutes on 2 CPU cores; comparing estimators is `python -m hlm study`'s job (or --estimators here).
+QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": (PolicyConfig.estimator,),
          "seeds": (0,)}
 FULL = {"limit": None, "max_new_tokens": 64, "k": (2, 4, 8, 16), "gamma": (0.0, 0.5, 1.0, 2.0),
         "estimators": ESTIMATORS, "seeds": (0,)}
@@ -97,8 +97,7 @@ class Grid:
 
     def first_jobs(self, prompts: Sequence[dict[str, str]], base: RunConfig) -> list[Job]:
         """Everything but the random control, prompt by prompt (a partial sweep holds whole prompts)."""
-        singles = ["llm", *(p for p in ("hlm", "slm", "uhlm") if p in self.policies or
-                                  (p == "uhlm" and "random" in self.policies))]
+        singles = ["llm", *(p for p in ("hlm", "slm", "uhlm") if p in self.policies)]
         jobs = []
         for prompt in prompts:
             for seed in self.seeds:
@@ -115,22 +114,19 @@ class Grid:
         """The random control for each ours setting, at the skip rate that matches its pooled upload rate."""
         if "random" not in self.policies:
             return []
-        pooled: dict[tuple[str, str], list[int]] = {}
+        pooled: dict[str, list[int]] = {}
         for job, record in first:
             pol = job.config.policy
-            if pol.name in ("ours", "uhlm"):
-                tally = pooled.setdefault((pol.name, setting_label(pol) if pol.name == "ours" else ""), [0, 0])
+            if pol.name == "ours":
+                tally = pooled.setdefault(setting_label(pol), [0, 0])
                 tally[0] += record["summary"]["uploads"]
                 tally[1] += record["summary"]["tokens"]
-        uhlm_up, uhlm_tokens = pooled[("uhlm", "")]
-        uhlm_rate = uhlm_up / uhlm_tokens if uhlm_tokens else 0.0
         jobs = []
         for job, _ in first:
             pol = job.config.policy
             if pol.name == "ours":
-                up, tokens = pooled[("ours", setting_label(pol))]
-                rate = up / tokens if tokens else 0.0
-                skip = round(min(1.0, max(0.0, 1.0 - rate / uhlm_rate)), 4) if uhlm_rate else 1.0
+                up, tokens = pooled[setting_label(pol)]
+                skip = round(1.0 - up / tokens, 4) if tokens else 1.0
                 jobs.append(Job(job.prompt, job.config.with_policy(name="random", skip_rate=skip),
                                 setting_label(pol)))
         return jobs

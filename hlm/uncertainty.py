@@ -8,9 +8,14 @@ pass). Only whether d_i == d matters, and that has probability P_i = softmax(z /
 logsumexp(z / theta_i): the top HEAD logits enter exactly; the rest enter through a fine histogram (bin centre
 for each logit), which moves log P_i by at most bin_width / (2 theta) times the tail's share of the mass; the
 tail only has mass where theta is large, so the error stays ~1e-5 (tests compare with the exact value).
+
+The same P_i give the Rao-Blackwellised ubar = mean_i (1 - P_i) = E[u | z, thetas]: the signal of u without its
+binomial noise (with K = 20, "u > 0.025" only says that one re-draw of 20 differed), returned beside it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +40,13 @@ def log_normaliser(z: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(head, tail)
 
 
+class Uncertainty(NamedTuple):
+    u: float  # share of the K re-draws that differ from the draft (U-HLM)
+    ubar: float  # its expectation given the logits and the drawn temperatures
+
+
 def uncertainty(logits: torch.Tensor, draft: int, n_samples: int, theta_max: float,
-                generator: torch.Generator, valid: torch.Tensor | None = None) -> float:
+                generator: torch.Generator, valid: torch.Tensor | None = None) -> Uncertainty:
     z = logits.to(torch.float32)
     if valid is not None:
         z = z[valid[: z.shape[-1]]]  # filler ids are never emitted: out of every distribution
@@ -44,4 +54,4 @@ def uncertainty(logits: torch.Tensor, draft: int, n_samples: int, theta_max: flo
     thetas = (torch.rand(n_samples, generator=generator, device=z.device) * theta_max).clamp_min(MIN_THETA)
     p_draft = ((z[draft] - z.max()) / thetas - log_normaliser(z, thetas)).exp()
     disagree = torch.rand(n_samples, generator=generator, device=z.device) >= p_draft
-    return float(disagree.to(torch.float32).mean())
+    return Uncertainty(float(disagree.to(torch.float32).mean()), float(1.0 - p_draft.mean()))

@@ -179,7 +179,7 @@ def test_figures_are_valid_plotly(service):
     config = Settings(max_new_tokens=20, policy="hlm").run_config(None)
     run = RunView("hlm", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
     run.update(list(decoder.generate(PROMPT, config)))
-    history = [{"label": "ours k=16 γ=0", "policy": "ours", "estimator": "lookahead", "energy_saving": 0.4,
+    history = [{"label": "ours k=16 γ=0", "policy": "ours", "estimator": "probe", "energy_saving": 0.4,
                 "bertscore_f1": 0.9, "upload_rate": 0.2, "prompt": PROMPT}]
     for fig in (energy_figure(run.points), upload_figure(run.points), history_figure(history), energy_figure([]),
                 upload_figure([]), history_figure([])):

@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 from test_app import launched_app
 
+from hlm.dashboard import Settings
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]  # Playwright adds --headless and a fresh profile itself
 MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
 RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
+DEFAULT_LABEL = f"ours k={Settings.k} γ={Settings.gamma:g}"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
 
@@ -71,16 +74,16 @@ def test_generate_change_knobs_and_run_again(browser, url, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.goto(url)
     page.get_by_label("Prompt").fill(PROMPT)
-    first = generate(page, "ours k=16 γ=0")
+    first = generate(page, DEFAULT_LABEL)
     assert re.fullmatch(r"\d+\.\d%", first)
     token = page.locator(".prose.hlm-tokens .tok").first
     assert "uploaded" in token.get_attribute("title")  # the hover details are there
     assert page.locator(".hlm-legend .item").count() == 5
     page.screenshot(path=str(out / "dashboard-1280.png"))
 
-    set_number(page, "hlm-k", "64")
+    set_number(page, "hlm-k", "32")
     set_number(page, "hlm-gamma", "0")
-    generate(page, "ours k=64 γ=0")  # the knobs reach the run (its label names them)
+    generate(page, "ours k=32 γ=0")  # the knobs reach the run (its label names them)
     page.get_by_text("Advanced settings").click()
     page.locator("#hlm-policy input").click()
     page.get_by_role("option", name="hlm", exact=True).click()
@@ -95,7 +98,7 @@ def test_phone_width_screenshot(browser, url, tmp_path):
                             has_touch=True)
     page.goto(url)
     page.get_by_label("Prompt").fill(PROMPT)
-    generate(page, "ours k=16 γ=0")
+    generate(page, DEFAULT_LABEL)
     out = shots(tmp_path)
     page.screenshot(path=str(out / "dashboard-390-top.png"))
     page.locator(".hlm-stats").evaluate("e => e.scrollIntoView({block: 'start'})")  # the results, top of screen

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import chisquare
 
 from hlm import decoder as decoder_module
-from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import ESTIMATORS, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.drafter import Drafter
 from hlm.sampling import distribution
@@ -128,10 +128,10 @@ class CheckingDrafter(Drafter):
         assert self.length == len(self.shadow)
 
 
-@pytest.mark.parametrize("estimator", ["lookahead", "self"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_decoder_cache_after_resamples_equals_recompute(tiny, monkeypatch, estimator):
     monkeypatch.setattr(decoder_module, "Drafter", CheckingDrafter)
-    events = list(HybridDecoder(tiny).generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=1000, gamma=0.0,
+    events = list(HybridDecoder(tiny).generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=32, gamma=0.0,
                                                            estimator=estimator)))
     assert sum(e.source == "cloud_resampled" for e in events) >= 2  # rollbacks really happened
     assert CheckingDrafter.checks > 24
@@ -155,11 +155,12 @@ def test_slm_never_calls_the_verifier_and_hlm_verifies_every_token(tiny):
     assert all(e.uploaded and e.source in ("cloud_accepted", "cloud_resampled") for e in events)
 
 
-def test_ours_uploads_a_subset_of_what_uhlm_would(decoder):
-    """On the same drafts: every draft ours uploads is uncertain (uhlm uploads it too), and importance does
-    skip some uncertain drafts."""
+def test_paper_rule_uploads_a_subset_of_what_uhlm_would(decoder):
+    """On the same drafts: every draft the paper-literal rule uploads is uncertain (uhlm uploads it too), and
+    importance does skip some uncertain drafts."""
     u_th = 0.3
-    events = list(decoder.generate(PROMPT, cfg("ours", n=48, u_th=u_th, k=2, gamma=1.0)))
+    events = list(decoder.generate(PROMPT, cfg("ours", n=48, u_th=u_th, k=2, gamma=1.0,
+                                               estimator="paper-lookahead")))
     assert all(e.u > u_th and e.important for e in events if e.uploaded)
     assert any(e.u > u_th and not e.uploaded for e in events)
     assert any(e.uploaded for e in events)

@@ -76,18 +76,21 @@ def test_uncertainty_is_zero_when_peaked_and_high_when_flat():
     g = torch.Generator().manual_seed(0)
     peaked = torch.full((500,), -30.0)
     peaked[7] = 30.0
-    assert uncertainty(peaked, 7, 20, 2.0, g) == 0.0
-    assert uncertainty(torch.zeros(500), 7, 20, 2.0, g) > 0.9
+    assert uncertainty(peaked, 7, 20, 2.0, g) == (0.0, 0.0)
+    assert uncertainty(torch.zeros(500), 7, 20, 2.0, g).u > 0.9
+    assert uncertainty(torch.zeros(500), 7, 20, 2.0, g).ubar > 0.99
 
 
 def test_uncertainty_matches_its_definition_in_expectation():
     """E[u] = E_theta[1 - softmax(z/theta)[d]]: compare the Gumbel estimate with numerical integration."""
     z = torch.tensor([2.0, 1.0, 0.5, 0.0])
     g = torch.Generator().manual_seed(1)
-    est = sum(uncertainty(z, 0, 20, 2.0, g) for _ in range(2000)) / 2000
+    draws = [uncertainty(z, 0, 20, 2.0, g) for _ in range(2000)]
     thetas = torch.linspace(1e-3, 2.0, 20001)
     exact = float((1 - torch.softmax(z[None] / thetas[:, None], -1)[:, 0]).mean())
-    assert abs(est - exact) < 0.01
+    assert abs(sum(d.u for d in draws) / 2000 - exact) < 0.01
+    assert abs(sum(d.ubar for d in draws) / 2000 - exact) < 0.005
+    assert torch.tensor([d.ubar for d in draws]).std() < torch.tensor([d.u for d in draws]).std() / 2
 
 
 def test_importance_excludes_sinks_and_uses_the_adaptive_threshold():
@@ -102,14 +105,14 @@ def test_importance_excludes_sinks_and_uses_the_adaptive_threshold():
 
 
 def test_policies_are_pure_functions_of_the_statistics():
-    assert not should_upload(PolicyConfig(name="slm"), 1.0, True, 0.5)
-    assert should_upload(PolicyConfig(name="hlm"), 0.0, False, 0.5)
-    assert should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.3, False, 0.5)
-    assert not should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.2, True, 0.5)
-    assert should_upload(PolicyConfig(name="ours", u_th=0.2), 0.3, True, 0.5)
-    assert not should_upload(PolicyConfig(name="ours", u_th=0.2), 0.3, False, 0.5)
-    assert should_upload(PolicyConfig(name="random", u_th=0.2, skip_rate=0.25), 0.3, None, 0.5)
-    assert not should_upload(PolicyConfig(name="random", u_th=0.2, skip_rate=0.75), 0.3, None, 0.5)
+    assert not should_upload(PolicyConfig(name="slm"), 1.0, 0.5)
+    assert should_upload(PolicyConfig(name="hlm"), 0.0, 0.5)
+    assert should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.3, 0.5)
+    assert not should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.2, 0.5)
+    assert should_upload(PolicyConfig(name="random", skip_rate=0.25), None, 0.5)  # the coin alone decides
+    assert not should_upload(PolicyConfig(name="random", skip_rate=0.75), None, 0.5)
+    with pytest.raises(ValueError):
+        should_upload(PolicyConfig(name="ours"), 0.5, 0.5)  # ours asks its estimator (tests/test_estimators.py)
 
 
 def test_link_model_follows_shannon_and_power_times_time():

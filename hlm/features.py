@@ -1,0 +1,45 @@
+"""The device's statistics of one draft (`hlm.estimators.DraftStats`), from the logits and attention weights of
+the pass that produced it. The decoder calls this per draft and the study on a teacher-forced prefill, so a score
+measured offline is the score the decoder acts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hlm.estimators import DraftStats
+from hlm.uncertainty import Uncertainty
+
+ALTERNATIVES = 16  # candidates besides the draft that `semantic` compares it with
+
+
+@torch.no_grad()
+def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor, embeddings: torch.Tensor,
+                prev_attention: float | None = None, p_prev: float | None = None, index: int = 0) -> DraftStats:
+    """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows)."""
+    z = logits.to(torch.float32).masked_fill(~valid[: logits.shape[-1]], float("-inf"))
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    top = p.topk(ALTERNATIVES + 1)
+    others = top.indices[top.indices != draft][:ALTERNATIVES]
+    w = p[others] / p[others].sum().clamp_min(1e-30)
+    e = embeddings[torch.cat([others, others.new_tensor([draft])])].to(torch.float32)
+    cos = torch.nn.functional.cosine_similarity(e[:-1], e[-1:], dim=-1)
+    return DraftStats(
+        u=unc.u, ubar=unc.ubar, p_draft=float(p[draft]), p_top=float(top.values[0]),
+        margin=float(top.values[0] - top.values[1]), entropy=float(torch.special.entr(p).sum()),
+        semantic=float((w * (1.0 - cos)).sum()), prev_attention=prev_attention, p_prev=p_prev, index=index)
+
+
+def default_heads(n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
+    """Every head of the middle third of the layers (RAUQ looks there) until a calibration picks one per layer."""
+    return tuple((layer, h) for layer in range(n_layers // 3, 2 * n_layers // 3 or 1) for h in range(n_heads))
+
+
+def prev_attention(attentions: Sequence[torch.Tensor], heads: Sequence[tuple[int, int]], query: int = -1) -> float:
+    """Mean weight that `query` puts on the position before it, over the given (layer, head) pairs."""
+    q = query if query >= 0 else attentions[0].shape[2] + query
+    kv = attentions[0].shape[3] - attentions[0].shape[2] + q  # the query's own column in the key axis
+    return float(torch.stack([attentions[layer][0, h, q, kv - 1].to(torch.float32) for layer, h in heads]).mean())

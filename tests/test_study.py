@@ -1,0 +1,88 @@
+"""The selection study (hlm/study.py): its metrics on hand-made cases with known answers, the command on the tiny
+pair, and the tuning/report split of the shipped calibration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hlm.estimators import SelectionCalibration
+from hlm.models import ASSETS, PRESETS
+from hlm.prompts import load_prompts
+from hlm.study import capture, coin_outcome, faithful, greedy_outcome, paired_summary
+
+
+def test_greedy_outcome_stops_at_the_first_missed_divergence():
+    g = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    selected = np.array([0, 1, 0, 0, 1, 1, 1, 0], dtype=bool)  # catches the first divergence, misses the second
+    prefix, first, caught, total = greedy_outcome(selected, g)
+    assert (prefix, first, caught, total) == (3 / 8, 1.0, 2, 3)
+    assert greedy_outcome(np.ones(8, dtype=bool), g)[0] == 1.0  # every divergence verified: the LLM's answer
+    assert greedy_outcome(np.zeros(4, dtype=bool), np.zeros(4))[:2] == (1.0, None)  # nothing to catch
+
+
+def test_coin_outcome_is_the_expectation_of_coin_flips():
+    g = np.array([0, 0, 1, 0, 1, 1, 0, 0, 0, 1])
+    rng = np.random.default_rng(0)
+    sims = [greedy_outcome(rng.random(10) < 0.3, g) for _ in range(40000)]
+    prefix, first, caught, total = coin_outcome(0.3, g)
+    assert prefix == pytest.approx(np.mean([s[0] for s in sims]), abs=0.005)
+    assert first == pytest.approx(np.mean([s[1] for s in sims]), abs=0.01)
+    assert caught == pytest.approx(np.mean([s[2] for s in sims]), abs=0.02) and total == 4
+
+
+def test_captured_rejection_mass():
+    beta = [np.array([0.9, 0.0, 0.1]), np.array([0.0, 1.0])]
+    scores = [np.array([0.8, 0.1, 0.3]), np.array([0.2, 0.9])]
+    out = capture(scores, beta, 0.4, 0.5, np.random.default_rng(0))
+    assert out["crm"] == pytest.approx(1.9 / 2.0)
+    assert out["crm_lo"] <= out["crm"] <= out["crm_hi"]
+
+
+def test_faithful_prefix_and_paired_summary():
+    assert faithful([1, 2, 3, 9], [1, 2, 3, 4]) == 0.75
+    assert faithful([1, 2], [1, 2, 3, 4]) == 0.5
+    per = [{"ours_upload_rate": 0.3, "coin_upload_rate": 0.3, "ours_prefix": 0.9, "coin_prefix": 0.5,
+            "ours_f1": 0.95, "coin_f1": 0.85 + 0.01 * i} for i in range(10)]
+    s = paired_summary(per)
+    assert s["prefix"]["delta"] == pytest.approx(0.4) and s["prefix"]["delta_lo"] == pytest.approx(0.4)
+    assert 0 < s["f1"]["delta_lo"] < s["f1"]["delta"] < s["f1"]["delta_hi"] and s["f1"]["wilcoxon_p"] < 0.01
+
+
+def test_study_command_on_the_tiny_pair_resumes_from_its_cache(tmp_path, capsys):
+    from hlm.cli import main
+
+    argv = ["study", "--models", "tiny", "--limit", "3", "--max-new-tokens", "8", "--out", str(tmp_path),
+            "--confirm", "6", "--coin-seeds", "0,1"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rules = {r["rule"] for r in summary["rows"]}
+    assert {"probe", "ubar", "semantic", "rauq", "paper-lookahead", "paper-self", "coin", "oracle"} <= rules
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "capture.html").stat().st_size > 1000
+    assert summary["confirm"]["summary"]["prompts"] == 3
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    assert len(cached) == 6  # greedy + one sampled seed per prompt
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == cached
+    assert "end to end on 3 prompts" in capsys.readouterr().out
+
+
+def test_reports_never_use_the_prompts_the_calibration_was_fitted_on():
+    """The shipped calibration was fitted on exactly the tuning prompts; the held-back set shares none of them."""
+    tune = [p["prompt"] for p in load_prompts(ASSETS / "prompts.jsonl")]
+    held = [p["prompt"] for p in load_prompts(ASSETS / "prompts-heldout.jsonl")]
+    assert len(held) >= 64 and not set(tune) & set(held)
+    cal = PRESETS["embedded"].selection_calibration()
+    assert cal.probe is not None and len(cal.tuned_on) == len(tune)
+    assert cal.leaked(tune) == tune and cal.leaked(held) == []
+
+
+def test_study_refuses_to_report_on_tuned_prompts(tmp_path, monkeypatch, tiny):
+    from hlm import models
+    from hlm.cli import main
+    from hlm.estimators import prompt_key
+
+    prompts = load_prompts(ASSETS / "prompts.jsonl", 2)
+    monkeypatch.setattr(tiny, "selection", SelectionCalibration(tuned_on=(prompt_key(prompts[0]["prompt"]),)))
+    monkeypatch.setattr(models, "load_pair", lambda *a, **k: tiny)
+    assert main(["study", "--models", "tiny", "--limit", "2", "--out", str(tmp_path)]) == 2
