@@ -26,7 +26,7 @@ from hlm.importance import PASSES_NEEDED, Importance, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
 from hlm.models import ModelPair
-from hlm.payload import encode
+from hlm.payload import as_sent
 from hlm.policies import should_upload
 from hlm.sampling import distribution, sample
 from hlm.uncertainty import uncertainty
@@ -43,6 +43,7 @@ class Draft:
     position: int
     passes: int = 0  # SLM passes over this draft and later ones; importance is known after PASSES_NEEDED
     importance: Importance | None = None
+    payload: bytes | None = None  # the upload built before drafting: token was sampled from its decoded form
 
 
 class TextStream:
@@ -138,10 +139,12 @@ class HybridDecoder:
             while not pending or pending[0].passes < passes:
                 with measure(self.device, self.meter) as w:
                     p = distribution(logits, s, self.pair.valid)
-                    token = sample(p, draft_gen)
+                    # Draw from what the cloud will read (exact in every payload format); slm sends nothing.
+                    payload, sent = as_sent(p, link.bits_per_prob, link.topk) if pol.name != "slm" else (None, p)
+                    token = sample(sent, draft_gen)
                     u = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, self.pair.valid) \
                         if needs_u else None
-                    pending.append(Draft(token, p, u, len(context) + len(pending)))
+                    pending.append(Draft(token, p, u, len(context) + len(pending), payload=payload))
                     if passes:
                         logits, row = drafter.forward([token], attention=True)
                         for d in pending:
@@ -158,7 +161,7 @@ class HybridDecoder:
                 n_sync = len(context) - synced
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
                 try:
-                    verdict = self.verifier.verify(context, d.token, encode(d.p, link.bits_per_prob, link.topk))
+                    verdict = self.verifier.verify(context, d.token, d.payload)
                     synced = len(context) + 1  # the verifier knows its own verdict token
                     source = "cloud_accepted" if verdict.accepted else "cloud_resampled"
                 except CloudUnavailable:
