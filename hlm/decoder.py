@@ -29,7 +29,7 @@ from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
 from hlm.models import ModelPair
-from hlm.payload import encode
+from hlm.payload import as_sent
 from hlm.policies import should_upload
 from hlm.sampling import distribution, sample
 from hlm.uncertainty import uncertainty
@@ -50,6 +50,7 @@ class Draft:
     importance: Importance | None = None
     score: float | None = None  # the estimator's score and the threshold it was held against
     threshold: float | None = None
+    payload: bytes | None = None  # the upload built before drafting: token was sampled from its decoded form
 
 
 class TextStream:
@@ -152,10 +153,12 @@ class HybridDecoder:
             while not pending or pending[0].passes < passes:
                 with measure(self.device, self.meter) as w:
                     p = distribution(logits, s, valid)
-                    token = sample(p, draft_gen)
+                    # Draw from what the cloud will read (exact in every payload format); slm sends nothing.
+                    payload, sent = as_sent(p, link.bits_per_prob, link.topk) if pol.name != "slm" else (None, p)
+                    token = sample(sent, draft_gen)
                     # 2. The draft's statistics from the same logits and attention: no extra forward pass.
                     unc = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, valid) if needs_u else None
-                    d = Draft(token, p, unc.u if unc else None, len(context) + len(pending), logits)
+                    d = Draft(token, p, unc.u if unc else None, len(context) + len(pending), logits, payload=payload)
                     if est is not None:
                         d.stats = draft_stats(logits, token, unc, valid, embeddings,
                                               prev_attention(attn, heads) if attn else None, p_prev,
@@ -183,7 +186,7 @@ class HybridDecoder:
                 n_sync = len(context) - synced
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
                 try:
-                    verdict = self.verifier.verify(context, d.token, encode(d.p, link.bits_per_prob, link.topk))
+                    verdict = self.verifier.verify(context, d.token, d.payload)
                     synced = len(context) + 1  # the verifier knows its own verdict token
                     source = "cloud_accepted" if verdict.accepted else "cloud_resampled"
                 except CloudUnavailable:

@@ -1,14 +1,20 @@
 """The bytes an upload carries: the draft's distribution p in a compact binary form (never pickle).
 
 Formats (METHOD.md): the full distribution at 32, 16 or 8 bits per probability, or the CU-HLM top-k form
-(k indices + k probabilities, the remaining mass spread uniformly over the other ids). 8-bit values are
+(k indices + k probabilities; any remaining mass is spread uniformly over the other ids). 8-bit values are
 negative log-probabilities quantised linearly over [0, 24] nats (255 = zero), because linear 8-bit
-probabilities would round almost the whole vocabulary to zero. Only 32-bit full keeps rejection sampling
-exact; the others trade a small, measurable bias for fewer bits.
+probabilities would round almost the whole vocabulary to zero.
+
+Every format keeps rejection sampling exact because the device draws its draft from the distribution it
+sends, p_hat = decode(encode(p)) (`as_sent`), and the cloud accepts with min(1, q/p_hat): the quantisation
+and truncation change the acceptance rate, never the output distribution. `encode` writes the top-k form
+truncated and renormalised, with the values rounded so that no residual mass is left to spread: p_hat is
+then zero wherever p is, so a draft is always a token the SLM itself could have drawn (never a filler id).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -19,6 +25,10 @@ _HEADER = struct.Struct("<4sBBII")  # magic, bits_per_prob, version, vocab_size,
 VERSION = 1
 _NATS_8BIT = 24.0
 MAX_VOCAB = 1 << 20
+# Top-k values are scaled by this before quantisation so their decoded sum is >= 1 (no residual mass): it
+# exceeds each format's worst relative rounding (fp32 2^-24, fp16 2^-11, 8-bit half a code). The decoder
+# renormalises, so the scale costs no fidelity.
+_TOPK_SCALE = {32: 1 + 2**-16, 16: 1 + 2**-9, 8: math.exp(0.5 * _NATS_8BIT / 254) * 1.001}
 
 
 class PayloadError(ValueError):
@@ -28,8 +38,8 @@ class PayloadError(ValueError):
 def _encode_values(values: np.ndarray, bits: int) -> bytes:
     if bits == 32:
         return values.astype("<f4").tobytes()
-    if bits == 16:
-        return values.astype("<f2").tobytes()
+    if bits == 16:  # torch's conversion rounds like numpy's (IEEE nearest-even) at ~1/300 of its cost
+        return torch.from_numpy(values).to(torch.float16).numpy().astype("<f2", copy=False).tobytes()
     nats = -np.log(np.clip(values, 1e-30, None))
     codes = np.where(values > 0, np.clip(np.rint(nats / _NATS_8BIT * 254), 0, 254), 255)
     return codes.astype(np.uint8).tobytes()
@@ -39,22 +49,35 @@ def _decode_values(raw: bytes, bits: int, count: int) -> np.ndarray:
     if bits == 32:
         return np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32)
     if bits == 16:
-        return np.frombuffer(raw, dtype="<f2", count=count).astype(np.float32)
+        half = np.frombuffer(raw, dtype="<f2", count=count).astype(np.float16)  # a native, writable copy
+        return torch.from_numpy(half).to(torch.float32).numpy()
     codes = np.frombuffer(raw, dtype=np.uint8, count=count).astype(np.float32)
     return np.where(codes == 255, 0.0, np.exp(-codes / 254 * _NATS_8BIT)).astype(np.float32)
 
 
 def encode(probs: torch.Tensor, bits_per_prob: int = 32, topk: int = 0) -> bytes:
-    """Serialise a probability vector (1-D, sums to 1)."""
-    p = probs.detach().to(torch.float32).cpu().numpy()
+    """Serialise a probability vector (1-D, sums to 1); top-k keeps the k largest entries, renormalised."""
+    p = probs.detach().to(torch.float32).cpu()
     vocab = p.shape[0]
-    if topk and topk < vocab:
-        idx = np.argpartition(-p, topk - 1)[:topk].astype("<u4")
-        body = idx.tobytes() + _encode_values(p[idx], bits_per_prob)
-        k = topk
-    else:
-        body, k = _encode_values(p, bits_per_prob), 0
-    return _HEADER.pack(MAGIC, bits_per_prob, VERSION, vocab, k) + body
+    if not (topk and topk < vocab):
+        return _HEADER.pack(MAGIC, bits_per_prob, VERSION, vocab, 0) + _encode_values(p.numpy(), bits_per_prob)
+    values, indices = torch.topk(p, topk)
+    idx, top = indices.numpy(), values.numpy().astype(np.float64)
+    top /= top.sum()
+    scale = _TOPK_SCALE[bits_per_prob]
+    for _ in range(64):  # one pass in practice; the loop makes "no residual" a guarantee, not an estimate
+        raw = _encode_values((top * scale).astype(np.float32), bits_per_prob)
+        if float(_decode_values(raw, bits_per_prob, topk).sum()) >= 1.0:
+            break
+        scale *= 1.01
+    return _HEADER.pack(MAGIC, bits_per_prob, VERSION, vocab, topk) + idx.astype("<u4").tobytes() + raw
+
+
+def as_sent(probs: torch.Tensor, bits_per_prob: int = 32, topk: int = 0) -> tuple[bytes, torch.Tensor]:
+    """The payload for p and the distribution the cloud will read from it (on p's device). The draft must be
+    sampled from the latter for the cloud's rejection step to be exact in every format."""
+    data = encode(probs, bits_per_prob, topk)
+    return data, decode(data, int(probs.shape[-1])).to(probs.device)
 
 
 def decode(data: bytes, vocab_size: int | None = None) -> torch.Tensor:

@@ -6,19 +6,25 @@ import torch
 from scipy.stats import chisquare
 
 from hlm import decoder as decoder_module
-from hlm.config import ESTIMATORS, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import ESTIMATORS, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.drafter import Drafter
-from hlm.sampling import distribution
+from hlm.payload import decode, encode
+from hlm.sampling import distribution, sample
 from hlm.verifier import LocalVerifier
 
 ALPHA = 1e-3  # significance level of the goodness-of-fit tests
 PROMPT = "abc"
+# Every upload format (bits_per_prob, topk): the top-k ones truncate the tiny pair's 259 valid ids hard.
+FORMATS = [pytest.param(32, 0, id="32bit-full"), pytest.param(16, 0, id="16bit-full"),
+           pytest.param(8, 0, id="8bit-full"), pytest.param(16, 4, id="16bit-top4"),
+           pytest.param(8, 8, id="8bit-top8")]
 
 
-def cfg(policy: str = "hlm", n: int = 16, seed: int = 0, temperature: float = 1.0, **policy_kw) -> RunConfig:
+def cfg(policy: str = "hlm", n: int = 16, seed: int = 0, temperature: float = 1.0, bits: int = 16, topk: int = 0,
+        **policy_kw) -> RunConfig:
     return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=n, seed=seed, stop_at_eos=False),
-                     PolicyConfig(name=policy, **policy_kw))
+                     PolicyConfig(name=policy, **policy_kw), LinkConfig(bits_per_prob=bits, topk=topk))
 
 
 def next_token_probs(model, pair, ids, temperature=1.0):
@@ -39,17 +45,80 @@ def chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
     return float(chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
 
 
-@pytest.mark.parametrize("policy", ["hlm", "llm"])
-def test_output_follows_the_verifier_distribution(tiny, policy):
-    """Over many seeds the emitted token is distributed as the verifier's q (chi-square, alpha = 1e-3), and the
-    same test rejects the draft's p, so it has the power to fail."""
-    dec = HybridDecoder(tiny)
+def first_tokens(dec: HybridDecoder, policy: str, n: int = 2000, **kw) -> list[int]:
+    return [next(dec.generate(PROMPT, cfg(policy, n=1, seed=s, **kw))).token_id for s in range(n)]
+
+
+def drafted_from(draw: np.ndarray, p_hat: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The law of the token emitted when the draft is drawn from `draw` but the cloud accepts with
+    min(1, q/p_hat) and resamples from norm(max(0, q - p_hat)); it is q only when draw == p_hat."""
+    accept = np.where(p_hat > 0, np.minimum(1.0, q / np.where(p_hat > 0, p_hat, 1.0)), 0.0)
+    residual = np.clip(q - p_hat, 0.0, None)
+    return draw * accept + (draw * (1 - accept)).sum() * residual / residual.sum()
+
+
+@pytest.mark.parametrize("bits,topk", FORMATS)
+def test_hlm_output_follows_the_verifier_distribution_in_every_payload_format(tiny, bits, topk):
+    """Over many seeds the emitted token is distributed as the verifier's q (chi-square, alpha = 1e-3) whatever
+    the upload's precision or truncation, and the same test rejects the draft's p, so it has the power to fail."""
     ids = tiny.encode_prompt(PROMPT, 1)
     q = next_token_probs(tiny.verifier, tiny, ids)
     p = next_token_probs(tiny.draft, tiny, ids)
-    samples = [next(dec.generate(PROMPT, cfg(policy, n=1, seed=s))).token_id for s in range(2000)]
+    samples = first_tokens(HybridDecoder(tiny), "hlm", bits=bits, topk=topk)
     assert chi2_pvalue(samples, q) > ALPHA
     assert chi2_pvalue(samples, p) < ALPHA
+
+
+def test_llm_output_follows_the_verifier_distribution(tiny):
+    """The same test for `llm` (no upload, so no payload format to vary)."""
+    ids = tiny.encode_prompt(PROMPT, 1)
+    samples = first_tokens(HybridDecoder(tiny), "llm")
+    assert chi2_pvalue(samples, next_token_probs(tiny.verifier, tiny, ids)) > ALPHA
+    assert chi2_pvalue(samples, next_token_probs(tiny.draft, tiny, ids)) < ALPHA
+
+
+@pytest.mark.parametrize("bits,topk", [pytest.param(16, 4, id="16bit-top4"), pytest.param(8, 8, id="8bit-top8")])
+def test_topk_is_exact_because_the_draft_comes_from_what_is_sent(tiny, bits, topk):
+    """The SLM verifying itself (q = p) accepts most drafts, so drawing the draft from p while the cloud reads
+    the truncated p_hat (the behaviour before issue 10) would emit a law ~0.24 in total variation from q here.
+    The output follows q, and the test rejects that law: it would catch the regression."""
+    ids = tiny.encode_prompt(PROMPT, 1)
+    q = next_token_probs(tiny.draft, tiny, ids).astype(np.float64)
+    p_hat = decode(encode(torch.from_numpy(q).float(), bits, topk)).numpy().astype(np.float64)
+    dec = HybridDecoder(tiny, LocalVerifier(tiny.draft, tiny.valid, head=tiny.template_head))
+    samples = first_tokens(dec, "hlm", bits=bits, topk=topk)
+    assert chi2_pvalue(samples, q) > ALPHA
+    assert chi2_pvalue(samples, drafted_from(q, p_hat, q)) < ALPHA
+
+
+class RecordingVerifier(LocalVerifier):
+    def verify(self, context, draft, payload):
+        self.payloads.append(payload)
+        return super().verify(context, draft, payload)
+
+
+@pytest.mark.parametrize("bits,topk", FORMATS)
+def test_the_draft_is_sampled_from_the_bytes_the_cloud_reads(tiny, monkeypatch, bits, topk):
+    drawn = []
+    monkeypatch.setattr(decoder_module, "sample", lambda probs, g: drawn.append(probs) or sample(probs, g))
+    verifier = RecordingVerifier(tiny.verifier, tiny.valid, head=tiny.template_head)
+    verifier.payloads = []
+    events = list(HybridDecoder(tiny, verifier).generate(PROMPT, cfg("hlm", n=12, bits=bits, topk=topk)))
+    assert len(drawn) == len(verifier.payloads) == len(events) == 12
+    for probs, payload, e in zip(drawn, verifier.payloads, events, strict=True):
+        assert torch.equal(decode(payload, tiny.vocab_size), probs)
+        assert float(probs[e.draft_id]) == e.p_draft > 0
+
+
+def test_topk_drafts_kept_locally_are_real_tokens_and_slm_ignores_the_link(tiny):
+    """Under a selective policy a top-k draft may stay on the device: it is one of the k (never a filler id or
+    a token outside the SLM's support). `slm` uploads nothing, so its drafts stay p's, whatever the link."""
+    dec = HybridDecoder(tiny)
+    events = list(dec.generate(PROMPT, cfg("uhlm", n=40, bits=8, topk=4, u_th=0.5)))
+    assert any(e.source == "local" for e in events) and any(e.uploaded for e in events)
+    assert all(bool(tiny.valid[e.token_id]) for e in events)
+    slm = [[e.token_id for e in dec.generate(PROMPT, cfg("slm", n=16, topk=topk))] for topk in (0, 4)]
+    assert slm[0] == slm[1]
 
 
 def test_second_token_follows_the_verifier_after_a_local_sync(tiny):
@@ -195,9 +264,10 @@ def test_cancel_stops_after_the_current_token(decoder):
     assert len(got) == 5
 
 
-def test_greedy_hlm_equals_the_verifier_greedy(decoder, tiny):
-    """At temperature 0 HLM must reproduce the verifier's own greedy decoding token for token."""
-    events = list(decoder.generate(PROMPT, cfg("hlm", n=12, temperature=0.0)))
+@pytest.mark.parametrize("bits,topk", FORMATS)
+def test_greedy_hlm_equals_the_verifier_greedy(decoder, tiny, bits, topk):
+    """At temperature 0 HLM must reproduce the verifier's own greedy decoding token for token, in every format."""
+    events = list(decoder.generate(PROMPT, cfg("hlm", n=12, temperature=0.0, bits=bits, topk=topk)))
     ids = tiny.encode_prompt(PROMPT, 12)
     out = tiny.verifier.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                  suppress_tokens=list(range(len(tiny.tokenizer), tiny.vocab_size)))
