@@ -92,7 +92,7 @@ class Settings:
     snr_db: float = _L.snr_db
     tx_power_w: float = _L.tx_power_w
     bits_per_prob: int = _L.bits_per_prob
-    topk: int = _L.topk
+    topk: int = 64  # 16-bit top-64: same acceptance as the full distribution at 1/722 of the bits (README)
 
     def run_config(self, calibration: Calibration | None) -> RunConfig:
         u_th = self.u_th if self.u_th is not None else calibration.risk_averse if calibration else _P.u_th
@@ -377,8 +377,10 @@ def run_label(config: RunConfig) -> str:
     p = config.policy
     if p.name == "ours":
         return f"ours k={p.k} γ={p.gamma:g}" + ("" if p.estimator == _P.estimator else f" {p.estimator}")
-    if p.name in ("uhlm", "random"):
-        return f"{p.name} u_th={p.u_th:g}"
+    if p.name == "uhlm":
+        return f"uhlm u_th={p.u_th:g}"
+    if p.name == "random":
+        return f"random skip={p.skip_rate:g}"
     return p.name
 
 

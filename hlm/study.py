@@ -404,6 +404,68 @@ def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
     return n / max(len(reference), 1)
 
 
+def coin_seed(prompt_id: str, seed: int) -> int:
+    """A coin stream of its own per prompt: with one seed for all prompts every prompt would reuse the same
+    uniforms, and the matched coin's upload rate would be off by the luck of one sequence (seen here: -6 points)."""
+    return int(hashlib.sha256(f"{prompt_id}/{seed}".encode()).hexdigest()[:12], 16)
+
+
+def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
+    """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+    path = runs_dir / f"{prompt['id']}-{key[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    text, events, summary = decoder.run(prompt["prompt"], cfg)
+    rec = {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
+           "tokens": summary["tokens"]}
+    path.write_text(json.dumps(rec), encoding="utf-8")
+    return rec
+
+
+def sampled_quality(decoder: Any, prompts: Sequence[dict[str, str]], out: Path, config: Any,  # noqa: ANN401
+                    references: int, progress: bool = True) -> dict[str, Any]:
+    """At T > 0 one LLM sample is a noisy reference. Per prompt: `references` LLM samples (seeds 1000+i), one
+    `hlm` and one `ours` run (seed 0); each scored by its mean BERTScore against every LLM sample. HLM follows
+    the LLM's distribution exactly, so its score is the floor of what any policy can reach; the LLM samples
+    scored against each other show the spread inside that floor."""
+    from tqdm import tqdm
+
+    from hlm.quality import get_scorer
+
+    runs_dir = out / "quality"
+    rows = []
+    for p in tqdm(prompts, desc=f"quality T={config.sampling.temperature:g}", unit="prompt", disable=not progress,
+                  file=sys.stderr):
+        refs = [cached_run(decoder, runs_dir, p, replace(config, sampling=replace(config.sampling, seed=1000 + i))
+                           .with_policy(name="llm")) for i in range(references)]
+        rows.append({"prompt_id": p["id"], "refs": [r["text"] for r in refs],
+                     "hlm": cached_run(decoder, runs_dir, p, config.with_policy(name="hlm")),
+                     "ours": cached_run(decoder, runs_dir, p, config)})
+    scorer = get_scorer()
+    pairs = [(r[arm]["text"], ref) for r in rows for arm in ("hlm", "ours") for ref in r["refs"]]
+    pairs += [(a, b) for r in rows for i, a in enumerate(r["refs"]) for j, b in enumerate(r["refs"]) if i != j]
+    f1 = iter(scorer.f1([a for a, _ in pairs], [b for _, b in pairs]))
+    m = references
+    per = []
+    for r in rows:
+        hlm_f1 = float(np.mean([next(f1) for _ in range(m)]))
+        ours_f1 = float(np.mean([next(f1) for _ in range(m)]))
+        per.append({"prompt_id": r["prompt_id"], "hlm_f1": hlm_f1, "ours_f1": ours_f1,
+                    "ours_upload_rate": r["ours"]["uploads"] / max(r["ours"]["tokens"], 1)})
+    llm_vs_llm = [next(f1) for r in rows for _ in range(m * (m - 1))]
+    rng = np.random.default_rng(0)
+    d = np.array([r["ours_f1"] - r["hlm_f1"] for r in per])
+    boot = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(BOOT)]
+    return {"per_prompt": per, "references": m, "bertscore": scorer.method, "config": config.to_dict(),
+            "summary": {"prompts": len(per), "hlm_f1": float(np.mean([r["hlm_f1"] for r in per])),
+                        "ours_f1": float(np.mean([r["ours_f1"] for r in per])), "delta": float(d.mean()),
+                        "delta_lo": float(np.percentile(boot, 2.5)), "delta_hi": float(np.percentile(boot, 97.5)),
+                        "llm_vs_llm_f1": float(np.mean(llm_vs_llm)), "llm_vs_llm_sd": float(np.std(llm_vs_llm)),
+                        "ours_upload_rate": float(np.mean([r["ours_upload_rate"] for r in per]))}}
+
+
 def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,  # noqa: ANN401
             config: Any, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:  # noqa: ANN401
     """Real decoder runs, greedy: `ours` as configured, then per prompt `random` matched to ours' upload count
@@ -412,28 +474,18 @@ def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[st
 
     from hlm.quality import get_scorer
 
-    runs_dir = out / "confirm"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     tok = decoder.pair.tokenizer
     n = config.sampling.max_new_tokens
 
     def run(prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
-        key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict()], sort_keys=True).encode()).hexdigest()
-        path = runs_dir / f"{prompt['id']}-{key[:12]}.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-        text, events, summary = decoder.run(prompt["prompt"], cfg)
-        rec = {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
-               "tokens": summary["tokens"]}
-        path.write_text(json.dumps(rec), encoding="utf-8")
-        return rec
+        return cached_run(decoder, out / "confirm", prompt, cfg)
 
     rows = []
     for p in tqdm(prompts, desc="confirm", unit="prompt", disable=not progress, file=sys.stderr):
         ref = references[p["id"]][:n]
         ours = run(p, config)
         skip = round(1.0 - ours["uploads"] / max(ours["tokens"], 1), 4)
-        coins = [run(p, replace(config, sampling=replace(config.sampling, seed=s)).with_policy(
+        coins = [run(p, replace(config, sampling=replace(config.sampling, seed=coin_seed(p["id"], s))).with_policy(
             name="random", skip_rate=skip)) for s in coin_seeds]
         rows.append({"prompt_id": p["id"], "reference": tok.decode(ref, skip_special_tokens=True), "ours": ours,
                      "coins": coins, "ref_ids": ref})
@@ -528,7 +580,8 @@ def figures(rows: Sequence[dict[str, Any]], out: Path) -> None:
                 continue
             fig.add_trace(go.Scatter(x=[100 * b for b, _ in pts], y=[v for _, v in pts], mode="lines+markers",
                                      name=rule, legendgroup=rule, showlegend=col == 1,
-                                     line={"color": colours.get(rule), "dash": "dot" if rule in colours else None}),
+                                     line={"color": colours[rule],
+                                           "dash": "dot" if rule in ("coin", "oracle") else None}),
                           row=1, col=col)
         fig.update_xaxes(title_text="uploads (% of drafts)", row=1, col=col)
     fig.update_layout(title="Which score picks the drafts the cloud would change", template="plotly_white",
@@ -574,16 +627,24 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.fit:
         result["decisions"] = decide(result)
         (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
-    if args.confirm:
+    if args.confirm or args.quality:
         from hlm.config import PolicyConfig, RunConfig, SamplingConfig
         from hlm.decoder import HybridDecoder
 
+        decoder = HybridDecoder(pair)
+    if args.quality:
+        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
+                              **({"estimator": args.estimator} if args.estimator else {}))
+        config = RunConfig(SamplingConfig(temperature=args.temperature, max_new_tokens=args.quality), policy)
+        chosen = prompts[: args.quality_limit]
+        result["quality"] = sampled_quality(decoder, chosen, out, config, args.references)
+    if args.confirm:
         policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
                               **({"estimator": args.estimator} if args.estimator else {}))
         config = RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=args.confirm), policy)
         refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
         chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
-        result["confirm"] = confirm(HybridDecoder(pair), chosen, refs, out, config, args.coin_seeds)
+        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
         result["confirm"]["config"] = config.to_dict()
     write_outputs(result, out)
     print_report(result)
@@ -624,6 +685,13 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"decision: {result['decisions']['reason']}")
     if "confirm" in result:
         print_confirm(result["confirm"])
+    if "quality" in result:
+        q = result["quality"]["summary"]
+        print(f"T={result['quality']['config']['sampling']['temperature']:g} on {q['prompts']} prompts, BERTScore "
+              f"against {result['quality']['references']} LLM samples each: hlm {q['hlm_f1']:.3f}, ours "
+              f"{q['ours_f1']:.3f} at {q['ours_upload_rate']:.1%} uploads, delta {q['delta']:+.3f} "
+              f"[{q['delta_lo']:+.3f}, {q['delta_hi']:+.3f}]; LLM samples against each other "
+              f"{q['llm_vs_llm_f1']:.3f} (sd {q['llm_vs_llm_sd']:.3f})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -637,7 +705,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
                    help="sampled-path seeds, comma-separated (empty: greedy replay only)")
-    p.add_argument("--temperature", type=float, default=0.7, help="of the sampled paths")
+    p.add_argument("--temperature", type=float, default=0.7, help="of the sampled paths and --quality")
     p.add_argument("--batch", type=int, default=8, help="prompts per batched generation")
     p.add_argument("--fit", default=None, metavar="JSON",
                    help="fit the pair's selection calibration on these prompts and write it here")
@@ -648,7 +716,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="end to end: real greedy runs of N tokens, ours (--estimator, --k, --gamma) vs a coin matched "
                         "per prompt to its upload count, against the LLM's greedy answer")
     p.add_argument("--confirm-limit", type=int, default=None, help="prompts for --confirm (default: all)")
-    p.add_argument("--coin-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--quality", type=int, default=0, metavar="N",
+                   help="at --temperature: ours vs hlm over N tokens, BERTScore against several LLM samples")
+    p.add_argument("--references", type=int, default=3, help="LLM samples per prompt for --quality")
+    p.add_argument("--quality-limit", type=int, default=None, help="prompts for --quality (default: all)")
+    p.add_argument("--coin-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--estimator", default=None, help="for --confirm (default: PolicyConfig's)")
     add_model_args(p)
     p.set_defaults(func=cmd_study)

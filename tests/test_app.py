@@ -125,7 +125,7 @@ def test_compare_runs_the_three_policies_against_the_reference(client):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"prompt": "   "}, "the prompt is empty"),
-    ({"prompt": PROMPT, "k": 0}, "k must be an integer >= 1, got 0"),
+    ({"prompt": PROMPT, "k": 0}, "k must be an integer in [1, 32], got 0"),
     ({"prompt": PROMPT, "policy": "greedy"}, "unknown policy 'greedy'"),
     ({"prompt": PROMPT, "snr_db": 99.0}, "snr_db must be in [-30, 60]"),
     ({"prompt": PROMPT, "pair": "nonexistent"}, "model pair 'nonexistent' is not offered here"),
@@ -201,8 +201,16 @@ def test_token_span_escapes_text_and_explains_the_decision():
         assert fact in span
 
 
-def test_stream_shows_the_first_token_at_once_then_throttles(service):
+def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatch):
     decoder = service.decoder("tiny")
+    generate = decoder.generate
+
+    def paced(*args, **kwargs):  # the tiny pair can finish 256 tokens inside one refresh period on a fast CPU
+        for event in generate(*args, **kwargs):
+            time.sleep(0.005)
+            yield event
+
+    monkeypatch.setattr(decoder, "generate", paced)
     config = Settings(max_new_tokens=256, policy="slm").run_config(None)
     config = replace(config, sampling=replace(config.sampling, stop_at_eos=False))
     cancel = threading.Event()
@@ -267,5 +275,5 @@ def test_compare_frames_fill_four_columns_and_a_table(service):
     assert frames[0].tab == "compare"
     last = frames[-1]
     rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
-    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", "ours k=16 γ=0"]
+    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
     assert last.compare.count('class="col"') == 4 and len(last.history) == 3

@@ -35,5 +35,5 @@ def test_embedded_pair_generates_code(embedded, policy):
     if policy == "hlm":
         assert summary["llm_calls"] == 12 and summary["energy_saving"] == pytest.approx(0.0, abs=0.02)
     else:
-        assert all(e.importance is not None for e in events)
+        assert all(e.score is not None and e.uploaded == (e.score >= e.score_threshold) for e in events)
         assert summary["uploads"] <= 12

@@ -53,18 +53,21 @@ def test_study_command_on_the_tiny_pair_resumes_from_its_cache(tmp_path, capsys)
     from hlm.cli import main
 
     argv = ["study", "--models", "tiny", "--limit", "3", "--max-new-tokens", "8", "--out", str(tmp_path),
-            "--confirm", "6", "--coin-seeds", "0,1"]
+            "--confirm", "6", "--coin-seeds", "0,1", "--quality", "6", "--references", "2"]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     rules = {r["rule"] for r in summary["rows"]}
     assert {"probe", "ubar", "semantic", "rauq", "paper-lookahead", "paper-self", "coin", "oracle"} <= rules
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "capture.html").stat().st_size > 1000
     assert summary["confirm"]["summary"]["prompts"] == 3
+    q = summary["quality"]["summary"]
+    assert q["prompts"] == 3 and 0 <= q["hlm_f1"] <= 1 and q["delta_lo"] <= q["delta"] <= q["delta_hi"]
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     assert len(cached) == 6  # greedy + one sampled seed per prompt
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == cached
-    assert "end to end on 3 prompts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "end to end on 3 prompts" in printed and "against 2 LLM samples each" in printed
 
 
 def test_reports_never_use_the_prompts_the_calibration_was_fitted_on():
