@@ -26,7 +26,7 @@ import pandas as pd
 from gradio.components.plot import PlotData
 
 from hlm.cli import add_model_args
-from hlm.config import ESTIMATORS, POLICIES
+from hlm.config import ESTIMATORS, POLICIES, PolicyConfig
 from hlm.dashboard import (
     TOKEN_HEADERS,
     USER_ERRORS,
@@ -56,7 +56,9 @@ HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model o
           'came from.</p></div>')
 POLICY_INFO = ("ours: upload the drafts its estimator scores highest · uhlm: if u > u_th · hlm: every token · "
                "slm: never · llm: the cloud model alone · random: a coin (the control)")
-ESTIMATOR_INFO = " · ".join(f"{name}: {e.description}" for name, e in REGISTRY.items())
+_DEFAULT_ESTIMATOR = REGISTRY[PolicyConfig.estimator]
+ESTIMATOR_INFO = (f"how ours scores a draft; {PolicyConfig.estimator} (default): {_DEFAULT_ESTIMATOR.description}; "
+                  "paper-*: the paper-literal attention rule (README: Selection)")
 
 
 def user_errors(fn: Callable) -> Callable:
