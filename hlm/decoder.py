@@ -10,6 +10,7 @@ corrected prefix (the verifier never caches drafts).
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import threading
 import time
@@ -127,8 +128,8 @@ class HybridDecoder:
                 diagnostics: bool) -> Iterator[TokenEvent]:
         s, pol, link = config.sampling, config.policy, config.link
         t0 = time.perf_counter()
-        gens = [torch.Generator(self.device).manual_seed(s.seed + i) for i in range(3)]
-        draft_gen, u_gen, coin_gen = gens
+        draft_gen, u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
+        coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
         est = REGISTRY[pol.estimator] if pol.name == "ours" else None
         needs_u = diagnostics or pol.name in ("uhlm", "ours")
         passes, attention = (est.passes, est.attention) if est else (0, False)
@@ -267,6 +268,13 @@ class HybridDecoder:
             energy_method={"device_compute": "measured" if measured else "modelled", "radio": "modelled",
                            "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"},
         )
+
+
+def coin_seed(seed: int, prompt_ids: list[int]) -> int:
+    """The `random` control's coin stream, per seed *and prompt*: with the seed alone every prompt would reuse the
+    same uniforms, and a coin matched to an upload rate over many prompts would miss it by the luck of one
+    sequence (seen: 29.7 % instead of 35.4 % over 64 prompts)."""
+    return int.from_bytes(hashlib.sha256(repr((seed, prompt_ids)).encode()).digest()[:7], "little")
 
 
 def _probability(logits: torch.Tensor, token: int, valid: torch.Tensor) -> float:

@@ -404,12 +404,6 @@ def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
     return n / max(len(reference), 1)
 
 
-def coin_seed(prompt_id: str, seed: int) -> int:
-    """A coin stream of its own per prompt: with one seed for all prompts every prompt would reuse the same
-    uniforms, and the matched coin's upload rate would be off by the luck of one sequence (seen here: -6 points)."""
-    return int(hashlib.sha256(f"{prompt_id}/{seed}".encode()).hexdigest()[:12], 16)
-
-
 def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
     """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +479,7 @@ def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[st
         ref = references[p["id"]][:n]
         ours = run(p, config)
         skip = round(1.0 - ours["uploads"] / max(ours["tokens"], 1), 4)
-        coins = [run(p, replace(config, sampling=replace(config.sampling, seed=coin_seed(p["id"], s))).with_policy(
+        coins = [run(p, replace(config, sampling=replace(config.sampling, seed=s)).with_policy(
             name="random", skip_rate=skip)) for s in coin_seeds]
         rows.append({"prompt_id": p["id"], "reference": tok.decode(ref, skip_special_tokens=True), "ours": ours,
                      "coins": coins, "ref_ids": ref})
