@@ -26,7 +26,7 @@ import pandas as pd
 from gradio.components.plot import PlotData
 
 from hlm.cli import add_model_args
-from hlm.config import ESTIMATORS, POLICIES, PolicyConfig
+from hlm.config import ESTIMATORS, MAX_PROMPT_CHARS, POLICIES, PolicyConfig
 from hlm.dashboard import (
     TOKEN_HEADERS,
     USER_ERRORS,
@@ -112,7 +112,8 @@ def build(dash: Dashboard) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
                 prompt = gr.Textbox(label="Prompt", lines=4, max_lines=12, placeholder="Ask a question or for code…",
-                                    autofocus=True)
+                                    autofocus=True, info=f"up to {MAX_PROMPT_CHARS:,} characters; a long prompt is "
+                                    "read in chunks (the status line shows how far), and Stop cuts it at once")
                 examples = load_examples()
                 gr.Examples([[e["prompt"]] for e in examples], [prompt], label="Examples",
                             example_labels=[e["label"] for e in examples])

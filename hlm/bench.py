@@ -1,8 +1,13 @@
 """`python -m hlm bench`: speed figures on a real pair, side by side in one run (the machine is shared and
 noisy, so only ratios measured together mean anything). Not a test: it prints a table and the ratios.
 
-(a) `ours` forced to upload nothing vs the SLM's plain transformers `generate`: per-token overhead of
-    uncertainty + importance + the decoder loop (target <= 10 %).
+(p) plain transformers `generate` of each model, unquantised, in each dtype this hardware runs well, against the
+    project's path (the pair as loaded: its fast path, `hlm.quant`); the quality guard of that fast path
+    (teacher-forced top-1 agreement and KL against the unquantised model on GUARD_PROMPTS tuning prompts).
+    Targets: the SLM's decode >= 2.5x its best plain `generate`; default `ours` >= 1.5x the LLM's; top-1 >= 99 %,
+    KL <= 0.01 nats.
+(a) `ours` forced to upload nothing vs the SLM's plain transformers `generate` on the same weights: per-token
+    overhead of the statistics, the scores and the decoder loop (target <= 10 %).
 (b) verifier time per upload with a long vs a short context: must follow new tokens, not context length
     (target <= 1.3x).
 (c) tokens/s of every policy and of transformers' assisted generation on the same pair.
@@ -11,12 +16,16 @@ noisy, so only ratios measured together mean anything). Not a test: it prints a 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
 import torch
 
 from hlm.config import RunConfig, SamplingConfig
+from hlm.models import PRESETS, default_dtype, load_model
+from hlm.prompts import load_prompts
+from hlm.quant import quality
 
 FILLER = "The quick brown fox jumps over the lazy dog while the compiler checks every branch. "
 
@@ -33,6 +42,61 @@ def _decoder_tps(decoder, prompt: str, config: RunConfig) -> tuple[float, list]:
     t0 = time.perf_counter()
     events = list(decoder.generate(prompt, config))
     return len(events) / (time.perf_counter() - t0), events
+
+
+def _plain_dtypes(device: torch.device) -> list[torch.dtype]:
+    """The unquantised dtypes worth timing here: fp32 always; bf16 where `hlm.models` would pick it."""
+    best = default_dtype(device)
+    return [torch.float32] + ([best] if best != torch.float32 else [])
+
+
+def _guard_sequences(pair, n_prompts: int, n_tokens: int, model) -> tuple[list[list[int]], list[int]]:  # noqa: ANN001
+    """Tuning prompts with the unquantised model's own greedy continuation: the positions the guard compares."""
+    seqs, starts = [], []
+    for p in load_prompts(limit=n_prompts):
+        ids = pair.encode_prompt(p["prompt"], n_tokens)
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=n_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None)
+        seqs.append(out[0].tolist())
+        starts.append(len(ids))
+    return seqs, starts
+
+
+def plain_vs_fast(decoder, refs: dict[str, str], n_tokens: int, prompt: str,  # noqa: ANN001
+                  guard_prompts: int) -> list[tuple[str, float, str]]:
+    """(p): plain `generate` per model and dtype, the project's path, the ratios and the quality guard."""
+    pair, rows = decoder.pair, []
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=n_tokens, stop_at_eos=False)
+    ids = torch.tensor([pair.encode_prompt(prompt, n_tokens)], device=pair.draft.device)
+    best: dict[str, float] = {}
+    for role in ("draft", "verifier"):
+        for dtype in _plain_dtypes(pair.draft.device):
+            model = load_model(refs[role], pair.draft.device, dtype, "sdpa")
+            _timed_generate(model, ids, 4, sampling)  # warm-up
+            tps = n_tokens / _timed_generate(model, ids, n_tokens, sampling)
+            best[role] = max(best.get(role, 0.0), tps)
+            rows.append((f"(p) {role} plain generate, {str(dtype)[6:]}, tok/s", tps, ""))
+            if dtype == default_dtype(pair.draft.device) and guard_prompts:
+                fast = getattr(pair, role)
+                if getattr(fast, "hlm_quant", "none") != "none":
+                    top1, kl = quality(model, fast, *_guard_sequences(pair, guard_prompts, 32, model))
+                    rows += [(f"(p) {role} guard: top-1 agreement, {fast.hlm_quant} vs {str(dtype)[6:]}", top1,
+                              f"target >= 99 %, {guard_prompts} prompts x 32 tokens"),
+                             (f"(p) {role} guard: mean KL, nats", kl, "target <= 0.01")]
+            del model
+            gc.collect()
+    base = RunConfig(sampling=sampling)
+    _decoder_tps(decoder, prompt, base.with_policy(name="slm"))  # warm-up
+    slm, _ = _decoder_tps(decoder, prompt, base.with_policy(name="slm"))
+    ours, events = _decoder_tps(decoder, prompt, base)
+    uploads = sum(e.uploaded for e in events) / max(len(events), 1)
+    quant = pair.quant or {}
+    rows += [(f"(p) project SLM decode (slm policy; {quant.get('draft', 'none').split(' (')[0]}), tok/s", slm, ""),
+             ("(p) ratio: project SLM / best plain SLM generate", slm / best["draft"], "target >= 2.5x"),
+             (f"(p) default ours (verifier {quant.get('verifier', 'none').split(' (')[0]}), tok/s", ours,
+              f"upload rate {uploads:.0%}"),
+             ("(p) ratio: default ours / best plain LLM generate", ours / best["verifier"], "target >= 1.5x")]
+    return rows
 
 
 def bench(decoder, n_tokens: int, repeats: int, prompt: str) -> list[tuple[str, float, str]]:  # noqa: ANN001
@@ -87,12 +151,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hlm.cli import load_decoder
 
     decoder = load_decoder(args)
-    rows = bench(decoder, args.tokens, args.repeats, args.prompt)
+    rows = []
+    if args.models in PRESETS and args.models != "tiny":
+        refs = PRESETS[args.models]
+        if args.models == "embedded":
+            from hlm.embedded import ensure_pair_dirs
+
+            draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=False))
+        else:
+            draft_ref, verifier_ref = refs.draft, refs.verifier
+        rows += plain_vs_fast(decoder, {"draft": draft_ref, "verifier": verifier_ref}, args.tokens, args.prompt,
+                              args.guard_prompts)
+    rows += bench(decoder, args.tokens, args.repeats, args.prompt)
     print(f"\nhlm bench: pair {decoder.pair.name}, {decoder.pair.describe()['draft']['dtype']} on "
-          f"{decoder.device}, {torch.get_num_threads()} threads, {args.tokens} tokens\n")
+          f"{decoder.device}, {torch.get_num_threads()} threads, {args.tokens} tokens; fast path: "
+          f"{decoder.pair.quant or 'none'}\n")
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
-        shown = f"{value:.1%}" if "overhead" in name else f"{value:.3f}"
+        shown = f"{value:.1%}" if "overhead" in name or "top-1" in name else \
+            f"{value:.2f}x" if "ratio" in name else f"{value:.4f}" if "KL" in name else f"{value:.3f}"
         print(f"{name:<{width}}  {shown:>10}  {note}")
     return 0
 
@@ -103,6 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed benchmark: overhead, verifier scaling, tokens/s per policy")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--guard-prompts", type=int, default=16, help="quality guard: tuning prompts (0 = skip)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a string is a palindrome.")
     add_model_args(p)
     p.set_defaults(func=cmd_bench)

@@ -13,7 +13,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from hlm.config import ESTIMATORS, POLICIES, ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import (
+    ESTIMATORS,
+    MAX_PROMPT_CHARS,
+    POLICIES,
+    QUANT_RECIPES,
+    ConfigError,
+    LinkConfig,
+    PolicyConfig,
+    RunConfig,
+    SamplingConfig,
+)
 from hlm.estimators import REGISTRY
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.study", "hlm.server")
@@ -31,6 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16, float16 or float32 (default: bf16 where the hardware has fast kernels, else fp32)")
+    p.add_argument("--quant", default=os.environ.get("HLM_QUANT", "auto"), choices=("auto", *QUANT_RECIPES),
+                   help="weight-only fast path (hlm.quant): auto = the pair's recipe that passed the quality guard, "
+                        "where it measures faster at load")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +85,7 @@ def load_decoder(args: argparse.Namespace, link: LinkConfig | None = None):  # -
     from hlm.decoder import HybridDecoder
     from hlm.models import load_pair
 
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
     verifier = None
     if getattr(args, "cloud", None):
         from hlm.remote import HttpVerifier
@@ -90,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         text, events, summary = decoder.run(args.prompt, config)
         json.dump({"text": text, "tokens": [e.to_dict() for e in events], "summary": summary, "config":
-                   config.to_dict()}, sys.stdout)
+                   config.to_dict(), "numerics": decoder.pair.numerics, "fast_path": decoder.pair.quant}, sys.stdout)
         print()
         return 0
     from hlm.metrics import summarize
@@ -107,8 +120,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n\n[{s.policy}] {s.tokens} tokens, upload rate {s.upload_rate:.1%}, {s.llm_calls} LLM calls, "
           f"accepted {s.accepted}, resampled {s.resampled}, unverified {s.unverified}; device energy "
           f"{s.device_energy_j:.3f} J (HLM {s.hlm_device_energy_j or 0:.3f} J, saving {saving}); "
-          f"{s.tokens_per_s:.2f} tok/s measured, {s.tokens_per_s_modelled_link:.2f} tok/s with the modelled link",
-          file=sys.stderr)
+          f"{s.tokens_per_s:.2f} tok/s measured, {s.tokens_per_s_modelled_link:.2f} tok/s with the modelled link; "
+          f"models: {decoder.pair.numerics}", file=sys.stderr)
     if colour:
         print("colours: plain = kept locally, green = cloud accepted, red = cloud resampled, "
               "blue = cloud only, yellow = unverified", file=sys.stderr)
@@ -119,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text with the hybrid decoder")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help=f"up to {MAX_PROMPT_CHARS:,} characters (and the pair's context)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, summary")
     gen.add_argument("--cloud", default=os.environ.get("HLM_CLOUD"), help="URL of `serve-cloud` (default: in process)")
     gen.add_argument("--emulate-link", action="store_true", help="with --cloud: delay uploads by the modelled time")

@@ -14,6 +14,10 @@ from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
 
 POLICIES = ("ours", "uhlm", "hlm", "slm", "llm", "random")
+QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
+# Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
+# memory stays far under 16 GB at this length (README "Speed and long prompts").
+MAX_PROMPT_CHARS = 100_000
 
 PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
 

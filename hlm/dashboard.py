@@ -29,7 +29,7 @@ from typing import Any
 from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.embedded import EmbeddedModelError
-from hlm.events import SOURCES, Summary, TokenEvent
+from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
 from hlm.figures import COLOURS as POLICY_COLOURS
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import summarize
@@ -145,8 +145,11 @@ class RunView:
         self.f1: float | None = None
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
+        self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
 
     def update(self, events: list[TokenEvent]) -> None:
+        if self.pending is not None and len(events) > self.pending.index:
+            self.pending = None
         new = events[len(self.spans):]
         self.spans.extend(token_span(e, self.config.policy) for e in new)
         self.events = events
@@ -185,6 +188,11 @@ class Job:
 
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class _Note:
+    text: str
 
 
 class Service:
@@ -237,17 +245,23 @@ class Service:
     def quality_method(self) -> str:
         return get_scorer().method
 
-    def stream(self, decoder: HybridDecoder, prompt: str, config: RunConfig,
-               cancel: threading.Event) -> Iterator[list[TokenEvent]]:
+    def stream(self, decoder: HybridDecoder, prompt: str, config: RunConfig, cancel: threading.Event,
+               note: Callable[[str], None] | None = None,
+               pending: Callable[[PendingDraft], None] | None = None) -> Iterator[list[TokenEvent]]:
         """Decode on a worker thread; yield the growing event list on the first token, then at most every
-        INTERVAL_S, and once at the end. Closing the iterator early cancels the decode."""
+        INTERVAL_S, and once at the end. `note` hears what a long prefill is doing, `pending` each draft on its
+        way to the cloud; a yield follows each. Closing the iterator early cancels the decode."""
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)  # bad prompts fail here, at once
         inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+        def progress(who: str, done: int, total: int) -> None:
+            inbox.put(_Note(f"reading the prompt: {done / total:.0%} of {total:,} tokens" if who == "device" else
+                            f"the cloud is reading the prompt ({total:,} tokens)…"))
 
         def work() -> None:
             try:
                 with self.lock:
-                    for event in decoder.generate(prompt, config, cancel):
+                    for event in decoder.generate(prompt, config, cancel, progress=progress, drafts=True):
                         inbox.put(event)
             except Exception as exc:  # noqa: BLE001 - handed to the request, which re-raises it
                 inbox.put(exc)
@@ -270,6 +284,12 @@ class Service:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
+                if isinstance(item, _Note | PendingDraft):
+                    listener = note if isinstance(item, _Note) else pending
+                    if listener is not None:
+                        listener(item.text if isinstance(item, _Note) else item)
+                        yield events
+                    continue
                 if item is not None:
                     events.append(item)
                 if len(events) > shown and time.monotonic() >= due:
@@ -325,9 +345,17 @@ class Service:
         every change to `run`."""
         decoder = self.decoder(preset)
         run.phase, run.note = "decoding", "decoding…"
-        for events in self.stream(decoder, prompt, run.config, job.cancel):
+
+        def note(text: str) -> None:
+            run.note = text
+
+        def pending(draft: PendingDraft) -> None:
+            run.pending = draft
+
+        for events in self.stream(decoder, prompt, run.config, job.cancel, note, pending):
             run.update(events)
-            run.note = f"decoding… {len(events)} tokens"
+            if events:  # before the first token the note says what the prefill is doing
+                run.note = f"decoding… {len(events)} tokens"
             yield
         if run.config.policy.name == "llm" and not job.cancel.is_set():
             self.remember_reference(preset, prompt, run.config, run.events)
@@ -335,8 +363,11 @@ class Service:
             run.phase = "reference"
             reference: list[TokenEvent] = []
             limit = run.config.sampling.max_new_tokens
+            s = run.summary
+            done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
             for reference in self.reference(preset, prompt, run.config, job.cancel):
-                run.note = f"generating the LLM-only reference for BERTScore… {len(reference)}/{limit} tokens"
+                run.note = (f"{done}BERTScore follows: the LLM-only reference, {len(reference)}/{limit} tokens "
+                            "(after the run, not beside it: the cores are busy decoding)")
                 yield
             if not job.cancel.is_set():
                 run.note = "scoring…"
@@ -439,8 +470,11 @@ def token_span(e: TokenEvent, policy: PolicyConfig) -> str:
 
 def tokens_html(run: RunView) -> str:
     """Only spans: the output grows by appending, which Gradio sends as a diff (the styling is the
-    component's class)."""
-    return "".join(run.spans)
+    component's class). A draft the cloud is verifying shows last, marked pending."""
+    p = run.pending
+    tail = "" if p is None else (f'<span class="tok pending" title="draft #{p.index}: waiting for the cloud\'s '
+                                 f'verdict">{html.escape(p.text)}</span>')
+    return "".join(run.spans) + tail
 
 
 def legend_html(sources: Sequence[str] = SOURCES) -> str:
@@ -499,15 +533,17 @@ def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, q
     d = decoder.pair.describe()
     methods = decoder.energy_methods(link)
 
-    def model(m: dict[str, Any]) -> str:
-        return f"{html.escape(m['name'])}: {m['params'] / 1e6:,.0f} M parameters, {m['dtype']} on {m['device']}"
+    def model(m: dict[str, Any], role: str) -> str:
+        fast = d["quant"].get(role, "none")
+        return (f"{html.escape(m['name'])}: {m['params'] / 1e6:,.0f} M parameters, {m['dtype']} on {m['device']}; "
+                f"weights: {html.escape(fast)}")
 
     full = upload_bits(link, decoder.pair.vocab_size, 0)
     cost = upload_cost(link, full, link.cloud_verify_time_s)
     rows = [
         ("model pair", f"{html.escape(d['pair'])}, vocabulary {d['vocab_size']:,}, context {d['max_context']:,}"),
-        ("device (drafts)", model(d["draft"])),
-        ("cloud (verifies)", model(d["verifier"]) + (f", served by {html.escape(cloud)}" if cloud else
+        ("device (drafts)", model(d["draft"], "draft")),
+        ("cloud (verifies)", model(d["verifier"], "verifier") + (f", served by {html.escape(cloud)}" if cloud else
                                                      ", in this process (the radio link between them is modelled)")),
         ("hardware", f"{html.escape(d['device_name'])}, {d['torch_threads']} torch threads"),
         *((f"energy: {PART_LABELS[p]}", _method(m)) for p, m in methods.items()),
@@ -711,7 +747,11 @@ class Dashboard:
         try:
             yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
                         hardware=self.hardware(preset, config.link))
-            yield from live_frames(run, self.service.run(preset, prompt, run, job))
+            table_shown = False
+            for frame in live_frames(run, self.service.run(preset, prompt, run, job)):
+                if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
+                    frame.table, table_shown = token_rows(run.events), True
+                yield frame
             history = add_history(history, history_point(run, prompt, preset))
             yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
         finally:

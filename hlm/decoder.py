@@ -10,21 +10,24 @@ corrected prefix (the verifier never caches drafts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 
+from hlm import prefix
 from hlm.config import LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import Window, measure, open_meter
 from hlm.estimators import REGISTRY, DraftStats
-from hlm.events import TokenEvent
+from hlm.events import PendingDraft, TokenEvent
 from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
@@ -37,6 +40,7 @@ from hlm.uncertainty import uncertainty
 from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
 
 NO_UPLOAD = UploadCost(0, 0, 0.0, 0.0, 0.0, 0.0)
+Progress = Callable[[str, int, int], None]  # (who: "device" or "cloud", prompt tokens read, prompt tokens)
 
 
 @dataclass
@@ -76,6 +80,9 @@ class HybridDecoder:
     def __init__(self, pair: ModelPair, verifier: Verifier | None = None) -> None:
         self.pair = pair
         if verifier is None:
+            # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
+            # early on a thread of its own delayed the first draft here (0.21 -> 0.34 s on a short prompt, 2.3 ->
+            # 4.3 s on a 700-token one, 2 cores) and gained nothing in tok/s. Over HTTP it reads early.
             verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
         self.verifier = verifier
         self.device = pair.draft.device
@@ -107,17 +114,39 @@ class HybridDecoder:
                             self.energy_methods(config.link), self.call_s)
         return "".join(e.text for e in events), events, summary.to_dict()
 
+    @overload
     def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,
-                 diagnostics: bool = False) -> Iterator[TokenEvent]:
-        """Yield events as tokens are decided. `cancel` stops after the current token; `diagnostics` computes
-        u for every draft whatever the policy (calibration needs u under `hlm`)."""
+                 diagnostics: bool = False, progress: Progress | None = None,
+                 drafts: Literal[False] = False) -> Iterator[TokenEvent]: ...
+
+    @overload
+    def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,
+                 diagnostics: bool = False, progress: Progress | None = None,
+                 drafts: bool = True) -> Iterator[TokenEvent | PendingDraft]: ...
+
+    def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,
+                 diagnostics: bool = False, progress: Progress | None = None,
+                 drafts: bool = False) -> Iterator[TokenEvent | PendingDraft]:
+        """Yield events as tokens are decided. `cancel` stops within one model layer (a long prefill included);
+        `diagnostics` computes u for every draft whatever the policy (calibration needs u under `hlm`);
+        `progress(who, done, total)` reports the prompt's prefill: the device's chunks, then the cloud's start;
+        `drafts` also yields a `PendingDraft` before each upload, so a view shows it before the cloud answers."""
         s, pol = config.sampling, config.policy
         prompt_ids = self.pair.encode_prompt(prompt, s.max_new_tokens)  # validates before any model work
-        self.verifier.open(s)
+        self.verifier.open(s, prompt_ids)  # the cloud may start reading the prompt now (`hlm.verifier`)
         try:
-            events = self._cloud_only(prompt_ids, config, cancel) if pol.name == "llm" else \
-                self._hybrid(prompt_ids, config, cancel, diagnostics)
-            for e in events:
+            events = self._cloud_only(prompt_ids, config, cancel, progress) if pol.name == "llm" else \
+                self._hybrid(prompt_ids, config, cancel, diagnostics, progress)
+            while True:
+                with prefix.stopping(cancel):  # only while the decoder runs, not while the consumer does
+                    try:
+                        e = next(events)
+                    except (StopIteration, prefix.Cancelled):
+                        return
+                if isinstance(e, PendingDraft):
+                    if drafts:
+                        yield e
+                    continue
                 if is_one_token_call(e):
                     self.one_token_calls.append(e.verify_s)
                 yield e
@@ -125,7 +154,7 @@ class HybridDecoder:
             self.verifier.close()
 
     def _hybrid(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
-                diagnostics: bool) -> Iterator[TokenEvent]:
+                diagnostics: bool, progress: Progress | None) -> Iterator[TokenEvent | PendingDraft]:
         s, pol, link = config.sampling, config.policy, config.link
         t0 = time.perf_counter()
         draft_gen, u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
@@ -136,7 +165,7 @@ class HybridDecoder:
         selection, valid = self.pair.selection, self.pair.valid
         cfg = self.pair.draft.config
         heads = selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
-        embeddings = self.pair.draft.get_output_embeddings().weight
+        embeddings = self.pair.embeddings
         drafter = Drafter(self.pair.draft, self.pair.template_head)
         text = TextStream(self.pair.tokenizer)
         context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
@@ -145,7 +174,7 @@ class HybridDecoder:
         p_prev: float | None = None  # the SLM's probability of the newest token in its context
 
         with measure(self.device, self.meter) as w:
-            logits = drafter.prefill(context)
+            logits = drafter.prefill(context, progress and functools.partial(progress, "device"))
         _add(spent, w)
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
@@ -186,6 +215,9 @@ class HybridDecoder:
                 # 4. Verify: the ids kept since the last upload travel with the draft.
                 n_sync = len(context) - synced
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
+                if progress and not synced:
+                    progress("cloud", 0, len(context))
+                yield PendingDraft(index, d.token, self.pair.tokenizer.decode([d.token], skip_special_tokens=True))
                 try:
                     verdict = self.verifier.verify(context, d.token, d.payload)
                     synced = len(context) + 1  # the verifier knows its own verdict token
@@ -213,8 +245,8 @@ class HybridDecoder:
             if last:
                 return
 
-    def _cloud_only(self, prompt_ids: list[int], config: RunConfig,
-                    cancel: threading.Event | None) -> Iterator[TokenEvent]:
+    def _cloud_only(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
+                    progress: Progress | None) -> Iterator[TokenEvent]:
         """The `llm` reference: the verifier generates alone; the device only sends the prompt and waits."""
         s, link = config.sampling, config.link
         t0 = time.perf_counter()
@@ -224,6 +256,8 @@ class HybridDecoder:
             if cancel is not None and cancel.is_set():
                 return
             n_sync = len(context) - synced
+            if progress and not synced:
+                progress("cloud", 0, len(context))
             verdict = self.verifier.verify(context, None, None)
             synced = len(context) + 1
             context.append(verdict.token)

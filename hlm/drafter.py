@@ -33,9 +33,10 @@ class Drafter:
                          use_cache=True, output_attentions=attention, logits_to_keep=1)
         return out.logits[0, -1], (out.attentions if attention else None)
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        self.cache, held = prefix.start(self.model, ids, self.head)
-        return self.forward(ids[held:])[0]
+    def prefill(self, ids: list[int], progress: prefix.Progress | None = None) -> torch.Tensor:
+        """Fill the cache with the prompt (in chunks: `hlm.prefix`); logits for the first draft."""
+        self.cache, logits = prefix.prefill(self.model, ids, self.head, progress)
+        return logits
 
     def rollback(self, n_tokens: int) -> None:
         """Drop the newest `n_tokens` from the cache. transformers 5.24's `crop` takes minus the count to

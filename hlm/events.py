@@ -12,6 +12,16 @@ SOURCES: tuple[str, ...] = ("local", "cloud_accepted", "cloud_resampled", "cloud
 ENERGY_PARTS = ("device_compute", "radio", "device_idle", "cloud")
 
 
+@dataclass(frozen=True)
+class PendingDraft:
+    """A draft on its way to the cloud, announced before the verdict (`generate(drafts=True)`), so a view can show
+    it at once, marked pending; the `TokenEvent` with the same index decides it (kept, or replaced)."""
+
+    index: int
+    token_id: int
+    text: str
+
+
 @dataclass
 class TokenEvent:
     """One emitted token.

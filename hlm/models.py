@@ -8,7 +8,10 @@ Remote code is never trusted.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,10 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hlm.config import MAX_PROMPT_CHARS
 from hlm.estimators import SelectionCalibration
 from hlm.prefix import template_head
+from hlm.quant import RECIPES, Int8Linear, quantize, step_seconds
 
-MAX_PROMPT_CHARS = 100_000
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -53,6 +57,8 @@ class Preset:
     description: str
     calibration: Calibration | None = None
     selection: str = ""  # file in assets/ with the pair's `SelectionCalibration` (`python -m hlm study --fit`)
+    # Per model (draft, verifier): the weight-only recipe that passed `hlm.quant`'s quality guard (`hlm bench`).
+    fast: tuple[str, str] = ("none", "none")
 
     def selection_calibration(self) -> SelectionCalibration:
         """The shipped calibration; without one (not fitted yet) the scores' scales are guesses, and it says so."""
@@ -68,7 +74,10 @@ PRESETS: dict[str, Preset] = {
                        # `python -m hlm calibrate --models embedded --limit 10 --max-new-tokens 32` (bf16, T=0.7)
                        Calibration(a=0.577, b=-0.015, delta=0.483, risk_averse=0.025, risk_prone=0.862,
                                    samples=319, note="10 prompts of assets/prompts.jsonl, 32 tokens, T=0.7"),
-                       selection="selection-embedded.json"),
+                       selection="selection-embedded.json",
+                       # 16 tuning prompts x 32 tokens: int8 draft top-1 99.5 %, KL 0.001; int8 verifier top-1
+                       # 98.4 % (bf16 vs fp32 itself: 98.8 %), KL 0.001: under the 99 % bar, so it stays bf16
+                       fast=("int8", "none")),
     "tiny": Preset("tiny:draft", "tiny:verifier", "two tiny randomly initialised models (tests of mechanics)"),
     "qwen": Preset("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 0.5B -> 1.5B (hub)"),
     "paper": Preset("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "meta-llama/Llama-2-7b-chat-hf",
@@ -87,6 +96,9 @@ class ModelPair:
     max_context: int
     calibration: Calibration | None = None
     selection: SelectionCalibration = field(default_factory=SelectionCalibration)
+    # The draft's output embedding rows (the semantic statistic), kept before a fast path replaces the head.
+    embeddings: torch.Tensor | None = None
+    quant: dict[str, str] = field(default_factory=dict)  # per model: the recipe running and why it was chosen
 
     @property
     def vocab_size(self) -> int:
@@ -115,13 +127,19 @@ class ModelPair:
         """The template ids every prompt starts with (`hlm.prefix` prefills them once per model)."""
         return template_head(self._render("Hello."), self._render("? 42"))
 
+    @property
+    def numerics(self) -> str:
+        """The models' dtype and fast path in one line: cached study and sweep results are keyed by it."""
+        recipes = ", ".join(f"{role} {why.split(' ')[0]}" for role, why in sorted(self.quant.items()))
+        return f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}"
+
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""
         def info(m: PreTrainedModel) -> dict[str, Any]:
             return {"name": getattr(m, "hlm_name", m.config.name_or_path), "params": m.num_parameters(),
                     "dtype": str(m.dtype).removeprefix("torch."), "device": str(m.device),
-                    "attention": m.config._attn_implementation}
-        return {"pair": self.name, "draft": info(self.draft), "verifier": info(self.verifier),
+                    "attention": m.config._attn_implementation, "quant": getattr(m, "hlm_quant", "none")}
+        return {"pair": self.name, "quant": self.quant, "draft": info(self.draft), "verifier": info(self.verifier),
                 "vocab_size": self.vocab_size, "max_context": self.max_context,
                 "torch_threads": torch.get_num_threads(),
                 "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
@@ -141,7 +159,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def _load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
+def load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": False}
     path = Path(ref)
     if ref.endswith(".gguf"):
@@ -202,18 +220,53 @@ def make_pair(name: str, draft: PreTrainedModel, verifier: PreTrainedModel, toke
     contexts = [getattr(m.config, "max_position_embeddings", None) or 2048 for m in (draft, verifier)]
     max_context = min(*contexts, int(os.environ.get("HLM_MAX_CONTEXT", "32768")))
     return ModelPair(name, draft, verifier, tokenizer, valid, _stop_ids(tokenizer, draft, verifier), max_context,
-                     calibration)
+                     calibration, embeddings=draft.get_output_embeddings().weight)
+
+
+def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
+    """Put `model` on its fast path in place; returns why. `auto` takes the recipe that passed the quality guard
+    for this model (`passed`) only where it is faster on this machine, one decode step timed before and after,
+    since CPUs differ (int8 kernels help where memory traffic dominates; not every CPU has fast ones). An explicit
+    recipe applies as asked."""
+    if requested not in ("auto", *RECIPES):
+        raise ModelError(f"unknown --quant {requested!r}: use auto or one of {', '.join(RECIPES)}")
+    if requested == "none" or (requested == "auto" and passed == "none"):
+        return "none" if requested == "none" else "none (auto: no recipe passed the quality guard for this model)"
+    if model.device.type != "cpu":
+        if requested == "auto":
+            return f"none (auto: the {passed} kernels are CPU kernels)"
+        raise ModelError(f"--quant {requested} runs on the CPU only (this model is on {model.device})")
+    recipe = passed if requested == "auto" else requested
+    before = step_seconds(model)
+    quantize(model, recipe)
+    after = step_seconds(model)
+    why = f"{recipe} ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms in {str(model.dtype)[6:]}"
+    if requested == "auto" and after >= before:
+        raise _Slower(why + "; slower here)")
+    return why + (", measured at load)" if requested == "auto" else ", as requested)")
+
+
+def _release_memory() -> None:
+    """Free dropped weights now and hand the freed heap back to the OS (glibc keeps it otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _Slower(Exception):
+    """The fast path measured slower at load: the model is reloaded without it."""
 
 
 @functools.lru_cache(maxsize=2)
 def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | None = None,
-              progress: bool = True) -> ModelPair:
-    """Load a pair by preset name or `DRAFT,VERIFIER`; cached per process (the app and tests reuse it)."""
+              progress: bool = True, quant: str = "auto") -> ModelPair:
+    """Load a pair by preset name or `DRAFT,VERIFIER`; cached per process (the app and tests reuse it).
+    `quant`: auto (the preset's recipe where measured faster), none, int8 or int4 (`hlm.quant`)."""
     dev = torch.device(device) if device else default_device()
     if spec == "tiny":
         from hlm.tiny import tiny_pair
 
-        return tiny_pair(device=dev)
+        return tiny_pair(device=dev, quant=quant)
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
     if preset is not None:
@@ -230,9 +283,21 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     tokenizer = _load_tokenizer(draft_ref)
     verifier_tokenizer = _load_tokenizer(verifier_ref)
     # The drafter needs attention weights (eager); the verifier does not, so it uses the faster SDPA kernel.
-    draft = _load_model(draft_ref, dev, torch_dtype, "eager")
-    verifier = _load_model(verifier_ref, dev, torch_dtype, "sdpa")
+    draft = load_model(draft_ref, dev, torch_dtype, "eager")
+    verifier = load_model(verifier_ref, dev, torch_dtype, "sdpa")
     pair = make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
+    passed = preset.fast if preset else ("none", "none")
+    for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), ("eager", "sdpa"),
+                                           passed, strict=True):
+        try:
+            pair.quant[role] = fast_path(getattr(pair, role), quant, guard)
+        except _Slower as slower:
+            setattr(pair, role, load_model(ref, dev, torch_dtype, attention))
+            pair.quant[role] = f"none (auto: {slower})"
+        head = pair.draft.get_output_embeddings()
+        # The semantic statistic compares cosines of head rows, unchanged by a per-row scale: int8 rows do.
+        pair.embeddings = head.weight_int8 if isinstance(head, Int8Linear) else head.weight
+        _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair

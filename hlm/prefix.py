@@ -1,16 +1,22 @@
-"""The chat template's fixed head, prefilled once per model.
+"""Prefilling a prompt: the chat template's fixed head once per model, the rest in chunks that Stop can cut.
 
 Every prompt starts with the same template tokens (Qwen's default system prompt and the user turn's opening:
 about 20 of a short prompt's ~40), and prefilling the prompt in both models is most of the time to the first
 token. So each model keeps the head's KV and every run starts from a copy of it. The head is always processed
 as its own pass, warm or not, so a run's numbers never depend on what ran before (same seed, same tokens).
+
+The rest goes in chunks of CHUNK tokens: memory is then the KV cache plus one chunk's attention, not attention
+over the whole prompt (the drafter's eager attention would need 10 GB for a 25,000-token prompt in one pass), and
+each decoder layer checks the caller's cancel event, so Stop cuts even a long prefill within one layer's work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
+from collections.abc import Callable, Iterator
 from weakref import WeakKeyDictionary
 
 import torch
@@ -40,3 +46,49 @@ def start(model: PreTrainedModel, ids: list[int], head: tuple[int, ...]) -> tupl
                   logits_to_keep=1)
             _HEADS[model] = entry = (head, cache)
         return copy.deepcopy(entry[1]), n
+
+
+CHUNK = 256
+Progress = Callable[[int, int], None]  # (prompt tokens read, prompt tokens) after each chunk
+_STOP = threading.local()  # this thread's cancel event while it prefills (models are shared between threads)
+
+
+class Cancelled(Exception):
+    """The caller's cancel event was set during a prefill."""
+
+
+def _check(module: torch.nn.Module, args: tuple) -> None:  # noqa: ARG001 - forward pre-hook signature
+    event = getattr(_STOP, "event", None)
+    if event is not None and event.is_set():
+        raise Cancelled
+
+
+@contextlib.contextmanager
+def stopping(cancel: threading.Event | None) -> Iterator[None]:
+    """While inside, every watched model's layer in this thread raises `Cancelled` once `cancel` is set."""
+    outer, _STOP.event = getattr(_STOP, "event", None), cancel
+    try:
+        yield
+    finally:
+        _STOP.event = outer
+
+
+def _watched(model: PreTrainedModel) -> None:
+    if not getattr(model, "hlm_watched", False):
+        for layer in getattr(model.base_model, "layers", ()):
+            layer.register_forward_pre_hook(_check)
+        model.hlm_watched = True
+
+
+@torch.inference_mode()
+def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...],
+            progress: Progress | None = None) -> tuple[DynamicCache, torch.Tensor]:
+    """A cache over `ids` and the logits of the next position (raises `Cancelled` inside a set `stopping`)."""
+    cache, held = start(model, ids, head)
+    _watched(model)
+    for i in range(held, len(ids), CHUNK):
+        out = model(input_ids=torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        if progress is not None:
+            progress(min(i + CHUNK, len(ids)), len(ids))
+    return cache, out.logits[0, -1]

@@ -14,7 +14,9 @@ session and re-sends the whole committed context: the decoder needs no resync lo
 from __future__ import annotations
 
 import struct
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,14 +155,43 @@ class HttpVerifier:
         self.session: str | None = None
         self.mirror: list[int] = []  # the ids the server's session holds, verdict tokens included
         self.failures, self.retry_at = 0, 0.0
+        self._reader: threading.Thread | None = None  # the early prefill (`open`)
+        self._early_bytes = (0, 0)  # its HTTP bytes up and down, counted with the first verify
 
-    def open(self, sampling: SamplingConfig) -> None:
-        """Lazy: the session is created by the first verify, so a server that is down cannot fail `open`."""
-        self.sampling, self.session, self.mirror = sampling, None, []
+    def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None:
+        """Never fails: with the prompt, a thread opens the session and has the server read the prompt while the
+        device drafts (best effort: if that fails, the first verify opens the session and sends the prompt)."""
+        self._join()
+        self.sampling, self.session, self.mirror, self._early_bytes = sampling, None, [], (0, 0)
+        if prompt and time.monotonic() >= self.retry_at:
+            self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-cloud-prefill",
+                                            daemon=True)
+            self._reader.start()
+
+    def _prefill(self, prompt: list[int]) -> None:
+        try:
+            up, down = self._open(0, 0)
+            body = pack_request(0, prompt, None, None)
+            if self.emulate_link is not None:
+                time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
+            response, up, down = self._send("POST", f"/v1/sessions/{self.session}/prefill", up, down, content=body,
+                                            headers={"content-type": "application/octet-stream"})
+            self._check(response)
+            if response.json().get("held") != len(prompt):
+                raise CloudUnavailable("the cloud read a different prompt length")
+            self.mirror, self._early_bytes = prompt, (up, down)
+        except (CloudUnavailable, CloudRejected, ValueError, AttributeError):
+            self.mirror = []  # the first verify re-opens and sends everything
+
+    def _join(self) -> None:
+        if self._reader is not None:
+            self._reader.join()
+            self._reader = None
 
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         if self.sampling is None:
             raise RuntimeError("verify() before open()")
+        self._join()
         if context[: len(self.mirror)] != self.mirror:
             raise ValueError("context does not extend what the verifier has seen")
         wait = self.retry_at - time.monotonic()
@@ -177,6 +208,7 @@ class HttpVerifier:
         return verdict
 
     def close(self) -> None:
+        self._join()
         if time.monotonic() >= self.retry_at:  # a server that is down (in backoff) is not waited for
             self._delete_session()
         self.sampling, self.session, self.mirror = None, None, []
@@ -190,7 +222,8 @@ class HttpVerifier:
                 pass
 
     def _verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
-        response, up, down = self._post_verify(context, draft, payload, 0, 0)
+        (up, down), self._early_bytes = self._early_bytes, (0, 0)
+        response, up, down = self._post_verify(context, draft, payload, up, down)
         if response.status_code in (404, 409):  # session lost or out of step: start over with the full context
             if response.status_code == 409:
                 self._delete_session()

@@ -5,6 +5,7 @@ Endpoints; all but /health need `Authorization: Bearer $HLM_CLOUD_TOKEN` when th
   GET    /metrics                   JSON: uploads, accepts, resamples, body bytes in/out, latency, sessions
   POST   /v1/sessions               JSON {"temperature", "top_p", "seed"} -> {"session", "vocab_size", ...}
   POST   /v1/sessions/{id}/verify   binary request of `hlm.remote` -> binary verdict
+  POST   /v1/sessions/{id}/prefill  the same request without a draft: read the prompt now -> {"held": n}
   DELETE /v1/sessions/{id}
 Each session is a `LocalVerifier` (its own KV cache and RNG, seeded as in process, so tokens match the
 in-process path exactly) over the one shared model. Every model call and every change to session state runs
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from hlm.models import ModelPair
+    from hlm.remote import VerifyRequest
     from hlm.verifier import LocalVerifier, Verdict
 
 TOKEN_ENV = "HLM_CLOUD_TOKEN"
@@ -118,9 +120,10 @@ class SessionStore:
         del self.sessions[sid]
         self.counts["closed"] += 1
 
-    def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
+    def _request(self, sid: str, body: bytes) -> tuple[Session, "VerifyRequest"]:
+        """A checked request for session `sid`: ids in the vocabulary and in step, within the caps."""
         from hlm.payload import PayloadError, decode
-        from hlm.remote import WireError, pack_verdict, unpack_request
+        from hlm.remote import WireError, unpack_request
 
         s = self._get(sid)
         max_ids = self.pair.max_context - len(s.context)
@@ -133,9 +136,15 @@ class SessionStore:
         if req.base != len(s.context):
             raise HttpError(409, f"the session holds {len(s.context)} ids, the request assumes {req.base}")
         if not s.context and not req.ids:
-            raise HttpError(400, "the first verify of a session must carry the prompt ids")
+            raise HttpError(400, "the first request of a session must carry the prompt ids")
         if (self.kv_tokens + len(req.ids) + 1) * self.kv_per_token > self.limits.max_kv_bytes:
             raise HttpError(503, "the KV-cache memory cap is reached; try again later")
+        return s, req
+
+    def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
+        from hlm.remote import pack_verdict
+
+        s, req = self._request(sid, body)
         context = s.context + req.ids
         try:
             verdict = s.verifier.verify(context, req.draft, req.payload)
@@ -144,6 +153,20 @@ class SessionStore:
             raise
         s.context, s.last_used = [*context, verdict.token], time.monotonic()
         return pack_verdict(verdict, len(s.context)), verdict
+
+    def prefill(self, sid: str, body: bytes) -> int:
+        """Read the prompt before the first draft arrives (the device drafts meanwhile); returns the ids held."""
+        s, req = self._request(sid, body)
+        if req.draft is not None or req.payload is not None:
+            raise HttpError(400, "a prefill carries ids only, no draft")
+        context = s.context + req.ids
+        try:
+            s.verifier.prefill(context)
+        except Exception:
+            del self.sessions[sid]
+            raise
+        s.context, s.last_used = context, time.monotonic()
+        return len(context)
 
     def _get(self, sid: str) -> Session:
         s = self.sessions.get(sid)
@@ -308,6 +331,14 @@ def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "
         metrics.status["200"] += 1
         return Response(out, media_type="application/octet-stream")
 
+    @api.post("/v1/sessions/{sid}/prefill")
+    async def prefill(sid: str, request: Request) -> dict[str, int]:
+        body = await read_body(request, limits.max_request_bytes)
+        metrics.counts["bytes_in"] += len(body)
+        held = await on_worker(store.prefill, sid, body)
+        metrics.status["200"] += 1
+        return {"held": held}
+
     @api.delete("/v1/sessions/{sid}")
     async def close_session(sid: str) -> dict[str, bool]:
         await on_worker(store.close, sid)
@@ -347,7 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
     app = create_app(pair, limits, token)
     print(f"hlm cloud: verifier {getattr(pair.verifier, 'hlm_name', pair.name)} (pair {pair.name}) on "
           f"http://{args.host}:{args.port}{' (bearer token required)' if token else ''}", file=sys.stderr)

@@ -98,7 +98,7 @@ def _rows(pair: Any, prompt_ids: list[int], answer: list[int], temperature: floa
     draft, verifier, valid = pair.draft, pair.verifier, pair.valid
     n_layers, n_heads = draft.config.num_hidden_layers, draft.config.num_attention_heads
     mid = range(n_layers // 3, 2 * n_layers // 3 or 1)
-    emb = draft.get_output_embeddings().weight
+    emb = pair.embeddings
     full, start = prompt_ids + answer, len(prompt_ids)
     n = len(answer) - 1  # the last token only serves as the lookahead query of the one before
     sampling = SamplingConfig(temperature=temperature)
@@ -159,7 +159,7 @@ def collect(pair: Any, models: str, prompts: Sequence[dict[str, str]], out: Path
     modes = [("greedy", 0, 0.0)] + [("sampled", s, temperature) for s in seeds]
 
     def path(p: dict[str, str], mode: str, seed: int, t: float) -> Path:
-        key = json.dumps([models, p["prompt"], mode, seed, t, n], sort_keys=True)
+        key = json.dumps([models, pair.numerics, p["prompt"], mode, seed, t, n], sort_keys=True)
         return cache / f"{mode}-{seed}-{p['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
     records = []
@@ -407,7 +407,8 @@ def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
 def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
     """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict()], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), decoder.pair.numerics],
+                                    sort_keys=True).encode()).hexdigest()
     path = runs_dir / f"{prompt['id']}-{key[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -595,7 +596,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(args.prompts, args.limit)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
     leaked = pair.selection.leaked([p["prompt"] for p in prompts])
     if leaked and not args.fit:
         raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "

@@ -159,7 +159,7 @@ class Runner:
         runs_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, job: Job) -> Path:
-        text = json.dumps(job.identity(self.models), sort_keys=True)
+        text = json.dumps([job.identity(self.models), self.decoder.pair.numerics], sort_keys=True)
         return self.runs_dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
     def cached(self, jobs: Sequence[Job]) -> int:

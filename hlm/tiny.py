@@ -41,10 +41,17 @@ def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = V
     return model
 
 
-def tiny_pair(device: torch.device | None = None):  # -> ModelPair (import cycle kept out of the signature)
+def tiny_pair(device: torch.device | None = None, quant: str = "auto"):  # -> ModelPair (no import cycle)
+    """`quant`: auto and none keep fp32 (the tests' exact reference); int8/int4 exercise the fast path."""
     from hlm.models import make_pair
+    from hlm.quant import quantize
 
     device = device or torch.device("cpu")
     draft = tiny_model(seed=1, hidden=64, layers=2).to(device)
     verifier = tiny_model(seed=2, hidden=96, layers=3).to(device)
-    return make_pair("tiny", draft, verifier, tiny_tokenizer(), tiny_tokenizer())
+    pair = make_pair("tiny", draft, verifier, tiny_tokenizer(), tiny_tokenizer())
+    if quant not in ("auto", "none"):
+        for role in ("draft", "verifier"):
+            quantize(getattr(pair, role), quant)
+            pair.quant[role] = f"{quant} (as requested)"
+    return pair

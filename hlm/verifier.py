@@ -1,8 +1,9 @@
 """The cloud side: the large model behind a small interface that a network transport can implement.
 
 Contract (mirrors transformers' candidate generators: small and explicit):
-- `open(sampling)` starts a session with its own empty KV cache and a random generator seeded from
-  `sampling.seed`, so a session is reproducible wherever it runs. The prompt arrives with the first call.
+- `open(sampling, prompt)` starts a session with its own empty KV cache and a random generator seeded from
+  `sampling.seed`, so a session is reproducible wherever it runs. Given the prompt's ids, the verifier may start
+  reading them at once, while the device drafts (`early`); the first `verify` then waits only for the rest.
 - `verify(context, draft, payload)` is called with the *whole* committed context (token ids); the verifier
   processes only the ids it has not seen yet (tokens kept locally since the last upload are synchronised in
   the same forward pass), computes q at the next position and, given a draft and its encoded distribution p,
@@ -13,6 +14,8 @@ Contract (mirrors transformers' candidate generators: small and explicit):
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,7 +51,7 @@ class Verdict:
 class Verifier(Protocol):
     vocab_size: int
 
-    def open(self, sampling: SamplingConfig) -> None: ...
+    def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None: ...
 
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict: ...
 
@@ -59,8 +62,12 @@ class LocalVerifier:
     """The verifier model in this process, with its own KV cache."""
 
     def __init__(self, model: PreTrainedModel, valid: torch.Tensor, meter: EnergyMeter | None = None,
-                 head: tuple[int, ...] = ()) -> None:
+                 head: tuple[int, ...] = (), early: bool = False) -> None:
         self.model = model
+        self.early = early  # prefill the prompt on a thread of its own from `open` (`early_start_pays`)
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._read: tuple[float, float | None] = (0.0, None)  # the early prefill's s and J, for the first verify
         self.head = head  # the chat template's fixed head, prefilled once per model (`hlm.prefix`)
         self.device = model.device
         self.valid = valid.to(self.device)
@@ -69,16 +76,51 @@ class LocalVerifier:
         self.cache: DynamicCache | None = None
         self.known: list[int] = []
 
-    def open(self, sampling: SamplingConfig) -> None:
+    def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None:
         self.sampling = sampling
         self.generator = torch.Generator(self.device).manual_seed(sampling.seed ^ VERIFIER_SEED_SALT)
-        self.cache, self.known = DynamicCache(), []
+        self.cache, self.known, self._read = DynamicCache(), [], (0.0, None)
+        if self.early and prompt:
+            self._stop = threading.Event()
+            self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-verifier-prefill",
+                                            daemon=True)
+            self._reader.start()
+
+    def _prefill(self, prompt: list[int]) -> None:
+        """The early prefill. Any failure leaves the session empty, and the first verify reads the prompt."""
+        try:
+            with prefix.stopping(self._stop):
+                self._read_now(prompt)
+        except Exception:  # noqa: BLE001 - Cancelled, or an error the first verify will meet again
+            self.cache, self.known, self._read = DynamicCache(), [], (0.0, None)
+
+    def _read_now(self, context: list[int]) -> None:
+        with measure(self.device, self.meter) as window:
+            self._sync(context)
+        s, j = self._read
+        self._read = (s + window.seconds, None if window.joules is None else (j or 0.0) + window.joules)
+
+    def prefill(self, context: list[int]) -> None:
+        """Read `context` now, before its first draft (the HTTP service's early start); its compute time is
+        charged to the next verify."""
+        if self.cache is None:
+            raise RuntimeError("prefill() before open()")
+        self._join()
+        if context[: len(self.known)] != self.known:
+            raise ValueError("context does not extend what the verifier has seen")
+        self._read_now(context)
+
+    def _join(self) -> None:
+        if self._reader is not None:
+            self._reader.join()
+            self._reader = None
 
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> None:
-        if not self.known:
-            self.cache, held = prefix.start(self.model, context, self.head)
-            self.known = list(context[:held])
+        if not self.known:  # the prompt: in chunks (`hlm.prefix`)
+            self.cache, self.last_logits = prefix.prefill(self.model, context, self.head)
+            self.known = list(context)
+            return
         new = context[len(self.known):]
         if not new:
             return
@@ -90,6 +132,7 @@ class LocalVerifier:
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         if self.cache is None:
             raise RuntimeError("verify() before open()")
+        self._join()
         if context[: len(self.known)] != self.known:
             raise ValueError("context does not extend what the verifier has seen")
         with measure(self.device, self.meter) as window:
@@ -102,7 +145,11 @@ class LocalVerifier:
                 token, accepted = rejection_step(draft, p, q, self.generator)
                 p_d, q_d = float(p[draft]), float(q[draft])
         method = self.meter.method if self.meter and window.joules is not None else None
-        return Verdict(token, accepted, p_d, q_d, window.seconds, window.joules, method)
+        (read_s, read_j), self._read = self._read, (0.0, None)  # the early prefill is this verify's work too
+        joules = None if window.joules is None else window.joules + (read_j or 0.0)
+        return Verdict(token, accepted, p_d, q_d, window.seconds + read_s, joules, method)
 
     def close(self) -> None:
+        self._stop.set()
+        self._join()
         self.cache, self.known = None, []

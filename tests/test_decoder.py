@@ -174,21 +174,24 @@ class CheckingDrafter(Drafter):
 
     checks = 0
 
-    def prefill(self, ids):
-        # Drafter.prefill goes through forward(), which records the ids; the template head comes from its cache.
-        head = len(self.head) if tuple(ids[: len(self.head)]) == self.head and len(ids) > len(self.head) else 0
-        self.shadow = list(ids[:head])
-        return super().prefill(ids)
+    def prefill(self, ids, progress=None):
+        logits = super().prefill(ids, progress)
+        self.shadow = list(ids)
+        self._check(logits)
+        return logits
+
+    def _check(self, logits):
+        with torch.no_grad():
+            fresh = self.model(torch.tensor([self.shadow])).logits[0, -1]
+        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
+        CheckingDrafter.checks += 1
 
     def forward(self, ids, attention=False):
         if not hasattr(self, "shadow"):
             return super().forward(ids, attention)
         logits, row = super().forward(ids, attention)
         self.shadow += ids
-        with torch.no_grad():
-            fresh = self.model(torch.tensor([self.shadow])).logits[0, -1]
-        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
-        CheckingDrafter.checks += 1
+        self._check(logits)
         return logits, row
 
     def rollback(self, n):
@@ -272,3 +275,103 @@ def test_greedy_hlm_equals_the_verifier_greedy(decoder, tiny, bits, topk):
     out = tiny.verifier.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                  suppress_tokens=list(range(len(tiny.tokenizer), tiny.vocab_size)))
     assert [e.token_id for e in events] == out[0, len(ids):].tolist()
+
+
+def test_chunked_prefill_equals_one_pass_and_reports_progress(tiny, monkeypatch):
+    from hlm import prefix
+
+    ids = tiny.encode_prompt("a longer prompt, read in chunks of three tokens", 8)
+    whole = Drafter(tiny.draft).prefill(ids)
+    monkeypatch.setattr(prefix, "CHUNK", 3)
+    seen = []
+    chunked = Drafter(tiny.draft)
+    logits = chunked.prefill(ids, progress=lambda done, total: seen.append((done, total)))
+    torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+    assert chunked.length == len(ids)
+    assert seen[-1] == (len(ids), len(ids)) and len(seen) == -(-len(ids) // 3)
+
+
+@pytest.mark.parametrize("policy", ["ours", "llm"])
+def test_stop_during_a_long_prefill_cuts_it_within_a_layer(tiny, monkeypatch, policy):
+    """Stop set after the first chunk: no token comes, and no later chunk or layer runs (the hooks raise)."""
+    import threading
+
+    from hlm import prefix
+
+    monkeypatch.setattr(prefix, "CHUNK", 2)
+    cancel, reports, layers = threading.Event(), [], []
+    for model in (tiny.draft, tiny.verifier):
+        for layer in model.model.layers:
+            monkeypatch.setattr(layer, "forward", lambda *a, _f=layer.forward, **k: layers.append(1) or _f(*a, **k))
+
+    def progress(who, done, total):
+        reports.append((who, done))
+        cancel.set()  # as if Stop were pressed while the first chunk ran
+
+    prompt = "x" * 40
+    events = list(HybridDecoder(tiny).generate(prompt, cfg(policy, n=4), cancel=cancel, progress=progress))
+    assert events == []
+    n = len(tiny.encode_prompt(prompt, 4))
+    assert len(reports) == 1 and reports[0][1] < n
+    after = len(layers)
+    assert after <= 2 * len(tiny.verifier.model.layers)  # the template head and one chunk, at most
+    # The models are not left watching a stale event: the next run goes through.
+    assert len(list(HybridDecoder(tiny).generate(PROMPT, cfg(policy, n=3)))) == 3
+
+
+def test_hlm_on_an_int8_pair_follows_the_int8_verifier_exactly():
+    """The verifier's distribution is the reference whatever it runs: chi-square on the quantised verifier's q."""
+    from hlm.tiny import tiny_pair
+
+    pair = tiny_pair(quant="int8")
+    assert pair.draft.hlm_quant == pair.verifier.hlm_quant == "int8"
+    dec = HybridDecoder(pair)
+    samples = first_tokens(dec, "hlm")
+    ids = pair.encode_prompt(PROMPT, 1)
+    assert chi2_pvalue(samples, next_token_probs(pair.verifier, pair, ids)) > ALPHA
+    assert chi2_pvalue(samples, next_token_probs(pair.draft, pair, ids)) < ALPHA
+
+
+def test_pending_drafts_announce_each_upload_before_its_verdict(decoder):
+    from hlm.events import PendingDraft
+
+    config = cfg("ours", n=24, seed=3, u_th=0.0, k=16)
+    items = list(decoder.generate(PROMPT, config, drafts=True))
+    plain = list(decoder.generate(PROMPT, config))
+    events = [e for e in items if not isinstance(e, PendingDraft)]
+    assert [e.token_id for e in events] == [e.token_id for e in plain]
+    uploads = [e for e in events if e.uploaded]
+    assert uploads
+    for e in uploads:  # announced just before its own event, with the draft the cloud then judged
+        at = items.index(e)
+        announced = items[at - 1]
+        assert isinstance(announced, PendingDraft) and announced.index == e.index
+        assert announced.token_id == e.draft_id
+    assert sum(isinstance(e, PendingDraft) for e in items) == len(uploads)
+
+
+@pytest.mark.parametrize("policy", ["hlm", "ours", "llm"])
+def test_a_verifier_that_reads_the_prompt_early_gives_the_same_tokens(tiny, policy):
+    config = cfg(policy, n=16, seed=11, u_th=0.2)
+    late = [e.token_id for e in HybridDecoder(tiny).generate(PROMPT, config)]
+    early = LocalVerifier(tiny.verifier, tiny.valid, head=tiny.template_head, early=True)
+    events = list(HybridDecoder(tiny, early).generate(PROMPT, config))
+    assert [e.token_id for e in events] == late
+    first = next(e for e in events if e.verify_s > 0)
+    assert first.verify_s > 0  # the early prefill's compute is charged to the first verify
+
+
+def test_closing_stops_an_early_prefill(tiny, monkeypatch):
+    import threading
+
+    from hlm import prefix
+
+    monkeypatch.setattr(prefix, "CHUNK", 1)
+    started = threading.Event()
+    layer = tiny.verifier.model.layers[0]
+    monkeypatch.setattr(layer, "forward", lambda *a, _f=layer.forward, **k: started.set() or _f(*a, **k))
+    early = LocalVerifier(tiny.verifier, tiny.valid, early=True)
+    early.open(SamplingConfig(), list(range(40, 240)))  # 200 one-token chunks
+    assert started.wait(5)
+    early.close()
+    assert early._reader is None and early.cache is None

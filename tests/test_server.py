@@ -21,7 +21,7 @@ from hlm.decoder import HybridDecoder
 from hlm.payload import encode
 from hlm.remote import CloudRejected, HttpVerifier, pack_request, unpack_request
 from hlm.server import HttpError, Limits, SessionStore, kv_bytes_per_token
-from hlm.verifier import CloudUnavailable
+from hlm.verifier import CloudUnavailable, LocalVerifier
 
 TOKEN = "test-token-0123456789abcdef"
 PROMPT = "abc"
@@ -248,3 +248,27 @@ def test_wire_format_round_trip():
     req = unpack_request(body, vocab_size=272, max_ids=10)
     assert (req.base, req.ids, req.draft, req.payload) == (3, [1, 2, 271], 7, b"PAYLOAD")
     assert unpack_request(pack_request(0, [5], None, None), 272, 10).draft is None
+
+
+def test_the_cloud_reads_the_prompt_while_the_device_drafts(tiny, cloud):
+    """`open` with the prompt: a thread opens the session and the server prefills it; the first verify then
+    carries no prompt ids, and the token is the in-process one."""
+    prompt = tiny.encode_prompt(PROMPT, 4)
+    remote = cloud.verifier(tiny.vocab_size)
+    remote.open(SamplingConfig(seed=5), prompt)
+    remote._join()
+    assert remote.mirror == prompt
+    verdict = remote.verify(prompt, None, None)
+    local = LocalVerifier(tiny.verifier, tiny.valid)
+    local.open(SamplingConfig(seed=5))
+    assert verdict.token == local.verify(prompt, None, None).token
+    remote.close()
+    # A prefill that carries a draft, or ids out of step, is refused without touching the session.
+    sid = cloud.request("POST", "/v1/sessions", json={"temperature": 1.0, "top_p": 1.0, "seed": 0}).json()["session"]
+    uniform = encode(tiny.valid.float() / tiny.valid.sum(), 16)
+    bad = cloud.request("POST", f"/v1/sessions/{sid}/prefill", content=pack_request(0, prompt, 65, uniform))
+    assert bad.status_code == 400 and "no draft" in bad.json()["error"]
+    bad = cloud.request("POST", f"/v1/sessions/{sid}/prefill", content=pack_request(3, prompt, None, None))
+    assert bad.status_code == 409
+    good = cloud.request("POST", f"/v1/sessions/{sid}/prefill", content=pack_request(0, prompt, None, None))
+    assert good.json() == {"held": len(prompt)}

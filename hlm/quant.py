@@ -1,0 +1,141 @@
+"""Weight-only quantisation for CPU decoding: the fast path.
+
+Decoding one token is a pass over every weight, so on a CPU its time is memory traffic: fewer bytes per weight
+is the speed-up. Two recipes, both weight-only (activations stay in the model's dtype, so nothing about the
+softmax or the attention changes) and both on kernels that ship in torch itself:
+- `int8`: per-output-channel symmetric int8 (`aten._weight_int8pack_mm`);
+- `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`). The embedded pair's weights are
+  Q4_K GGUF blocks (a scale and a minimum per 32 weights), which this grid holds almost exactly; the few tensors
+  GGUF kept at higher precision (Q6_K) would lose bits, so they stay int8.
+`quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
+real prompts); `hlm.models` only uses a recipe that passes it, where it is faster (`hlm bench` prints both).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hlm.config import QUANT_RECIPES as RECIPES
+
+INT4_GROUP = 32
+INT4_INNER_K_TILES = 2
+
+
+# From this many rows on (prompt chunks), dequantise and use the float GEMM: the int8 kernel is a matrix-vector
+# kernel, 2.2x slower than bf16 on a 256-token chunk here (1.35 s vs 0.61 s, 0.5B model).
+PREFILL_ROWS = 16
+ROWS = 8192  # rows quantised at a time: the float32 working copy of a 151,936-row head would be ~1 GB
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 rows and one scale per output channel."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(weight.shape[0])
+        for i in range(0, weight.shape[0], ROWS):
+            w = weight[i:i + ROWS].float()
+            scale[i:i + ROWS] = s = w.abs().amax(1).clamp(min=1e-12) / 127
+            q[i:i + ROWS] = torch.round(w / s[:, None]).clamp(-127, 127)
+        self.register_buffer("weight_int8", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device, weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
+        if rows.shape[0] >= PREFILL_ROWS:  # a prefill chunk: compute-bound, the float GEMM is faster
+            return F.linear(x.to(self.scale.dtype), self.weight_int8.to(self.scale.dtype) * self.scale[:, None],
+                            self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W in 4-bit codes q (0..15) per group of 32 inputs: w = (q - 8) * scale + zero."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale
+        dtype = linear.weight.dtype
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q, INT4_INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = k, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype),
+                                                       self.weight_int4, INT4_GROUP, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _fits_int4(linear: nn.Linear) -> bool:
+    return linear.in_features % INT4_GROUP == 0 and linear.in_features % (INT4_INNER_K_TILES * 16) == 0
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace the model's Linear layers in place with the recipe's; `int8_only` names stay int8 under int4."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown quantisation {recipe!r}: use one of {', '.join(RECIPES)}")
+    if recipe == "none":
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            four = recipe == "int4" and _fits_int4(child) and not any(s in name for s in int8_only)
+            setattr(parent, name, Int4Linear(child) if four else Int8Linear(child))
+    # What stays (embedding, norms) may still be views of the memory-mapped checkpoint, which would keep every
+    # page of it that quantising read counted in the process's memory: give them storage of their own.
+    for param in model.parameters():
+        param.data = param.data.clone()
+    model.hlm_quant = recipe
+    return model
+
+
+@torch.inference_mode()
+def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
+    """Median seconds of one cached decode step after a short prefill (what drafting and verifying repeat)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache, ids = DynamicCache(), torch.arange(1, context + 1, device=device)[None]
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def quality(reference: nn.Module, fast: nn.Module, sequences: list[list[int]], start: list[int]) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(p_ref || p_fast) in nats) over the positions from `start[i]` on of each sequence,
+    teacher-forced: both models read the same ids, so every position is compared under the same context."""
+    agree, kl, n = 0.0, 0.0, 0
+    for ids, s in zip(sequences, start, strict=True):
+        x = torch.tensor([ids], device=next(reference.parameters()).device)
+        ref = F.log_softmax(reference(input_ids=x).logits[0, s - 1:-1].float(), -1)
+        out = F.log_softmax(fast(input_ids=x).logits[0, s - 1:-1].float(), -1)
+        agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - out)).sum())
+        n += ref.shape[0]
+    return agree / n, kl / n
