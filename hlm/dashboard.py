@@ -170,7 +170,8 @@ class RunView:
 
     def payload(self, tokens: bool = True) -> dict[str, Any]:
         """What the API streams: the run so far (cumulative, so the last message is the whole result)."""
-        out = {"status": self.phase, "policy": self.label, "text": self.text,
+        out = {"status": self.phase, "note": self.note, "policy": self.label, "text": self.text,
+               "pending": asdict(self.pending) if self.pending else None,
                "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
                "config": self.config.to_dict()}
         if tokens:
