@@ -11,18 +11,23 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from hlm.config import (
+    DEVICE_PROFILES,
     ESTIMATORS,
+    LINK_PRESETS,
     MAX_PROMPT_CHARS,
     POLICIES,
     QUANT_RECIPES,
     ConfigError,
+    DeviceProfile,
     LinkConfig,
     PolicyConfig,
     RunConfig,
     SamplingConfig,
+    device_profile,
+    link_preset,
 )
 from hlm.estimators import REGISTRY
 
@@ -64,9 +69,16 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--no-stop", action="store_true", help="do not stop at end of turn")
-    link = p.add_argument_group("link and energy model (LinkConfig; units in the names)")
+    # Names are checked in run_config, not by argparse `choices`, so a bad one is one line and exit status 2.
+    p.add_argument("--device-profile", default=DeviceProfile().name,
+                   help="who drafts: " + "; ".join(f"{n}: {c.label}" for n, c in DEVICE_PROFILES.items()))
+    p.add_argument("--link-preset", default=RunConfig.link_preset,
+                   help="the link: " + "; ".join(f"{n}: {c.label}" for n, c in LINK_PRESETS.items())
+                        + " (the flags below override single fields of it)")
+    link = p.add_argument_group("link and energy model (LinkConfig; units in the names; default: the preset's)")
     for f in fields(LinkConfig):
-        link.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        link.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                          help=f"default preset: {f.default}")
 
 
 def run_config(args: argparse.Namespace, calibrated_u_th: float | None = None) -> RunConfig:
@@ -77,7 +89,10 @@ def run_config(args: argparse.Namespace, calibrated_u_th: float | None = None) -
         SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                        seed=args.seed, stop_at_eos=not args.no_stop),
         PolicyConfig(**policy),
-        LinkConfig(**{f.name: getattr(args, f.name) for f in fields(LinkConfig)}),
+        replace(link_preset(args.link_preset),
+                **{f.name: getattr(args, f.name) for f in fields(LinkConfig) if getattr(args, f.name) is not None}),
+        device_profile(args.device_profile),
+        args.link_preset,
     )
 
 
@@ -115,11 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{COLOURS[e.source]}{e.text}\033[0m" if colour and COLOURS[e.source] else e.text)
         sys.stdout.flush()
     s = summarize(events, config.link, decoder.pair.vocab_size, config.policy.name,
-                  decoder.energy_methods(config.link), decoder.call_s)
+                  decoder.energy_methods(config.link, config.device), decoder.call_s,
+                  device_profile=config.device.name, link_preset=config.link_preset)
     saving = f"{s.energy_saving:.1%}" if s.energy_saving is not None else "n/a"
     print(f"\n\n[{s.policy}] {s.tokens} tokens, upload rate {s.upload_rate:.1%}, {s.llm_calls} LLM calls, "
           f"accepted {s.accepted}, resampled {s.resampled}, unverified {s.unverified}; device energy "
-          f"{s.device_energy_j:.3f} J (HLM {s.hlm_device_energy_j or 0:.3f} J, saving {saving}); "
+          f"{s.device_energy_j:.3f} J of which link {s.link_energy_j:.3f} J (HLM {s.hlm_device_energy_j or 0:.3f} J, "
+          f"saving {saving}); device {s.device_profile}, link {s.link_preset}; "
           f"{s.tokens_per_s:.2f} tok/s measured, {s.tokens_per_s_modelled_link:.2f} tok/s with the modelled link; "
           f"models: {decoder.pair.numerics}", file=sys.stderr)
     if colour:

@@ -1,14 +1,16 @@
 """Every knob of the system, typed, with units in the field names.
 
 Three groups: how tokens are sampled (`SamplingConfig`), when a draft is uploaded (`PolicyConfig`) and the
-physical link/energy model (`LinkConfig`). Each validates itself so a bad value fails before any model work.
+physical link/energy model (`LinkConfig`), plus which device drafts (`DeviceProfile`). Each validates itself so a
+bad value fails before any model work. Named, documented choices of the last two live in `DEVICE_PROFILES` and
+`LINK_PRESETS` (`catalogue()` lists them for a view).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
@@ -135,29 +137,170 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """Where the SLM's per-token cost comes from. With both figures None the device is this machine: time is
+    measured, energy is read from a hardware counter (RAPL/NVML) where readable, else modelled as
+    `LinkConfig.device_compute_power_w` x measured time. With both set, every drafted token costs exactly these
+    (modelled from a published measurement named in `source`), whatever this server's CPU takes."""
+
+    name: str = "this-machine"
+    slm_time_per_token_s: float | None = None
+    slm_energy_per_token_j: float | None = None
+    source: str = ""  # short citation, shown in every energy label built from this profile
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "device profile name must not be empty")
+        figures = (self.slm_time_per_token_s, self.slm_energy_per_token_j)
+        _check((figures[0] is None) == (figures[1] is None),
+               "slm_time_per_token_s and slm_energy_per_token_j are given together or not at all")
+        for f, value in zip(("slm_time_per_token_s", "slm_energy_per_token_j"), figures, strict=True):
+            _check(value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value > 0),
+                   f"{f} must be a finite number > 0 (or omitted: measured on this machine), got {value}")
+        _check(self.slm_time_per_token_s is None or bool(self.source.strip()),
+               "a device profile with its own figures must cite its source")
+
+    @property
+    def modelled(self) -> bool:
+        """True when per-token figures come from the profile, not from this machine."""
+        return self.slm_energy_per_token_j is not None
+
+
+T = TypeVar("T", DeviceProfile, LinkConfig)
+
+
+@dataclass(frozen=True)
+class Choice(Generic[T]):
+    """A named, documented configuration a user picks by name (CLI, sweep, page)."""
+
+    label: str  # short, for a menu
+    description: str  # where every number comes from
+    config: T
+
+
+# Qwen2-0.5B-Instruct Q4_K_M, llama.cpp on the CPU (8 threads) of a Samsung Galaxy S25 Ultra, 100 generated tokens,
+# energy from Android's BatteryManager (net of idle), median of 30 runs: decode 50.45 tok/s, 0.44 J per generated
+# token. Ehsani, Giamattei, Malavolta, Pietrantuono, "Sustainability Is Not Linear: Quantifying Performance, Energy,
+# and Privacy Trade-offs in On-Device Intelligence", arXiv 2603.26603 (2026); figures from the authors' published
+# results, github.com/eziyoo/LLMs-on-Devices data/aggregated/final_results.csv, row Qwen2-0.5B-Q4_K_M.
+PHONE_SOURCE = "Ehsani et al. 2026, arXiv 2603.26603: Qwen2-0.5B Q4_K_M on a Galaxy S25 Ultra"
+
+DEVICE_PROFILES: dict[str, Choice[DeviceProfile]] = {
+    "this-machine": Choice(
+        "This machine (measured time)",
+        "The SLM's time per token is measured on this server. Energy is read from RAPL (CPU) or NVML (GPU) where "
+        "the counter is readable; otherwise modelled as device_compute_power_w x measured time, and labelled so. "
+        "A server CPU is neither a phone nor efficient: compute then dominates the device's energy.",
+        DeviceProfile()),
+    "phone": Choice(
+        "Phone-class device (Galaxy S25 Ultra, 0.5B Q4)",
+        "Modelled from a published on-device measurement: Qwen2-0.5B-Instruct (0.49B parameters, Q4_K_M GGUF) in "
+        "llama.cpp on the 8 CPU cores of a Samsung Galaxy S25 Ultra decodes 50.45 tokens/s (19.8 ms a token) and "
+        "spends 0.44 J per generated token (battery current x voltage from Android's BatteryManager, net of the "
+        "idle baseline, median of 30 runs of 100 tokens). Source: E. Ehsani, L. Giamattei, I. Malavolta, "
+        "R. Pietrantuono, 'Sustainability Is Not Linear: Quantifying Performance, Energy, and Privacy Trade-offs "
+        "in On-Device Intelligence', arXiv 2603.26603 (2026), published data final_results.csv (github.com/"
+        "eziyoo/LLMs-on-Devices), row Qwen2-0.5B-Q4_K_M. Not scaled: this project's draft model is a 0.5B Q4_K_M "
+        "Qwen2.5 of the same architecture family. The 0.44 J covers the whole measured window (model load, a "
+        "103-token prompt, 100 tokens) divided by 100 tokens, so it over-states a decoded token's energy "
+        "(it implies 22 W at 19.8 ms/token; the run's average power was 8.35 W): compute is priced high, "
+        "savings on the link are understated, not inflated. Prompt prefill is not charged separately.",
+        DeviceProfile("phone", 1 / 50.45, 0.44, PHONE_SOURCE)),
+}
+
+LINK_PRESETS: dict[str, Choice[LinkConfig]] = {
+    "default": Choice(
+        "Today's default (34.6 Mbit/s)",
+        "10 MHz at 10 dB SNR: R = W log2(1 + SNR) = 34.6 Mbit/s. Modelled assumptions for a phone on a decent "
+        "cellular uplink (README 'Link and energy model'); a 16-bit 151,936-token upload takes 70 ms.",
+        LinkConfig()),
+    "paper-like": Choice(
+        "Paper's implied regime (~0.1 Mbit/s)",
+        "180 kHz (one LTE resource block / an NB-IoT carrier) at -3 dB SNR: 0.105 Mbit/s. The rate the paper's "
+        "throughput implies (Park, Oh, Kim, arXiv 2508.12590: 0.37 tok/s at 38.6 % uploads, so ~7 s per upload of "
+        "a 32,000-token distribution, ~0.07-0.15 Mbit/s; our inference, research/ENERGY.md). With this project's "
+        "151,936-token vocabulary a 16-bit upload takes ~23 s, so the link dominates the device's energy.",
+        LinkConfig(bandwidth_hz=180e3, snr_db=-3.0)),
+    "cell-edge": Choice(
+        "Cell-edge uplink (1.5 Mbit/s)",
+        "10 MHz at -9.6 dB SNR: 0.15 bit/s/Hz, 1.5 Mbit/s. 0.15 bit/s/Hz is the IMT-2020 minimum requirement for "
+        "5th-percentile ('cell-edge') user spectral efficiency on the uplink, Dense Urban eMBB (Report ITU-R "
+        "M.2410-0, 2017); the SNR is chosen so that Shannon's formula gives it.",
+        LinkConfig(snr_db=-9.6)),
+    "good-5g": Choice(
+        "Good 5G uplink (333 Mbit/s)",
+        "50 MHz at 20 dB SNR: 333 Mbit/s. An assumption for a phone near a 5G NR cell (half of FR1's largest "
+        "100 MHz channel, a strong signal), not a measurement: the link is then almost free and only compute "
+        "matters.",
+        LinkConfig(bandwidth_hz=50e6, snr_db=20.0)),
+}
+
+
+def _lookup(registry: dict[str, Choice[T]], kind: str, name: str) -> T:
+    _check(name in registry, f"unknown {kind} {name!r}; choose one of {', '.join(registry)}")
+    return registry[name].config
+
+
+def device_profile(name: str) -> DeviceProfile:
+    """The registered profile of that name (ConfigError naming the choices otherwise)."""
+    return _lookup(DEVICE_PROFILES, "device profile", name)
+
+
+def link_preset(name: str) -> LinkConfig:
+    """The registered link of that name (ConfigError naming the choices otherwise)."""
+    return _lookup(LINK_PRESETS, "link preset", name)
+
+
+def link_label(preset: str, link: LinkConfig) -> str:
+    """The preset's name, plus the fields this link changes from it, so a summary never claims a preset it left."""
+    base = link_preset(preset)
+    changed = [f.name for f in fields(LinkConfig) if getattr(link, f.name) != getattr(base, f.name)]
+    return f"{preset} + {', '.join(changed)}" if changed else preset
+
+
+def catalogue() -> dict[str, list[dict[str, Any]]]:
+    """Every device profile and link preset as plain dicts (name, label, description, numbers) for a view."""
+    return {
+        "device_profiles": [{"name": n, "label": c.label, "description": c.description, **asdict(c.config)}
+                            for n, c in DEVICE_PROFILES.items()],
+        "link_presets": [{"name": n, "label": c.label, "description": c.description,
+                          "uplink_rate_bps": c.config.uplink_rate_bps, **asdict(c.config)}
+                         for n, c in LINK_PRESETS.items()],
+    }
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """One generation request: the three groups together, as the CLI, app and experiments pass them."""
+    """One generation request: the groups together, as the CLI, app and experiments pass them. `link_preset`
+    names the preset `link` started from (explicit fields may override it; summaries say which, `link_label`)."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    device: DeviceProfile = field(default_factory=DeviceProfile)
+    link_preset: str = "default"
+
+    def __post_init__(self) -> None:
+        link_preset(self.link_preset)  # validates the name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sampling": asdict(self.sampling), "policy": asdict(self.policy), "link": asdict(self.link)}
+        return {"sampling": asdict(self.sampling), "policy": asdict(self.policy), "link": asdict(self.link),
+                "device": asdict(self.device), "link_preset": self.link_preset}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Build from plain dicts (JSON, app fields); unknown keys are an error, not silently dropped."""
+        sections = (("sampling", SamplingConfig), ("policy", PolicyConfig), ("link", LinkConfig),
+                    ("device", DeviceProfile))
         parts: dict[str, Any] = {}
-        for key, klass in (("sampling", SamplingConfig), ("policy", PolicyConfig), ("link", LinkConfig)):
+        for key, klass in sections:
             given = dict(data.get(key) or {})
             known = {f.name for f in fields(klass)}
             unknown = set(given) - known
             _check(not unknown, f"unknown {key} field(s): {', '.join(sorted(unknown))}")
             parts[key] = klass(**given)
-        extra = set(data) - {"sampling", "policy", "link"}
+        extra = set(data) - {key for key, _ in sections} - {"link_preset"}
         _check(not extra, f"unknown config section(s): {', '.join(sorted(extra))}")
-        return cls(**parts)
+        return cls(**parts, link_preset=data.get("link_preset", "default"))
 
     def with_policy(self, **changes: Any) -> RunConfig:
         return replace(self, policy=replace(self.policy, **changes))

@@ -23,7 +23,7 @@ from typing import Literal, overload
 import torch
 
 from hlm import prefix
-from hlm.config import LinkConfig, RunConfig
+from hlm.config import DeviceProfile, LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import Window, measure, open_meter
 from hlm.estimators import REGISTRY, DraftStats
@@ -95,12 +95,17 @@ class HybridDecoder:
         that made no such call themselves (`hlm.metrics.hlm_call_time`)."""
         return statistics.median(self.one_token_calls) if self.one_token_calls else None
 
-    def energy_methods(self, link: LinkConfig) -> dict[str, str]:
-        """How each energy part is obtained, for the summary and the hardware panel."""
+    def energy_methods(self, link: LinkConfig, device: DeviceProfile | None = None) -> dict[str, str]:
+        """How each energy part is obtained, for the summary and the hardware panel (default: this machine)."""
         cloud = getattr(self.verifier, "meter", None)
+        if device is not None and device.modelled:
+            compute = (f"modelled: {device.name} ({device.source}): {device.slm_energy_per_token_j:g} J and "
+                       f"{device.slm_time_per_token_s * 1e3:.1f} ms per drafted token")
+        else:
+            compute = self.meter.method if self.meter else \
+                f"modelled: {link.device_compute_power_w} W x measured SLM compute time on {self.device.type}"
         return {
-            "device_compute": self.meter.method if self.meter else
-            f"modelled: {link.device_compute_power_w} W x measured SLM compute time on {self.device.type}",
+            "device_compute": compute,
             "radio": f"modelled: {link.tx_power_w} W x upload bits / (W log2(1+SNR)) "
                      f"= {link.uplink_rate_bps / 1e6:.1f} Mbit/s",
             "device_idle": f"modelled: {link.device_idle_power_w} W x (measured cloud compute + downlink + RTT)",
@@ -111,7 +116,8 @@ class HybridDecoder:
         """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
-                            self.energy_methods(config.link), self.call_s)
+                            self.energy_methods(config.link, config.device), self.call_s,
+                            device_profile=config.device.name, link_preset=config.link_preset)
         return "".join(e.text for e in events), events, summary.to_dict()
 
     @overload
@@ -240,7 +246,7 @@ class HybridDecoder:
                     logits, attn = drafter.forward([token], attention=attention)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
             yield self._event(index, len(context) - 1, token, text.push(token, last), source, d, verdict, bits_up,
-                              n_sync, spent, link, t0)
+                              n_sync, spent, link, config.device, t0)
             spent = w
             if last:
                 return
@@ -264,19 +270,24 @@ class HybridDecoder:
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and verdict.token in self.pair.stop_ids)
             yield self._event(index, len(context) - 1, verdict.token, text.push(verdict.token, last), "cloud_sampled",
-                              None, verdict, bits_up, n_sync, Window(0.0, None), link, t0)
+                              None, verdict, bits_up, n_sync, Window(0.0, None), link, config.device, t0)
             if last:
                 return
 
     def _event(self, index: int, position: int, token: int, text: str, source: str, d: Draft | None,
                verdict: Verdict | None, bits_up: int, n_sync: int, spent: Window, link: LinkConfig,
-               t0: float) -> TokenEvent:
+               device: DeviceProfile, t0: float) -> TokenEvent:
         cost = NO_UPLOAD
         if bits_up or verdict is not None:
             cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
             if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for
                 cost = UploadCost(cost.bits_up, 0, cost.uplink_s, 0.0, cost.radio_j, 0.0)
-        measured = spent.joules is not None
+        if d is not None and device.modelled:  # a drafted token costs what the profile's device spends on one
+            compute_s, compute_j, measured = device.slm_time_per_token_s, device.slm_energy_per_token_j, False
+        else:
+            measured = spent.joules is not None
+            compute_s = spent.seconds
+            compute_j = spent.joules if measured else link.device_compute_power_w * spent.seconds
         cloud_measured = verdict is not None and verdict.energy_j is not None
         imp = d.importance if d else None
         return TokenEvent(
@@ -290,10 +301,10 @@ class HybridDecoder:
             synced_ids=n_sync, bits_up=cost.bits_up, bits_down=cost.bits_down,
             wire_bytes_up=verdict.wire_bytes_up if verdict else None,
             wire_bytes_down=verdict.wire_bytes_down if verdict else None,
-            draft_s=spent.seconds, verify_s=verdict.compute_s if verdict else 0.0,
+            draft_s=compute_s, verify_s=verdict.compute_s if verdict else 0.0,
             uplink_s=cost.uplink_s, wait_s=cost.wait_s, wall_s=time.perf_counter() - t0,
             energy_j={
-                "device_compute": spent.joules if measured else link.device_compute_power_w * spent.seconds,
+                "device_compute": compute_j,
                 "radio": cost.radio_j,
                 "device_idle": cost.idle_j,
                 "cloud": verdict.energy_j if cloud_measured else link.cloud_power_w * (

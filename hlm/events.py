@@ -34,6 +34,7 @@ class TokenEvent:
     ubar: the Rao-Blackwellised uncertainty; score / score_threshold: the `ours` estimator's score and the bar
     it was held against (upload iff score >= bar); None where not computed.
     p_draft / q_draft: draft and verifier probability of the drafted token, when verified.
+    draft_s: device compute time charged to this token: measured, or the device profile's per-token figure.
     energy_j: joules per part of ENERGY_PARTS; energy_method: `measured` or `modelled` per part.
     """
 
@@ -100,6 +101,7 @@ class Summary:
     wire_bytes_down: int | None
     device_energy_j: float
     device_energy_parts_j: dict[str, float]
+    link_energy_j: float  # radio + idle: the part of device energy the upload policy controls
     cloud_energy_j: float
     hlm_device_energy_j: float | None
     energy_saving: float | None
@@ -111,6 +113,8 @@ class Summary:
     tokens_per_s: float
     tokens_per_s_modelled_link: float
     energy_methods: dict[str, str]
+    device_profile: str  # `hlm.config.DEVICE_PROFILES` name: where device compute time and energy come from
+    link_preset: str  # `hlm.config.LINK_PRESETS` name, plus the fields overridden (`hlm.config.link_label`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

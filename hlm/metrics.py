@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from hlm.config import LinkConfig
+from hlm.config import LinkConfig, link_label
 from hlm.events import ENERGY_PARTS, Summary, TokenEvent
 from hlm.link import upload_bits, upload_cost
 
@@ -40,7 +40,9 @@ def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: f
 
 
 def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, policy: str,
-              energy_methods: dict[str, str], known_call_s: float | None = None) -> Summary:
+              energy_methods: dict[str, str], known_call_s: float | None = None, *,
+              device_profile: str = "this-machine", link_preset: str = "default") -> Summary:
+    """Totals of a run; `device_profile` and `link_preset` name the run's choices (`RunConfig`) for the record."""
     n = len(events)
     calls = [e for e in events if e.source in CALLS]
     verified = [e for e in events if e.source in VERIFIED]
@@ -80,6 +82,7 @@ def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, p
         wire_bytes_down=sum(wires_down) if wires_down else None,
         device_energy_j=device_j,
         device_energy_parts_j=parts,
+        link_energy_j=parts["radio"] + parts["device_idle"],
         cloud_energy_j=sum(e.energy_j.get("cloud", 0.0) for e in events),
         hlm_device_energy_j=hlm_j,
         energy_saving=1.0 - device_j / hlm_j if hlm_j else None,
@@ -91,4 +94,6 @@ def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, p
         tokens_per_s=n / wall_s if wall_s > 0 else 0.0,
         tokens_per_s_modelled_link=n / link_s if link_s > 0 else 0.0,
         energy_methods=dict(energy_methods),
+        device_profile=device_profile,
+        link_preset=link_label(link_preset, link),
     )

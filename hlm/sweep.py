@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig
+from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
 from hlm.prompts import DEFAULT_PROMPTS, load_prompts
 
 HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
@@ -43,7 +43,7 @@ METRICS = ("upload_rate", "energy_saving", "energy_saving_vs_hlm_run", "bertscor
            "tokens_per_s", "acceptance_rate", "llm_calls", "tokens", "device_j_per_token", "compute_j_per_token",
            "radio_j_per_token", "idle_j_per_token")
 # Columns derived from measured time (compute, wall clock): they differ between two runs of the same job.
-TIMED = ("device_energy_j", "device_energy_compute_j", "device_energy_radio_j", "device_energy_idle_j",
+TIMED = ("device_energy_j", "link_energy_j", "device_energy_compute_j", "device_energy_radio_j", "device_energy_idle_j",
          "cloud_energy_j", "hlm_device_energy_j", "hlm_call_s", "energy_saving", "energy_saving_vs_hlm_run",
          "device_compute_s", "cloud_compute_s", "wall_s", "tokens_per_s", "tokens_per_s_modelled_link",
          "device_j_per_token", "compute_j_per_token", "radio_j_per_token", "idle_j_per_token")
@@ -399,7 +399,8 @@ def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Gr
     meta = {**(meta or {}), "models": models, "prompts": len(prompts), "runs": len(rows),
             "grid": {k: v for k, v in asdict(grid).items() if k != "settings"}, "sampling": asdict(base.sampling),
             "link": asdict(base.link), "uplink_rate_bps": base.link.uplink_rate_bps,
-            "energy_methods": decoder.energy_methods(base.link), "quality": scorer.method,
+            "device_profile": asdict(base.device), "link_preset": link_label(base.link_preset, base.link),
+            "energy_methods": decoder.energy_methods(base.link, base.device), "quality": scorer.method,
             "sweep_wall_s": time.perf_counter() - start, "figures": figures}
     pd.DataFrame(rows).to_csv(out_dir / "results.csv", index=False)
     write_atomic(out_dir / "results.json", {"meta": meta, "rows": rows})
@@ -433,17 +434,26 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def base_config(args: argparse.Namespace) -> RunConfig:
+    """What every run of the sweep shares (sampling, link preset and overrides, device profile); the grid sets the
+    policy fields, so they start at their defaults. Needs `apply_preset` first (for the seeds)."""
+    from hlm.cli import run_config
+
+    defaults = PolicyConfig()
+    return run_config(argparse.Namespace(**{**vars(args), "policy": "hlm", "k": defaults.k, "gamma": defaults.gamma,
+                                            "estimator": defaults.estimator, "skip_rate": defaults.skip_rate,
+                                            "seed": args.seeds[0]}))
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hlm.cli import UsageError, load_decoder, run_config
+    from hlm.cli import UsageError, load_decoder
     from hlm.quality import QualityError, get_scorer
 
     if args.skip_rate is not None:
         raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
     apply_preset(args)
     defaults = PolicyConfig()
-    base = run_config(argparse.Namespace(**{**vars(args), "policy": "hlm", "k": defaults.k, "gamma": defaults.gamma,
-                                            "estimator": defaults.estimator, "skip_rate": defaults.skip_rate,
-                                            "seed": args.seeds[0]}))
+    base = base_config(args)
     try:
         prompts = load_prompts(args.prompts, args.limit)
     except (OSError, ValueError) as exc:
