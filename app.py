@@ -14,6 +14,7 @@ import argparse
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from hlm.dashboard import (
     compare_html,
     default_u_th,
     energy_figure,
+    error_notice,
     history_figure,
     legend_html,
     load_examples,
@@ -48,6 +50,7 @@ from hlm.estimators import REGISTRY, WINDOW
 from hlm.models import PRESETS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+LOG = logging.getLogger("hlm.app")
 PLOTS = {"energy", "uploads", "quality"}
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
@@ -82,6 +85,20 @@ def user_errors(fn: Callable) -> Callable:
         except USER_ERRORS as exc:
             raise convert(exc) from None
     return call
+
+
+def page_errors(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """Every error of a page action as a message with text (`error_notice`): with show_error=False Gradio would
+    show a bug as an empty "Error" toast. A bug's traceback goes to the server log only."""
+    @functools.wraps(fn)
+    def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            yield from fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a message; bugs are logged first
+            if not isinstance(exc, USER_ERRORS):
+                LOG.exception("page action failed")
+            raise gr.Error(error_notice(exc), print_exception=False) from None
+    return stream
 
 
 def emit(frame: Frame) -> list[Any]:
@@ -144,7 +161,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                     calibration = gr.Markdown(elem_classes="hlm-note")
                     c["temperature"] = gr.Slider(0, 2, value=Settings.temperature, step=0.05, label="Temperature")
                     c["max_new_tokens"] = gr.Slider(8, 512, value=Settings.max_new_tokens, step=8,
-                                                    label="Max new tokens")
+                                                    label="Max new tokens", elem_id="hlm-max-new-tokens")
                     c["seed"] = gr.Number(value=Settings.seed, precision=0, minimum=0, label="Seed")
                     gr.Markdown("**Radio link** (modelled)", elem_classes="hlm-note")
                     c["bandwidth_mhz"] = gr.Slider(0.1, 100, value=Settings.bandwidth_mhz, step=0.1,
@@ -187,12 +204,12 @@ def build(dash: Dashboard) -> gr.Blocks:
         def settings(values: Sequence[Any]) -> Settings:
             return Settings(**dict(zip(names, values, strict=True)))
 
-        @user_errors
+        @page_errors
         def on_generate(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
             for frame in dash.generate(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
 
-        @user_errors
+        @page_errors
         def on_compare(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
             for frame in dash.compare(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
@@ -335,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     demo = build(Dashboard(service))
     demo.queue(default_concurrency_limit=1)
-    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"])
+    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
+                head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
     return 0
 
 

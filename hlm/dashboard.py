@@ -49,6 +49,21 @@ COMPARED = ("hlm", "uhlm", "ours")  # the Compare action runs these after the LL
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
                                             EmbeddedModelError)
 
+UNEXPECTED = ("Something went wrong on the server ({name}); the run was abandoned. The server log has the details; "
+              "trying again or changing a setting may help.")
+
+
+def error_notice(exc: Exception) -> str:
+    """The message (HTML: Gradio's toast renders it so) a viewer sees for `exc`, led by a bold title: Gradio 6.31
+    titles every error toast "Error" whatever `gr.Error(title=...)` says. A fixable error says what to fix, a bug
+    says that it is one (its traceback stays in the server log)."""
+    if isinstance(exc, USER_ERRORS):
+        title, text = "Cannot run.", str(exc)
+    else:
+        title, text = "Unexpected error.", UNEXPECTED.format(name=type(exc).__name__)
+    return f"<strong>{title}</strong> {html.escape(text)}"
+
+
 SOURCE_LABELS = {
     "local": "kept on device",
     "cloud_accepted": "accepted by cloud",
@@ -159,6 +174,11 @@ class RunView:
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
                                              self.methods, self.known_call_s))
+
+    def at_limit(self, stop_ids: frozenset[int]) -> bool:
+        """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
+        return (len(self.events) >= self.config.sampling.max_new_tokens and bool(self.events)
+                and self.events[-1].token_id not in stop_ids)
 
     @property
     def summary(self) -> Summary | None:
@@ -376,8 +396,10 @@ class Service:
         stopped = job.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
+        limit = (f"; stopped at the {len(run.events)}-token limit (raise Max new tokens for more)"
+                 if run.at_limit(decoder.pair.stop_ids) else "")
         run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
-                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s" if s else "done: no tokens")
+                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s{limit}" if s else "done: no tokens")
         yield
 
 
@@ -427,7 +449,12 @@ def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | No
 
 
 def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | None) -> list[dict[str, Any]]:
-    return [*(history or []), *(p for p in points if p)][-HISTORY_LIMIT:]
+    """The session's points with these added, each numbered in run order (the scatter labels points by number:
+    full labels of nearby runs overlapped)."""
+    past = list(history or [])
+    n = past[-1].get("n", len(past)) if past else 0
+    new = [{**p, "n": n + i} for i, p in enumerate((p for p in points if p), start=1)]
+    return [*past, *new][-HISTORY_LIMIT:]
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -460,12 +487,20 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
         lines.append(f"uploaded {e.bits_up:,} bits{synced}")
     else:
         lines.append("nothing uploaded")
+    device = {p: e.energy_j.get(p, 0.0) * 1e3 for p in PART_COLOURS}
+    lines.append(f"device energy {sum(device.values()):.3g} mJ: " +
+                 ", ".join(f"{PART_LABELS[p]} {j:.3g}" for p, j in device.items()))
     return "\n".join(lines)
 
 
 def token_span(e: TokenEvent, policy: PolicyConfig) -> str:
+    """One token, focusable (Enter, Space or a click opens its details: `assets/app.js`). Leading blanks stay
+    outside the span, so the source's underline marks the word, not the space before it."""
     title = html.escape(token_title(e, policy)).replace("\n", "&#10;")
-    return f'<span class="tok {e.source}" title="{title}">{html.escape(e.text)}</span>'
+    word = e.text.lstrip(" \t") or e.text
+    lead = e.text[:len(e.text) - len(word)]
+    return (f'{lead}<span class="tok {e.source}" tabindex="0" role="button" data-i="{e.index}" '
+            f'title="{title}">{html.escape(word)}</span>')
 
 
 def tokens_html(run: RunView) -> str:
@@ -480,7 +515,7 @@ def tokens_html(run: RunView) -> str:
 def legend_html(sources: Sequence[str] = SOURCES) -> str:
     items = "".join(f'<span class="item"><span class="swatch tok {s}"></span>{SOURCE_LABELS[s]}</span>'
                     for s in sources)
-    hint = '<span class="hint">hover a token for its details, or see Token details</span>'
+    hint = '<span class="hint">tap, click or press Enter on a token for its details</span>'
     return f'<div class="hlm-legend">{items}{hint}</div>'
 
 
@@ -655,7 +690,7 @@ def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
 
 def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """This session's runs: energy saving vs BERTScore F1, one point per run, the trade-off frontier."""
-    layout = _layout("Your runs: energy saving vs quality", "BERTScore F1 vs the LLM-only output",
+    layout = _layout("Your runs (numbered in order): energy saving vs quality", "BERTScore F1 vs the LLM-only output",
                      "energy saving vs HLM (%)", hovermode="closest", height=340)
     if not history:
         return _empty(layout, "each finished run adds a point here")
@@ -666,14 +701,15 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for h in history:
         groups.setdefault(f"ours {h['estimator']}" if h["policy"] == "ours" else h["policy"], []).append(h)
-    data = [{"type": "scatter", "mode": "markers+text", "name": name,
+    data = [{"type": "scatter", "mode": "markers+text", "name": "random (coin)" if name == "random" else name,
              "x": [h["bertscore_f1"] for h in rows], "y": [h["energy_saving"] * 100 for h in rows],
-             "text": [h["label"] for h in rows], "textposition": "top center", "textfont": {"size": 10},
+             "text": [str(h.get("n", "")) for h in rows], "textposition": "middle right", "textfont": {"size": 10},
              "cliponaxis": False,
-             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf")},
-             "customdata": [[h["upload_rate"] * 100, h["prompt"]] for h in rows],
-             "hovertemplate": "%{text}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>upload rate %{customdata[0]:.1f}%"
-                              "<br>%{customdata[1]}<extra></extra>"}
+             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf"),
+                        "symbol": "x" if name == "random" else "circle"},
+             "customdata": [[h["label"], h["upload_rate"] * 100, h["prompt"]] for h in rows],
+             "hovertemplate": "run %{text}: %{customdata[0]}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>"
+                              "upload rate %{customdata[1]:.1f}%<br>%{customdata[2]}<extra></extra>"}
             for name, rows in groups.items()]
     return _figure(data, layout)
 

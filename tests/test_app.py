@@ -29,7 +29,9 @@ from hlm.dashboard import (
     RunView,
     Service,
     Settings,
+    add_history,
     energy_figure,
+    error_notice,
     history_figure,
     token_span,
     upload_figure,
@@ -199,6 +201,46 @@ def test_token_span_escapes_text_and_explains_the_decision():
     for fact in ("u = 0.50", "above u_th = 0.08", "rank 1 (top-k 3): important", "accept prob min(1, q/p) 0.500",
                  "draft id 9 rejected", "uploaded 1,234 bits, including 2 synced ids"):
         assert fact in span
+
+
+def test_token_span_leaves_leading_blanks_unmarked_and_is_focusable():
+    e = TokenEvent(index=2, position=9, token_id=7, text="  world", source="local", uploaded=False,
+                   energy_j={"device_compute": 0.02, "radio": 0.0, "device_idle": 0.0})
+    span = token_span(e, Settings().run_config(None).policy)
+    assert span.startswith('  <span class="tok local" tabindex="0" role="button" data-i="2" ') and span.endswith(
+        ">world</span>")
+    assert "device energy 20 mJ: SLM compute 20, radio 0, idle wait 0" in span
+    blank = token_span(replace(e, text="  "), Settings().run_config(None).policy)
+    assert blank.startswith("<span") and blank.endswith(">  </span>")  # a blank token keeps its span
+
+
+def test_errors_become_titled_messages_without_tracebacks():
+    notice = error_notice(PromptError("the prompt is <empty>"))
+    assert notice == "<strong>Cannot run.</strong> the prompt is &lt;empty&gt;"
+    text = error_notice(KeyError("x"))
+    assert text.startswith("<strong>Unexpected error.</strong> Something went wrong on the server (KeyError)")
+    assert "Traceback" not in text
+
+
+def test_a_run_cut_by_the_length_limit_knows_it():
+    config = Settings(max_new_tokens=2).run_config(None)
+    run = RunView("x", config, 10, {})
+    tokens = [TokenEvent(index=i, position=i, token_id=5, text="a", source="local", uploaded=False) for i in range(2)]
+    run.events = tokens
+    assert run.at_limit(frozenset({9}))
+    assert not run.at_limit(frozenset({5}))  # the last token was a stop token: the answer ended by itself
+    run.events = tokens[:1]
+    assert not run.at_limit(frozenset({9}))
+
+
+def test_history_points_are_numbered_and_the_coin_is_marked():
+    point = {"label": "ours k=9 γ=0", "policy": "ours", "estimator": "probe", "energy_saving": 0.4,
+             "bertscore_f1": 0.9, "upload_rate": 0.2, "prompt": PROMPT}
+    history = add_history(add_history([], point, None, point), {**point, "policy": "random", "label": "random"})
+    assert [h["n"] for h in history] == [1, 2, 3]
+    fig = history_figure(history)
+    assert [t["text"] for t in fig["data"]] == [["1", "2"], ["3"]]  # short labels: full ones overlapped
+    assert fig["data"][1]["name"] == "random (coin)" and fig["data"][1]["marker"]["symbol"] == "x"
 
 
 def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatch):

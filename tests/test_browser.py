@@ -25,6 +25,9 @@ MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
 RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
 DEFAULT_LABEL = f"ours k={Settings.k} γ={Settings.gamma:g}"
+# every plotly chart laid out no wider than its box (a chart updated in a hidden tab keeps a stale width)
+FITTED = ("() => [...document.querySelectorAll('.js-plotly-plot')].every("
+          "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
 
@@ -116,4 +119,50 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     assert page.locator(".hlm-compare .col").count() == 4
     page.locator(".hlm-compare").scroll_into_view_if_needed()
     page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
+    # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
+    page.get_by_role("tab", name="Output").click()
+    page.wait_for_function(FITTED, timeout=5_000)
+    page.close()
+
+
+def test_length_limit_clamping_and_errors_are_said(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_role("button", name="Generate", exact=True).click()  # no prompt: a titled message with its text
+    toast = page.get_by_test_id("toast-text")
+    toast.wait_for(timeout=10_000)
+    assert toast.inner_text().startswith("Cannot run. the prompt is empty")
+    page.get_by_test_id("toast-close").click()
+    set_number(page, "hlm-k", "999")
+    assert page.locator("#hlm-k .hlm-clamp").inner_text() == "999 is outside 1–32, so 32 is used"
+    set_number(page, "hlm-k", "0")
+    assert page.locator("#hlm-k .hlm-clamp").inner_text() == "0 is outside 1–32, so 1 is used"
+    set_number(page, "hlm-k", str(Settings.k))
+    assert page.locator("#hlm-k .hlm-clamp").count() == 0
+    page.get_by_text("Advanced settings").click()
+    set_number(page, "hlm-max-new-tokens", "8")
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, DEFAULT_LABEL)
+    status = page.locator(".hlm-status").inner_text()
+    assert "8 tokens decoded" not in status or "stopped at the 8-token limit" in status
+    page.close()
+
+
+def test_token_details_open_on_tap_and_keyboard(browser, url):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, DEFAULT_LABEL)
+    visible = page.locator(".prose.hlm-tokens .tok[data-i]").filter(has_text=re.compile(r"\S"))
+    first, second = visible.nth(0), visible.nth(1)
+    first.focus()
+    page.keyboard.press("Enter")
+    panel = page.locator(".hlm-token-panel")
+    assert panel.locator(".head").inner_text().startswith(f"#{first.get_attribute('data-i')} ")
+    assert "device energy" in panel.inner_text() and "uploaded" in panel.inner_text()
+    page.keyboard.press("Escape")
+    assert panel.count() == 0
+    assert page.evaluate("document.activeElement.dataset.i") == first.get_attribute("data-i")
+    second.tap()
+    assert panel.locator(".head").inner_text().startswith(f"#{second.get_attribute('data-i')} ")
     page.close()
