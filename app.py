@@ -5,7 +5,8 @@ computes everything shown).
 
 Serves on 127.0.0.1:7860; Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override that, HLM_MODELS and
 HLM_CLOUD stand for --models and --cloud. Named API endpoints (see the page's "Use via API" link):
-/generate (streams one run), /compare (hlm, uhlm and ours against the LLM-only reference), /hardware.
+/generate (streams one run), /compare (hlm, uhlm, ours and the coin matched to ours against the LLM-only
+reference), /hardware.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
                     compare = gr.Button("Compare", scale=2, min_width=100)
+                    show = gr.Button("Show me", scale=2, min_width=100, elem_id="hlm-show-me")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=70)
                 with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
                     c["policy"] = gr.Dropdown(list(POLICIES), value=Settings.policy, label="Policy", info=POLICY_INFO,
@@ -186,8 +188,10 @@ def build(dash: Dashboard) -> gr.Blocks:
                         quality = gr.Plot(_plot(history_figure([])), show_label=False)
                     with gr.Tab("Compare", id="compare"):
                         gr.Markdown("**Compare** runs the prompt with the LLM alone (the reference), then HLM "
-                                    "(every token uploaded), U-HLM (uncertain tokens) and ours (uncertain and "
-                                    "important), with the settings on the left.", elem_classes="hlm-note")
+                                    "(every token uploaded), U-HLM (uncertain tokens), ours (the drafts its "
+                                    "estimator scores highest) and a coin uploading as many as ours did (the "
+                                    "control), with the settings on the left. **Show me** runs HLM, ours and the "
+                                    "coin and sums the result up in one sentence.", elem_classes="hlm-note")
                         compare_view = gr.HTML(compare_html([]))
                     with gr.Tab("Token details", id="details"):
                         table = gr.Dataframe(headers=TOKEN_HEADERS, interactive=False, max_height=480,
@@ -198,7 +202,7 @@ def build(dash: Dashboard) -> gr.Blocks:
         controls = [c[n] for n in names]
         targets = {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
                    "table": table, "history": history, "compare": compare_view,
-                   "tab": tabs, "hardware": hardware}
+                   "tab": tabs, "hardware": hardware, "prompt": prompt}
         outputs = [targets[f.name] for f in fields(Frame)]
 
         def settings(values: Sequence[Any]) -> Settings:
@@ -212,6 +216,11 @@ def build(dash: Dashboard) -> gr.Blocks:
         @page_errors
         def on_compare(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
             for frame in dash.compare(request.session_hash, pair, text, settings(values), past):
+                yield emit(frame)
+
+        @page_errors
+        def on_show(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
+            for frame in dash.show_me(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
 
         def on_stop(request: gr.Request) -> None:
@@ -233,8 +242,9 @@ def build(dash: Dashboard) -> gr.Blocks:
         run = generate.click(on_generate, [preset, prompt, history, *controls], **model_work)
         prompt.submit(on_generate, [preset, prompt, history, *controls], **model_work)
         both = compare.click(on_compare, [preset, prompt, history, *controls], **model_work)
+        shown = show.click(on_show, [preset, prompt, history, *controls], **model_work)
         stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
-            None, None, None, cancels=[run, both], api_visibility="private")
+            None, None, None, cancels=[run, both, shown], api_visibility="private")
         pair_outputs = [calibration, c["u_th"], averse, prone]
         preset.change(on_pair, preset, pair_outputs, api_visibility="private")
         demo.load(on_pair, preset, pair_outputs, api_visibility="private")
@@ -288,9 +298,9 @@ def _api(dash: Dashboard, start: str) -> None:
     def compare(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, u_th: float | None = None,
                 temperature: float = Settings.temperature, max_new_tokens: int = Settings.max_new_tokens,
                 seed: int = Settings.seed, pair: str = "") -> Iterator[dict[str, Any]]:
-        """Run the LLM-only reference, then hlm, uhlm and ours on one prompt with the same settings (the link
-        at its defaults). Streams {"runs": [...]}, each run with status, text, summary and bertscore_f1
-        against the reference.
+        """Run the LLM-only reference, then hlm, uhlm, ours and random (its coin matched to ours' upload rate) on
+        one prompt with the same settings (the link at its defaults). Streams {"runs": [...]}, each run with status,
+        text, summary and bertscore_f1 against the reference.
 
         Args:
             prompt: the user message

@@ -43,7 +43,9 @@ REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, promp
 HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
-COMPARED = ("hlm", "uhlm", "ours")  # the Compare action runs these after the LLM-only reference
+# The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
+COMPARED = ("hlm", "uhlm", "ours", "random")
+SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
 # Errors a viewer can cause or fix (bad settings, prompt, pair, cloud); the app shows their message as a Gradio
 # error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
@@ -545,6 +547,28 @@ def stats_html(run: RunView | None) -> str:
     return f'<div class="hlm-stats">{"".join(cards)}</div><div class="hlm-status {phase}">{note}</div>'
 
 
+def _link_j(s: Summary) -> float:
+    """Radio plus the idle wait for the cloud: the device energy the upload policy controls."""
+    return s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
+
+
+def verdict(runs: Sequence[RunView]) -> str | None:
+    """One sentence from a finished comparison's measured numbers (ours against HLM and the matched coin); None
+    until all three are done and scored. Never a canned claim: every figure is read off this prompt's runs."""
+    done = {r.config.policy.name: r for r in runs if r.phase == "done" and r.f1 is not None and r.summary}
+    if not {"hlm", "ours", "random"} <= done.keys():
+        return None
+    ours, hlm, coin = done["ours"], done["hlm"], done["random"]
+    o, h, c = ours.summary, hlm.summary, coin.summary
+    assert o is not None and h is not None and c is not None  # `done` holds runs with a summary
+    less = 1.0 - _link_j(o) / _link_j(h) if _link_j(h) > 0 else 0.0
+    energy = (f"used {_pct(abs(less))} {'less' if less >= 0 else 'more'} link energy (radio and waiting for the "
+              "cloud) than HLM")
+    return (f"On this prompt ours sent {_pct(o.upload_rate)} of its tokens to the cloud, {energy} and scored "
+            f"BERTScore F1 {ours.f1:.3f} against the LLM's answer (HLM {hlm.f1:.3f}); a coin sending as many "
+            f"({_pct(c.upload_rate)}) scored {coin.f1:.3f}.")
+
+
 def compare_html(runs: Sequence[RunView]) -> str:
     """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
     head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
@@ -560,7 +584,9 @@ def compare_html(runs: Sequence[RunView]) -> str:
             f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
         cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
                     f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(run.spans)}</div></div>')
-    return f'{table}<div class="hlm-compare">{"".join(cols)}</div>'
+    said = verdict(runs)
+    lead = f'<p class="hlm-verdict">{html.escape(said)}</p>' if said else ""
+    return f'{lead}{table}<div class="hlm-compare">{"".join(cols)}</div>'
 
 
 def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, quality_method: str) -> str:
@@ -731,6 +757,7 @@ class Frame:
     compare: str | None = None
     tab: str | None = None
     hardware: str | None = None
+    prompt: str | None = None
 
 
 def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
@@ -793,13 +820,16 @@ class Dashboard:
         finally:
             self.service.end(session, job)
 
-    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job) -> Iterator[tuple[list[RunView], RunView]]:
-        """The LLM-only reference, then hlm, uhlm and ours with the same settings, each scored against the
-        reference. Yields (all runs, the one running) after every change."""
+    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
+                 ) -> Iterator[tuple[list[RunView], RunView]]:
+        """The LLM-only reference, then `policies` with the same settings, each scored against the reference; a
+        `random` run (after ours) gets the coin matched to ours' realised upload rate on this prompt, so its expected
+        uploads equal ours' count: the control that says whether choosing the drafts matters. Yields (all runs, the
+        one running) after every change."""
         llm = base.with_policy(name="llm")
         runs = [self._new_run(preset, "llm (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
-                  for n in COMPARED)]
+                  for n in policies)]
         reference = runs[0]
         reference.phase = "decoding"
         yield runs, reference
@@ -812,6 +842,11 @@ class Dashboard:
             return
         reference.f1, reference.phase, reference.note = 1.0, "done", "done"  # the reference against itself
         for run in runs[1:]:
+            if run.config.policy.name == "random":
+                ours = next((r.summary for r in runs if r.config.policy.name == "ours" and r.summary), None)
+                if ours is not None:
+                    run.config = base.with_policy(name="random", skip_rate=1.0 - ours.upload_rate)
+                    run.label = f"{run_label(run.config)} (matched to ours)"
             for _ in self.service.run(preset, prompt, run, job, quality=False):
                 yield runs, run
             if run.phase != "done":
@@ -820,12 +855,13 @@ class Dashboard:
             yield runs, run
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
-                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
-        """The Compare button: the runs side by side, the headline figures and charts following the one running."""
+                history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
+        """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
+        charts following the one running, and the verdict once every run is scored."""
         _, base = self._prepare(preset, prompt, settings)
         job = self.service.begin(session)
         try:
-            steps = self._compare(preset, prompt, base, job)
+            steps = self._compare(preset, prompt, base, job, policies)
             runs, _ = next(steps)
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base.link))
@@ -838,6 +874,15 @@ class Dashboard:
                         quality=history_figure(history))
         finally:
             self.service.end(session, job)
+
+    def show_me(self, session: str, preset: str, prompt: str, settings: Settings,
+                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The "Show me" button: ours against HLM and the matched coin on this prompt (the first example when the
+        box is empty, put in the box so the viewer sees what ran), ending in `verdict`'s sentence."""
+        if not prompt.strip():
+            prompt = load_examples()[0]["prompt"]
+            yield Frame(prompt=prompt)
+        yield from self.compare(session, preset, prompt, settings, history, SHOW_ME)
 
     def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
         _, config = self._prepare(preset, prompt, settings)

@@ -35,9 +35,11 @@ from hlm.dashboard import (
     history_figure,
     token_span,
     upload_figure,
+    verdict,
 )
 from hlm.decoder import HybridDecoder
 from hlm.events import SOURCES, TokenEvent
+from hlm.metrics import summarize
 from hlm.models import Calibration, PromptError, load_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +121,11 @@ def test_generate_streams_well_formed_events(client):
 def test_compare_runs_the_three_policies_against_the_reference(client):
     final = client.predict(prompt=PROMPT, max_new_tokens=12, api_name="/compare")
     runs = final["runs"]
-    assert [r["config"]["policy"]["name"] for r in runs] == ["llm", "hlm", "uhlm", "ours"]
+    assert [r["config"]["policy"]["name"] for r in runs] == ["llm", "hlm", "uhlm", "ours", "random"]
     assert all(r["status"] == "done" and r["bertscore_f1"] is not None for r in runs)
     assert runs[1]["summary"]["upload_rate"] == 1.0  # hlm uploads every token
+    # the coin is matched to ours' realised upload rate on this prompt
+    assert runs[4]["config"]["policy"]["skip_rate"] == pytest.approx(1.0 - runs[3]["summary"]["upload_rate"])
     assert runs[0]["bertscore_f1"] == 1.0  # the reference against itself
 
 
@@ -312,10 +316,38 @@ def test_stop_ends_the_run_with_a_final_frame(service):
     assert "stopped after" in frames[-2].stats and not frames[-1].history  # a stopped run adds no point
 
 
-def test_compare_frames_fill_four_columns_and_a_table(service):
+def test_compare_frames_fill_five_columns_a_table_and_the_verdict(service):
     frames = list(Dashboard(service).compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
     assert frames[0].tab == "compare"
     last = frames[-1]
     rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
-    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
-    assert last.compare.count('class="col"') == 4 and len(last.history) == 3
+    assert rows[:4] == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
+    assert re.fullmatch(r"random skip=[\d.]+ \(matched to ours\)", rows[4])
+    assert last.compare.count('class="col"') == 5 and len(last.history) == 4
+    assert 'class="hlm-verdict"' in last.compare and "a coin sending as many" in last.compare
+
+
+def test_show_me_fills_an_empty_prompt_and_runs_the_three(service):
+    frames = list(Dashboard(service).show_me("s", "tiny", " ", Settings(max_new_tokens=8), []))
+    assert frames[0].prompt and frames[0].prompt.strip()
+    assert [h["policy"] for h in frames[-1].history] == ["hlm", "ours", "random"]
+
+
+def test_the_verdict_is_built_from_the_runs_numbers():
+    config = Settings().run_config(None)
+
+    def run(name: str, uploads: int, radio: float, f1: float) -> RunView:
+        r = RunView(name, config.with_policy(name=name), 10, {})
+        r.points = [summarize([TokenEvent(index=i, position=i, token_id=1, text="a", source="local",
+                                          uploaded=i < uploads, energy_j={"device_compute": 1.0, "radio": radio,
+                                                                          "device_idle": 0.0})
+                               for i in range(10)], config.link, 10, name, {})]
+        r.phase, r.f1 = "done", f1
+        return r
+
+    runs = [run("hlm", 10, 0.2, 0.9), run("ours", 3, 0.1, 0.8), run("random", 3, 0.1, 0.6)]
+    assert verdict(runs) == ("On this prompt ours sent 30.0% of its tokens to the cloud, used 50.0% less link energy "
+                             "(radio and waiting for the cloud) than HLM and scored BERTScore F1 0.800 against the "
+                             "LLM's answer (HLM 0.900); a coin sending as many (30.0%) scored 0.600.")
+    runs[2].f1 = None
+    assert verdict(runs) is None  # not before every run is scored

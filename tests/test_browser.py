@@ -115,8 +115,9 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     page.get_by_label("Prompt").fill(PROMPT)
     page.get_by_role("button", name="Compare", exact=True).click()
     page.locator(".hlm-compare-summary.done").wait_for(timeout=4 * RUN_TIMEOUT_MS)
-    assert page.locator(".hlm-compare-summary tbody tr").count() == 4
-    assert page.locator(".hlm-compare .col").count() == 4
+    assert page.locator(".hlm-compare-summary tbody tr").count() == 5  # the coin matched to ours included
+    assert page.locator(".hlm-compare .col").count() == 5
+    assert "a coin sending as many" in page.locator(".hlm-verdict").inner_text()
     page.locator(".hlm-compare").scroll_into_view_if_needed()
     page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
     # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
@@ -165,4 +166,18 @@ def test_token_details_open_on_tap_and_keyboard(browser, url):
     assert page.evaluate("document.activeElement.dataset.i") == first.get_attribute("data-i")
     second.tap()
     assert panel.locator(".head").inner_text().startswith(f"#{second.get_attribute('data-i')} ")
+    page.close()
+
+
+def test_show_me_states_the_comparison_in_one_sentence(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_role("button", name="Show me", exact=True).click()  # no prompt typed: the first example runs
+    said = page.locator(".hlm-verdict")
+    said.wait_for(timeout=3 * RUN_TIMEOUT_MS)
+    assert re.fullmatch(r"On this prompt ours sent [\d.]+% of its tokens to the cloud, used [\d.]+% (less|more) "
+                        r"link energy \(radio and waiting for the cloud\) than HLM and scored BERTScore F1 [\d.]+ "
+                        r"against the LLM's answer \(HLM [\d.]+\); a coin sending as many \([\d.]+%\) scored [\d.]+\.",
+                        said.inner_text())
+    assert page.get_by_label("Prompt").input_value().strip()
     page.close()
