@@ -223,6 +223,9 @@ def build(dash: Dashboard) -> gr.Blocks:
             for frame in dash.show_me(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
 
+        def on_replay(request: gr.Request, k: Any, gamma: Any) -> list:
+            return emit(dash.replay(request.session_hash, k, gamma))
+
         def on_stop(request: gr.Request) -> None:
             service.stop(request.session_hash)
 
@@ -245,6 +248,9 @@ def build(dash: Dashboard) -> gr.Blocks:
         shown = show.click(on_show, [preset, prompt, history, *controls], **model_work)
         stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
             None, None, None, cancels=[run, both, shown], api_visibility="private")
+        for knob in (c["k"], c["gamma"]):  # what-if replay: no queue, no model, so it answers while you drag
+            knob.input(on_replay, [c["k"], c["gamma"]], outputs, queue=False, show_progress="hidden",
+                       trigger_mode="always_last", api_visibility="private")
         pair_outputs = [calibration, c["u_th"], averse, prone]
         preset.change(on_pair, preset, pair_outputs, api_visibility="private")
         demo.load(on_pair, preset, pair_outputs, api_visibility="private")

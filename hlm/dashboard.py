@@ -29,6 +29,7 @@ from typing import Any
 from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.embedded import EmbeddedModelError
+from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
 from hlm.figures import COLOURS as POLICY_COLOURS
 from hlm.link import upload_bits, upload_cost
@@ -41,6 +42,7 @@ INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
+REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
 # The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
@@ -459,6 +461,69 @@ def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | 
     return [*past, *new][-HISTORY_LIMIT:]
 
 
+# ---------------------------------------------------------------------------------------------- what-if replay
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A finished run of ours re-decided at another (k, gamma): the same drafts, each uploaded iff its score reaches
+    the new bar. Only the decisions are recomputed (no model call), so the text after a changed decision could
+    differ in a real run. Per token: whether it would be uploaded, the running upload rate and the cumulative
+    device energy, its link part priced like the HLM counterfactual (modelled: full payload plus the ids kept
+    since the last upload; the first call's cloud time for the first upload, the median one-token call after)."""
+
+    k: int
+    gamma: float
+    uploads: tuple[bool, ...]
+    rates: tuple[float, ...]
+    energy_j: tuple[float, ...]
+    link_j: float
+
+    @property
+    def upload_rate(self) -> float:
+        return self.rates[-1] if self.rates else 0.0
+
+
+def replayable(run: RunView) -> bool:
+    """A finished run of ours whose every draft carries a score (the paper-literal estimators decide on attention
+    rows, which are not a threshold on a stored score)."""
+    return (run.phase == "done" and run.config.policy.name == "ours" and bool(run.events)
+            and all(e.score is not None for e in run.events) and run.summary is not None)
+
+
+def replay(run: RunView, scale: ScoreScale, k: int, gamma: float) -> Replay:
+    """Re-decide `run`'s drafts at (k, gamma) with `scale`'s threshold: a pure recomputation."""
+    bar = scale.threshold(k, gamma)
+    link, s = run.config.link, run.summary
+    assert s is not None  # `replayable`
+    first_call_s = next((e.verify_s for e in run.events if e.uploaded), s.hlm_call_s)
+    prompt_len = run.events[0].position - run.events[0].index
+    synced, uploads, rates, energy, link_j, compute_j, sent = 0, [], [], [], 0.0, 0.0, 0
+    for e in run.events:
+        up = e.score is not None and e.score >= bar
+        if up:
+            context = prompt_len + e.index
+            cost = upload_cost(link, upload_bits(link, run.vocab_size, context - synced),
+                               s.hlm_call_s if synced else first_call_s)
+            link_j += cost.radio_j + cost.idle_j
+            synced, sent = context + 1, sent + 1
+        compute_j += e.energy_j.get("device_compute", 0.0)
+        uploads.append(up)
+        rates.append(sent / (e.index + 1))
+        energy.append(compute_j + link_j)
+    return Replay(k, gamma, tuple(uploads), tuple(rates), tuple(energy), link_j)
+
+
+def replay_note(run: RunView, r: Replay) -> str:
+    s = run.summary
+    assert s is not None
+    was = s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
+    return (f"what-if replay at k={r.k}, γ={r.gamma:g} on this run's drafts: {sum(r.uploads)} of {len(r.uploads)} "
+            f"uploaded ({_pct(r.upload_rate)}, ran at {_pct(s.upload_rate)}), link energy {r.link_j:.3g} J "
+            f"(modelled; ran at {was:.3g} J). The text after a changed decision could differ: Generate runs it "
+            "for real.")
+
+
 # ---------------------------------------------------------------------------------------------- HTML
 
 
@@ -495,13 +560,15 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
     return "\n".join(lines)
 
 
-def token_span(e: TokenEvent, policy: PolicyConfig) -> str:
+def token_span(e: TokenEvent, policy: PolicyConfig, would_upload: bool = False) -> str:
     """One token, focusable (Enter, Space or a click opens its details: `assets/app.js`). Leading blanks stay
-    outside the span, so the source's underline marks the word, not the space before it."""
+    outside the span, so the source's underline marks the word, not the space before it. `would_upload`: the
+    what-if replay outlines the drafts it would upload."""
     title = html.escape(token_title(e, policy)).replace("\n", "&#10;")
     word = e.text.lstrip(" \t") or e.text
     lead = e.text[:len(e.text) - len(word)]
-    return (f'{lead}<span class="tok {e.source}" tabindex="0" role="button" data-i="{e.index}" '
+    mark = " would-upload" if would_upload else ""
+    return (f'{lead}<span class="tok {e.source}{mark}" tabindex="0" role="button" data-i="{e.index}" '
             f'title="{title}">{html.escape(word)}</span>')
 
 
@@ -526,8 +593,8 @@ def _card(value: str, name: str, sub: str) -> str:
             f'<div class="sub">{sub}</div></div>')
 
 
-def stats_html(run: RunView | None) -> str:
-    """The headline figures and a status line."""
+def stats_html(run: RunView | None, note: str | None = None) -> str:
+    """The headline figures and a status line (`note`, when given, replaces the run's own: the replay's)."""
     s = run.summary if run else None
     if s is None:
         cards = [_card("–", n, "") for n in ("upload rate", "energy saved", "tokens / s", "LLM calls", "BERTScore")]
@@ -542,8 +609,8 @@ def stats_html(run: RunView | None) -> str:
             _card(str(s.llm_calls), "LLM calls", f"{s.accepted} accepted, {s.resampled} resampled"),
             _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output"),
         ]
-    note = html.escape(f"{run.label}: {run.note}") if run else "Enter a prompt and press Generate."
-    phase = run.phase if run else "waiting"
+    phase = "replay" if note else run.phase if run else "waiting"
+    note = html.escape(note or (f"{run.label}: {run.note}" if run else "Enter a prompt and press Generate."))
     return f'<div class="hlm-stats">{"".join(cards)}</div><div class="hlm-status {phase}">{note}</div>'
 
 
@@ -681,8 +748,12 @@ def _empty(layout: dict[str, Any], text: str) -> dict[str, Any]:
     return _figure([], layout)
 
 
-def energy_figure(points: Sequence[Summary]) -> dict[str, Any]:
-    """Cumulative device energy split into compute / radio / idle, with the HLM counterfactual dashed."""
+REPLAY_LINE = {"dash": "dot", "width": 2.5, "color": "#7c3aed"}
+
+
+def energy_figure(points: Sequence[Summary], what_if: Replay | None = None) -> dict[str, Any]:
+    """Cumulative device energy split into compute / radio / idle, with the HLM counterfactual dashed (and a
+    what-if replay's total dotted)."""
     layout = _layout("Device energy, cumulative", "tokens", "joules")
     if not points:
         return _empty(layout, "energy appears here as tokens stream")
@@ -696,10 +767,14 @@ def energy_figure(points: Sequence[Summary]) -> dict[str, Any]:
         data.append({"type": "scatter", "x": x, "y": [s.hlm_device_energy_j for s in points],
                      "name": "HLM", "mode": "lines",
                      "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hovertemplate": "%{y:.3g} J"})
+    if what_if is not None:
+        data.append({"type": "scatter", "x": list(range(1, len(what_if.energy_j) + 1)), "y": list(what_if.energy_j),
+                     "name": f"replay k={what_if.k} γ={what_if.gamma:g} (modelled)", "mode": "lines",
+                     "line": REPLAY_LINE, "hovertemplate": "%{y:.3g} J"})
     return _figure(data, layout)
 
 
-def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
+def upload_figure(points: Sequence[Summary], what_if: Replay | None = None) -> dict[str, Any]:
     layout = _layout("Upload rate, running", "tokens", "% of tokens uploaded")
     layout["yaxis"]["range"] = [0, 105]
     if not points:
@@ -711,6 +786,10 @@ def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
              "hovertemplate": "%{y:.1f}% (%{customdata} uploads)"},
             {"type": "scatter", "x": [x[0], x[-1]], "y": [100, 100], "name": "HLM", "mode": "lines",
              "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hoverinfo": "skip"}]
+    if what_if is not None:
+        data.append({"type": "scatter", "x": list(range(1, len(what_if.rates) + 1)),
+                     "y": [r * 100 for r in what_if.rates], "name": f"replay k={what_if.k} γ={what_if.gamma:g}",
+                     "mode": "lines", "line": REPLAY_LINE, "hovertemplate": "%{y:.1f}% (replay)"})
     return _figure(data, layout)
 
 
@@ -777,6 +856,7 @@ class Dashboard:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last run of ours)
 
     def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
         decoder = self.service.decoder(preset)
@@ -807,6 +887,7 @@ class Dashboard:
         _, config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
         job = self.service.begin(session)
+        self._last.pop(session, None)
         try:
             yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
                         hardware=self.hardware(preset, config.link))
@@ -814,11 +895,34 @@ class Dashboard:
             for frame in live_frames(run, self.service.run(preset, prompt, run, job)):
                 if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
                     frame.table, table_shown = token_rows(run.events), True
+                if replayable(run):  # before the page shows "done", so a slider moved at once replays
+                    self._last[session] = (preset, run)
+                    while len(self._last) > REPLAYS:
+                        self._last.popitem(last=False)
                 yield frame
             history = add_history(history, history_point(run, prompt, preset))
             yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
         finally:
             self.service.end(session, job)
+
+    def replay(self, session: str, k: Any, gamma: Any) -> Frame:
+        """A k or γ move after a run of ours: outline the drafts that (k, γ) would upload and redraw the upload-rate
+        and energy charts with the replay beside the run (no model call). An empty frame (nothing changes) when
+        there is no such run or the values are not yet valid (a box being typed in)."""
+        last = self._last.get(session)
+        try:
+            k, gamma = int(_number("k", k, whole=True)), _number("gamma", gamma)
+        except ConfigError:
+            return Frame()
+        if last is None or not 1 <= k <= WINDOW or gamma < 0:
+            return Frame()
+        preset, run = last
+        scale = self.service.decoder(preset).pair.selection.scale(run.config.policy.estimator)
+        r = replay(run, scale, k, gamma)
+        return Frame(stats=stats_html(run, replay_note(run, r)),
+                     tokens="".join(token_span(e, run.config.policy, up) for e, up in zip(run.events, r.uploads,
+                                                                                           strict=True)),
+                     energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
 
     def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
                  ) -> Iterator[tuple[list[RunView], RunView]]:
@@ -860,6 +964,7 @@ class Dashboard:
         charts following the one running, and the verdict once every run is scored."""
         _, base = self._prepare(preset, prompt, settings)
         job = self.service.begin(session)
+        self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
         try:
             steps = self._compare(preset, prompt, base, job, policies)
             runs, _ = next(steps)

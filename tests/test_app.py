@@ -26,6 +26,7 @@ from hlm.config import ConfigError
 from hlm.dashboard import (
     INTERVAL_S,
     Dashboard,
+    Frame,
     RunView,
     Service,
     Settings,
@@ -33,6 +34,7 @@ from hlm.dashboard import (
     energy_figure,
     error_notice,
     history_figure,
+    replay,
     token_span,
     upload_figure,
     verdict,
@@ -351,3 +353,31 @@ def test_the_verdict_is_built_from_the_runs_numbers():
                              "LLM's answer (HLM 0.900); a coin sending as many (30.0%) scored 0.600.")
     runs[2].f1 = None
     assert verdict(runs) is None  # not before every run is scored
+
+
+def test_replay_at_the_runs_own_knobs_reproduces_its_decisions(service):
+    decoder = service.decoder("tiny")
+    config = Settings(max_new_tokens=40).run_config(None)
+    run = RunView("ours", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
+    run.update(list(decoder.generate(PROMPT, config)))
+    run.phase = "done"
+    scale = decoder.pair.selection.scale(config.policy.estimator)
+    same = replay(run, scale, config.policy.k, config.policy.gamma)
+    assert list(same.uploads) == [e.uploaded for e in run.events]
+    assert same.upload_rate == pytest.approx(run.summary.upload_rate)
+    more, fewer = replay(run, scale, 32, 0.0), replay(run, scale, 1, 3.0)
+    assert sum(fewer.uploads) <= sum(same.uploads) <= sum(more.uploads) and sum(more.uploads) > sum(fewer.uploads)
+    assert (more.link_j > fewer.link_j) and more.energy_j[-1] > fewer.energy_j[-1]
+
+
+def test_dashboard_replays_the_sessions_last_run_of_ours(service):
+    dash = Dashboard(service)
+    assert dash.replay("viewer", 32, 0.0) == Frame()  # no run yet: nothing changes
+    list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=24), []))
+    frame = dash.replay("viewer", 32, 0.0)
+    assert "would-upload" in frame.tokens and "what-if replay at k=32, γ=0" in frame.stats
+    assert any(t["name"].startswith("replay k=32") for t in frame.uploads["data"])
+    assert any(t["name"].startswith("replay k=32") for t in frame.energy["data"])
+    assert dash.replay("viewer", "", 0.0) == Frame() and dash.replay("viewer", 99, 0.0) == Frame()
+    list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=8, policy="hlm"), []))
+    assert dash.replay("viewer", 32, 0.0) == Frame()  # the last run is not one of ours
