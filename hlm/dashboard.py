@@ -437,7 +437,7 @@ def run_label(config: RunConfig) -> str:
     if p.name == "uhlm":
         return f"uhlm u_th={p.u_th:g}"
     if p.name == "random":
-        return f"random skip={p.skip_rate:g}"
+        return f"random skip={p.skip_rate:.2f}"
     return p.name
 
 
@@ -639,7 +639,9 @@ def verdict(runs: Sequence[RunView]) -> str | None:
 def compare_html(runs: Sequence[RunView]) -> str:
     """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
     head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
+    ours = {run_label(r.config) for r in runs if r.config.policy.name == "ours"}  # its row stands out
+    body = "".join(("<tr class=\"ours\">" if row[0] in ours else "<tr>") +
+                   "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
     done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
     table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'
              f'<tbody>{body}</tbody></table></div>' if body else "")

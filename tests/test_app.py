@@ -322,9 +322,10 @@ def test_compare_frames_fill_five_columns_a_table_and_the_verdict(service):
     frames = list(Dashboard(service).compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
     assert frames[0].tab == "compare"
     last = frames[-1]
-    rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
+    rows = re.findall(r"<tr[^>]*><td>([^<]*)</td>", last.compare)
     assert rows[:4] == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
-    assert re.fullmatch(r"random skip=[\d.]+ \(matched to ours\)", rows[4])
+    assert re.fullmatch(r"random skip=\d\.\d\d \(matched to ours\)", rows[4])
+    assert '<tr class="ours"><td>ours k=' in last.compare  # the method's row stands out, not whichever ran last
     assert last.compare.count('class="col"') == 5 and len(last.history) == 4
     assert 'class="hlm-verdict"' in last.compare and "a coin sending as many" in last.compare
 
