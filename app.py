@@ -5,7 +5,8 @@ computes everything shown).
 
 Serves on 127.0.0.1:7860; Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override that, HLM_MODELS and
 HLM_CLOUD stand for --models and --cloud. Named API endpoints (see the page's "Use via API" link):
-/generate (streams one run), /compare (hlm, uhlm and ours against the LLM-only reference), /hardware.
+/generate (streams one run), /compare (hlm, uhlm, ours and the coin matched to ours against the LLM-only
+reference), /hardware.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +40,7 @@ from hlm.dashboard import (
     compare_html,
     default_u_th,
     energy_figure,
+    error_notice,
     history_figure,
     legend_html,
     load_examples,
@@ -48,6 +51,7 @@ from hlm.estimators import REGISTRY, WINDOW
 from hlm.models import PRESETS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+LOG = logging.getLogger("hlm.app")
 PLOTS = {"energy", "uploads", "quality"}
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
@@ -82,6 +86,20 @@ def user_errors(fn: Callable) -> Callable:
         except USER_ERRORS as exc:
             raise convert(exc) from None
     return call
+
+
+def page_errors(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """Every error of a page action as a message with text (`error_notice`): with show_error=False Gradio would
+    show a bug as an empty "Error" toast. A bug's traceback goes to the server log only."""
+    @functools.wraps(fn)
+    def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            yield from fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a message; bugs are logged first
+            if not isinstance(exc, USER_ERRORS):
+                LOG.exception("page action failed")
+            raise gr.Error(error_notice(exc), print_exception=False) from None
+    return stream
 
 
 def emit(frame: Frame) -> list[Any]:
@@ -130,6 +148,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
                     compare = gr.Button("Compare", scale=2, min_width=100)
+                    show = gr.Button("Show me", scale=2, min_width=100, elem_id="hlm-show-me")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=70)
                 with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
                     c["policy"] = gr.Dropdown(list(POLICIES), value=Settings.policy, label="Policy", info=POLICY_INFO,
@@ -144,7 +163,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                     calibration = gr.Markdown(elem_classes="hlm-note")
                     c["temperature"] = gr.Slider(0, 2, value=Settings.temperature, step=0.05, label="Temperature")
                     c["max_new_tokens"] = gr.Slider(8, 512, value=Settings.max_new_tokens, step=8,
-                                                    label="Max new tokens")
+                                                    label="Max new tokens", elem_id="hlm-max-new-tokens")
                     c["seed"] = gr.Number(value=Settings.seed, precision=0, minimum=0, label="Seed")
                     gr.Markdown("**Radio link** (modelled)", elem_classes="hlm-note")
                     c["bandwidth_mhz"] = gr.Slider(0.1, 100, value=Settings.bandwidth_mhz, step=0.1,
@@ -169,8 +188,10 @@ def build(dash: Dashboard) -> gr.Blocks:
                         quality = gr.Plot(_plot(history_figure([])), show_label=False)
                     with gr.Tab("Compare", id="compare"):
                         gr.Markdown("**Compare** runs the prompt with the LLM alone (the reference), then HLM "
-                                    "(every token uploaded), U-HLM (uncertain tokens) and ours (uncertain and "
-                                    "important), with the settings on the left.", elem_classes="hlm-note")
+                                    "(every token uploaded), U-HLM (uncertain tokens), ours (the drafts its "
+                                    "estimator scores highest) and a coin uploading as many as ours did (the "
+                                    "control), with the settings on the left. **Show me** runs HLM, ours and the "
+                                    "coin and sums the result up in one sentence.", elem_classes="hlm-note")
                         compare_view = gr.HTML(compare_html([]))
                     with gr.Tab("Token details", id="details"):
                         table = gr.Dataframe(headers=TOKEN_HEADERS, interactive=False, max_height=480,
@@ -181,21 +202,29 @@ def build(dash: Dashboard) -> gr.Blocks:
         controls = [c[n] for n in names]
         targets = {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
                    "table": table, "history": history, "compare": compare_view,
-                   "tab": tabs, "hardware": hardware}
+                   "tab": tabs, "hardware": hardware, "prompt": prompt}
         outputs = [targets[f.name] for f in fields(Frame)]
 
         def settings(values: Sequence[Any]) -> Settings:
             return Settings(**dict(zip(names, values, strict=True)))
 
-        @user_errors
+        @page_errors
         def on_generate(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
             for frame in dash.generate(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
 
-        @user_errors
+        @page_errors
         def on_compare(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
             for frame in dash.compare(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
+
+        @page_errors
+        def on_show(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
+            for frame in dash.show_me(request.session_hash, pair, text, settings(values), past):
+                yield emit(frame)
+
+        def on_replay(request: gr.Request, k: Any, gamma: Any) -> list:
+            return emit(dash.replay(request.session_hash, k, gamma))
 
         def on_stop(request: gr.Request) -> None:
             service.stop(request.session_hash)
@@ -216,8 +245,12 @@ def build(dash: Dashboard) -> gr.Blocks:
         run = generate.click(on_generate, [preset, prompt, history, *controls], **model_work)
         prompt.submit(on_generate, [preset, prompt, history, *controls], **model_work)
         both = compare.click(on_compare, [preset, prompt, history, *controls], **model_work)
+        shown = show.click(on_show, [preset, prompt, history, *controls], **model_work)
         stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
-            None, None, None, cancels=[run, both], api_visibility="private")
+            None, None, None, cancels=[run, both, shown], api_visibility="private")
+        for knob in (c["k"], c["gamma"]):  # what-if replay: no queue, no model, so it answers while you drag
+            knob.input(on_replay, [c["k"], c["gamma"]], outputs, queue=False, show_progress="hidden",
+                       trigger_mode="always_last", api_visibility="private")
         pair_outputs = [calibration, c["u_th"], averse, prone]
         preset.change(on_pair, preset, pair_outputs, api_visibility="private")
         demo.load(on_pair, preset, pair_outputs, api_visibility="private")
@@ -271,9 +304,9 @@ def _api(dash: Dashboard, start: str) -> None:
     def compare(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, u_th: float | None = None,
                 temperature: float = Settings.temperature, max_new_tokens: int = Settings.max_new_tokens,
                 seed: int = Settings.seed, pair: str = "") -> Iterator[dict[str, Any]]:
-        """Run the LLM-only reference, then hlm, uhlm and ours on one prompt with the same settings (the link
-        at its defaults). Streams {"runs": [...]}, each run with status, text, summary and bertscore_f1
-        against the reference.
+        """Run the LLM-only reference, then hlm, uhlm, ours and random (its coin matched to ours' upload rate) on
+        one prompt with the same settings (the link at its defaults). Streams {"runs": [...]}, each run with status,
+        text, summary and bertscore_f1 against the reference.
 
         Args:
             prompt: the user message
@@ -335,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     demo = build(Dashboard(service))
     demo.queue(default_concurrency_limit=1)
-    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"])
+    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
+                head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
     return 0
 
 

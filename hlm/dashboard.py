@@ -29,6 +29,7 @@ from typing import Any
 from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.embedded import EmbeddedModelError
+from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
 from hlm.figures import COLOURS as POLICY_COLOURS
 from hlm.link import upload_bits, upload_cost
@@ -41,13 +42,31 @@ INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
+REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
-COMPARED = ("hlm", "uhlm", "ours")  # the Compare action runs these after the LLM-only reference
+# The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
+COMPARED = ("hlm", "uhlm", "ours", "random")
+SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
 # Errors a viewer can cause or fix (bad settings, prompt, pair, cloud); the app shows their message as a Gradio
 # error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
                                             EmbeddedModelError)
+
+UNEXPECTED = ("Something went wrong on the server ({name}); the run was abandoned. The server log has the details; "
+              "trying again or changing a setting may help.")
+
+
+def error_notice(exc: Exception) -> str:
+    """The message (HTML: Gradio's toast renders it so) a viewer sees for `exc`, led by a bold title: Gradio 6.31
+    titles every error toast "Error" whatever `gr.Error(title=...)` says. A fixable error says what to fix, a bug
+    says that it is one (its traceback stays in the server log)."""
+    if isinstance(exc, USER_ERRORS):
+        title, text = "Cannot run.", str(exc)
+    else:
+        title, text = "Unexpected error.", UNEXPECTED.format(name=type(exc).__name__)
+    return f"<strong>{title}</strong> {html.escape(text)}"
+
 
 SOURCE_LABELS = {
     "local": "kept on device",
@@ -159,6 +178,11 @@ class RunView:
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
                                              self.methods, self.known_call_s))
+
+    def at_limit(self, stop_ids: frozenset[int]) -> bool:
+        """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
+        return (len(self.events) >= self.config.sampling.max_new_tokens and bool(self.events)
+                and self.events[-1].token_id not in stop_ids)
 
     @property
     def summary(self) -> Summary | None:
@@ -377,8 +401,10 @@ class Service:
         stopped = job.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
+        limit = (f"; stopped at the {len(run.events)}-token limit (raise Max new tokens for more)"
+                 if run.at_limit(decoder.pair.stop_ids) else "")
         run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
-                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s" if s else "done: no tokens")
+                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s{limit}" if s else "done: no tokens")
         yield
 
 
@@ -412,7 +438,7 @@ def run_label(config: RunConfig) -> str:
     if p.name == "uhlm":
         return f"uhlm u_th={p.u_th:g}"
     if p.name == "random":
-        return f"random skip={p.skip_rate:g}"
+        return f"random skip={p.skip_rate:.2f}"
     return p.name
 
 
@@ -428,7 +454,75 @@ def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | No
 
 
 def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | None) -> list[dict[str, Any]]:
-    return [*(history or []), *(p for p in points if p)][-HISTORY_LIMIT:]
+    """The session's points with these added, each numbered in run order (the scatter labels points by number:
+    full labels of nearby runs overlapped)."""
+    past = list(history or [])
+    n = past[-1].get("n", len(past)) if past else 0
+    new = [{**p, "n": n + i} for i, p in enumerate((p for p in points if p), start=1)]
+    return [*past, *new][-HISTORY_LIMIT:]
+
+
+# ---------------------------------------------------------------------------------------------- what-if replay
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A finished run of ours re-decided at another (k, gamma): the same drafts, each uploaded iff its score reaches
+    the new bar. Only the decisions are recomputed (no model call), so the text after a changed decision could
+    differ in a real run. Per token: whether it would be uploaded, the running upload rate and the cumulative
+    device energy, its link part priced like the HLM counterfactual (modelled: full payload plus the ids kept
+    since the last upload; the first call's cloud time for the first upload, the median one-token call after)."""
+
+    k: int
+    gamma: float
+    uploads: tuple[bool, ...]
+    rates: tuple[float, ...]
+    energy_j: tuple[float, ...]
+    link_j: float
+
+    @property
+    def upload_rate(self) -> float:
+        return self.rates[-1] if self.rates else 0.0
+
+
+def replayable(run: RunView) -> bool:
+    """A finished run of ours whose every draft carries a score (the paper-literal estimators decide on attention
+    rows, which are not a threshold on a stored score)."""
+    return (run.phase == "done" and run.config.policy.name == "ours" and bool(run.events)
+            and all(e.score is not None for e in run.events) and run.summary is not None)
+
+
+def replay(run: RunView, scale: ScoreScale, k: int, gamma: float) -> Replay:
+    """Re-decide `run`'s drafts at (k, gamma) with `scale`'s threshold: a pure recomputation."""
+    bar = scale.threshold(k, gamma)
+    link, s = run.config.link, run.summary
+    assert s is not None  # `replayable`
+    first_call_s = next((e.verify_s for e in run.events if e.uploaded), s.hlm_call_s)
+    prompt_len = run.events[0].position - run.events[0].index
+    synced, uploads, rates, energy, link_j, compute_j, sent = 0, [], [], [], 0.0, 0.0, 0
+    for e in run.events:
+        up = e.score is not None and e.score >= bar
+        if up:
+            context = prompt_len + e.index
+            cost = upload_cost(link, upload_bits(link, run.vocab_size, context - synced),
+                               s.hlm_call_s if synced else first_call_s)
+            link_j += cost.radio_j + cost.idle_j
+            synced, sent = context + 1, sent + 1
+        compute_j += e.energy_j.get("device_compute", 0.0)
+        uploads.append(up)
+        rates.append(sent / (e.index + 1))
+        energy.append(compute_j + link_j)
+    return Replay(k, gamma, tuple(uploads), tuple(rates), tuple(energy), link_j)
+
+
+def replay_note(run: RunView, r: Replay) -> str:
+    s = run.summary
+    assert s is not None
+    was = s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
+    return (f"what-if replay at k={r.k}, γ={r.gamma:g} on this run's drafts: {sum(r.uploads)} of {len(r.uploads)} "
+            f"uploaded ({_pct(r.upload_rate)}, ran at {_pct(s.upload_rate)}), link energy {r.link_j:.3g} J "
+            f"(modelled; ran at {was:.3g} J). The text after a changed decision could differ: Generate runs it "
+            "for real.")
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -461,12 +555,22 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
         lines.append(f"uploaded {e.bits_up:,} bits{synced}")
     else:
         lines.append("nothing uploaded")
+    device = {p: e.energy_j.get(p, 0.0) * 1e3 for p in PART_COLOURS}
+    lines.append(f"device energy {sum(device.values()):.3g} mJ: " +
+                 ", ".join(f"{PART_LABELS[p]} {j:.3g}" for p, j in device.items()))
     return "\n".join(lines)
 
 
-def token_span(e: TokenEvent, policy: PolicyConfig) -> str:
+def token_span(e: TokenEvent, policy: PolicyConfig, would_upload: bool = False) -> str:
+    """One token, focusable (Enter, Space or a click opens its details: `assets/app.js`). Leading blanks stay
+    outside the span, so the source's underline marks the word, not the space before it. `would_upload`: the
+    what-if replay outlines the drafts it would upload."""
     title = html.escape(token_title(e, policy)).replace("\n", "&#10;")
-    return f'<span class="tok {e.source}" title="{title}">{html.escape(e.text)}</span>'
+    word = e.text.lstrip(" \t") or e.text
+    lead = e.text[:len(e.text) - len(word)]
+    mark = " would-upload" if would_upload else ""
+    return (f'{lead}<span class="tok {e.source}{mark}" tabindex="0" role="button" data-i="{e.index}" '
+            f'title="{title}">{html.escape(word)}</span>')
 
 
 def tokens_html(run: RunView) -> str:
@@ -481,7 +585,7 @@ def tokens_html(run: RunView) -> str:
 def legend_html(sources: Sequence[str] = SOURCES) -> str:
     items = "".join(f'<span class="item"><span class="swatch tok {s}"></span>{SOURCE_LABELS[s]}</span>'
                     for s in sources)
-    hint = '<span class="hint">hover a token for its details, or see Token details</span>'
+    hint = '<span class="hint">tap, click or press Enter on a token for its details</span>'
     return f'<div class="hlm-legend">{items}{hint}</div>'
 
 
@@ -490,8 +594,8 @@ def _card(value: str, name: str, sub: str) -> str:
             f'<div class="sub">{sub}</div></div>')
 
 
-def stats_html(run: RunView | None) -> str:
-    """The headline figures and a status line."""
+def stats_html(run: RunView | None, note: str | None = None) -> str:
+    """The headline figures and a status line (`note`, when given, replaces the run's own: the replay's)."""
     s = run.summary if run else None
     if s is None:
         cards = [_card("–", n, "") for n in ("upload rate", "energy saved", "tokens / s", "LLM calls", "BERTScore")]
@@ -506,15 +610,39 @@ def stats_html(run: RunView | None) -> str:
             _card(str(s.llm_calls), "LLM calls", f"{s.accepted} accepted, {s.resampled} resampled"),
             _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output"),
         ]
-    note = html.escape(f"{run.label}: {run.note}") if run else "Enter a prompt and press Generate."
-    phase = run.phase if run else "waiting"
+    phase = "replay" if note else run.phase if run else "waiting"
+    note = html.escape(note or (f"{run.label}: {run.note}" if run else "Enter a prompt and press Generate."))
     return f'<div class="hlm-stats">{"".join(cards)}</div><div class="hlm-status {phase}">{note}</div>'
+
+
+def _link_j(s: Summary) -> float:
+    """Radio plus the idle wait for the cloud: the device energy the upload policy controls."""
+    return s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
+
+
+def verdict(runs: Sequence[RunView]) -> str | None:
+    """One sentence from a finished comparison's measured numbers (ours against HLM and the matched coin); None
+    until all three are done and scored. Never a canned claim: every figure is read off this prompt's runs."""
+    done = {r.config.policy.name: r for r in runs if r.phase == "done" and r.f1 is not None and r.summary}
+    if not {"hlm", "ours", "random"} <= done.keys():
+        return None
+    ours, hlm, coin = done["ours"], done["hlm"], done["random"]
+    o, h, c = ours.summary, hlm.summary, coin.summary
+    assert o is not None and h is not None and c is not None  # `done` holds runs with a summary
+    less = 1.0 - _link_j(o) / _link_j(h) if _link_j(h) > 0 else 0.0
+    energy = (f"used {_pct(abs(less))} {'less' if less >= 0 else 'more'} link energy (radio and waiting for the "
+              "cloud) than HLM")
+    return (f"On this prompt ours sent {_pct(o.upload_rate)} of its tokens to the cloud, {energy} and scored "
+            f"BERTScore F1 {ours.f1:.3f} against the LLM's answer (HLM {hlm.f1:.3f}); a coin sending as many "
+            f"({_pct(c.upload_rate)}) scored {coin.f1:.3f}.")
 
 
 def compare_html(runs: Sequence[RunView]) -> str:
     """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
     head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
+    ours = {run_label(r.config) for r in runs if r.config.policy.name == "ours"}  # its row stands out
+    body = "".join(("<tr class=\"ours\">" if row[0] in ours else "<tr>") +
+                   "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
     done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
     table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'
              f'<tbody>{body}</tbody></table></div>' if body else "")
@@ -526,7 +654,9 @@ def compare_html(runs: Sequence[RunView]) -> str:
             f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
         cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
                     f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(run.spans)}</div></div>')
-    return f'{table}<div class="hlm-compare">{"".join(cols)}</div>'
+    said = verdict(runs)
+    lead = f'<p class="hlm-verdict">{html.escape(said)}</p>' if said else ""
+    return f'{lead}{table}<div class="hlm-compare">{"".join(cols)}</div>'
 
 
 def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, quality_method: str) -> str:
@@ -621,8 +751,12 @@ def _empty(layout: dict[str, Any], text: str) -> dict[str, Any]:
     return _figure([], layout)
 
 
-def energy_figure(points: Sequence[Summary]) -> dict[str, Any]:
-    """Cumulative device energy split into compute / radio / idle, with the HLM counterfactual dashed."""
+REPLAY_LINE = {"dash": "dot", "width": 2.5, "color": "#7c3aed"}
+
+
+def energy_figure(points: Sequence[Summary], what_if: Replay | None = None) -> dict[str, Any]:
+    """Cumulative device energy split into compute / radio / idle, with the HLM counterfactual dashed (and a
+    what-if replay's total dotted)."""
     layout = _layout("Device energy, cumulative", "tokens", "joules")
     if not points:
         return _empty(layout, "energy appears here as tokens stream")
@@ -636,10 +770,14 @@ def energy_figure(points: Sequence[Summary]) -> dict[str, Any]:
         data.append({"type": "scatter", "x": x, "y": [s.hlm_device_energy_j for s in points],
                      "name": "HLM", "mode": "lines",
                      "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hovertemplate": "%{y:.3g} J"})
+    if what_if is not None:
+        data.append({"type": "scatter", "x": list(range(1, len(what_if.energy_j) + 1)), "y": list(what_if.energy_j),
+                     "name": f"replay k={what_if.k} γ={what_if.gamma:g} (modelled)", "mode": "lines",
+                     "line": REPLAY_LINE, "hovertemplate": "%{y:.3g} J"})
     return _figure(data, layout)
 
 
-def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
+def upload_figure(points: Sequence[Summary], what_if: Replay | None = None) -> dict[str, Any]:
     layout = _layout("Upload rate, running", "tokens", "% of tokens uploaded")
     layout["yaxis"]["range"] = [0, 105]
     if not points:
@@ -651,12 +789,16 @@ def upload_figure(points: Sequence[Summary]) -> dict[str, Any]:
              "hovertemplate": "%{y:.1f}% (%{customdata} uploads)"},
             {"type": "scatter", "x": [x[0], x[-1]], "y": [100, 100], "name": "HLM", "mode": "lines",
              "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hoverinfo": "skip"}]
+    if what_if is not None:
+        data.append({"type": "scatter", "x": list(range(1, len(what_if.rates) + 1)),
+                     "y": [r * 100 for r in what_if.rates], "name": f"replay k={what_if.k} γ={what_if.gamma:g}",
+                     "mode": "lines", "line": REPLAY_LINE, "hovertemplate": "%{y:.1f}% (replay)"})
     return _figure(data, layout)
 
 
 def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """This session's runs: energy saving vs BERTScore F1, one point per run, the trade-off frontier."""
-    layout = _layout("Your runs: energy saving vs quality", "BERTScore F1 vs the LLM-only output",
+    layout = _layout("Your runs (numbered in order): energy saving vs quality", "BERTScore F1 vs the LLM-only output",
                      "energy saving vs HLM (%)", hovermode="closest", height=340)
     if not history:
         return _empty(layout, "each finished run adds a point here")
@@ -667,14 +809,15 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for h in history:
         groups.setdefault(f"ours {h['estimator']}" if h["policy"] == "ours" else h["policy"], []).append(h)
-    data = [{"type": "scatter", "mode": "markers+text", "name": name,
+    data = [{"type": "scatter", "mode": "markers+text", "name": "random (coin)" if name == "random" else name,
              "x": [h["bertscore_f1"] for h in rows], "y": [h["energy_saving"] * 100 for h in rows],
-             "text": [h["label"] for h in rows], "textposition": "top center", "textfont": {"size": 10},
+             "text": [str(h.get("n", "")) for h in rows], "textposition": "middle right", "textfont": {"size": 10},
              "cliponaxis": False,
-             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf")},
-             "customdata": [[h["upload_rate"] * 100, h["prompt"]] for h in rows],
-             "hovertemplate": "%{text}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>upload rate %{customdata[0]:.1f}%"
-                              "<br>%{customdata[1]}<extra></extra>"}
+             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf"),
+                        "symbol": "x" if name == "random" else "circle"},
+             "customdata": [[h["label"], h["upload_rate"] * 100, h["prompt"]] for h in rows],
+             "hovertemplate": "run %{text}: %{customdata[0]}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>"
+                              "upload rate %{customdata[1]:.1f}%<br>%{customdata[2]}<extra></extra>"}
             for name, rows in groups.items()]
     return _figure(data, layout)
 
@@ -696,6 +839,7 @@ class Frame:
     compare: str | None = None
     tab: str | None = None
     hardware: str | None = None
+    prompt: str | None = None
 
 
 def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
@@ -715,6 +859,7 @@ class Dashboard:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last run of ours)
 
     def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
         decoder = self.service.decoder(preset)
@@ -745,6 +890,7 @@ class Dashboard:
         _, config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
         job = self.service.begin(session)
+        self._last.pop(session, None)
         try:
             yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
                         hardware=self.hardware(preset, config.link))
@@ -752,19 +898,45 @@ class Dashboard:
             for frame in live_frames(run, self.service.run(preset, prompt, run, job)):
                 if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
                     frame.table, table_shown = token_rows(run.events), True
+                if replayable(run):  # before the page shows "done", so a slider moved at once replays
+                    self._last[session] = (preset, run)
+                    while len(self._last) > REPLAYS:
+                        self._last.popitem(last=False)
                 yield frame
             history = add_history(history, history_point(run, prompt, preset))
             yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
         finally:
             self.service.end(session, job)
 
-    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job) -> Iterator[tuple[list[RunView], RunView]]:
-        """The LLM-only reference, then hlm, uhlm and ours with the same settings, each scored against the
-        reference. Yields (all runs, the one running) after every change."""
+    def replay(self, session: str, k: Any, gamma: Any) -> Frame:
+        """A k or γ move after a run of ours: outline the drafts that (k, γ) would upload and redraw the upload-rate
+        and energy charts with the replay beside the run (no model call). An empty frame (nothing changes) when
+        there is no such run or the values are not yet valid (a box being typed in)."""
+        last = self._last.get(session)
+        try:
+            k, gamma = int(_number("k", k, whole=True)), _number("gamma", gamma)
+        except ConfigError:
+            return Frame()
+        if last is None or not 1 <= k <= WINDOW or gamma < 0:
+            return Frame()
+        preset, run = last
+        scale = self.service.decoder(preset).pair.selection.scale(run.config.policy.estimator)
+        r = replay(run, scale, k, gamma)
+        return Frame(stats=stats_html(run, replay_note(run, r)),
+                     tokens="".join(token_span(e, run.config.policy, up) for e, up in zip(run.events, r.uploads,
+                                                                                           strict=True)),
+                     energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
+
+    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
+                 ) -> Iterator[tuple[list[RunView], RunView]]:
+        """The LLM-only reference, then `policies` with the same settings, each scored against the reference; a
+        `random` run (after ours) gets the coin matched to ours' realised upload rate on this prompt, so its expected
+        uploads equal ours' count: the control that says whether choosing the drafts matters. Yields (all runs, the
+        one running) after every change."""
         llm = base.with_policy(name="llm")
         runs = [self._new_run(preset, "llm (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
-                  for n in COMPARED)]
+                  for n in policies)]
         reference = runs[0]
         reference.phase = "decoding"
         yield runs, reference
@@ -777,6 +949,11 @@ class Dashboard:
             return
         reference.f1, reference.phase, reference.note = 1.0, "done", "done"  # the reference against itself
         for run in runs[1:]:
+            if run.config.policy.name == "random":
+                ours = next((r.summary for r in runs if r.config.policy.name == "ours" and r.summary), None)
+                if ours is not None:
+                    run.config = base.with_policy(name="random", skip_rate=1.0 - ours.upload_rate)
+                    run.label = f"{run_label(run.config)} (matched to ours)"
             for _ in self.service.run(preset, prompt, run, job, quality=False):
                 yield runs, run
             if run.phase != "done":
@@ -785,12 +962,14 @@ class Dashboard:
             yield runs, run
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
-                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
-        """The Compare button: the runs side by side, the headline figures and charts following the one running."""
+                history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
+        """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
+        charts following the one running, and the verdict once every run is scored."""
         _, base = self._prepare(preset, prompt, settings)
         job = self.service.begin(session)
+        self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
         try:
-            steps = self._compare(preset, prompt, base, job)
+            steps = self._compare(preset, prompt, base, job, policies)
             runs, _ = next(steps)
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base.link))
@@ -803,6 +982,15 @@ class Dashboard:
                         quality=history_figure(history))
         finally:
             self.service.end(session, job)
+
+    def show_me(self, session: str, preset: str, prompt: str, settings: Settings,
+                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The "Show me" button: ours against HLM and the matched coin on this prompt (the first example when the
+        box is empty, put in the box so the viewer sees what ran), ending in `verdict`'s sentence."""
+        if not prompt.strip():
+            prompt = load_examples()[0]["prompt"]
+            yield Frame(prompt=prompt)
+        yield from self.compare(session, preset, prompt, settings, history, SHOW_ME)
 
     def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
         _, config = self._prepare(preset, prompt, settings)

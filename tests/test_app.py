@@ -26,16 +26,22 @@ from hlm.config import ConfigError
 from hlm.dashboard import (
     INTERVAL_S,
     Dashboard,
+    Frame,
     RunView,
     Service,
     Settings,
+    add_history,
     energy_figure,
+    error_notice,
     history_figure,
+    replay,
     token_span,
     upload_figure,
+    verdict,
 )
 from hlm.decoder import HybridDecoder
 from hlm.events import SOURCES, TokenEvent
+from hlm.metrics import summarize
 from hlm.models import Calibration, PromptError, load_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +125,11 @@ def test_generate_streams_well_formed_events(client):
 def test_compare_runs_the_three_policies_against_the_reference(client):
     final = client.predict(prompt=PROMPT, max_new_tokens=12, api_name="/compare")
     runs = final["runs"]
-    assert [r["config"]["policy"]["name"] for r in runs] == ["llm", "hlm", "uhlm", "ours"]
+    assert [r["config"]["policy"]["name"] for r in runs] == ["llm", "hlm", "uhlm", "ours", "random"]
     assert all(r["status"] == "done" and r["bertscore_f1"] is not None for r in runs)
     assert runs[1]["summary"]["upload_rate"] == 1.0  # hlm uploads every token
+    # the coin is matched to ours' realised upload rate on this prompt
+    assert runs[4]["config"]["policy"]["skip_rate"] == pytest.approx(1.0 - runs[3]["summary"]["upload_rate"])
     assert runs[0]["bertscore_f1"] == 1.0  # the reference against itself
 
 
@@ -203,6 +211,46 @@ def test_token_span_escapes_text_and_explains_the_decision():
         assert fact in span
 
 
+def test_token_span_leaves_leading_blanks_unmarked_and_is_focusable():
+    e = TokenEvent(index=2, position=9, token_id=7, text="  world", source="local", uploaded=False,
+                   energy_j={"device_compute": 0.02, "radio": 0.0, "device_idle": 0.0})
+    span = token_span(e, Settings().run_config(None).policy)
+    assert span.startswith('  <span class="tok local" tabindex="0" role="button" data-i="2" ') and span.endswith(
+        ">world</span>")
+    assert "device energy 20 mJ: SLM compute 20, radio 0, idle wait 0" in span
+    blank = token_span(replace(e, text="  "), Settings().run_config(None).policy)
+    assert blank.startswith("<span") and blank.endswith(">  </span>")  # a blank token keeps its span
+
+
+def test_errors_become_titled_messages_without_tracebacks():
+    notice = error_notice(PromptError("the prompt is <empty>"))
+    assert notice == "<strong>Cannot run.</strong> the prompt is &lt;empty&gt;"
+    text = error_notice(KeyError("x"))
+    assert text.startswith("<strong>Unexpected error.</strong> Something went wrong on the server (KeyError)")
+    assert "Traceback" not in text
+
+
+def test_a_run_cut_by_the_length_limit_knows_it():
+    config = Settings(max_new_tokens=2).run_config(None)
+    run = RunView("x", config, 10, {})
+    tokens = [TokenEvent(index=i, position=i, token_id=5, text="a", source="local", uploaded=False) for i in range(2)]
+    run.events = tokens
+    assert run.at_limit(frozenset({9}))
+    assert not run.at_limit(frozenset({5}))  # the last token was a stop token: the answer ended by itself
+    run.events = tokens[:1]
+    assert not run.at_limit(frozenset({9}))
+
+
+def test_history_points_are_numbered_and_the_coin_is_marked():
+    point = {"label": "ours k=9 γ=0", "policy": "ours", "estimator": "probe", "energy_saving": 0.4,
+             "bertscore_f1": 0.9, "upload_rate": 0.2, "prompt": PROMPT}
+    history = add_history(add_history([], point, None, point), {**point, "policy": "random", "label": "random"})
+    assert [h["n"] for h in history] == [1, 2, 3]
+    fig = history_figure(history)
+    assert [t["text"] for t in fig["data"]] == [["1", "2"], ["3"]]  # short labels: full ones overlapped
+    assert fig["data"][1]["name"] == "random (coin)" and fig["data"][1]["marker"]["symbol"] == "x"
+
+
 def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatch):
     decoder = service.decoder("tiny")
     generate = decoder.generate
@@ -272,10 +320,67 @@ def test_stop_ends_the_run_with_a_final_frame(service):
     assert "stopped after" in frames[-2].stats and not frames[-1].history  # a stopped run adds no point
 
 
-def test_compare_frames_fill_four_columns_and_a_table(service):
+def test_compare_frames_fill_five_columns_a_table_and_the_verdict(service):
     frames = list(Dashboard(service).compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
     assert frames[0].tab == "compare"
     last = frames[-1]
-    rows = re.findall(r"<tr><td>([^<]*)</td>", last.compare)
-    assert rows == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
-    assert last.compare.count('class="col"') == 4 and len(last.history) == 3
+    rows = re.findall(r"<tr[^>]*><td>([^<]*)</td>", last.compare)
+    assert rows[:4] == ["llm (reference)", "hlm", "uhlm u_th=0.08", f"ours k={Settings.k} γ={Settings.gamma:g}"]
+    assert re.fullmatch(r"random skip=\d\.\d\d \(matched to ours\)", rows[4])
+    assert '<tr class="ours"><td>ours k=' in last.compare  # the method's row stands out, not whichever ran last
+    assert last.compare.count('class="col"') == 5 and len(last.history) == 4
+    assert 'class="hlm-verdict"' in last.compare and "a coin sending as many" in last.compare
+
+
+def test_show_me_fills_an_empty_prompt_and_runs_the_three(service):
+    frames = list(Dashboard(service).show_me("s", "tiny", " ", Settings(max_new_tokens=8), []))
+    assert frames[0].prompt and frames[0].prompt.strip()
+    assert [h["policy"] for h in frames[-1].history] == ["hlm", "ours", "random"]
+
+
+def test_the_verdict_is_built_from_the_runs_numbers():
+    config = Settings().run_config(None)
+
+    def run(name: str, uploads: int, radio: float, f1: float) -> RunView:
+        r = RunView(name, config.with_policy(name=name), 10, {})
+        r.points = [summarize([TokenEvent(index=i, position=i, token_id=1, text="a", source="local",
+                                          uploaded=i < uploads, energy_j={"device_compute": 1.0, "radio": radio,
+                                                                          "device_idle": 0.0})
+                               for i in range(10)], config.link, 10, name, {})]
+        r.phase, r.f1 = "done", f1
+        return r
+
+    runs = [run("hlm", 10, 0.2, 0.9), run("ours", 3, 0.1, 0.8), run("random", 3, 0.1, 0.6)]
+    assert verdict(runs) == ("On this prompt ours sent 30.0% of its tokens to the cloud, used 50.0% less link energy "
+                             "(radio and waiting for the cloud) than HLM and scored BERTScore F1 0.800 against the "
+                             "LLM's answer (HLM 0.900); a coin sending as many (30.0%) scored 0.600.")
+    runs[2].f1 = None
+    assert verdict(runs) is None  # not before every run is scored
+
+
+def test_replay_at_the_runs_own_knobs_reproduces_its_decisions(service):
+    decoder = service.decoder("tiny")
+    config = Settings(max_new_tokens=40).run_config(None)
+    run = RunView("ours", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
+    run.update(list(decoder.generate(PROMPT, config)))
+    run.phase = "done"
+    scale = decoder.pair.selection.scale(config.policy.estimator)
+    same = replay(run, scale, config.policy.k, config.policy.gamma)
+    assert list(same.uploads) == [e.uploaded for e in run.events]
+    assert same.upload_rate == pytest.approx(run.summary.upload_rate)
+    more, fewer = replay(run, scale, 32, 0.0), replay(run, scale, 1, 3.0)
+    assert sum(fewer.uploads) <= sum(same.uploads) <= sum(more.uploads) and sum(more.uploads) > sum(fewer.uploads)
+    assert (more.link_j > fewer.link_j) and more.energy_j[-1] > fewer.energy_j[-1]
+
+
+def test_dashboard_replays_the_sessions_last_run_of_ours(service):
+    dash = Dashboard(service)
+    assert dash.replay("viewer", 32, 0.0) == Frame()  # no run yet: nothing changes
+    list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=24), []))
+    frame = dash.replay("viewer", 32, 0.0)
+    assert "would-upload" in frame.tokens and "what-if replay at k=32, γ=0" in frame.stats
+    assert any(t["name"].startswith("replay k=32") for t in frame.uploads["data"])
+    assert any(t["name"].startswith("replay k=32") for t in frame.energy["data"])
+    assert dash.replay("viewer", "", 0.0) == Frame() and dash.replay("viewer", 99, 0.0) == Frame()
+    list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=8, policy="hlm"), []))
+    assert dash.replay("viewer", 32, 0.0) == Frame()  # the last run is not one of ours

@@ -25,6 +25,9 @@ MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
 RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
 DEFAULT_LABEL = f"ours k={Settings.k} γ={Settings.gamma:g}"
+# every plotly chart laid out no wider than its box (a chart updated in a hidden tab keeps a stale width)
+FITTED = ("() => [...document.querySelectorAll('.js-plotly-plot')].every("
+          "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
 
@@ -112,8 +115,103 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     page.get_by_label("Prompt").fill(PROMPT)
     page.get_by_role("button", name="Compare", exact=True).click()
     page.locator(".hlm-compare-summary.done").wait_for(timeout=4 * RUN_TIMEOUT_MS)
-    assert page.locator(".hlm-compare-summary tbody tr").count() == 4
-    assert page.locator(".hlm-compare .col").count() == 4
+    assert page.locator(".hlm-compare-summary tbody tr").count() == 5  # the coin matched to ours included
+    assert page.locator(".hlm-compare .col").count() == 5
+    assert "a coin sending as many" in page.locator(".hlm-verdict").inner_text()
     page.locator(".hlm-compare").scroll_into_view_if_needed()
     page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
+    # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
+    page.get_by_role("tab", name="Output").click()
+    page.wait_for_function(FITTED, timeout=5_000)
+    page.close()
+
+
+def test_length_limit_clamping_and_errors_are_said(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_role("button", name="Generate", exact=True).click()  # no prompt: a titled message with its text
+    toast = page.get_by_test_id("toast-text")
+    toast.wait_for(timeout=10_000)
+    assert toast.inner_text().startswith("Cannot run. the prompt is empty")
+    page.get_by_test_id("toast-close").click()
+    set_number(page, "hlm-k", "999")
+    assert page.locator("#hlm-k .hlm-clamp").inner_text() == "999 is outside 1–32, so 32 is used"
+    set_number(page, "hlm-k", "0")
+    assert page.locator("#hlm-k .hlm-clamp").inner_text() == "0 is outside 1–32, so 1 is used"
+    set_number(page, "hlm-k", str(Settings.k))
+    assert page.locator("#hlm-k .hlm-clamp").count() == 0
+    page.get_by_text("Advanced settings").click()
+    set_number(page, "hlm-max-new-tokens", "8")
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, DEFAULT_LABEL)
+    status = page.locator(".hlm-status").inner_text()
+    assert "8 tokens decoded" not in status or "stopped at the 8-token limit" in status
+    page.close()
+
+
+def test_token_details_open_on_tap_and_keyboard(browser, url):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, DEFAULT_LABEL)
+    visible = page.locator(".prose.hlm-tokens .tok[data-i]").filter(has_text=re.compile(r"\S"))
+    first, second = visible.nth(0), visible.nth(1)
+    first.focus()
+    page.keyboard.press("Enter")
+    panel = page.locator(".hlm-token-panel")
+    assert panel.locator(".head").inner_text().startswith(f"#{first.get_attribute('data-i')} ")
+    assert "device energy" in panel.inner_text() and "uploaded" in panel.inner_text()
+    page.keyboard.press("Escape")
+    assert panel.count() == 0
+    assert page.evaluate("document.activeElement.dataset.i") == first.get_attribute("data-i")
+    second.tap()
+    assert panel.locator(".head").inner_text().startswith(f"#{second.get_attribute('data-i')} ")
+    page.close()
+
+
+def test_show_me_states_the_comparison_in_one_sentence(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_role("button", name="Show me", exact=True).click()  # no prompt typed: the first example runs
+    said = page.locator(".hlm-verdict")
+    said.wait_for(timeout=3 * RUN_TIMEOUT_MS)
+    assert re.fullmatch(r"On this prompt ours sent [\d.]+% of its tokens to the cloud, used [\d.]+% (less|more) "
+                        r"link energy \(radio and waiting for the cloud\) than HLM and scored BERTScore F1 [\d.]+ "
+                        r"against the LLM's answer \(HLM [\d.]+\); a coin sending as many \([\d.]+%\) scored [\d.]+\.",
+                        said.inner_text())
+    assert page.get_by_label("Prompt").input_value().strip()
+    page.close()
+
+
+REPLAYED = """() => document.querySelector('.prose.hlm-tokens .would-upload') !== null
+    && [...document.querySelectorAll('.js-plotly-plot')].some(p => (p.data || []).some(
+        d => String(d.name).startsWith('replay k=32')))"""
+
+
+def test_what_if_replay_answers_a_slider_move_without_a_run(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_label("Prompt").fill(PROMPT)
+    generate(page, DEFAULT_LABEL)
+    tokens = page.locator(".prose.hlm-tokens .tok").count()
+    # time from the key that commits k = 32 to the outline and the replay line on the chart, in the page's clock
+    # (checked every animation frame: plotly sets a chart's data after its last DOM change)
+    page.evaluate(f"""() => {{
+        window.hlmMoved = null; window.hlmReplayed = null;
+        document.querySelector('#hlm-k input[type=number]').addEventListener('keydown', e => {{
+            if (e.key === 'Enter') window.hlmMoved = performance.now(); }}, true);
+        const check = () => {{
+            if (window.hlmMoved !== null && ({REPLAYED})()) window.hlmReplayed = performance.now();
+            else requestAnimationFrame(check);
+        }};
+        requestAnimationFrame(check);
+    }}""")
+    set_number(page, "hlm-k", "32")
+    page.wait_for_function("() => window.hlmReplayed !== null", timeout=5_000)
+    latency_ms = page.evaluate("window.hlmReplayed - window.hlmMoved")
+    print(f"what-if replay: {latency_ms:.0f} ms from the slider move to the outline and the chart")
+    assert latency_ms < 200
+    assert "what-if replay at k=32" in page.locator(".hlm-status").inner_text()
+    assert page.locator(".hlm-status.replay").count() == 1  # no run started: the status is the replay's
+    assert page.locator(".prose.hlm-tokens .tok").count() == tokens  # the same drafts, re-decided
     page.close()
