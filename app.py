@@ -28,7 +28,7 @@ import pandas as pd
 from gradio.components.plot import PlotData
 
 from hlm.cli import add_model_args
-from hlm.config import ESTIMATORS, MAX_PROMPT_CHARS, POLICIES, PolicyConfig
+from hlm.config import DEVICE_PROFILES, ESTIMATORS, LINK_PRESETS, MAX_PROMPT_CHARS, POLICIES, PolicyConfig
 from hlm.dashboard import (
     TOKEN_HEADERS,
     USER_ERRORS,
@@ -165,11 +165,19 @@ def build(dash: Dashboard) -> gr.Blocks:
                     c["max_new_tokens"] = gr.Slider(8, 512, value=Settings.max_new_tokens, step=8,
                                                     label="Max new tokens", elem_id="hlm-max-new-tokens")
                     c["seed"] = gr.Number(value=Settings.seed, precision=0, minimum=0, label="Seed")
-                    gr.Markdown("**Radio link** (modelled)", elem_classes="hlm-note")
-                    c["bandwidth_mhz"] = gr.Slider(0.1, 100, value=Settings.bandwidth_mhz, step=0.1,
+                    gr.Markdown("**Device and radio link** (modelled; each choice says where its numbers come "
+                                "from)", elem_classes="hlm-note")
+                    c["device_profile"] = gr.Dropdown([(ch.label, n) for n, ch in DEVICE_PROFILES.items()],
+                                                      value=Settings.device_profile, label="Device profile",
+                                                      info=DEVICE_PROFILES[Settings.device_profile].description)
+                    c["link_preset"] = gr.Dropdown([(ch.label, n) for n, ch in LINK_PRESETS.items()],
+                                                   value=Settings.link_preset, label="Link preset",
+                                                   info=LINK_PRESETS[Settings.link_preset].description)
+                    link = LINK_PRESETS[Settings.link_preset].config
+                    c["bandwidth_mhz"] = gr.Slider(0.1, 100, value=link.bandwidth_hz / 1e6, step=0.01,
                                                    label="Uplink bandwidth (MHz)")
-                    c["snr_db"] = gr.Slider(-30, 60, value=Settings.snr_db, step=1, label="SNR (dB)")
-                    c["tx_power_w"] = gr.Slider(0, 3, value=Settings.tx_power_w, step=0.05,
+                    c["snr_db"] = gr.Slider(-30, 60, value=link.snr_db, step=0.1, label="SNR (dB)")
+                    c["tx_power_w"] = gr.Slider(0, 3, value=link.tx_power_w, step=0.05,
                                                 label="Transmit power (W)")
                     c["bits_per_prob"] = gr.Radio([8, 16, 32], value=Settings.bits_per_prob,
                                                   label="Bits per probability")
@@ -251,6 +259,16 @@ def build(dash: Dashboard) -> gr.Blocks:
         for knob in (c["k"], c["gamma"]):  # what-if replay: no queue, no model, so it answers while you drag
             knob.input(on_replay, [c["k"], c["gamma"]], outputs, queue=False, show_progress="hidden",
                        trigger_mode="always_last", api_visibility="private")
+        def on_link_preset(name: str) -> list:
+            chosen = LINK_PRESETS[name]
+            return [gr.Dropdown(info=chosen.description), chosen.config.bandwidth_hz / 1e6, chosen.config.snr_db,
+                    chosen.config.tx_power_w]
+
+        c["link_preset"].input(on_link_preset, c["link_preset"],
+                               [c["link_preset"], c["bandwidth_mhz"], c["snr_db"], c["tx_power_w"]],
+                               api_visibility="private")
+        c["device_profile"].input(lambda name: gr.Dropdown(info=DEVICE_PROFILES[name].description),
+                                  c["device_profile"], c["device_profile"], api_visibility="private")
         pair_outputs = [calibration, c["u_th"], averse, prone]
         preset.change(on_pair, preset, pair_outputs, api_visibility="private")
         demo.load(on_pair, preset, pair_outputs, api_visibility="private")
@@ -270,9 +288,10 @@ def _api(dash: Dashboard, start: str) -> None:
     def generate(prompt: str, k: int = Settings.k, gamma: float = Settings.gamma, policy: str = Settings.policy,
                  estimator: str = Settings.estimator, u_th: float | None = None,
                  temperature: float = Settings.temperature, max_new_tokens: int = Settings.max_new_tokens,
-                 seed: int = Settings.seed,
-                 bandwidth_mhz: float = Settings.bandwidth_mhz, snr_db: float = Settings.snr_db,
-                 tx_power_w: float = Settings.tx_power_w, bits_per_prob: int = Settings.bits_per_prob,
+                 seed: int = Settings.seed, device_profile: str = Settings.device_profile,
+                 link_preset: str = Settings.link_preset, bandwidth_mhz: float | None = None,
+                 snr_db: float | None = None, tx_power_w: float | None = None,
+                 bits_per_prob: int = Settings.bits_per_prob,
                  topk: int = Settings.topk, quality: bool = True, pair: str = "") -> Iterator[dict[str, Any]]:
         """Stream one run of the hybrid decoder. Each message holds the run so far: status (decoding, reference,
         done, stopped), text, tokens (one record per token: source, u, importance, p/q, bits, energy), summary
@@ -288,9 +307,12 @@ def _api(dash: Dashboard, start: str) -> None:
             temperature: sampling temperature of both models
             max_new_tokens: tokens to generate at most
             seed: random seed of drafting, uncertainty and verification
-            bandwidth_mhz: modelled uplink bandwidth
-            snr_db: modelled uplink SNR
-            tx_power_w: modelled transmit power
+            device_profile: how the SLM's time and energy per token are priced: phone (a published on-device
+                measurement) or this-machine (measured here)
+            link_preset: default, paper-like, cell-edge or good-5g (README "Device profiles and link presets")
+            bandwidth_mhz: modelled uplink bandwidth; omitted: the preset's
+            snr_db: modelled uplink SNR; omitted: the preset's
+            tx_power_w: modelled transmit power; omitted: the preset's
             bits_per_prob: 8, 16 or 32 bits per uploaded probability
             topk: 0 uploads the full distribution, > 0 its top-k entries
             quality: score the output with BERTScore against the LLM-only output (generated once, then cached)

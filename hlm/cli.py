@@ -47,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="bfloat16, float16 or float32 (default: bf16 where the hardware has fast kernels, else fp32)")
     p.add_argument("--quant", default=os.environ.get("HLM_QUANT", "auto"), choices=("auto", *QUANT_RECIPES),
-                   help="weight-only fast path (hlm.quant): auto = the pair's recipe that passed the quality guard, "
+                   help="weight-only fast path (hlm.quant): auto = the recipe the quality guard accepts per model, "
                         "where it measures faster at load")
 
 

@@ -22,11 +22,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hlm.config import ConfigError, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import (
+    ConfigError,
+    LinkConfig,
+    PolicyConfig,
+    RunConfig,
+    SamplingConfig,
+    device_profile,
+    link_preset,
+)
 from hlm.decoder import HybridDecoder
 from hlm.embedded import EmbeddedModelError
 from hlm.estimators import WINDOW, ScoreScale
@@ -107,13 +115,18 @@ class Settings:
     temperature: float = _S.temperature
     max_new_tokens: int = DEMO_MAX_NEW_TOKENS
     seed: int = _S.seed
-    bandwidth_mhz: float = _L.bandwidth_hz / 1e6
-    snr_db: float = _L.snr_db
-    tx_power_w: float = _L.tx_power_w
+    # The demo's story is a phone on a cellular uplink: the page prices the SLM as a phone (README "Device
+    # profiles"); `this-machine` shows this server's own measured time instead.
+    device_profile: str = "phone"
+    link_preset: str = "default"
+    bandwidth_mhz: float | None = None  # None: the preset's; a number overrides it (summaries then say so)
+    snr_db: float | None = None
+    tx_power_w: float | None = None
     bits_per_prob: int = _L.bits_per_prob
     topk: int = 64  # 16-bit top-64: same acceptance as the full distribution at 1/722 of the bits (README)
 
     def run_config(self, calibration: Calibration | None) -> RunConfig:
+        base = link_preset(self.link_preset)
         u_th = self.u_th if self.u_th is not None else calibration.risk_averse if calibration else _P.u_th
         return RunConfig(
             SamplingConfig(temperature=_number("temperature", self.temperature), top_p=_S.top_p,
@@ -121,10 +134,13 @@ class Settings:
                            seed=_number("seed", self.seed, whole=True)),
             PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),
                          u_th=_number("u_th", u_th), estimator=self.estimator),
-            LinkConfig(bandwidth_hz=_number("bandwidth_mhz", self.bandwidth_mhz) * 1e6,
-                       snr_db=_number("snr_db", self.snr_db), tx_power_w=_number("tx_power_w", self.tx_power_w),
-                       bits_per_prob=_number("bits_per_prob", self.bits_per_prob, whole=True),
-                       topk=_number("topk", self.topk, whole=True)),
+            replace(base, **{f: _number(name, v) * scale for f, name, v, scale in (
+                        ("bandwidth_hz", "bandwidth_mhz", self.bandwidth_mhz, 1e6),
+                        ("snr_db", "snr_db", self.snr_db, 1), ("tx_power_w", "tx_power_w", self.tx_power_w, 1))
+                              if v is not None},
+                    bits_per_prob=_number("bits_per_prob", self.bits_per_prob, whole=True),
+                    topk=_number("topk", self.topk, whole=True)),
+            device=device_profile(self.device_profile), link_preset=self.link_preset,
         )
 
 
@@ -177,7 +193,8 @@ class RunView:
             step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
-                                             self.methods, self.known_call_s))
+                                             self.methods, self.known_call_s, device_profile=self.config.device.name,
+                                             link_preset=self.config.link_preset))
 
     def at_limit(self, stop_ids: frozenset[int]) -> bool:
         """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
@@ -602,6 +619,7 @@ def stats_html(run: RunView | None, note: str | None = None) -> str:
     else:
         hlm_j = f"{s.device_energy_j:.3g} J vs {s.hlm_device_energy_j:.3g} J for HLM" if s.hlm_device_energy_j else \
             f"{s.device_energy_j:.3g} J on the device"
+        hlm_j += f"; link {s.link_energy_j:.3g} J (radio + waiting: what the policy controls)"
         f1 = run.f1 if run else None
         cards = [
             _card(_pct(s.upload_rate), "upload rate", f"{s.uploads} of {s.tokens} tokens"),
@@ -659,10 +677,10 @@ def compare_html(runs: Sequence[RunView]) -> str:
     return f'{lead}{table}<div class="hlm-compare">{"".join(cols)}</div>'
 
 
-def hardware_html(decoder: HybridDecoder, link: LinkConfig, cloud: str | None, quality_method: str) -> str:
+def hardware_html(decoder: HybridDecoder, config: RunConfig, cloud: str | None, quality_method: str) -> str:
     """Device, dtype, and how each energy figure is obtained (measured by a counter, or modelled)."""
     d = decoder.pair.describe()
-    methods = decoder.energy_methods(link)
+    link, methods = config.link, decoder.energy_methods(config.link, config.device)
 
     def model(m: dict[str, Any], role: str) -> str:
         fast = d["quant"].get(role, "none")
@@ -863,7 +881,8 @@ class Dashboard:
 
     def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
         decoder = self.service.decoder(preset)
-        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link), decoder.call_s)
+        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device),
+                       decoder.call_s)
 
     def _prepare(self, preset: str, prompt: str, settings: Settings) -> tuple[HybridDecoder, RunConfig]:
         """Validate everything a viewer typed before any model work (errors surface at once)."""
@@ -872,15 +891,17 @@ class Dashboard:
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
         return decoder, config
 
-    def hardware(self, preset: str, link: LinkConfig | None = None) -> str:
-        return hardware_html(self.service.decoder(preset), link or LinkConfig(), self.service.cloud,
+    def hardware(self, preset: str, config: RunConfig | None = None) -> str:
+        decoder = self.service.decoder(preset)
+        return hardware_html(decoder, config or Settings().run_config(decoder.pair.calibration), self.service.cloud,
                              self.service.quality_method)
 
     def hardware_info(self, preset: str) -> dict[str, Any]:
-        """The hardware panel as data (the /hardware endpoint), with the default link."""
-        decoder, link = self.service.decoder(preset), LinkConfig()
+        """The hardware panel as data (the /hardware endpoint), with the page's default settings."""
+        decoder = self.service.decoder(preset)
         cal = decoder.pair.calibration
-        return {"pair": decoder.pair.describe(), "energy_methods": decoder.energy_methods(link),
+        config = Settings().run_config(cal)
+        return {"pair": decoder.pair.describe(), "energy_methods": decoder.energy_methods(config.link, config.device),
                 "cloud": self.service.cloud, "quality": self.service.quality_method,
                 "calibration": asdict(cal) if cal else None}
 
@@ -893,7 +914,7 @@ class Dashboard:
         self._last.pop(session, None)
         try:
             yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
-                        hardware=self.hardware(preset, config.link))
+                        hardware=self.hardware(preset, config))
             table_shown = False
             for frame in live_frames(run, self.service.run(preset, prompt, run, job)):
                 if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
@@ -972,7 +993,7 @@ class Dashboard:
             steps = self._compare(preset, prompt, base, job, policies)
             runs, _ = next(steps)
             yield Frame(compare=compare_html(runs), tab="compare",
-                        hardware=self.hardware(preset, base.link))
+                        hardware=self.hardware(preset, base))
             for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
                 for frame in live_frames(run, updates):
                     frame.tokens, frame.compare = None, compare_html(runs)

@@ -35,6 +35,7 @@ from hlm.dashboard import (
     error_notice,
     history_figure,
     replay,
+    stats_html,
     token_span,
     upload_figure,
     verdict,
@@ -105,8 +106,9 @@ def test_generate_streams_well_formed_events(client):
     assert messages[0]["status"] == "decoding" and messages[-1]["status"] == "done"
     sizes = [len(m["tokens"]) for m in messages]
     assert sizes == sorted(sizes) and sizes[-1] >= 1
-    for m in messages:  # a message before any token shows the draft on its way to the cloud
-        assert m["tokens"] or m["pending"]["index"] == 0 and isinstance(m["pending"]["text"], str)
+    for m in messages:  # before any token: what the prefill is doing, or the first draft on its way to the cloud
+        if not m["tokens"]:
+            assert m["note"] and (m["pending"] is None or m["pending"]["index"] == 0)
     final = messages[-1]
     tokens = final["tokens"]
     assert final["text"] == "".join(t["text"] for t in tokens)
@@ -384,3 +386,26 @@ def test_dashboard_replays_the_sessions_last_run_of_ours(service):
     assert dash.replay("viewer", "", 0.0) == Frame() and dash.replay("viewer", 99, 0.0) == Frame()
     list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=8, policy="hlm"), []))
     assert dash.replay("viewer", 32, 0.0) == Frame()  # the last run is not one of ours
+
+
+def test_page_prices_the_device_as_a_phone_and_links_follow_their_preset():
+    """The page's default device profile is the phone (its energy label cites the source); a link preset sets the
+    link, a typed field overrides it, and the run's summary says which."""
+    config = Settings().run_config(None)
+    assert config.device.name == "phone" and config.link_preset == "default"
+    paper = Settings(link_preset="paper-like").run_config(None)
+    assert paper.link.uplink_rate_bps == pytest.approx(0.105e6, rel=0.01)
+    assert paper.link.bits_per_prob == Settings.bits_per_prob and paper.link.topk == Settings.topk
+    changed = Settings(link_preset="paper-like", snr_db=0.0).run_config(None)
+    assert changed.link.snr_db == 0.0 and changed.link.bandwidth_hz == paper.link.bandwidth_hz
+    with pytest.raises(ConfigError, match="unknown device profile"):
+        Settings(device_profile="toaster").run_config(None)
+    decoder = HybridDecoder(load_pair("tiny"))
+    run = RunView("ours", changed, decoder.pair.vocab_size, decoder.energy_methods(changed.link, changed.device))
+    run.update(list(decoder.generate(PROMPT, changed)))
+    s = run.summary
+    assert s.link_preset == "paper-like + snr_db, topk" and s.device_profile == "phone"  # the page sends top-64
+    assert s.energy_methods["device_compute"].startswith("modelled: phone")
+    parts = s.device_energy_parts_j
+    assert s.link_energy_j == pytest.approx(parts["radio"] + parts["device_idle"])
+    assert "link" in stats_html(run)
