@@ -41,7 +41,7 @@ from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
 from hlm.figures import COLOURS as POLICY_COLOURS
 from hlm.link import upload_bits, upload_cost
-from hlm.metrics import summarize
+from hlm.metrics import faithful_prefix, summarize
 from hlm.models import PRESETS, Calibration, ModelError, PromptError
 from hlm.quality import QualityError, get_scorer
 from hlm.verifier import CloudUnavailable
@@ -178,6 +178,9 @@ class RunView:
         self.points: list[Summary] = []
         self.records: list[dict[str, Any]] = []
         self.f1: float | None = None
+        # Greedy runs only: how many of the LLM's own greedy answer's tokens this run reproduced before it first
+        # differed (HLM reproduces all of them), and that answer's length. BERTScore at T > 0 is mostly noise.
+        self.faithful: tuple[int, int] | None = None
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
         self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
@@ -214,6 +217,7 @@ class RunView:
         out = {"status": self.phase, "note": self.note, "policy": self.label, "text": self.text,
                "pending": asdict(self.pending) if self.pending else None,
                "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
+               "faithful_prefix": self.faithful,
                "config": self.config.to_dict()}
         if tokens:
             self.records.extend(e.to_dict() for e in self.events[len(self.records):])
@@ -415,6 +419,9 @@ class Service:
                 run.note = "scoring…"
                 yield
                 run.f1 = self.score(run.text, "".join(e.text for e in reference))
+                if run.config.sampling.temperature == 0:
+                    run.faithful = (faithful_prefix([e.token_id for e in run.events], [e.token_id for e in reference]),
+                                    len(reference))
         stopped = job.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
@@ -626,7 +633,9 @@ def stats_html(run: RunView | None, note: str | None = None) -> str:
             _card(_pct(s.energy_saving), "energy saved", hlm_j),
             _card(f"{s.tokens_per_s:.1f}", "tokens / s", f"{s.tokens_per_s_modelled_link:.1f} over the modelled link"),
             _card(str(s.llm_calls), "LLM calls", f"{s.accepted} accepted, {s.resampled} resampled"),
-            _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output"),
+            _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output" + (
+                "" if run is None or run.faithful is None else
+                "; faithful prefix {} of {} tokens (greedy: identical to the LLM's answer)".format(*run.faithful))),
         ]
     phase = "replay" if note else run.phase if run else "waiting"
     note = html.escape(note or (f"{run.label}: {run.note}" if run else "Enter a prompt and press Generate."))

@@ -97,3 +97,9 @@ def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, p
         device_profile=device_profile,
         link_preset=link_label(link_preset, link),
     )
+
+
+def faithful_prefix(ids: Sequence[int], reference: Sequence[int]) -> int:
+    """How many tokens of `reference` `ids` reproduce before the first difference (greedy quality: exact)."""
+    return next((i for i, (a, b) in enumerate(zip(ids, reference, strict=False)) if a != b),
+                min(len(ids), len(reference)))

@@ -400,8 +400,9 @@ def analyse(records: Sequence[dict[str, Any]], cal: SelectionCalibration, oof_pr
 
 def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
     """Share of the reference reproduced before the first differing token."""
-    n = next((i for i, (a, b) in enumerate(zip(ids, reference, strict=False)) if a != b), min(len(ids), len(reference)))
-    return n / max(len(reference), 1)
+    from hlm.metrics import faithful_prefix  # torch-free import of this module for the CLI's start-up
+
+    return faithful_prefix(ids, reference) / max(len(reference), 1)
 
 
 def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401

@@ -409,3 +409,20 @@ def test_page_prices_the_device_as_a_phone_and_links_follow_their_preset():
     parts = s.device_energy_parts_j
     assert s.link_energy_j == pytest.approx(parts["radio"] + parts["device_idle"])
     assert "link" in stats_html(run)
+
+
+def test_greedy_runs_show_the_faithful_prefix(service):
+    """At temperature 0 HLM reproduces the LLM's greedy answer token for token: the page says so beside BERTScore;
+    at T > 0 it shows no prefix (a sampled answer has no single reference)."""
+    dash = Dashboard(service)
+    greedy = list(dash.api_generate("tiny", PROMPT, Settings(policy="hlm", temperature=0.0, max_new_tokens=12),
+                                    quality=True))[-1]
+    assert tuple(greedy["faithful_prefix"]) == (12, 12)
+    sampled = list(dash.api_generate("tiny", PROMPT, Settings(policy="hlm", max_new_tokens=12), quality=True))[-1]
+    assert sampled["faithful_prefix"] is None
+    config = Settings(temperature=0.0, max_new_tokens=4).run_config(None)
+    decoder = service.decoder("tiny")
+    run = RunView("x", config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device))
+    run.update(list(decoder.generate(PROMPT, config)))
+    run.faithful = (3, 4)
+    assert "faithful prefix 3 of 4 tokens" in stats_html(run)
