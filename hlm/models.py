@@ -99,8 +99,6 @@ class ModelPair:
     max_context: int
     calibration: Calibration | None = None
     selection: SelectionCalibration = field(default_factory=SelectionCalibration)
-    # The draft's output embedding rows (the semantic statistic), kept before a fast path replaces the head.
-    embeddings: torch.Tensor | None = None
     quant: dict[str, str] = field(default_factory=dict)  # per model: the recipe running and why it was chosen
 
     @property
@@ -129,6 +127,13 @@ class ModelPair:
     def template_head(self) -> tuple[int, ...]:
         """The template ids every prompt starts with (`hlm.prefix` prefills them once per model)."""
         return template_head(self._render("Hello."), self._render("? 42"))
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The draft's output-embedding rows (the semantic statistic compares their cosines). On the fast path the
+        head's int8 rows: a per-row scale leaves cosines unchanged, and no float copy of the head stays alive."""
+        head = self.draft.get_output_embeddings()
+        return head.weight_int8 if isinstance(head, Int8Linear) else head.weight
 
     @property
     def numerics(self) -> str:
@@ -223,7 +228,7 @@ def make_pair(name: str, draft: PreTrainedModel, verifier: PreTrainedModel, toke
     contexts = [getattr(m.config, "max_position_embeddings", None) or 2048 for m in (draft, verifier)]
     max_context = min(*contexts, int(os.environ.get("HLM_MAX_CONTEXT", "32768")))
     return ModelPair(name, draft, verifier, tokenizer, valid, _stop_ids(tokenizer, draft, verifier), max_context,
-                     calibration, embeddings=draft.get_output_embeddings().weight)
+                     calibration)
 
 
 def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
@@ -297,9 +302,6 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
         except _Slower as slower:
             setattr(pair, role, load_model(ref, dev, torch_dtype, attention))
             pair.quant[role] = f"none (auto: {slower})"
-        head = pair.draft.get_output_embeddings()
-        # The semantic statistic compares cosines of head rows, unchanged by a per-row scale: int8 rows do.
-        pair.embeddings = head.weight_int8 if isinstance(head, Int8Linear) else head.weight
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     if preset is not None:
         pair.selection = preset.selection_calibration()

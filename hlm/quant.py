@@ -4,11 +4,12 @@ Decoding one token is a pass over every weight, so on a CPU its time is memory t
 is the speed-up. Two recipes, both weight-only (activations stay in the model's dtype, so nothing about the
 softmax or the attention changes) and both on kernels that ship in torch itself:
 - `int8`: per-output-channel symmetric int8 (`aten._weight_int8pack_mm`);
-- `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`). The embedded pair's weights are
-  Q4_K GGUF blocks (a scale and a minimum per 32 weights), which this grid holds almost exactly; the few tensors
-  GGUF kept at higher precision (Q6_K) would lose bits, so they stay int8.
+- `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`); the output layer stays int8.
+  The embedded draft's GGUF weights are 5- and 8-bit blocks (its 896-wide rows do not fit K-quant blocks), so 4
+  bits lose real precision: selectable, but no preset takes it.
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
-real prompts); `hlm.models` only uses a recipe that passes it, where it is faster (`hlm bench` prints both).
+real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
+both; README "Speed" says which recipe each model of the embedded pair runs and why).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
         if rows.shape[0] >= PREFILL_ROWS:  # a prefill chunk: compute-bound, the float GEMM is faster
-            return F.linear(x.to(self.scale.dtype), self.weight_int8.to(self.scale.dtype) * self.scale[:, None],
-                            self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale).reshape(*x.shape[:-1], -1)
+            y = rows @ (self.weight_int8.to(self.scale.dtype) * self.scale[:, None]).T
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

@@ -64,7 +64,7 @@ class LocalVerifier:
     def __init__(self, model: PreTrainedModel, valid: torch.Tensor, meter: EnergyMeter | None = None,
                  head: tuple[int, ...] = (), early: bool = False) -> None:
         self.model = model
-        self.early = early  # prefill the prompt on a thread of its own from `open` (`early_start_pays`)
+        self.early = early  # prefill the prompt on a thread of its own from `open` (off in process: `HybridDecoder`)
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self._read: tuple[float, float | None] = (0.0, None)  # the early prefill's s and J, for the first verify
@@ -103,12 +103,16 @@ class LocalVerifier:
     def prefill(self, context: list[int]) -> None:
         """Read `context` now, before its first draft (the HTTP service's early start); its compute time is
         charged to the next verify."""
+        self._ready(context, "prefill")
+        self._read_now(context)
+
+    def _ready(self, context: list[int], call: str) -> None:
+        """Wait for an early prefill, then check that `context` extends what this session holds."""
         if self.cache is None:
-            raise RuntimeError("prefill() before open()")
+            raise RuntimeError(f"{call}() before open()")
         self._join()
         if context[: len(self.known)] != self.known:
             raise ValueError("context does not extend what the verifier has seen")
-        self._read_now(context)
 
     def _join(self) -> None:
         if self._reader is not None:
@@ -130,11 +134,7 @@ class LocalVerifier:
         self.known.extend(new)
 
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
-        if self.cache is None:
-            raise RuntimeError("verify() before open()")
-        self._join()
-        if context[: len(self.known)] != self.known:
-            raise ValueError("context does not extend what the verifier has seen")
+        self._ready(context, "verify")
         with measure(self.device, self.meter) as window:
             self._sync(context)
             q = distribution(self.last_logits, self.sampling, self.valid)
