@@ -172,7 +172,8 @@ def test_page_serves_the_dashboard(client):
 @pytest.fixture()
 def service(tiny, monkeypatch):
     svc = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"])
-    monkeypatch.setattr(svc, "score", lambda candidates, references: [0.5] * len(candidates))  # the real scorer is tested above
+    # the real scorer is tested above
+    monkeypatch.setattr(svc, "score", lambda candidates, references: [0.5] * len(candidates))
     return svc
 
 
