@@ -20,7 +20,6 @@ from hlm.config import (
     MAX_PROMPT_CHARS,
     POLICIES,
     QUANT_RECIPES,
-    ConfigError,
     DeviceProfile,
     LinkConfig,
     PolicyConfig,
@@ -29,6 +28,7 @@ from hlm.config import (
     device_profile,
     link_preset,
 )
+from hlm.errors import UserError
 from hlm.estimators import REGISTRY
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.study", "hlm.server")
@@ -36,7 +36,7 @@ COLOURS = {"local": "", "cloud_accepted": "\033[32m", "cloud_resampled": "\033[3
            "unverified": "\033[33m"}
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input."""
 
 
@@ -164,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from hlm.embedded import EmbeddedModelError
-    from hlm.models import ModelError, PromptError
     from hlm.verifier import CloudUnavailable
 
     try:
@@ -173,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CloudUnavailable as exc:
         print(f"error: the cloud verifier is unavailable: {exc}", file=sys.stderr)
         return 1
-    except (UsageError, ConfigError, PromptError, ModelError, EmbeddedModelError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

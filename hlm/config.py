@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Generic, Literal, TypeVar
 
+from hlm.errors import UserError
 from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
 
@@ -24,7 +25,7 @@ MAX_PROMPT_CHARS = 100_000
 PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting is out of range; the message names the field and the allowed range."""
 
 

@@ -36,14 +36,14 @@ from hlm.config import (
     link_preset,
 )
 from hlm.decoder import HybridDecoder
-from hlm.embedded import EmbeddedModelError
+from hlm.errors import UserError
 from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
 from hlm.figures import COLOURS as POLICY_COLOURS
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.models import PRESETS, Calibration, ModelError, PromptError
-from hlm.quality import QualityError, get_scorer
+from hlm.models import PRESETS, Calibration, ModelError
+from hlm.quality import get_scorer
 from hlm.verifier import CloudUnavailable
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
@@ -56,10 +56,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
 # The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
 COMPARED = ("hlm", "uhlm", "ours", "random")
 SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
-# Errors a viewer can cause or fix (bad settings, prompt, pair, cloud); the app shows their message as a Gradio
-# error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
-                                            EmbeddedModelError)
+# Errors a viewer can cause or fix (`UserError`) or should hear about (the cloud is down); the app shows their message
+# as a Gradio error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, CloudUnavailable)
 
 UNEXPECTED = ("Something went wrong on the server ({name}); the run was abandoned. The server log has the details; "
               "trying again or changing a setting may help.")

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hlm.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
@@ -30,7 +32,7 @@ CHUNK = 8 << 20
 MARKER = ".hlm-complete"  # written last; holds the GGUF sha256, so a changed pin forces a rebuild
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(UserError, RuntimeError):
     """The embedded model cannot be prepared (missing/corrupted part packages, disk, conversion)."""
 
 

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm.config import MAX_PROMPT_CHARS
+from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.prefix import template_head
 from hlm.quant import RECIPES, Int8Linear, quantize, step_seconds
@@ -29,11 +30,11 @@ from hlm.quant import RECIPES, Int8Linear, quantize, step_seconds
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model pair cannot be loaded or does not form a valid pair."""
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """The prompt is empty or too long for the pair's context."""
 
 
