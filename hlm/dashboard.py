@@ -39,11 +39,12 @@ from hlm.decoder import HybridDecoder
 from hlm.errors import UserError
 from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
-from hlm.figures import COLOURS as POLICY_COLOURS
+from hlm.experiments.figures import COLOURS as POLICY_COLOURS
+from hlm.experiments.quality import get_scorer
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.models import PRESETS, Calibration, ModelError
-from hlm.quality import get_scorer
+from hlm.models.pairs import Calibration, ModelError
+from hlm.models.presets import PRESETS
 from hlm.verifier import CloudUnavailable
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
@@ -442,7 +443,7 @@ def _can_load(name: str) -> bool:
     if name == "tiny":
         return True
     if name == "embedded":
-        from hlm.embedded import DRAFT, VERIFIER, is_ready
+        from hlm.models.embedded import DRAFT, VERIFIER, is_ready
 
         return is_ready(DRAFT) and is_ready(VERIFIER)
     from huggingface_hub import try_to_load_from_cache

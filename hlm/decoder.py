@@ -32,7 +32,7 @@ from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
-from hlm.models import ModelPair
+from hlm.models.pairs import ModelPair
 from hlm.payload import as_sent
 from hlm.policies import should_upload
 from hlm.sampling import distribution, sample

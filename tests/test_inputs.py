@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hlm.models import ModelError, PromptError, load_pair, make_pair
-from hlm.tiny import tiny_model, tiny_tokenizer
+from hlm.models.tiny import tiny_model, tiny_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -76,9 +76,9 @@ def test_every_fixable_error_is_a_user_error():
     from hlm.cli import UsageError
     from hlm.config import ConfigError
     from hlm.dashboard import USER_ERRORS
-    from hlm.embedded import EmbeddedModelError
     from hlm.errors import UserError
-    from hlm.quality import QualityError
+    from hlm.experiments.quality import QualityError
+    from hlm.models.embedded import EmbeddedModelError
 
     for error in (ConfigError, PromptError, ModelError, EmbeddedModelError, QualityError, UsageError):
         assert issubclass(error, UserError), error

@@ -77,8 +77,8 @@ def cloud_in_process() -> Iterator[str]:
     """The verifier service (`serve-cloud`'s app) on a thread of this process; yields its URL."""
     import uvicorn
 
+    from hlm.cloud.server import Limits, create_app
     from hlm.models import load_pair
-    from hlm.server import Limits, create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(load_pair("tiny"), Limits()), host="127.0.0.1", port=port,

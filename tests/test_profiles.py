@@ -21,7 +21,7 @@ from hlm.config import (
     link_preset,
 )
 from hlm.events import ENERGY_PARTS
-from hlm.sweep import apply_preset, base_config
+from hlm.experiments.sweep import apply_preset, base_config
 
 PHONE = device_profile("phone")
 

@@ -23,8 +23,8 @@ import time
 import torch
 
 from hlm.config import RunConfig, SamplingConfig
-from hlm.models import PRESETS, default_dtype, load_model
-from hlm.prompts import load_prompts
+from hlm.experiments.prompts import load_prompts
+from hlm.models.presets import PRESETS, default_dtype, load_model
 from hlm.quant import quality
 
 FILLER = "The quick brown fox jumps over the lazy dog while the compiler checks every branch. "
@@ -157,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.models in PRESETS and args.models != "tiny":
         refs = PRESETS[args.models]
         if args.models == "embedded":
-            from hlm.embedded import ensure_pair_dirs
+            from hlm.models.embedded import ensure_pair_dirs
 
             draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=False))
         else:

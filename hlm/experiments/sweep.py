@@ -8,7 +8,7 @@ often as `ours` while choosing *which* drafts to upload by a coin. Ours beating 
 equal upload rate is the evidence that importance picks the right tokens.
 
 Writes results.csv/.json (one row per run), summary.csv (mean and 95 % CI over prompts per policy and setting),
-decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.figures`).
+decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.experiments.figures`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 
 HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
 TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
@@ -387,7 +387,7 @@ def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Gr
     """Run everything (resuming), score, aggregate, decide and write every output file."""
     import pandas as pd
 
-    from hlm.figures import write_figures
+    from hlm.experiments.figures import write_figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -447,7 +447,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hlm.cli import UsageError, load_decoder
-    from hlm.quality import QualityError, get_scorer
+    from hlm.experiments.quality import QualityError, get_scorer
 
     if args.skip_rate is not None:
         raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")

@@ -4,7 +4,7 @@ Endpoints; all but /health need `Authorization: Bearer $HLM_CLOUD_TOKEN` when th
   GET    /health                    liveness and model facts
   GET    /metrics                   JSON: uploads, accepts, resamples, body bytes in/out, latency, sessions
   POST   /v1/sessions               JSON {"temperature", "top_p", "seed"} -> {"session", "vocab_size", ...}
-  POST   /v1/sessions/{id}/verify   binary request of `hlm.remote` -> binary verdict
+  POST   /v1/sessions/{id}/verify   binary request of `hlm.cloud.wire` -> binary verdict
   POST   /v1/sessions/{id}/prefill  the same request without a draft: read the prompt now -> {"held": n}
   DELETE /v1/sessions/{id}
 Each session is a `LocalVerifier` (its own KV cache and RNG, seeded as in process, so tokens match the
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from transformers import PreTrainedModel
 
-    from hlm.models import ModelPair
-    from hlm.remote import VerifyRequest
+    from hlm.cloud.wire import VerifyRequest
+    from hlm.models.pairs import ModelPair
     from hlm.verifier import LocalVerifier, Verdict
 
 TOKEN_ENV = "HLM_CLOUD_TOKEN"
@@ -122,8 +122,8 @@ class SessionStore:
 
     def _request(self, sid: str, body: bytes) -> tuple[Session, "VerifyRequest"]:
         """A checked request for session `sid`: ids in the vocabulary and in step, within the caps."""
+        from hlm.cloud.wire import WireError, unpack_request
         from hlm.payload import PayloadError, decode
-        from hlm.remote import WireError, unpack_request
 
         s = self._get(sid)
         max_ids = self.pair.max_context - len(s.context)
@@ -142,7 +142,7 @@ class SessionStore:
         return s, req
 
     def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
-        from hlm.remote import pack_verdict
+        from hlm.cloud.wire import pack_verdict
 
         s, req = self._request(sid, body)
         context = s.context + req.ids
@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from hlm.models import load_pair
+    from hlm.models.presets import load_pair
 
     if args.threads:
         torch.set_num_threads(args.threads)

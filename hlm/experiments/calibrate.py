@@ -16,8 +16,8 @@ from dataclasses import asdict
 import numpy as np
 from tqdm import tqdm
 
-from hlm.models import Calibration
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.models.pairs import Calibration
 
 
 def fit(us: Sequence[float], betas: Sequence[float], delta: float, note: str = "") -> Calibration:

@@ -40,7 +40,7 @@ from hlm.estimators import (
     horizon,
     prompt_key,
 )
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 U_DRAWS = 4  # independent u draws per draft: the paper-literal rule's gate is random
@@ -428,7 +428,7 @@ def sampled_quality(decoder: Any, prompts: Sequence[dict[str, str]], out: Path, 
     scored against each other show the spread inside that floor."""
     from tqdm import tqdm
 
-    from hlm.quality import get_scorer
+    from hlm.experiments.quality import get_scorer
 
     runs_dir = out / "quality"
     rows = []
@@ -468,7 +468,7 @@ def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[st
     (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
     from tqdm import tqdm
 
-    from hlm.quality import get_scorer
+    from hlm.experiments.quality import get_scorer
 
     tok = decoder.pair.tokenizer
     n = config.sampling.max_new_tokens
@@ -560,7 +560,7 @@ def figures(rows: Sequence[dict[str, Any]], out: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from hlm.figures import export_png
+    from hlm.experiments.figures import export_png
 
     panels = (("greedy", "first_divergence_recall", "first divergence caught (greedy)"),
               ("greedy", "faithful_prefix", "faithful prefix (greedy)"),
