@@ -23,6 +23,8 @@ QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 MAX_PROMPT_CHARS = 100_000
 
 PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
+# Where a run's u_th came from (`hlm.session.resolve_u_th`): set by the caller, the pair's calibration, or the default
+UThSource = Literal["given", "calibrated", "default"]
 
 
 class ConfigError(UserError):
@@ -272,13 +274,16 @@ def catalogue() -> dict[str, list[dict[str, Any]]]:
 @dataclass(frozen=True)
 class RunConfig:
     """One generation request: the groups together, as the CLI, app and experiments pass them. `link_preset`
-    names the preset `link` started from (explicit fields may override it; summaries say which, `link_label`)."""
+    names the preset `link` started from (explicit fields may override it; summaries say which, `link_label`).
+    `u_th_source` records where `policy.u_th` came from: provenance, not a setting, so it is left out of equality and
+    of `to_dict` (the experiments' cache keys), and summaries carry it."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     device: DeviceProfile = field(default_factory=DeviceProfile)
     link_preset: str = "default"
+    u_th_source: UThSource = field(default="given", compare=False)
 
     def __post_init__(self) -> None:
         link_preset(self.link_preset)  # validates the name

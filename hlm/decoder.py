@@ -117,7 +117,8 @@ class HybridDecoder:
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
                             self.energy_methods(config.link, config.device), self.call_s,
-                            device_profile=config.device.name, link_preset=config.link_preset)
+                            device_profile=config.device.name, link_preset=config.link_preset,
+                            u_th_source=config.u_th_source)
         return "".join(e.text for e in events), events, summary.to_dict()
 
     @overload

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from hlm.cli.sweep import apply_preset, register
 from hlm.config import ConfigError, RunConfig, SamplingConfig
-from hlm.experiments.sweep import FULL, QUICK, TIMED, Grid, apply_preset, decide, pick_setting, register, sweep
+from hlm.experiments.sweep import FULL, QUICK, TIMED, Grid, decide, pick_setting, sweep
 
 PROMPTS = [{"id": f"p{i}", "category": c, "prompt": p} for i, (c, p) in enumerate(
     [("code", "def add(a, b):"), ("knowledge", "What is the capital of France?"),
