@@ -15,14 +15,13 @@ from typing import Any, Generic, Literal, TypeVar
 from hlm.errors import UserError
 from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
+from hlm.policies import NAMES as POLICIES
 
-POLICIES = ("ours", "uhlm", "hlm", "slm", "llm", "random")
 QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
 # memory stays far under 16 GB at this length (README "Speed and long prompts").
 MAX_PROMPT_CHARS = 100_000
 
-PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
 # Where a run's u_th came from (`hlm.session.resolve_u_th`): set by the caller, the pair's calibration, or the default
 UThSource = Literal["given", "calibrated", "default"]
 
@@ -70,7 +69,7 @@ class PolicyConfig:
     last_layers: importance averages heads over this many final layers (0 = all layers).
     """
 
-    name: PolicyName = "ours"
+    name: str = "ours"  # `hlm.policies.REGISTRY`
     u_th: float = 0.08
     k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (README "Selection")
     gamma: float = 0.0

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
+from hlm.policies import REGISTRY as POLICIES
 
-HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
-TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
-GATED = ("ours", "uhlm", "random")  # policies that use u_th
+HYBRID = tuple(n for n, p in POLICIES.items() if p.drafts)
+TUNED = tuple(n for n, p in POLICIES.items() if p.tuned)  # rows with an importance setting (random: the one matched)
+GATED = tuple(n for n, p in POLICIES.items() if p.uses_u_th)  # rows with u_th
 # Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator, every figure,
 # under 10 minutes on 2 CPU cores; comparing estimators is `python -m hlm study`'s job (or --estimators here).
 QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": (PolicyConfig.estimator,),
