@@ -161,7 +161,9 @@ def build(dash: Dashboard) -> gr.Blocks:
                         averse = gr.Button("risk-averse", size="sm", visible=False)
                         prone = gr.Button("risk-prone", size="sm", visible=False)
                     calibration = gr.Markdown(elem_classes="hlm-note")
-                    c["temperature"] = gr.Slider(0, 2, value=Settings.temperature, step=0.05, label="Temperature")
+                    c["temperature"] = gr.Slider(0, 2, value=Settings.temperature, step=0.05, label="Temperature",
+                                                 info="0 = greedy: HLM equals the LLM, so differences are the "
+                                                      "policy's; > 0: scored against 3 LLM samples, with their band")
                     c["max_new_tokens"] = gr.Slider(8, 512, value=Settings.max_new_tokens, step=8,
                                                     label="Max new tokens", elem_id="hlm-max-new-tokens")
                     c["seed"] = gr.Number(value=Settings.seed, precision=0, minimum=0, label="Seed")
@@ -231,8 +233,8 @@ def build(dash: Dashboard) -> gr.Blocks:
             for frame in dash.show_me(request.session_hash, pair, text, settings(values), past):
                 yield emit(frame)
 
-        def on_replay(request: gr.Request, k: Any, gamma: Any) -> list:
-            return emit(dash.replay(request.session_hash, k, gamma))
+        def on_replay(request: gr.Request, k: Any, gamma: Any, u_th: Any) -> list:
+            return emit(dash.replay(request.session_hash, k, gamma, u_th))
 
         def on_stop(request: gr.Request) -> None:
             service.stop(request.session_hash)
@@ -256,8 +258,8 @@ def build(dash: Dashboard) -> gr.Blocks:
         shown = show.click(on_show, [preset, prompt, history, *controls], **model_work)
         stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
             None, None, None, cancels=[run, both, shown], api_visibility="private")
-        for knob in (c["k"], c["gamma"]):  # what-if replay: no queue, no model, so it answers while you drag
-            knob.input(on_replay, [c["k"], c["gamma"]], outputs, queue=False, show_progress="hidden",
+        for knob in (c["k"], c["gamma"], c["u_th"]):  # what-if replay: no queue, no model: answers while you drag
+            knob.input(on_replay, [c["k"], c["gamma"], c["u_th"]], outputs, queue=False, show_progress="hidden",
                        trigger_mode="always_last", api_visibility="private")
         def on_link_preset(name: str) -> list:
             chosen = LINK_PRESETS[name]
@@ -304,7 +306,7 @@ def _api(dash: Dashboard, start: str) -> None:
             policy: ours, uhlm, hlm, slm, llm or random
             estimator: how ours scores a draft (probe, ubar, semantic, rauq, paper-lookahead, paper-self)
             u_th: uncertainty threshold in [0, 1]; omitted: the pair's calibrated risk-averse value
-            temperature: sampling temperature of both models
+            temperature: sampling temperature of both models; 0 (default) = greedy, where HLM equals the LLM
             max_new_tokens: tokens to generate at most
             seed: random seed of drafting, uncertainty and verification
             device_profile: how the SLM's time and energy per token are priced: phone (a published on-device
@@ -335,7 +337,7 @@ def _api(dash: Dashboard, start: str) -> None:
             k: ours' upload budget (about k uploads per 32 drafts)
             gamma: ours' strictness
             u_th: uncertainty threshold for uhlm and ours; omitted: the pair's calibrated value
-            temperature: sampling temperature
+            temperature: sampling temperature; 0 (default) = greedy; > 0: F1 is the mean over 3 LLM samples
             max_new_tokens: tokens to generate at most per run
             seed: random seed
             pair: model pair (default: the one the app started with)

@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import queue
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -45,12 +46,16 @@ from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
 from hlm.models.pairs import Calibration, ModelError
 from hlm.models.presets import PRESETS
+from hlm.policies import uncertain
 from hlm.session import open_decoder, resolve_u_th, with_u_th
 from hlm.verifier import CloudUnavailable
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
+# At T > 0 a run is scored against this many LLM samples (seeds seed, seed + 1, ...), and the samples against each
+# other give the noise band: HLM samples the LLM's distribution exactly, so its score lands inside that band.
+REFERENCE_SAMPLES = 3
 HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
 REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
@@ -88,6 +93,9 @@ PART_LABELS = {"device_compute": "SLM compute", "radio": "radio", "device_idle":
 PART_COLOURS = {"device_compute": "#3b82f6", "radio": "#f59e0b", "device_idle": "#94a3b8"}
 _S, _P, _L = SamplingConfig(), PolicyConfig(), LinkConfig()
 DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs) finishes in about a minute on CPU
+# The page decodes greedily by default: HLM then equals the LLM token for token, so every difference on screen
+# (faithful prefix, BERTScore) is the policy's, not sampling noise (README "Dashboard": why greedy).
+DEMO_TEMPERATURE = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -113,7 +121,7 @@ class Settings:
     policy: str = _P.name
     estimator: str = _P.estimator
     u_th: float | None = None  # None: the pair's calibrated risk-averse value, else PolicyConfig's default
-    temperature: float = _S.temperature
+    temperature: float = DEMO_TEMPERATURE
     max_new_tokens: int = DEMO_MAX_NEW_TOKENS
     seed: int = _S.seed
     # The demo's story is a phone on a cellular uplink: the page prices the SLM as a phone (README "Device
@@ -181,6 +189,8 @@ class RunView:
         # Greedy runs only: how many of the LLM's own greedy answer's tokens this run reproduced before it first
         # differed (HLM reproduces all of them), and that answer's length. BERTScore at T > 0 is mostly noise.
         self.faithful: tuple[int, int] | None = None
+        # T > 0 only: the lowest and highest F1 of the LLM's samples against each other (`Service.judge`).
+        self.band: tuple[float, float] | None = None
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
         self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
@@ -218,7 +228,7 @@ class RunView:
         out = {"status": self.phase, "note": self.note, "policy": self.label, "text": self.text,
                "pending": asdict(self.pending) if self.pending else None,
                "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
-               "faithful_prefix": self.faithful,
+               "faithful_prefix": self.faithful, "bertscore_band": self.band,
                "config": self.config.to_dict()}
         if tokens:
             self.records.extend(e.to_dict() for e in self.events[len(self.records):])
@@ -281,11 +291,26 @@ class Service:
             config = Settings(policy=name, max_new_tokens=2).run_config(decoder.pair.calibration)
             for _ in self.stream(decoder, "Hello", config, threading.Event()):
                 pass
-        self.score("warm up", "warm up")
+        self.score(["warm up"], ["warm up"])
 
-    def score(self, candidate: str, reference: str) -> float:
+    def score(self, candidates: list[str], references: list[str]) -> list[float]:
         with self._scorer_lock:
-            return get_scorer().f1([candidate], [reference])[0]
+            return get_scorer().f1(candidates, references)
+
+    def judge(self, run: RunView, references: Sequence[Sequence[TokenEvent]], is_reference: bool = False) -> None:
+        """Score a finished run: BERTScore F1, the mean over `references` (the reference run itself: over the
+        others; at greedy it is the answer, 1.0). Greedy runs also get the faithful prefix against the one answer;
+        with several samples, the band their scores against each other span."""
+        texts = ["".join(e.text for e in r) for r in references]
+        others = texts[1:] if is_reference else texts
+        run.f1 = statistics.fmean(self.score([run.text] * len(others), others)) if others else 1.0
+        if run.config.sampling.temperature == 0:
+            answer = [e.token_id for e in references[0]]
+            run.faithful = faithful_prefix([e.token_id for e in run.events], answer), len(answer)
+        if len(texts) > 1:
+            pairs = list(itertools.combinations(texts, 2))
+            spread = self.score([a for a, _ in pairs], [b for _, b in pairs])
+            run.band = min(spread), max(spread)
 
     @property
     def quality_method(self) -> str:
@@ -362,6 +387,18 @@ class Service:
         if not cancel.is_set():
             self.remember_reference(preset, prompt, llm, events)
 
+    def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event
+                   ) -> Iterator[tuple[int, list[TokenEvent]]]:
+        """What a run is scored against: the LLM's answer at greedy, else REFERENCE_SAMPLES LLM samples (seeds
+        seed, seed + 1, ...), each cached or generated. Yields (which sample, its events so far)."""
+        n = 1 if config.sampling.temperature == 0 else REFERENCE_SAMPLES
+        for i in range(n):
+            sampling = replace(config.sampling, seed=config.sampling.seed + i)
+            for events in self.reference(preset, prompt, replace(config, sampling=sampling), cancel):
+                yield i, events
+            if cancel.is_set():
+                return
+
     def remember_reference(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent]) -> None:
         key = (preset, prompt, config.sampling)
         self._references[key] = (config.link, list(events))
@@ -407,21 +444,21 @@ class Service:
             self.remember_reference(preset, prompt, run.config, run.events)
         if quality and not job.cancel.is_set():
             run.phase = "reference"
-            reference: list[TokenEvent] = []
             limit = run.config.sampling.max_new_tokens
             s = run.summary
             done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
-            for reference in self.reference(preset, prompt, run.config, job.cancel):
-                run.note = (f"{done}BERTScore follows: the LLM-only reference, {len(reference)}/{limit} tokens "
+            references: list[list[TokenEvent]] = []
+            for i, reference in self.references(preset, prompt, run.config, job.cancel):
+                references[i:] = [reference]
+                which = "reference" if run.config.sampling.temperature == 0 else \
+                    f"sample {i + 1} of {REFERENCE_SAMPLES}"
+                run.note = (f"{done}BERTScore follows: the LLM-only {which}, {len(reference)}/{limit} tokens "
                             "(after the run, not beside it: the cores are busy decoding)")
                 yield
             if not job.cancel.is_set():
                 run.note = "scoring…"
                 yield
-                run.f1 = self.score(run.text, "".join(e.text for e in reference))
-                if run.config.sampling.temperature == 0:
-                    run.faithful = (faithful_prefix([e.token_id for e in run.events], [e.token_id for e in reference]),
-                                    len(reference))
+                self.judge(run, references)
         stopped = job.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
@@ -473,7 +510,8 @@ def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | No
         return None
     p = run.config.policy
     return {"label": run_label(run.config), "policy": p.name, "estimator": p.estimator, "k": p.k, "gamma": p.gamma,
-            "u_th": p.u_th, "energy_saving": s.energy_saving, "bertscore_f1": run.f1, "upload_rate": s.upload_rate,
+            "u_th": p.u_th, "energy_saving": s.energy_saving, "bertscore_f1": run.f1, "band": run.band,
+            "upload_rate": s.upload_rate,
             "tokens": s.tokens, "pair": preset, "prompt": prompt[:60]}
 
 
@@ -491,14 +529,14 @@ def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | 
 
 @dataclass(frozen=True)
 class Replay:
-    """A finished run of ours re-decided at another (k, gamma): the same drafts, each uploaded iff its score reaches
-    the new bar. Only the decisions are recomputed (no model call), so the text after a changed decision could
-    differ in a real run. Per token: whether it would be uploaded, the running upload rate and the cumulative
-    device energy, its link part priced like the HLM counterfactual (modelled: full payload plus the ids kept
-    since the last upload; the first call's cloud time for the first upload, the median one-token call after)."""
+    """A finished run re-decided at other knobs: the same drafts, each uploaded iff the policy's rule says so at
+    the new values (ours: its score against the (k, gamma) bar; uhlm: u > u_th). Only the decisions are recomputed
+    (no model call), so the text after a changed decision could differ in a real run. Per token: whether it would
+    be uploaded, the running upload rate and the cumulative device energy, its link part priced like the HLM
+    counterfactual (modelled: full payload plus the ids kept since the last upload; the first call's cloud time for
+    the first upload, the median one-token call after)."""
 
-    k: int
-    gamma: float
+    knobs: str  # the values replayed, as the page shows them ("k=9, γ=0", "u_th=0.3")
     uploads: tuple[bool, ...]
     rates: tuple[float, ...]
     energy_j: tuple[float, ...]
@@ -510,22 +548,32 @@ class Replay:
 
 
 def replayable(run: RunView) -> bool:
-    """A finished run of ours whose every draft carries a score (the paper-literal estimators decide on attention
-    rows, which are not a threshold on a stored score)."""
-    return (run.phase == "done" and run.config.policy.name == "ours" and bool(run.events)
-            and all(e.score is not None for e in run.events) and run.summary is not None)
+    """A finished run of uhlm (every draft carries u) or of ours whose every draft carries a score (the
+    paper-literal estimators decide on attention rows, which are not a threshold on a stored score)."""
+    stat = {"ours": "score", "uhlm": "u"}.get(run.config.policy.name)
+    return (run.phase == "done" and stat is not None and bool(run.events) and run.summary is not None
+            and all(getattr(e, stat) is not None for e in run.events))
 
 
-def replay(run: RunView, scale: ScoreScale, k: int, gamma: float) -> Replay:
-    """Re-decide `run`'s drafts at (k, gamma) with `scale`'s threshold: a pure recomputation."""
+def replay_rule(run: RunView, scale: ScoreScale | None, k: int, gamma: float, u_th: float
+                ) -> tuple[str, Callable[[TokenEvent], bool]]:
+    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft."""
+    if run.config.policy.name == "uhlm":
+        return f"u_th={u_th:g}", lambda e: e.u is not None and uncertain(e.u, u_th)
+    assert scale is not None  # ours
     bar = scale.threshold(k, gamma)
+    return f"k={k}, γ={gamma:g}", lambda e: e.score is not None and e.score >= bar
+
+
+def replay(run: RunView, knobs: str, upload: Callable[[TokenEvent], bool]) -> Replay:
+    """Re-decide `run`'s drafts with `upload` (from `replay_rule`): a pure recomputation."""
     link, s = run.config.link, run.summary
     assert s is not None  # `replayable`
     first_call_s = next((e.verify_s for e in run.events if e.uploaded), s.hlm_call_s)
     prompt_len = run.events[0].position - run.events[0].index
     synced, uploads, rates, energy, link_j, compute_j, sent = 0, [], [], [], 0.0, 0.0, 0
     for e in run.events:
-        up = e.score is not None and e.score >= bar
+        up = upload(e)
         if up:
             context = prompt_len + e.index
             cost = upload_cost(link, upload_bits(link, run.vocab_size, context - synced),
@@ -536,17 +584,16 @@ def replay(run: RunView, scale: ScoreScale, k: int, gamma: float) -> Replay:
         uploads.append(up)
         rates.append(sent / (e.index + 1))
         energy.append(compute_j + link_j)
-    return Replay(k, gamma, tuple(uploads), tuple(rates), tuple(energy), link_j)
+    return Replay(knobs, tuple(uploads), tuple(rates), tuple(energy), link_j)
 
 
 def replay_note(run: RunView, r: Replay) -> str:
     s = run.summary
     assert s is not None
-    was = s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
-    return (f"what-if replay at k={r.k}, γ={r.gamma:g} on this run's drafts: {sum(r.uploads)} of {len(r.uploads)} "
+    return (f"what-if replay at {r.knobs} on this run's drafts: {sum(r.uploads)} of {len(r.uploads)} "
             f"uploaded ({_pct(r.upload_rate)}, ran at {_pct(s.upload_rate)}), link energy {r.link_j:.3g} J "
-            f"(modelled; ran at {was:.3g} J). The text after a changed decision could differ: Generate runs it "
-            "for real.")
+            f"(modelled; ran at {_link_j(s):.3g} J). The text after a changed decision could differ: Generate runs "
+            "it for real.")
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -633,13 +680,22 @@ def stats_html(run: RunView | None, note: str | None = None) -> str:
             _card(_pct(s.energy_saving), "energy saved", hlm_j),
             _card(f"{s.tokens_per_s:.1f}", "tokens / s", f"{s.tokens_per_s_modelled_link:.1f} over the modelled link"),
             _card(str(s.llm_calls), "LLM calls", f"{s.accepted} accepted, {s.resampled} resampled"),
-            _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", "F1 vs the LLM-only output" + (
-                "" if run is None or run.faithful is None else
-                "; faithful prefix {} of {} tokens (greedy: identical to the LLM's answer)".format(*run.faithful))),
+            _card("–" if f1 is None else f"{f1:.3f}", "BERTScore", quality_note(run)),
         ]
     phase = "replay" if note else run.phase if run else "waiting"
     note = html.escape(note or (f"{run.label}: {run.note}" if run else "Enter a prompt and press Generate."))
     return f'<div class="hlm-stats">{"".join(cards)}</div><div class="hlm-status {phase}">{note}</div>'
+
+
+def quality_note(run: RunView | None) -> str:
+    """What the BERTScore card's figure is, and what is inside the noise."""
+    if run is not None and run.faithful is not None:
+        return "F1 vs the LLM's answer; faithful prefix {} of {} tokens (greedy: identical to it)".format(
+            *run.faithful)
+    if run is not None and run.band is not None:
+        return (f"mean F1 vs {REFERENCE_SAMPLES} LLM samples; they score {run.band[0]:.3f}–{run.band[1]:.3f} "
+                "against each other: inside that band is noise")
+    return "F1 vs the LLM-only output"
 
 
 def _link_j(s: Summary) -> float:
@@ -659,9 +715,17 @@ def verdict(runs: Sequence[RunView]) -> str | None:
     less = 1.0 - _link_j(o) / _link_j(h) if _link_j(h) > 0 else 0.0
     energy = (f"used {_pct(abs(less))} {'less' if less >= 0 else 'more'} link energy (radio and waiting for the "
               "cloud) than HLM")
-    return (f"On this prompt ours sent {_pct(o.upload_rate)} of its tokens to the cloud, {energy} and scored "
-            f"BERTScore F1 {ours.f1:.3f} against the LLM's answer (HLM {hlm.f1:.3f}); a coin sending as many "
-            f"({_pct(c.upload_rate)}) scored {coin.f1:.3f}.")
+    sent = f"On this prompt ours sent {_pct(o.upload_rate)} of its tokens to the cloud, {energy} and"
+    if ours.faithful and hlm.faithful and coin.faithful:  # greedy: the share of the answer kept word for word
+        def kept(r: RunView) -> str:
+            return _pct(r.faithful[0] / r.faithful[1] if r.faithful and r.faithful[1] else 0.0)
+
+        return (f"{sent} kept the LLM's answer token for token for {kept(ours)} of its length (BERTScore F1 "
+                f"{ours.f1:.3f}; HLM {kept(hlm)}, {hlm.f1:.3f}); a coin sending as many ({_pct(c.upload_rate)}) "
+                f"kept {kept(coin)} ({coin.f1:.3f}).")
+    noise = f"; LLM samples score {ours.band[0]:.3f}–{ours.band[1]:.3f} against each other" if ours.band else ""
+    return (f"{sent} scored BERTScore F1 {ours.f1:.3f} against the LLM's {'samples' if ours.band else 'answer'} "
+            f"(HLM {hlm.f1:.3f}{noise}); a coin sending as many ({_pct(c.upload_rate)}) scored {coin.f1:.3f}.")
 
 
 def compare_html(runs: Sequence[RunView]) -> str:
@@ -683,6 +747,11 @@ def compare_html(runs: Sequence[RunView]) -> str:
                     f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(run.spans)}</div></div>')
     said = verdict(runs)
     lead = f'<p class="hlm-verdict">{html.escape(said)}</p>' if said else ""
+    band = next((r.band for r in runs if r.band), None)
+    if band:
+        lead += (f'<p class="hlm-band">BERTScore F1 is the mean against {REFERENCE_SAMPLES} LLM samples; the '
+                 f"samples score {band[0]:.3f}–{band[1]:.3f} against each other, so differences inside that band "
+                 "are sampling noise (HLM samples the LLM's distribution exactly).</p>")
     return f'{lead}{table}<div class="hlm-compare">{"".join(cols)}</div>'
 
 
@@ -799,7 +868,7 @@ def energy_figure(points: Sequence[Summary], what_if: Replay | None = None) -> d
                      "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hovertemplate": "%{y:.3g} J"})
     if what_if is not None:
         data.append({"type": "scatter", "x": list(range(1, len(what_if.energy_j) + 1)), "y": list(what_if.energy_j),
-                     "name": f"replay k={what_if.k} γ={what_if.gamma:g} (modelled)", "mode": "lines",
+                     "name": f"replay {what_if.knobs} (modelled)", "mode": "lines",
                      "line": REPLAY_LINE, "hovertemplate": "%{y:.3g} J"})
     return _figure(data, layout)
 
@@ -818,7 +887,7 @@ def upload_figure(points: Sequence[Summary], what_if: Replay | None = None) -> d
              "line": {"dash": "dash", "width": 2, "color": "#e11d48"}, "hoverinfo": "skip"}]
     if what_if is not None:
         data.append({"type": "scatter", "x": list(range(1, len(what_if.rates) + 1)),
-                     "y": [r * 100 for r in what_if.rates], "name": f"replay k={what_if.k} γ={what_if.gamma:g}",
+                     "y": [r * 100 for r in what_if.rates], "name": f"replay {what_if.knobs}",
                      "mode": "lines", "line": REPLAY_LINE, "hovertemplate": "%{y:.1f}% (replay)"})
     return _figure(data, layout)
 
@@ -846,6 +915,13 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
              "hovertemplate": "run %{text}: %{customdata[0]}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>"
                               "upload rate %{customdata[1]:.1f}%<br>%{customdata[2]}<extra></extra>"}
             for name, rows in groups.items()]
+    banded = [h for h in history if h.get("band")]
+    if banded:  # T > 0: behind each point, the F1 range of the LLM's own samples on its prompt
+        data.insert(0, {"type": "scatter", "mode": "lines", "name": "LLM vs LLM samples (noise)",
+                        "x": [x for h in banded for x in (*h["band"], None)],
+                        "y": [y for h in banded for y in (h["energy_saving"] * 100,) * 2 + (None,)],
+                        "line": {"width": 9, "color": "rgba(148,163,184,0.45)"}, "hoverinfo": "skip"})
+        layout["xaxis"]["range"][0] = min(layout["xaxis"]["range"][0], *(h["band"][0] - 0.08 for h in banded))
     return _figure(data, layout)
 
 
@@ -938,28 +1014,32 @@ class Dashboard:
         finally:
             self.service.end(session, job)
 
-    def replay(self, session: str, k: Any, gamma: Any) -> Frame:
-        """A k or γ move after a run of ours: outline the drafts that (k, γ) would upload and redraw the upload-rate
-        and energy charts with the replay beside the run (no model call). An empty frame (nothing changes) when
-        there is no such run or the values are not yet valid (a box being typed in)."""
+    def replay(self, session: str, k: Any, gamma: Any, u_th: Any = None) -> Frame:
+        """A knob move after a run of ours (k, γ) or uhlm (u_th): outline the drafts the new values would upload
+        and redraw the upload-rate and energy charts with the replay beside the run (no model call). An empty frame
+        (nothing changes) when there is no such run or the values are not yet valid (a box being typed in)."""
         last = self._last.get(session)
         try:
             k, gamma = int(_number("k", k, whole=True)), _number("gamma", gamma)
+            u_th = _number("u_th", u_th) if u_th is not None else None
         except ConfigError:
             return Frame()
         if last is None or not 1 <= k <= WINDOW or gamma < 0:
             return Frame()
         preset, run = last
-        scale = self.service.decoder(preset).pair.selection.scale(run.config.policy.estimator)
-        r = replay(run, scale, k, gamma)
+        policy = run.config.policy
+        if policy.name == "uhlm" and (u_th is None or not 0 <= u_th <= 1):
+            return Frame()
+        scale = self.service.decoder(preset).pair.selection.scale(policy.estimator) if policy.name == "ours" else None
+        r = replay(run, *replay_rule(run, scale, k, gamma, policy.u_th if u_th is None else u_th))
         return Frame(stats=stats_html(run, replay_note(run, r)),
-                     tokens="".join(token_span(e, run.config.policy, up) for e, up in zip(run.events, r.uploads,
-                                                                                           strict=True)),
+                     tokens="".join(token_span(e, policy, up) for e, up in zip(run.events, r.uploads, strict=True)),
                      energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
 
     def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
                  ) -> Iterator[tuple[list[RunView], RunView]]:
-        """The LLM-only reference, then `policies` with the same settings, each scored against the reference; a
+        """The LLM-only reference, then `policies` with the same settings, each scored against the reference (at
+        T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `Service.judge`); a
         `random` run (after ours) gets the coin matched to ours' realised upload rate on this prompt, so its expected
         uploads equal ours' count: the control that says whether choosing the drafts matters. Yields (all runs, the
         one running) after every change."""
@@ -977,7 +1057,17 @@ class Dashboard:
         if job.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"
             return
-        reference.f1, reference.phase, reference.note = 1.0, "done", "done"  # the reference against itself
+        samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
+        for i, events in self.service.references(preset, prompt, llm, job.cancel):
+            samples[i:] = [events]
+            if i:
+                reference.note = f"LLM sample {i + 1} of {REFERENCE_SAMPLES} for the noise band: {len(events)} tokens"
+                yield runs, reference
+        if job.cancel.is_set():
+            reference.phase, reference.note = "stopped", "stopped"
+            return
+        self.service.judge(reference, samples, is_reference=True)
+        reference.phase, reference.note = "done", "done"
         for run in runs[1:]:
             if run.config.policy.name == "random":
                 ours = next((r.summary for r in runs if r.config.policy.name == "ours" and r.summary), None)
@@ -988,7 +1078,7 @@ class Dashboard:
                 yield runs, run
             if run.phase != "done":
                 return
-            run.f1 = self.service.score(run.text, reference.text)
+            self.service.judge(run, samples)
             yield runs, run
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,

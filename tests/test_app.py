@@ -25,8 +25,10 @@ import pytest
 from hlm.config import ConfigError
 from hlm.dashboard import (
     INTERVAL_S,
+    REFERENCE_SAMPLES,
     Dashboard,
     Frame,
+    Replay,
     RunView,
     Service,
     Settings,
@@ -35,6 +37,7 @@ from hlm.dashboard import (
     error_notice,
     history_figure,
     replay,
+    replay_rule,
     stats_html,
     token_span,
     upload_figure,
@@ -169,7 +172,8 @@ def test_page_serves_the_dashboard(client):
 @pytest.fixture()
 def service(tiny, monkeypatch):
     svc = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"])
-    monkeypatch.setattr(svc, "score", lambda candidate, reference: 0.5)  # the real scorer is tested above
+    # the real scorer is tested above
+    monkeypatch.setattr(svc, "score", lambda candidates, references: [0.5] * len(candidates))
     return svc
 
 
@@ -356,6 +360,14 @@ def test_the_verdict_is_built_from_the_runs_numbers():
     assert verdict(runs) == ("On this prompt ours sent 30.0% of its tokens to the cloud, used 50.0% less link energy "
                              "(radio and waiting for the cloud) than HLM and scored BERTScore F1 0.800 against the "
                              "LLM's answer (HLM 0.900); a coin sending as many (30.0%) scored 0.600.")
+    for r, faithful in zip(runs, ((10, 10), (9, 10), (4, 10)), strict=True):  # greedy: the share kept verbatim
+        r.faithful = faithful
+    assert verdict(runs).endswith("and kept the LLM's answer token for token for 90.0% of its length (BERTScore F1 "
+                                  "0.800; HLM 100.0%, 0.900); a coin sending as many (30.0%) kept 40.0% (0.600).")
+    for r in runs:  # T > 0: scored against several samples, whose spread is the noise band
+        r.faithful, r.band = None, (0.7, 0.85)
+    assert "F1 0.800 against the LLM's samples (HLM 0.900; LLM samples score 0.700–0.850 against each other)" in \
+        verdict(runs)
     runs[2].f1 = None
     assert verdict(runs) is None  # not before every run is scored
 
@@ -366,11 +378,15 @@ def test_replay_at_the_runs_own_knobs_reproduces_its_decisions(service):
     run = RunView("ours", config, decoder.pair.vocab_size, decoder.energy_methods(config.link))
     run.update(list(decoder.generate(PROMPT, config)))
     run.phase = "done"
-    scale = decoder.pair.selection.scale(config.policy.estimator)
-    same = replay(run, scale, config.policy.k, config.policy.gamma)
+    scale, p = decoder.pair.selection.scale(config.policy.estimator), config.policy
+
+    def at(k: int, gamma: float) -> Replay:
+        return replay(run, *replay_rule(run, scale, k, gamma, p.u_th))
+
+    same = at(p.k, p.gamma)
     assert list(same.uploads) == [e.uploaded for e in run.events]
     assert same.upload_rate == pytest.approx(run.summary.upload_rate)
-    more, fewer = replay(run, scale, 32, 0.0), replay(run, scale, 1, 3.0)
+    more, fewer = at(32, 0.0), at(1, 3.0)
     assert sum(fewer.uploads) <= sum(same.uploads) <= sum(more.uploads) and sum(more.uploads) > sum(fewer.uploads)
     assert (more.link_j > fewer.link_j) and more.energy_j[-1] > fewer.energy_j[-1]
 
@@ -381,11 +397,23 @@ def test_dashboard_replays_the_sessions_last_run_of_ours(service):
     list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=24), []))
     frame = dash.replay("viewer", 32, 0.0)
     assert "would-upload" in frame.tokens and "what-if replay at k=32, γ=0" in frame.stats
-    assert any(t["name"].startswith("replay k=32") for t in frame.uploads["data"])
-    assert any(t["name"].startswith("replay k=32") for t in frame.energy["data"])
+    assert any(t["name"].startswith("replay k=32,") for t in frame.uploads["data"])
+    assert any(t["name"].startswith("replay k=32,") for t in frame.energy["data"])
     assert dash.replay("viewer", "", 0.0) == Frame() and dash.replay("viewer", 99, 0.0) == Frame()
     list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=8, policy="hlm"), []))
-    assert dash.replay("viewer", 32, 0.0) == Frame()  # the last run is not one of ours
+    assert dash.replay("viewer", 32, 0.0) == Frame()  # hlm uploads everything: no knob to replay
+
+
+def test_dashboard_replays_a_uhlm_run_on_u_th(service):
+    dash = Dashboard(service)
+    settings = Settings(max_new_tokens=24, policy="uhlm", u_th=0.3)
+    list(dash.generate("viewer", "tiny", PROMPT, settings, []))
+    run = dash._last["viewer"][1]
+    assert replay(run, *replay_rule(run, None, 1, 0.0, 0.3)).uploads == tuple(e.uploaded for e in run.events)
+    low, high = dash.replay("viewer", 9, 0.0, 0.0), dash.replay("viewer", 9, 0.0, 1.0)
+    assert "what-if replay at u_th=0" in low.stats and "0 of 24 uploaded" in high.stats
+    assert low.tokens.count("would-upload") > high.tokens.count("would-upload") == 0
+    assert dash.replay("viewer", 9, 0.0, 1.5) == Frame()  # out of range: nothing changes
 
 
 def test_page_prices_the_device_as_a_phone_and_links_follow_their_preset():
@@ -418,8 +446,28 @@ def test_greedy_runs_show_the_faithful_prefix(service):
     greedy = list(dash.api_generate("tiny", PROMPT, Settings(policy="hlm", temperature=0.0, max_new_tokens=12),
                                     quality=True))[-1]
     assert tuple(greedy["faithful_prefix"]) == (12, 12)
-    sampled = list(dash.api_generate("tiny", PROMPT, Settings(policy="hlm", max_new_tokens=12), quality=True))[-1]
+    sampled = list(dash.api_generate("tiny", PROMPT, Settings(policy="hlm", temperature=0.7, max_new_tokens=12),
+                                     quality=True))[-1]
     assert sampled["faithful_prefix"] is None
+
+
+def test_sampled_runs_are_scored_against_several_llm_samples_with_a_noise_band(service):
+    """At T > 0 a single LLM sample is a noisy reference: the run's F1 is the mean over REFERENCE_SAMPLES samples,
+    and their F1 against each other is the band a viewer compares it with (in the card, Compare and the scatter)."""
+    dash, settings = Dashboard(service), Settings(temperature=0.9, max_new_tokens=12)
+    out = list(dash.api_generate("tiny", PROMPT, settings, quality=True))[-1]
+    lo, hi = out["bertscore_band"]
+    assert 0 <= lo <= hi <= 1 and out["bertscore_f1"] is not None and out["faithful_prefix"] is None
+    texts = set()
+    for seed in range(REFERENCE_SAMPLES):  # the samples are cached, one per seed, and differ
+        config = replace(settings, seed=seed, policy="llm").run_config(None)
+        texts.add("".join(e.text for e in next(service.reference("tiny", PROMPT, config, threading.Event()))))
+    assert len(texts) == REFERENCE_SAMPLES
+    frames = list(dash.compare("s", "tiny", PROMPT, settings, []))
+    assert 'class="hlm-band"' in frames[-1].compare
+    history = frames[-1].history
+    assert all(h["band"] == history[0]["band"] for h in history)  # one prompt, one band
+    assert frames[-1].quality["data"][0]["name"].startswith("LLM vs LLM samples")
     config = Settings(temperature=0.0, max_new_tokens=4).run_config(None)
     decoder = service.decoder("tiny")
     run = RunView("x", config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device))

@@ -79,6 +79,8 @@ def test_generate_change_knobs_and_run_again(browser, url, tmp_path):
     page.get_by_label("Prompt").fill(PROMPT)
     first = generate(page, DEFAULT_LABEL)
     assert re.fullmatch(r"\d+\.\d%", first)
+    # the page decodes greedily by default, so the BERTScore card also counts the LLM's answer kept verbatim
+    assert re.search(r"faithful prefix \d+ of \d+ tokens", page.locator(".hlm-stats").inner_text())
     token = page.locator(".prose.hlm-tokens .tok").first
     assert "uploaded" in token.get_attribute("title")  # the hover details are there
     assert page.locator(".hlm-legend .item").count() == 5
@@ -121,8 +123,13 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     page.locator(".hlm-compare").scroll_into_view_if_needed()
     page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
     # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
+    last_tokens = int(page.locator(".hlm-compare-summary tbody tr").last.locator("td").nth(1).inner_text())
     page.get_by_role("tab", name="Output").click()
     page.wait_for_function(FITTED, timeout=5_000)
+    # ... and end at the last run's final token (they were cut off half way once)
+    drawn = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].filter(e => e.data.length)"
+                          ".map(e => Math.max(...e.data.flatMap(t => t.x || []).filter(v => v !== null)))")
+    assert drawn[:2] == [last_tokens, last_tokens]  # the energy and upload-rate charts
     page.close()
 
 
@@ -176,8 +183,9 @@ def test_show_me_states_the_comparison_in_one_sentence(browser, url):
     said = page.locator(".hlm-verdict")
     said.wait_for(timeout=3 * RUN_TIMEOUT_MS)
     assert re.fullmatch(r"On this prompt ours sent [\d.]+% of its tokens to the cloud, used [\d.]+% (less|more) "
-                        r"link energy \(radio and waiting for the cloud\) than HLM and scored BERTScore F1 [\d.]+ "
-                        r"against the LLM's answer \(HLM [\d.]+\); a coin sending as many \([\d.]+%\) scored [\d.]+\.",
+                        r"link energy \(radio and waiting for the cloud\) than HLM and kept the LLM's answer token "
+                        r"for token for [\d.]+% of its length \(BERTScore F1 [\d.]+; HLM 100.0%, 1.000\); a coin "
+                        r"sending as many \([\d.]+%\) kept [\d.]+% \([\d.]+\)\.",  # greedy, the page's default
                         said.inner_text())
     assert page.get_by_label("Prompt").input_value().strip()
     page.close()

@@ -28,12 +28,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PROMPT = "Say hello."
 SUMMARY_FIELDS = ("policy", "tokens", "uploads", "llm_calls", "accepted", "resampled", "unverified", "uplink_bits",
                   "downlink_bits", "device_profile", "link_preset")
-# (name, CLI flags); the dashboard runs the same settings through `Settings`
+# (name, CLI flags); the dashboard runs the same settings through `Settings` (the temperature explicit: the page
+# decodes greedily by default, the CLI samples)
 CASES: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("ours-seed3", {"policy": "ours", "seed": 3, "max_new_tokens": 24}),
+    ("ours-seed3", {"policy": "ours", "seed": 3, "temperature": 0.7, "max_new_tokens": 24}),
     ("uhlm-seed7-T1", {"policy": "uhlm", "seed": 7, "temperature": 1.0, "max_new_tokens": 24}),
-    ("hlm-seed0-given-u_th", {"policy": "hlm", "seed": 0, "max_new_tokens": 16, "u_th": 0.3}),
-    ("random-seed5", {"policy": "random", "seed": 5, "max_new_tokens": 16}),
+    ("hlm-seed0-given-u_th", {"policy": "hlm", "seed": 0, "temperature": 0.7, "max_new_tokens": 16, "u_th": 0.3}),
+    ("random-seed5", {"policy": "random", "seed": 5, "temperature": 0.7, "max_new_tokens": 16}),
 )
 
 
