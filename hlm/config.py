@@ -12,19 +12,21 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Generic, Literal, TypeVar
 
+from hlm.errors import UserError
 from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
+from hlm.policies import NAMES as POLICIES
 
-POLICIES = ("ours", "uhlm", "hlm", "slm", "llm", "random")
 QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
 # memory stays far under 16 GB at this length (README "Speed and long prompts").
 MAX_PROMPT_CHARS = 100_000
 
-PolicyName = Literal["ours", "uhlm", "hlm", "slm", "llm", "random"]
+# Where a run's u_th came from (`hlm.session.resolve_u_th`): set by the caller, the pair's calibration, or the default
+UThSource = Literal["given", "calibrated", "default"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting is out of range; the message names the field and the allowed range."""
 
 
@@ -67,7 +69,7 @@ class PolicyConfig:
     last_layers: importance averages heads over this many final layers (0 = all layers).
     """
 
-    name: PolicyName = "ours"
+    name: str = "ours"  # `hlm.policies.REGISTRY`
     u_th: float = 0.08
     k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (README "Selection")
     gamma: float = 0.0
@@ -271,13 +273,16 @@ def catalogue() -> dict[str, list[dict[str, Any]]]:
 @dataclass(frozen=True)
 class RunConfig:
     """One generation request: the groups together, as the CLI, app and experiments pass them. `link_preset`
-    names the preset `link` started from (explicit fields may override it; summaries say which, `link_label`)."""
+    names the preset `link` started from (explicit fields may override it; summaries say which, `link_label`).
+    `u_th_source` records where `policy.u_th` came from: provenance, not a setting, so it is left out of equality and
+    of `to_dict` (the experiments' cache keys), and summaries carry it."""
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     device: DeviceProfile = field(default_factory=DeviceProfile)
     link_preset: str = "default"
+    u_th_source: UThSource = field(default="given", compare=False)
 
     def __post_init__(self) -> None:
         link_preset(self.link_preset)  # validates the name

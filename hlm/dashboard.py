@@ -37,15 +37,17 @@ from hlm.config import (
     link_preset,
 )
 from hlm.decoder import HybridDecoder
-from hlm.embedded import EmbeddedModelError
+from hlm.errors import UserError
 from hlm.estimators import WINDOW, ScoreScale
 from hlm.events import SOURCES, PendingDraft, Summary, TokenEvent
-from hlm.figures import COLOURS as POLICY_COLOURS
+from hlm.experiments.figures import COLOURS as POLICY_COLOURS
+from hlm.experiments.quality import get_scorer
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.models import PRESETS, Calibration, ModelError, PromptError
+from hlm.models.pairs import Calibration, ModelError
+from hlm.models.presets import PRESETS
 from hlm.policies import uncertain
-from hlm.quality import QualityError, get_scorer
+from hlm.session import open_decoder, resolve_u_th, with_u_th
 from hlm.verifier import CloudUnavailable
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
@@ -61,10 +63,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
 # The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
 COMPARED = ("hlm", "uhlm", "ours", "random")
 SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
-# Errors a viewer can cause or fix (bad settings, prompt, pair, cloud); the app shows their message as a Gradio
-# error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, PromptError, ModelError, CloudUnavailable, QualityError,
-                                            EmbeddedModelError)
+# Errors a viewer can cause or fix (`UserError`) or should hear about (the cloud is down); the app shows their message
+# as a Gradio error. Anything else is a bug: the app hides it (show_error=False) and the server log keeps the traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, CloudUnavailable)
 
 UNEXPECTED = ("Something went wrong on the server ({name}); the run was abandoned. The server log has the details; "
               "trying again or changing a setting may help.")
@@ -135,13 +136,13 @@ class Settings:
 
     def run_config(self, calibration: Calibration | None) -> RunConfig:
         base = link_preset(self.link_preset)
-        u_th = self.u_th if self.u_th is not None else calibration.risk_averse if calibration else _P.u_th
-        return RunConfig(
+        u_th = None if self.u_th is None else _number("u_th", self.u_th)
+        return with_u_th(RunConfig(
             SamplingConfig(temperature=_number("temperature", self.temperature), top_p=_S.top_p,
                            max_new_tokens=_number("max_new_tokens", self.max_new_tokens, whole=True),
                            seed=_number("seed", self.seed, whole=True)),
             PolicyConfig(name=self.policy, k=_number("k", self.k, whole=True), gamma=_number("gamma", self.gamma),
-                         u_th=_number("u_th", u_th), estimator=self.estimator),
+                         estimator=self.estimator),
             replace(base, **{f: _number(name, v) * scale for f, name, v, scale in (
                         ("bandwidth_hz", "bandwidth_mhz", self.bandwidth_mhz, 1e6),
                         ("snr_db", "snr_db", self.snr_db, 1), ("tx_power_w", "tx_power_w", self.tx_power_w, 1))
@@ -149,7 +150,7 @@ class Settings:
                     bits_per_prob=_number("bits_per_prob", self.bits_per_prob, whole=True),
                     topk=_number("topk", self.topk, whole=True)),
             device=device_profile(self.device_profile), link_preset=self.link_preset,
-        )
+        ), u_th, calibration)
 
 
 def calibration_of(preset: str) -> Calibration | None:
@@ -159,8 +160,7 @@ def calibration_of(preset: str) -> Calibration | None:
 
 
 def default_u_th(preset: str) -> float:
-    cal = calibration_of(preset)
-    return cal.risk_averse if cal else _P.u_th
+    return resolve_u_th(None, calibration_of(preset))[0]
 
 
 def load_examples(path: Path = EXAMPLES) -> list[dict[str, str]]:
@@ -207,7 +207,8 @@ class RunView:
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
                                              self.methods, self.known_call_s, device_profile=self.config.device.name,
-                                             link_preset=self.config.link_preset))
+                                             link_preset=self.config.link_preset,
+                                             u_th_source=self.config.u_th_source))
 
     def at_limit(self, stop_ids: frozenset[int]) -> bool:
         """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
@@ -267,11 +268,10 @@ class Service:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Service:
-        """From `hlm.cli.add_model_args` flags plus --cloud/--emulate-link, reusing the CLI's loader."""
-        from hlm.cli import load_decoder
-
+        """From the app's flags (`hlm.cli.add_model_args` plus --cloud/--emulate-link), through `hlm.session`."""
         def load(preset: str) -> HybridDecoder:
-            return load_decoder(argparse.Namespace(**{**vars(args), "models": preset}))
+            return open_decoder(preset, args.device, args.dtype, args.quant, args.cloud,
+                                LinkConfig() if args.emulate_link else None)
 
         return cls(load, args.models, loadable_presets(args.models, bool(args.cloud)), args.cloud)
 
@@ -480,7 +480,7 @@ def _can_load(name: str) -> bool:
     if name == "tiny":
         return True
     if name == "embedded":
-        from hlm.embedded import DRAFT, VERIFIER, is_ready
+        from hlm.models.embedded import DRAFT, VERIFIER, is_ready
 
         return is_ready(DRAFT) and is_ready(VERIFIER)
     from huggingface_hub import try_to_load_from_cache

@@ -32,8 +32,9 @@ from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
-from hlm.models import ModelPair
+from hlm.models.pairs import ModelPair
 from hlm.payload import as_sent
+from hlm.policies import REGISTRY as POLICIES
 from hlm.policies import should_upload
 from hlm.sampling import distribution, sample
 from hlm.uncertainty import uncertainty
@@ -117,7 +118,8 @@ class HybridDecoder:
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
                             self.energy_methods(config.link, config.device), self.call_s,
-                            device_profile=config.device.name, link_preset=config.link_preset)
+                            device_profile=config.device.name, link_preset=config.link_preset,
+                            u_th_source=config.u_th_source)
         return "".join(e.text for e in events), events, summary.to_dict()
 
     @overload
@@ -141,8 +143,8 @@ class HybridDecoder:
         prompt_ids = self.pair.encode_prompt(prompt, s.max_new_tokens)  # validates before any model work
         self.verifier.open(s, prompt_ids)  # the cloud may start reading the prompt now (`hlm.verifier`)
         try:
-            events = self._cloud_only(prompt_ids, config, cancel, progress) if pol.name == "llm" else \
-                self._hybrid(prompt_ids, config, cancel, diagnostics, progress)
+            events = self._hybrid(prompt_ids, config, cancel, diagnostics, progress) if POLICIES[pol.name].drafts \
+                else self._cloud_only(prompt_ids, config, cancel, progress)
             while True:
                 with prefix.stopping(cancel):  # only while the decoder runs, not while the consumer does
                     try:
@@ -165,8 +167,9 @@ class HybridDecoder:
         t0 = time.perf_counter()
         draft_gen, u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
         coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
-        est = REGISTRY[pol.estimator] if pol.name == "ours" else None
-        needs_u = diagnostics or pol.name in ("uhlm", "ours")
+        policy = POLICIES[pol.name]
+        est = REGISTRY[pol.estimator] if policy.uses_estimator else None
+        needs_u = diagnostics or policy.uses_uncertainty
         passes, attention = (est.passes, est.attention) if est else (0, False)
         selection, valid = self.pair.selection, self.pair.valid
         cfg = self.pair.draft.config
@@ -190,7 +193,7 @@ class HybridDecoder:
                 with measure(self.device, self.meter) as w:
                     p = distribution(logits, s, valid)
                     # Draw from what the cloud will read (exact in every payload format); slm sends nothing.
-                    payload, sent = as_sent(p, link.bits_per_prob, link.topk) if pol.name != "slm" else (None, p)
+                    payload, sent = as_sent(p, link.bits_per_prob, link.topk) if policy.uploads else (None, p)
                     token = sample(sent, draft_gen)
                     # 2. The draft's statistics from the same logits and attention: no extra forward pass.
                     unc = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, valid) if needs_u else None
@@ -215,7 +218,7 @@ class HybridDecoder:
 
             # 3. The policy: upload or keep.
             d = pending.pop(0)
-            coin = float(torch.rand((), generator=coin_gen, device=self.device)) if pol.name == "random" else 1.0
+            coin = float(torch.rand((), generator=coin_gen, device=self.device)) if policy.uses_coin else 1.0
             verdict, bits_up, n_sync = None, 0, 0
             if should_upload(pol, d.u, coin) if est is None else est.decide(d.stats, d.importance, pol, selection):
                 # 4. Verify: the ids kept since the last upload travel with the draft.

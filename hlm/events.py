@@ -115,6 +115,7 @@ class Summary:
     energy_methods: dict[str, str]
     device_profile: str  # `hlm.config.DEVICE_PROFILES` name: where device compute time and energy come from
     link_preset: str  # `hlm.config.LINK_PRESETS` name, plus the fields overridden (`hlm.config.link_label`)
+    u_th_source: str  # `hlm.config.UThSource`: whether u_th was given, the pair's calibrated value or the default
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,8 +41,10 @@ def hlm_call_time(calls: Sequence[TokenEvent], link: LinkConfig, known_call_s: f
 
 def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, policy: str,
               energy_methods: dict[str, str], known_call_s: float | None = None, *,
-              device_profile: str = "this-machine", link_preset: str = "default") -> Summary:
-    """Totals of a run; `device_profile` and `link_preset` name the run's choices (`RunConfig`) for the record."""
+              device_profile: str = "this-machine", link_preset: str = "default", u_th_source: str = "given"
+              ) -> Summary:
+    """Totals of a run; `device_profile`, `link_preset` and `u_th_source` name the run's choices (`RunConfig`) for
+    the record."""
     n = len(events)
     calls = [e for e in events if e.source in CALLS]
     verified = [e for e in events if e.source in VERIFIED]
@@ -96,6 +98,7 @@ def summarize(events: Sequence[TokenEvent], link: LinkConfig, vocab_size: int, p
         energy_methods=dict(energy_methods),
         device_profile=device_profile,
         link_preset=link_label(link_preset, link),
+        u_th_source=u_th_source,
     )
 
 

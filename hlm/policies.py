@@ -1,29 +1,64 @@
-"""Upload policies: small pure functions of one draft's statistics (METHOD.md).
+"""Upload policies (METHOD.md), one `Policy` each in `REGISTRY`: what a policy is (what it reads, whether it drafts,
+uploads or flips a coin, how it decides a draft) is declared here once, and the decoder, the sweep and the CLI ask
+the registry, never a policy's name.
 
 `uhlm` uploads on uncertainty alone (u > u_th); `random` on a coin (upload iff coin >= skip_rate), so at a
 matched upload rate it is the control that shows whether a policy picks the right tokens; `hlm` uploads every
 draft, `slm` none. `ours` asks its estimator (`hlm.estimators`), and `llm` (the verifier alone) involves no
-drafts: the decoder runs both directly.
+drafts: the decoder runs it directly. A new policy is one more entry (and its tests).
 """
 
 from __future__ import annotations
 
-from hlm.config import PolicyConfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hlm.config import PolicyConfig
+
+Decide = Callable[["PolicyConfig", "float | None", float], bool]
 
 
 def uncertain(u: float, u_th: float) -> bool:
     return u > u_th
 
 
+@dataclass(frozen=True)
+class Policy:
+    """One upload policy. `decide(config, u, coin)` rules on one draft (u: its uncertainty where `uses_uncertainty`;
+    coin ~ U(0, 1) where `uses_coin`); None where the policy does not decide drafts itself (`ours` asks its
+    estimator, `llm` drafts nothing)."""
+
+    name: str
+    description: str
+    decide: Decide | None = None
+    drafts: bool = True  # False: the verifier alone generates (no device model runs)
+    uploads: bool = True  # False: nothing is ever sent, so no payload is built
+    uses_uncertainty: bool = False  # the decoder measures u for every draft
+    uses_estimator: bool = False  # the decision is `hlm.estimators.REGISTRY[config.estimator]`'s
+    uses_coin: bool = False  # the decoder draws the coin stream
+    uses_u_th: bool = False  # its runs (in the sweep: rows) carry u_th
+    tuned: bool = False  # its runs carry an importance setting (estimator, k, gamma), its own or the one matched
+
+
+REGISTRY: dict[str, Policy] = {p.name: p for p in (
+    Policy("ours", "upload the drafts its estimator scores highest", uses_uncertainty=True, uses_estimator=True,
+           uses_u_th=True, tuned=True),
+    Policy("uhlm", "if u > u_th", lambda config, u, coin: u is not None and uncertain(u, config.u_th),
+           uses_uncertainty=True, uses_u_th=True),
+    Policy("hlm", "every token", lambda config, u, coin: True),
+    Policy("slm", "never", lambda config, u, coin: False, uploads=False),
+    Policy("llm", "the cloud model alone", drafts=False, uploads=False),
+    Policy("random", "a coin (the control)", lambda config, u, coin: coin >= config.skip_rate, uses_coin=True,
+           uses_u_th=True, tuned=True),
+)}
+NAMES = tuple(REGISTRY)
+
+
 def should_upload(policy: PolicyConfig, u: float | None, coin: float) -> bool:
     """Decide one draft. `coin` ~ U(0, 1) is used only by `random`, u only by `uhlm`."""
-    match policy.name:
-        case "slm":
-            return False
-        case "hlm":
-            return True
-        case "uhlm":
-            return u is not None and uncertain(u, policy.u_th)
-        case "random":
-            return coin >= policy.skip_rate
-    raise ValueError(f"policy {policy.name!r} does not decide drafts")
+    decide = REGISTRY[policy.name].decide
+    if decide is None:
+        raise ValueError(f"policy {policy.name!r} does not decide drafts")
+    return decide(policy, u, coin)

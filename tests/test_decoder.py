@@ -321,7 +321,7 @@ def test_stop_during_a_long_prefill_cuts_it_within_a_layer(tiny, monkeypatch, po
 
 def test_hlm_on_an_int8_pair_follows_the_int8_verifier_exactly():
     """The verifier's distribution is the reference whatever it runs: chi-square on the quantised verifier's q."""
-    from hlm.tiny import tiny_pair
+    from hlm.models.tiny import tiny_pair
 
     pair = tiny_pair(quant="int8")
     assert pair.draft.hlm_quant == pair.verifier.hlm_quant == "int8"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hlm import embedded
-from hlm.embedded import DRAFT, VERIFIER, EmbeddedModel, EmbeddedModelError
+from hlm.models import embedded
+from hlm.models.embedded import DRAFT, VERIFIER, EmbeddedModel, EmbeddedModelError
 
 
 def _fake(parts: list[bytes], sha256: str | None = None, size: int | None = None) -> EmbeddedModel:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hlm.models import ModelError, PromptError, load_pair, make_pair
-from hlm.tiny import tiny_model, tiny_tokenizer
+from hlm.models.tiny import tiny_model, tiny_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -68,3 +68,19 @@ def test_cli_json_output():
     assert data["text"] == "".join(t["text"] for t in data["tokens"])
     assert {"source", "u", "importance", "importance_threshold", "uploaded", "bits_up", "energy_j",
             "energy_method"} <= set(data["tokens"][0])
+
+
+def test_every_fixable_error_is_a_user_error():
+    """One base, so each front end reports them alike (CLI exit 2, the page's notice); the runtime ones stay
+    RuntimeErrors for code that catches those."""
+    from hlm.cli import UsageError
+    from hlm.config import ConfigError
+    from hlm.dashboard import USER_ERRORS
+    from hlm.errors import UserError
+    from hlm.experiments.quality import QualityError
+    from hlm.models.embedded import EmbeddedModelError
+
+    for error in (ConfigError, PromptError, ModelError, EmbeddedModelError, QualityError, UsageError):
+        assert issubclass(error, UserError), error
+    assert all(issubclass(e, RuntimeError) for e in (ModelError, EmbeddedModelError, QualityError))
+    assert UserError in USER_ERRORS

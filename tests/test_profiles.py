@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from hlm.cli import build_parser, main, run_config
+from hlm.cli.sweep import apply_preset, base_config
 from hlm.config import (
     DEVICE_PROFILES,
     LINK_PRESETS,
@@ -21,7 +22,6 @@ from hlm.config import (
     link_preset,
 )
 from hlm.events import ENERGY_PARTS
-from hlm.sweep import apply_preset, base_config
 
 PHONE = device_profile("phone")
 

@@ -16,11 +16,12 @@ import httpx
 import pytest
 
 from hlm.cli import main as cli_main
+from hlm.cloud.client import CloudRejected, HttpVerifier
+from hlm.cloud.server import HttpError, Limits, SessionStore, kv_bytes_per_token
+from hlm.cloud.wire import pack_request, unpack_request
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.payload import encode
-from hlm.remote import CloudRejected, HttpVerifier, pack_request, unpack_request
-from hlm.server import HttpError, Limits, SessionStore, kv_bytes_per_token
 from hlm.verifier import CloudUnavailable, LocalVerifier
 
 TOKEN = "test-token-0123456789abcdef"

@@ -1,5 +1,5 @@
-"""The selection study (hlm/study.py): its metrics on hand-made cases with known answers, the command on the tiny
-pair, and the tuning/report split of the shipped calibration."""
+"""The selection study (hlm/experiments/study.py): its metrics on hand-made cases with known answers, the command on
+the tiny pair, and the tuning/report split of the shipped calibration."""
 
 import json
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hlm.estimators import SelectionCalibration
+from hlm.experiments.prompts import load_prompts
+from hlm.experiments.study import capture, coin_outcome, faithful, greedy_outcome, paired_summary
 from hlm.models import ASSETS, PRESETS
-from hlm.prompts import load_prompts
-from hlm.study import capture, coin_outcome, faithful, greedy_outcome, paired_summary
 
 
 def test_greedy_outcome_stops_at_the_first_missed_divergence():

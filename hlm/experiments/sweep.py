@@ -8,12 +8,11 @@ often as `ours` while choosing *which* drafts to upload by a coin. Ours beating 
 equal upload rate is the evidence that importance picks the right tokens.
 
 Writes results.csv/.json (one row per run), summary.csv (mean and 95 % CI over prompts per policy and setting),
-decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.figures`).
+decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.experiments.figures`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
-from hlm.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.policies import REGISTRY as POLICIES
 
-HYBRID = ("ours", "uhlm", "hlm", "slm", "random")
-TUNED = ("ours", "random")  # policies whose rows carry an importance setting (random: the one it is matched to)
-GATED = ("ours", "uhlm", "random")  # policies that use u_th
+HYBRID = tuple(n for n, p in POLICIES.items() if p.drafts)
+TUNED = tuple(n for n, p in POLICIES.items() if p.tuned)  # rows with an importance setting (random: the one matched)
+GATED = tuple(n for n, p in POLICIES.items() if p.uses_u_th)  # rows with u_th
 # Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator, every figure,
 # under 10 minutes on 2 CPU cores; comparing estimators is `python -m hlm study`'s job (or --estimators here).
 QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": (PolicyConfig.estimator,),
@@ -387,7 +386,7 @@ def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Gr
     """Run everything (resuming), score, aggregate, decide and write every output file."""
     import pandas as pd
 
-    from hlm.figures import write_figures
+    from hlm.experiments.figures import write_figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -409,79 +408,6 @@ def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Gr
     return Result(rows, summary, decisions, figures)
 
 
-def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
-    """argparse type for a comma-separated list."""
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from exc
-        if not values:
-            raise argparse.ArgumentTypeError("give at least one value")
-        bad = [str(v) for v in values if choices is not None and v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices or ())}")
-        return values
-    return parse
-
-
-def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags the user left out from --quick or the full preset (explicit flags always win)."""
-    preset = QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
-
-
-def base_config(args: argparse.Namespace) -> RunConfig:
-    """What every run of the sweep shares (sampling, link preset and overrides, device profile); the grid sets the
-    policy fields, so they start at their defaults. Needs `apply_preset` first (for the seeds)."""
-    from hlm.cli import run_config
-
-    defaults = PolicyConfig()
-    return run_config(argparse.Namespace(**{**vars(args), "policy": "hlm", "k": defaults.k, "gamma": defaults.gamma,
-                                            "estimator": defaults.estimator, "skip_rate": defaults.skip_rate,
-                                            "seed": args.seeds[0]}))
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from hlm.cli import UsageError, load_decoder
-    from hlm.quality import QualityError, get_scorer
-
-    if args.skip_rate is not None:
-        raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
-    apply_preset(args)
-    defaults = PolicyConfig()
-    base = base_config(args)
-    try:
-        prompts = load_prompts(args.prompts, args.limit)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-    if len({p["id"] for p in prompts}) != len(prompts):
-        raise UsageError(f"{args.prompts}: prompt ids must be unique (they key the cache and the BERTScore pairs)")
-    Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds)  # validate before any model is loaded
-    decoder = load_decoder(args)
-    cal = decoder.pair.calibration
-    u_th = args.u_th if args.u_th is not None else cal.risk_averse if cal else defaults.u_th
-    u_th_source = "--u-th" if args.u_th is not None else "calibrated risk-averse" if cal else "PolicyConfig default"
-    grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
-    try:
-        scorer = get_scorer(args.backbone)
-    except QualityError as exc:
-        raise UsageError(str(exc)) from exc
-    out = Path(args.out)
-    result = sweep(decoder, args.models, prompts, grid, base, out, scorer, png=not args.no_png,
-                   tolerance=args.tolerance, meta={"u_th_source": u_th_source, "pair": decoder.pair.describe(),
-                                                   "prompt_file": str(args.prompts), "quick": args.quick})
-    print(format_summary(result.summary))
-    print("\n" + result.decisions["why"])
-    if result.figures.get("png_error"):
-        print(f"PNG export failed ({result.figures['png_error']}); HTML figures written", file=sys.stderr)
-    print(f"\nwrote {out}/results.csv, results.json, summary.csv, decisions.json and figures/", file=sys.stderr)
-    return 0
-
-
 def format_summary(summary: Sequence[dict[str, Any]]) -> str:
     """The summary as a plain text table: mean ± 95 % CI over prompts."""
     def cell(r: dict[str, Any], m: str, scale: float, digits: int) -> str:
@@ -498,31 +424,3 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> str:
                      f"{cell(r, 'energy_saving', 100, 1):>12} {cell(r, 'bertscore_f1', 1, 3):>15} "
                      f"{cell(r, 'tokens_per_s_modelled_link', 1, 2):>13}")
     return "\n".join(lines)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from hlm.cli import add_model_args, add_run_args
-
-    p = sub.add_parser("sweep", help="measure the energy/quality trade-off over prompts, policies and (k, gamma)",
-                       description=__doc__.split("\n\n")[0], conflict_handler="resolve")
-    add_model_args(p)
-    add_run_args(p)  # sampling, --u-th and the link group; the single-valued policy flags are replaced below
-    p.add_argument("--policies", "--policy", type=_list(str, HYBRID), default=HYBRID,
-                   help=f"comma-separated subset of {','.join(HYBRID)} (llm always runs: it is the reference)")
-    p.add_argument("--k", type=_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
-    p.add_argument("--gamma", type=_list(float), default=None, help="comma-separated gamma values (full: 0,0.5,1,2)")
-    p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,
-                   help="comma-separated importance estimators")
-    p.add_argument("--seeds", "--seed", type=_list(int), default=None, help="comma-separated seeds (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 10)")
-    p.add_argument("--skip-rate", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSON Lines prompt file (id, category, prompt)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (quick: 4)")
-    p.add_argument("--out", required=True, help="output folder; run files cached under OUT/runs")
-    p.add_argument("--quick", action="store_true",
-                   help="4 prompts x 10 tokens, k 4,16 x gamma 0,1, lookahead: every figure in under 10 minutes")
-    p.add_argument("--backbone", default=None, help="BERTScore backbone (default: offline all-MiniLM-L6-v2)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="accuracy-leaning pick: BERTScore at most this far below HLM")
-    p.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG export needs a Chrome)")
-    p.set_defaults(func=cmd_sweep)

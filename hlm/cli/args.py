@@ -1,0 +1,97 @@
+"""The flags several commands share, and their translation into the plain values `hlm.session` takes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from hlm import session
+from hlm.config import (
+    DEVICE_PROFILES,
+    ESTIMATORS,
+    LINK_PRESETS,
+    POLICIES,
+    QUANT_RECIPES,
+    DeviceProfile,
+    LinkConfig,
+    PolicyConfig,
+    RunConfig,
+    SamplingConfig,
+)
+from hlm.errors import UserError
+from hlm.estimators import REGISTRY
+
+if TYPE_CHECKING:
+    from hlm.decoder import HybridDecoder
+    from hlm.models.pairs import Calibration
+
+
+class UsageError(UserError):
+    """Bad command-line input."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=os.environ.get("HLM_MODELS", "embedded"),
+                   help="preset (embedded, tiny, qwen, paper) or DRAFT,VERIFIER (hub ids, folders, .gguf files)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="bfloat16, float16 or float32 (default: bf16 where the hardware has fast kernels, else fp32)")
+    p.add_argument("--quant", default=os.environ.get("HLM_QUANT", "auto"), choices=("auto", *QUANT_RECIPES),
+                   help="weight-only fast path (hlm.quant): auto = the recipe the quality guard accepts per model, "
+                        "where it measures faster at load")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Sampling, policy and link flags; defaults come from the config dataclasses (one source of truth)."""
+    s, pol = SamplingConfig(), PolicyConfig()
+    p.add_argument("--policy", default=pol.name, choices=POLICIES)
+    p.add_argument("--k", type=int, default=pol.k,
+                   help="ours: about k uploads per 32 drafts, 1..32 (paper-* estimators: attention-row rank bound)")
+    p.add_argument("--gamma", type=float, default=pol.gamma,
+                   help="ours: strictness, raises the bar by gamma std of the score (paper-*: row mean + gamma*std)")
+    p.add_argument("--u-th", type=float, default=None,
+                   help="uncertainty threshold in [0, 1] (default: the pair's calibrated risk-averse value)")
+    p.add_argument("--estimator", default=pol.estimator, choices=ESTIMATORS,
+                   help="how ours scores a draft: " + "; ".join(f"{n}: {e.description}" for n, e in REGISTRY.items()))
+    p.add_argument("--skip-rate", type=float, default=pol.skip_rate, help="random policy: skip probability")
+    p.add_argument("--temperature", type=float, default=s.temperature)
+    p.add_argument("--top-p", type=float, default=s.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
+    p.add_argument("--seed", type=int, default=s.seed)
+    p.add_argument("--no-stop", action="store_true", help="do not stop at end of turn")
+    # Names are checked in run_config, not by argparse `choices`, so a bad one is one line and exit status 2.
+    p.add_argument("--device-profile", default=DeviceProfile().name,
+                   help="who drafts: " + "; ".join(f"{n}: {c.label}" for n, c in DEVICE_PROFILES.items()))
+    p.add_argument("--link-preset", default=RunConfig.link_preset,
+                   help="the link: " + "; ".join(f"{n}: {c.label}" for n, c in LINK_PRESETS.items())
+                        + " (the flags below override single fields of it)")
+    link = p.add_argument_group("link and energy model (LinkConfig; units in the names; default: the preset's)")
+    for f in fields(LinkConfig):
+        link.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                          help=f"default preset: {f.default}")
+
+
+def shared_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `add_run_args` flags every command keeps as they are (the sweep replaces the others with lists)."""
+    return {"u_th": args.u_th, "temperature": args.temperature, "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens, "stop_at_eos": not args.no_stop, "device": args.device_profile,
+            "link": args.link_preset, "link_overrides": {f.name: getattr(args, f.name) for f in fields(LinkConfig)}}
+
+
+def run_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `add_run_args` flags as `hlm.session.run_config`'s keyword arguments."""
+    return {**shared_values(args), "policy": args.policy, "k": args.k, "gamma": args.gamma,
+            "estimator": args.estimator, "skip_rate": args.skip_rate, "seed": args.seed}
+
+
+def run_config(args: argparse.Namespace, calibration: Calibration | None = None) -> RunConfig:
+    return session.run_config(**run_values(args), calibration=calibration)
+
+
+def open_decoder(args: argparse.Namespace, link: LinkConfig | None = None) -> HybridDecoder:
+    """The `add_model_args` flags (plus --cloud/--emulate-link where the command has them) as a decoder."""
+    emulate = (link or LinkConfig()) if getattr(args, "emulate_link", False) else None
+    return session.open_decoder(args.models, args.device, args.dtype, args.quant, getattr(args, "cloud", None),
+                                emulate)

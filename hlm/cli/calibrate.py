@@ -1,0 +1,38 @@
+"""`python -m hlm calibrate`: fit U-HLM's thresholds on a pair (`hlm.experiments.calibrate`) and print them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from hlm import session
+from hlm.cli.args import add_model_args, add_run_args, open_decoder, run_config
+from hlm.experiments.calibrate import calibrate
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    config = run_config(args)
+    prompts = [r["prompt"] for r in load_prompts(args.prompts, args.limit)]
+    decoder = open_decoder(args)
+    config = session.with_u_th(config, args.u_th, decoder.pair.calibration)
+    cal, points = calibrate(decoder, prompts, config)
+    print(f"fit over {cal.samples} drafts: beta ~ {cal.a:.3f} * u + {cal.b:+.3f}; Delta = P(q<p) = {cal.delta:.3f}")
+    print(f"risk-averse u_th = {cal.risk_averse:.3f}; risk-prone u_th = {cal.risk_prone:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"calibration": asdict(cal), "points": points}, f)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit beta ~ a*u + b under HLM and print the u_th thresholds")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--limit", type=int, default=12, help="number of prompts to use")
+    p.add_argument("--out", default=None, help="write the fit and the (u, beta) points as JSON")
+    add_model_args(p)
+    add_run_args(p)
+    p.set_defaults(func=cmd_calibrate, max_new_tokens=48)

@@ -1,0 +1,53 @@
+"""`python -m hlm serve-cloud`: the verifier as an HTTP service (`hlm.cloud.server`) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hlm.cli.args import UsageError, add_model_args
+from hlm.cloud.server import MIN_TOKEN_CHARS, TOKEN_ENV, Limits, create_app, is_loopback
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and (token is None or len(token) < MIN_TOKEN_CHARS):
+        raise UsageError(f"refusing to listen on {args.host} without a bearer token: set {TOKEN_ENV} to a secret "
+                         f"of at least {MIN_TOKEN_CHARS} characters (or bind 127.0.0.1)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    limits = Limits(args.max_sessions, args.idle_s, int(args.max_request_mib * (1 << 20)),
+                    int(args.max_kv_mib * (1 << 20)))
+    if limits.max_sessions < 1 or limits.idle_s <= 0 or limits.max_request_bytes < 1024 or limits.max_kv_bytes <= 0:
+        raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001 and --max-kv-mib > 0")
+    import torch
+    import uvicorn
+
+    from hlm.models.presets import load_pair
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
+    app = create_app(pair, limits, token)
+    print(f"hlm cloud: verifier {getattr(pair.verifier, 'hlm_name', pair.name)} (pair {pair.name}) on "
+          f"http://{args.host}:{args.port}{' (bearer token required)' if token else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                server_header=False, date_header=False)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-cloud", help="serve the verifier model over HTTP (for generate --cloud URL)",
+                       description=f"Non-loopback hosts require a bearer token in ${TOKEN_ENV}.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
+    p.add_argument("--idle-s", type=float, default=Limits.idle_s, help="idle sessions expire after this")
+    p.add_argument("--max-request-mib", type=float, default=Limits.max_request_bytes / (1 << 20))
+    p.add_argument("--max-kv-mib", type=float, default=Limits.max_kv_bytes / (1 << 20),
+                   help="cap on the estimated KV-cache memory of all sessions together")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,106 @@
+"""`python -m hlm study`: the selection study of `hlm.experiments.study` on one pair, with its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hlm import session
+from hlm.cli.args import UsageError, add_model_args
+from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.experiments.study import (
+    analyse,
+    collect,
+    confirm,
+    decide,
+    fit_calibration,
+    print_report,
+    sampled_quality,
+    write_outputs,
+)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from hlm.models import load_pair  # looked up at call time: a test substitutes the tiny pair
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(args.prompts, args.limit)
+    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
+    leaked = pair.selection.leaked([p["prompt"] for p in prompts])
+    if leaked and not args.fit:
+        raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "
+                         f"({pair.selection.note}); report on prompts it has not seen "
+                         "(e.g. assets/prompts-heldout.jsonl)")
+    records = collect(pair, args.models, prompts, out, args.max_new_tokens, args.seeds, args.temperature,
+                      args.batch)
+    if not records:
+        raise UsageError("no prompt produced an answer to study")
+    oof = None
+    if args.fit:
+        note = (f"fitted by `python -m hlm study --fit` on {args.prompts} ({len(prompts)} prompts, "
+                f"{args.max_new_tokens} tokens, greedy + T={args.temperature} seeds {list(args.seeds)})")
+        cal, oof = fit_calibration(records, note, [p["prompt"] for p in prompts])
+        cal.save(args.fit)
+        print(f"[study] wrote the selection calibration to {args.fit}", file=sys.stderr)
+    else:
+        cal = pair.selection
+    result = analyse(records, cal, oof, args.k, args.gamma, session.resolve_u_th(args.u_th, pair.calibration)[0])
+    result.update({"prompts_file": str(args.prompts), "models": args.models, "max_new_tokens": args.max_new_tokens,
+                   "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration"})
+    if args.fit:
+        result["decisions"] = decide(result)
+        (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
+    if args.confirm or args.quality:
+        from hlm.decoder import HybridDecoder
+
+        decoder = HybridDecoder(pair)
+    if args.quality:
+        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
+                              **({"estimator": args.estimator} if args.estimator else {}))
+        config = RunConfig(SamplingConfig(temperature=args.temperature, max_new_tokens=args.quality), policy)
+        chosen = prompts[: args.quality_limit]
+        result["quality"] = sampled_quality(decoder, chosen, out, config, args.references)
+    if args.confirm:
+        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
+                              **({"estimator": args.estimator} if args.estimator else {}))
+        config = RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=args.confirm), policy)
+        refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
+        chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
+        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
+        result["confirm"]["config"] = config.to_dict()
+    write_outputs(result, out)
+    print_report(result)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="token-level selection study: every score vs a coin and an oracle")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
+                   help="sampled-path seeds, comma-separated (empty: greedy replay only)")
+    p.add_argument("--temperature", type=float, default=0.7, help="of the sampled paths and --quality")
+    p.add_argument("--batch", type=int, default=8, help="prompts per batched generation")
+    p.add_argument("--fit", default=None, metavar="JSON",
+                   help="fit the pair's selection calibration on these prompts and write it here")
+    p.add_argument("--k", type=int, default=PolicyConfig.k, help="the knob setting to report (score estimators)")
+    p.add_argument("--gamma", type=float, default=PolicyConfig.gamma)
+    p.add_argument("--u-th", type=float, default=None, help="paper-literal rule (default: the pair's calibrated)")
+    p.add_argument("--confirm", type=int, default=0, metavar="N",
+                   help="end to end: real greedy runs of N tokens, ours (--estimator, --k, --gamma) vs a coin matched "
+                        "per prompt to its upload count, against the LLM's greedy answer")
+    p.add_argument("--confirm-limit", type=int, default=None, help="prompts for --confirm (default: all)")
+    p.add_argument("--quality", type=int, default=0, metavar="N",
+                   help="at --temperature: ours vs hlm over N tokens, BERTScore against several LLM samples")
+    p.add_argument("--references", type=int, default=3, help="LLM samples per prompt for --quality")
+    p.add_argument("--quality-limit", type=int, default=None, help="prompts for --quality (default: all)")
+    p.add_argument("--coin-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--estimator", default=None, help="for --confirm (default: PolicyConfig's)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_study)

@@ -1,0 +1,106 @@
+"""`python -m hlm sweep`: the flags of `hlm.experiments.sweep` (lists, the quick and full presets) and its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from hlm import session
+from hlm.cli.args import UsageError, add_model_args, add_run_args, open_decoder, shared_values
+from hlm.config import ESTIMATORS, RunConfig
+from hlm.experiments import sweep as experiment
+from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
+from hlm.experiments.quality import QualityError, get_scorer
+from hlm.experiments.sweep import FULL, HYBRID, QUICK, Grid, format_summary, sweep
+
+
+def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
+    """argparse type for a comma-separated list."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        bad = [str(v) for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices or ())}")
+        return values
+    return parse
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags the user left out from --quick or the full preset (explicit flags always win)."""
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def base_config(args: argparse.Namespace) -> RunConfig:
+    """What every run of the sweep shares (sampling, link preset and overrides, device profile); the grid sets the
+    policy fields, so they start at their defaults. Needs `apply_preset` first (for the seeds)."""
+    return session.run_config(**shared_values(args), policy="hlm", seed=args.seeds[0])
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.skip_rate is not None:
+        raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
+    apply_preset(args)
+    base = base_config(args)
+    try:
+        prompts = load_prompts(args.prompts, args.limit)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if len({p["id"] for p in prompts}) != len(prompts):
+        raise UsageError(f"{args.prompts}: prompt ids must be unique (they key the cache and the BERTScore pairs)")
+    Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds)  # validate before any model is loaded
+    decoder = open_decoder(args)
+    u_th, u_th_source = session.resolve_u_th(args.u_th, decoder.pair.calibration)
+    base = replace(base, u_th_source=u_th_source)
+    grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
+    try:
+        scorer = get_scorer(args.backbone)
+    except QualityError as exc:
+        raise UsageError(str(exc)) from exc
+    out = Path(args.out)
+    result = sweep(decoder, args.models, prompts, grid, base, out, scorer, png=not args.no_png,
+                   tolerance=args.tolerance, meta={"u_th_source": u_th_source, "pair": decoder.pair.describe(),
+                                                   "prompt_file": str(args.prompts), "quick": args.quick})
+    print(format_summary(result.summary))
+    print("\n" + result.decisions["why"])
+    if result.figures.get("png_error"):
+        print(f"PNG export failed ({result.figures['png_error']}); HTML figures written", file=sys.stderr)
+    print(f"\nwrote {out}/results.csv, results.json, summary.csv, decisions.json and figures/", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="measure the energy/quality trade-off over prompts, policies and (k, gamma)",
+                       description=experiment.__doc__.split("\n\n")[0], conflict_handler="resolve")
+    add_model_args(p)
+    add_run_args(p)  # sampling, --u-th and the link group; the single-valued policy flags are replaced below
+    p.add_argument("--policies", "--policy", type=_list(str, HYBRID), default=HYBRID,
+                   help=f"comma-separated subset of {','.join(HYBRID)} (llm always runs: it is the reference)")
+    p.add_argument("--k", type=_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
+    p.add_argument("--gamma", type=_list(float), default=None, help="comma-separated gamma values (full: 0,0.5,1,2)")
+    p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,
+                   help="comma-separated importance estimators")
+    p.add_argument("--seeds", "--seed", type=_list(int), default=None, help="comma-separated seeds (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 10)")
+    p.add_argument("--skip-rate", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSON Lines prompt file (id, category, prompt)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (quick: 4)")
+    p.add_argument("--out", required=True, help="output folder; run files cached under OUT/runs")
+    p.add_argument("--quick", action="store_true",
+                   help="4 prompts x 10 tokens, k 4,16 x gamma 0,1, lookahead: every figure in under 10 minutes")
+    p.add_argument("--backbone", default=None, help="BERTScore backbone (default: offline all-MiniLM-L6-v2)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="accuracy-leaning pick: BERTScore at most this far below HLM")
+    p.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG export needs a Chrome)")
+    p.set_defaults(func=cmd_sweep)

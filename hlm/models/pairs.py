@@ -1,0 +1,148 @@
+"""A model pair: a draft ("device") and a verifier ("cloud") causal LM that share one tokenizer, checked to form a
+pair (`make_pair`). A leaf of the models package: the loaders (`presets`, `tiny`) build on it.
+
+Vocabularies must match token for token; ids the tokenizer never emits (filler rows of the embedding) are masked
+in both models; one chat template renders prompts for both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hlm.config import MAX_PROMPT_CHARS
+from hlm.errors import UserError
+from hlm.estimators import SelectionCalibration
+from hlm.prefix import template_head
+from hlm.quant import Int8Linear
+
+
+class ModelError(UserError, RuntimeError):
+    """A model pair cannot be loaded or does not form a valid pair."""
+
+
+class PromptError(UserError):
+    """The prompt is empty or too long for the pair's context."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """beta ~ a*u + b fitted by `python -m hlm calibrate` (U-HLM); thresholds on u."""
+
+    a: float
+    b: float
+    delta: float  # P(q[d] < p[d]) over the calibration run
+    risk_averse: float  # -b/a
+    risk_prone: float  # (delta - b)/a
+    samples: int
+    note: str = ""
+
+
+@dataclass
+class ModelPair:
+    name: str
+    draft: PreTrainedModel
+    verifier: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    valid: torch.Tensor  # bool per vocabulary id: False for filler ids never emitted
+    stop_ids: frozenset[int]
+    max_context: int
+    calibration: Calibration | None = None
+    selection: SelectionCalibration = field(default_factory=SelectionCalibration)
+    quant: dict[str, str] = field(default_factory=dict)  # per model: the recipe running and why it was chosen
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.valid.shape[0])
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Chat-template the prompt (one template for both models) and check it fits the context."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        ids = self._render(prompt)
+        if len(ids) + max_new_tokens > self.max_context:
+            raise PromptError(f"the prompt is {len(ids):,} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                              f"the context of {self.max_context:,} tokens")
+        return ids
+
+    def _render(self, prompt: str) -> list[int]:
+        if self.tokenizer.chat_template:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def template_head(self) -> tuple[int, ...]:
+        """The template ids every prompt starts with (`hlm.prefix` prefills them once per model)."""
+        return template_head(self._render("Hello."), self._render("? 42"))
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The draft's output-embedding rows (the semantic statistic compares their cosines). On the fast path the
+        head's int8 rows: a per-row scale leaves cosines unchanged, and no float copy of the head stays alive."""
+        head = self.draft.get_output_embeddings()
+        return head.weight_int8 if isinstance(head, Int8Linear) else head.weight
+
+    @property
+    def numerics(self) -> str:
+        """The models' dtype and fast path in one line: cached study and sweep results are keyed by it."""
+        recipes = ", ".join(f"{role} {why.split(' ')[0]}" for role, why in sorted(self.quant.items()))
+        return f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}"
+
+    def describe(self) -> dict[str, Any]:
+        """Hardware and model facts for the CLI/app hardware panel."""
+        def info(m: PreTrainedModel) -> dict[str, Any]:
+            return {"name": getattr(m, "hlm_name", m.config.name_or_path), "params": m.num_parameters(),
+                    "dtype": str(m.dtype).removeprefix("torch."), "device": str(m.device),
+                    "attention": m.config._attn_implementation, "quant": getattr(m, "hlm_quant", "none")}
+        return {"pair": self.name, "quant": self.quant, "draft": info(self.draft), "verifier": info(self.verifier),
+                "vocab_size": self.vocab_size, "max_context": self.max_context,
+                "torch_threads": torch.get_num_threads(),
+                "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
+
+
+_FILLER = re.compile(r"\[PAD\d+\]")
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for m in models:
+        eos = getattr(m.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab)
+    return frozenset(ids)
+
+
+def make_pair(name: str, draft: PreTrainedModel, verifier: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              verifier_tokenizer: PreTrainedTokenizerBase | None = None,
+              calibration: Calibration | None = None) -> ModelPair:
+    """Check that the two models form a pair and mask filler ids; refuses mismatched vocabularies."""
+    if verifier_tokenizer is not None and verifier_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"{name}: the draft and verifier tokenizers have different vocabularies "
+                         f"({len(tokenizer)} vs {len(verifier_tokenizer)} tokens); speculative decoding needs one")
+    v_draft, v_verifier = draft.config.vocab_size, verifier.config.vocab_size
+    if v_draft != v_verifier:
+        raise ModelError(f"{name}: vocabulary sizes differ (draft {v_draft}, verifier {v_verifier})")
+    if len(tokenizer) > v_draft:
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the models only {v_draft}")
+    valid = torch.arange(v_draft) < len(tokenizer)
+    # GGUF tokenizers name the embedding's padding rows "[PAD<id>]": fillers too, though the tokenizer lists them.
+    fillers = [i for token, i in tokenizer.get_vocab().items() if i < v_draft and _FILLER.fullmatch(token)]
+    valid[fillers] = False
+    contexts = [getattr(m.config, "max_position_embeddings", None) or 2048 for m in (draft, verifier)]
+    max_context = min(*contexts, int(os.environ.get("HLM_MAX_CONTEXT", "32768")))
+    return ModelPair(name, draft, verifier, tokenizer, valid, _stop_ids(tokenizer, draft, verifier), max_context,
+                     calibration)
+
+
