@@ -1,0 +1,3 @@
+"""The web dashboard (being split into modules)."""
+
+from hlm.dashboard.flows import *  # noqa: F403
