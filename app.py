@@ -29,24 +29,11 @@ from gradio.components.plot import PlotData
 
 from hlm.cli import add_model_args
 from hlm.config import DEVICE_PROFILES, ESTIMATORS, LINK_PRESETS, MAX_PROMPT_CHARS, POLICIES, PolicyConfig
-from hlm.dashboard import (
-    TOKEN_HEADERS,
-    USER_ERRORS,
-    Dashboard,
-    Frame,
-    Service,
-    Settings,
-    calibration_of,
-    compare_html,
-    default_u_th,
-    energy_figure,
-    error_notice,
-    history_figure,
-    legend_html,
-    load_examples,
-    stats_html,
-    upload_figure,
-)
+from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.flows import Dashboard, Frame
+from hlm.dashboard.render import TOKEN_HEADERS, USER_ERRORS, compare_html, error_notice, legend_html, stats_html
+from hlm.dashboard.service import Service
+from hlm.dashboard.settings import Settings, calibration_of, default_u_th, load_examples
 from hlm.estimators import REGISTRY, WINDOW
 from hlm.models import PRESETS
 
@@ -385,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        service = Service.from_args(args)
+        service = Service.open(args.models, args.device, args.dtype, args.quant, args.cloud, args.emulate_link)
         service.warm_up()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

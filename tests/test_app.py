@@ -23,26 +23,12 @@ import plotly.graph_objects as go
 import pytest
 
 from hlm.config import ConfigError
-from hlm.dashboard import (
-    INTERVAL_S,
-    REFERENCE_SAMPLES,
-    Dashboard,
-    Frame,
-    Replay,
-    RunView,
-    Service,
-    Settings,
-    add_history,
-    energy_figure,
-    error_notice,
-    history_figure,
-    replay,
-    replay_rule,
-    stats_html,
-    token_span,
-    upload_figure,
-    verdict,
-)
+from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.flows import Dashboard, Frame
+from hlm.dashboard.render import error_notice, stats_html, token_span, verdict
+from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
+from hlm.dashboard.service import INTERVAL_S, REFERENCE_SAMPLES, Service
+from hlm.dashboard.settings import Settings
 from hlm.decoder import HybridDecoder
 from hlm.events import SOURCES, TokenEvent
 from hlm.metrics import summarize
