@@ -7,13 +7,17 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from hlm.config import ConfigError, RunConfig
+from hlm.config import DEVICE_PROFILES, LINK_PRESETS, MAX_PROMPT_CHARS, ConfigError, RunConfig
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
 from hlm.dashboard.render import (
+    TOKEN_HEADERS,
+    USER_ERRORS,
     compare_html,
+    error_notice,
     hardware_html,
+    legend_html,
     replay_note,
     stats_html,
     token_rows,
@@ -31,10 +35,11 @@ from hlm.dashboard.runs import (
     run_label,
 )
 from hlm.dashboard.service import REFERENCE_SAMPLES, Job, Service
-from hlm.dashboard.settings import Settings, _number, load_examples
+from hlm.dashboard.settings import Settings, as_number, calibration_of, default_u_th, load_examples
 from hlm.decoder import HybridDecoder
 from hlm.estimators import WINDOW
 from hlm.events import PendingDraft, TokenEvent
+from hlm.models.presets import PRESETS
 
 REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 
@@ -42,12 +47,13 @@ REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 COMPARED = ("hlm", "uhlm", "ours", "random")
 SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
 
-# ---------------------------------------------------------------------------------------------- page flows
-
-
 @dataclass
 class Frame:
-    """One update of the page, field for field the app's outputs; None leaves a component as it is."""
+    """One update of the page, field for field the app's outputs; None leaves a component as it is. `PLOTS` are
+    plotly figure dicts, `table` rows under `HEADERS`, `tab` the tab to select."""
+
+    PLOTS: ClassVar[frozenset[str]] = frozenset({"energy", "uploads", "quality"})
+    HEADERS: ClassVar[list[str]] = TOKEN_HEADERS
 
     stats: str | None = None
     tokens: str | None = None
@@ -77,9 +83,63 @@ def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
 class Dashboard:
     """The page's actions on top of a `Service`: each is a generator of `Frame`s (or API payloads)."""
 
+    USER_ERRORS = USER_ERRORS  # errors a viewer can fix: the page shows their message (`notice`)
+    PROMPT_INFO = (f"up to {MAX_PROMPT_CHARS:,} characters; a long prompt is read in chunks (the status line shows "
+                   "how far), and Stop cuts it at once")
+
     def __init__(self, service: Service) -> None:
         self.service = service
         self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last run of ours)
+
+    @classmethod
+    def open(cls, models: str, device: str | None = None, dtype: str | None = None, quant: str = "auto",
+             cloud: str | None = None, emulate_link: bool = False) -> Dashboard:
+        """The app's flags as plain values (`Service.open`); the start-up pair loads and runs once, so the first
+        viewer's first token is fast."""
+        service = Service.open(models, device, dtype, quant, cloud, emulate_link)
+        service.warm_up()
+        return cls(service)
+
+    @staticmethod
+    def notice(exc: Exception) -> str:
+        return error_notice(exc)
+
+    @staticmethod
+    def examples() -> list[dict[str, str]]:
+        return load_examples()
+
+    @staticmethod
+    def blank() -> Frame:
+        """The page before any run: empty cards, charts that say what will appear, an empty Compare view."""
+        return Frame(stats=stats_html(None), energy=energy_figure([]), uploads=upload_figure([]),
+                     quality=history_figure([]), compare=compare_html([]))
+
+    @staticmethod
+    def legend() -> str:
+        return legend_html()
+
+    @staticmethod
+    def pair(preset: str) -> tuple[str, float, float | None, float | None]:
+        """What the page says about a pair: its description and u_th note, the u_th to show, and its calibrated
+        risk-averse and risk-prone values (None: not calibrated)."""
+        cal = calibration_of(preset)
+        p = PRESETS.get(preset)
+        note = (f"u_th calibrated for this pair ({cal.samples} samples): risk-averse {cal.risk_averse:g}, "
+                f"risk-prone {cal.risk_prone:g}." if cal else
+                f"This pair is not calibrated (`python -m hlm calibrate`); u_th {default_u_th(preset):.2f} is "
+                "U-HLM's reported risk-averse value.")
+        return (f"{p.description if p else preset}. {note}", default_u_th(preset),
+                cal.risk_averse if cal else None, cal.risk_prone if cal else None)
+
+    @staticmethod
+    def link(name: str) -> tuple[str, float, float, float]:
+        """A link preset's description and the values its knobs take (bandwidth in MHz, SNR, transmit power)."""
+        chosen = LINK_PRESETS[name]
+        return chosen.description, chosen.config.bandwidth_hz / 1e6, chosen.config.snr_db, chosen.config.tx_power_w
+
+    @staticmethod
+    def device(name: str) -> str:
+        return DEVICE_PROFILES[name].description
 
     def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
         decoder = self.service.decoder(preset)
@@ -182,8 +242,8 @@ class Dashboard:
         (nothing changes) when there is no such run or the values are not yet valid (a box being typed in)."""
         last = self._last.get(session)
         try:
-            k, gamma = int(_number("k", k, whole=True)), _number("gamma", gamma)
-            u_th = _number("u_th", u_th) if u_th is not None else None
+            k, gamma = int(as_number("k", k, whole=True)), as_number("gamma", gamma)
+            u_th = as_number("u_th", u_th) if u_th is not None else None
         except ConfigError:
             return Frame()
         if last is None or not 1 <= k <= WINDOW or gamma < 0:
