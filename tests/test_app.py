@@ -4,6 +4,7 @@ error)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import httpx
@@ -23,26 +24,12 @@ import plotly.graph_objects as go
 import pytest
 
 from hlm.config import ConfigError
-from hlm.dashboard import (
-    INTERVAL_S,
-    REFERENCE_SAMPLES,
-    Dashboard,
-    Frame,
-    Replay,
-    RunView,
-    Service,
-    Settings,
-    add_history,
-    energy_figure,
-    error_notice,
-    history_figure,
-    replay,
-    replay_rule,
-    stats_html,
-    token_span,
-    upload_figure,
-    verdict,
-)
+from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.flows import Dashboard, Frame
+from hlm.dashboard.render import error_notice, stats_html, token_span, verdict
+from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
+from hlm.dashboard.service import INTERVAL_S, REFERENCE_SAMPLES, Service
+from hlm.dashboard.settings import KNOBS, Settings
 from hlm.decoder import HybridDecoder
 from hlm.events import SOURCES, TokenEvent
 from hlm.metrics import summarize
@@ -188,6 +175,23 @@ def test_settings_coerce_and_validate():
                          "number"), ({"gamma": -1.0}, "gamma must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             Settings(**bad).run_config(None)
+
+
+def test_the_api_signatures_are_the_knob_table_and_the_settings(service):
+    """/generate and /compare take the knobs as `KNOBS` declares them and `Settings` defaults them: they cannot
+    drift apart (names, order, defaults), and each knob's parameter carries the table's help."""
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    endpoints = {f.api_name: f.fn for f in app.build(Dashboard(service)).fns.values() if f.api_name}
+    table = {knob.name: knob.default for knob in KNOBS}
+    assert {f.name: f.default for f in fields(Settings)} == table
+    for name, knobs, rest in (("generate", list(table), ["quality", "pair"]),
+                              ("compare", list(app.COMPARE_KNOBS), ["pair"])):
+        params = inspect.signature(endpoints[name]).parameters
+        assert list(params) == ["prompt", *knobs, *rest]
+        assert {n: params[n].default for n in knobs} == {n: table[n] for n in knobs}
+        assert all(f"{n}: {KNOBS[n].help}" in endpoints[name].__doc__ for n in knobs)
 
 
 def test_figures_are_valid_plotly(service):

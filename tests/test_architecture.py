@@ -93,7 +93,6 @@ def test_only_the_command_line_imports_the_command_line():
     assert not {name: e for name, e in offenders.items() if e}
 
 
-@pytest.mark.xfail(strict=True, reason="dashboard facade: phase 2")
 def test_the_page_imports_at_most_five_names_from_hlm():
     tree = ast.parse((ROOT / "app.py").read_text(encoding="utf-8"))
     names = [n for module, names in imported(tree) if module == "hlm" or module.startswith("hlm.")

@@ -58,7 +58,8 @@ def cli_run(case: dict[str, Any], *extra: str) -> dict[str, Any]:
 
 
 def dashboard_run(case: dict[str, Any]) -> dict[str, Any]:
-    from hlm.dashboard import Dashboard, Service, Settings
+    from hlm.dashboard import Dashboard, Settings
+    from hlm.dashboard.service import Service
     from hlm.decoder import HybridDecoder
     from hlm.models import load_pair
 

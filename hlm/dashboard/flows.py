@@ -1,0 +1,347 @@
+"""The page's actions (`Dashboard`): Generate, Compare, Show me, the what-if replay and the API endpoints, each a
+generator of `Frame`s (one update of the page) or API payloads, on top of a shared `Service`."""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from hlm.config import DEVICE_PROFILES, LINK_PRESETS, MAX_PROMPT_CHARS, ConfigError, RunConfig
+from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.render import (
+    TOKEN_HEADERS,
+    USER_ERRORS,
+    compare_html,
+    error_notice,
+    hardware_html,
+    legend_html,
+    replay_note,
+    stats_html,
+    token_rows,
+    token_span,
+    tokens_html,
+)
+from hlm.dashboard.runs import (
+    RunView,
+    add_history,
+    history_point,
+    judge,
+    replay,
+    replay_rule,
+    replayable,
+    run_label,
+)
+from hlm.dashboard.service import REFERENCE_SAMPLES, Job, Service
+from hlm.dashboard.settings import Settings, as_number, calibration_of, default_u_th, load_examples
+from hlm.decoder import HybridDecoder
+from hlm.estimators import WINDOW
+from hlm.events import PendingDraft, TokenEvent
+from hlm.models.presets import PRESETS
+
+REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
+
+# The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
+COMPARED = ("hlm", "uhlm", "ours", "random")
+SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
+
+@dataclass
+class Frame:
+    """One update of the page, field for field the app's outputs; None leaves a component as it is. `PLOTS` are
+    plotly figure dicts, `table` rows under `HEADERS`, `tab` the tab to select."""
+
+    PLOTS: ClassVar[frozenset[str]] = frozenset({"energy", "uploads", "quality"})
+    HEADERS: ClassVar[list[str]] = TOKEN_HEADERS
+
+    stats: str | None = None
+    tokens: str | None = None
+    energy: dict[str, Any] | None = None
+    uploads: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    table: list[list[str]] | None = None
+    history: list[dict[str, Any]] | None = None
+    compare: str | None = None
+    tab: str | None = None
+    hardware: str | None = None
+    prompt: str | None = None
+
+
+def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
+    """A frame per update of `run`: stats and tokens always; the charts only when their points changed, and not
+    with the first token (a plotly redraw costs the browser far more than text, so the first token shows at once)."""
+    drawn = 0
+    for n, _ in enumerate(updates):
+        frame = Frame(stats=stats_html(run), tokens=tokens_html(run))
+        if len(run.points) != drawn and (n > 0 or run.phase != "decoding"):
+            drawn = len(run.points)
+            frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
+        yield frame
+
+
+class Dashboard:
+    """The page's actions on top of a `Service`: each is a generator of `Frame`s (or API payloads)."""
+
+    USER_ERRORS = USER_ERRORS  # errors a viewer can fix: the page shows their message (`notice`)
+    PROMPT_INFO = (f"up to {MAX_PROMPT_CHARS:,} characters; a long prompt is read in chunks (the status line shows "
+                   "how far), and Stop cuts it at once")
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last run of ours)
+
+    @classmethod
+    def open(cls, models: str, device: str | None = None, dtype: str | None = None, quant: str = "auto",
+             cloud: str | None = None, emulate_link: bool = False) -> Dashboard:
+        """The app's flags as plain values (`Service.open`); the start-up pair loads and runs once, so the first
+        viewer's first token is fast."""
+        service = Service.open(models, device, dtype, quant, cloud, emulate_link)
+        service.warm_up()
+        return cls(service)
+
+    @staticmethod
+    def notice(exc: Exception) -> str:
+        return error_notice(exc)
+
+    @staticmethod
+    def examples() -> list[dict[str, str]]:
+        return load_examples()
+
+    @staticmethod
+    def blank() -> Frame:
+        """The page before any run: empty cards, charts that say what will appear, an empty Compare view."""
+        return Frame(stats=stats_html(None), energy=energy_figure([]), uploads=upload_figure([]),
+                     quality=history_figure([]), compare=compare_html([]))
+
+    @staticmethod
+    def legend() -> str:
+        return legend_html()
+
+    @staticmethod
+    def pair(preset: str) -> tuple[str, float, float | None, float | None]:
+        """What the page says about a pair: its description and u_th note, the u_th to show, and its calibrated
+        risk-averse and risk-prone values (None: not calibrated)."""
+        cal = calibration_of(preset)
+        p = PRESETS.get(preset)
+        note = (f"u_th calibrated for this pair ({cal.samples} samples): risk-averse {cal.risk_averse:g}, "
+                f"risk-prone {cal.risk_prone:g}." if cal else
+                f"This pair is not calibrated (`python -m hlm calibrate`); u_th {default_u_th(preset):.2f} is "
+                "U-HLM's reported risk-averse value.")
+        return (f"{p.description if p else preset}. {note}", default_u_th(preset),
+                cal.risk_averse if cal else None, cal.risk_prone if cal else None)
+
+    @staticmethod
+    def link(name: str) -> tuple[str, float, float, float]:
+        """A link preset's description and the values its knobs take (bandwidth in MHz, SNR, transmit power)."""
+        chosen = LINK_PRESETS[name]
+        return chosen.description, chosen.config.bandwidth_hz / 1e6, chosen.config.snr_db, chosen.config.tx_power_w
+
+    @staticmethod
+    def device(name: str) -> str:
+        return DEVICE_PROFILES[name].description
+
+    def _new_run(self, preset: str, label: str, config: RunConfig) -> RunView:
+        decoder = self.service.decoder(preset)
+        return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device),
+                       decoder.call_s)
+
+    def _prepare(self, preset: str, prompt: str, settings: Settings) -> tuple[HybridDecoder, RunConfig]:
+        """Validate everything a viewer typed before any model work (errors surface at once)."""
+        decoder = self.service.decoder(preset)
+        config = settings.run_config(decoder.pair.calibration)
+        decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
+        return decoder, config
+
+    def _decode(self, preset: str, prompt: str, run: RunView, job: Job, quality: bool = True) -> Iterator[None]:
+        """Decode into `run`, then (unless stopped) score it against the LLM-only reference. Yields after
+        every change to `run`."""
+        decoder = self.service.decoder(preset)
+        run.phase, run.note = "decoding", "decoding…"
+
+        def note(text: str) -> None:
+            run.note = text
+
+        def pending(draft: PendingDraft) -> None:
+            run.pending = draft
+
+        for events in self.service.stream(decoder, prompt, run.config, job.cancel, note, pending):
+            run.update(events)
+            if events:  # before the first token the note says what the prefill is doing
+                run.note = f"decoding… {len(events)} tokens"
+            yield
+        if run.config.policy.name == "llm" and not job.cancel.is_set():
+            self.service.remember_reference(preset, prompt, run.config, run.events)
+        if quality and not job.cancel.is_set():
+            run.phase = "reference"
+            limit = run.config.sampling.max_new_tokens
+            s = run.summary
+            done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
+            references: list[list[TokenEvent]] = []
+            for i, reference in self.service.references(preset, prompt, run.config, job.cancel):
+                references[i:] = [reference]
+                which = "reference" if run.config.sampling.temperature == 0 else \
+                    f"sample {i + 1} of {REFERENCE_SAMPLES}"
+                run.note = (f"{done}BERTScore follows: the LLM-only {which}, {len(reference)}/{limit} tokens "
+                            "(after the run, not beside it: the cores are busy decoding)")
+                yield
+            if not job.cancel.is_set():
+                run.note = "scoring…"
+                yield
+                judge(run, references, self.service.score)
+        stopped = job.cancel.is_set()
+        run.phase = "stopped" if stopped else "done"
+        s = run.summary
+        limit = (f"; stopped at the {len(run.events)}-token limit (raise Max new tokens for more)"
+                 if run.at_limit(decoder.pair.stop_ids) else "")
+        run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
+                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s{limit}" if s else "done: no tokens")
+        yield
+
+    def hardware(self, preset: str, config: RunConfig | None = None) -> str:
+        decoder = self.service.decoder(preset)
+        return hardware_html(decoder, config or Settings().run_config(decoder.pair.calibration), self.service.cloud,
+                             self.service.quality_method)
+
+    def hardware_info(self, preset: str) -> dict[str, Any]:
+        """The hardware panel as data (the /hardware endpoint), with the page's default settings."""
+        decoder = self.service.decoder(preset)
+        cal = decoder.pair.calibration
+        config = Settings().run_config(cal)
+        return {"pair": decoder.pair.describe(), "energy_methods": decoder.energy_methods(config.link, config.device),
+                "cloud": self.service.cloud, "quality": self.service.quality_method,
+                "calibration": asdict(cal) if cal else None}
+
+    def generate(self, session: str, preset: str, prompt: str, settings: Settings,
+                 history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The Generate button: stream one run, then its quality and a history point."""
+        _, config = self._prepare(preset, prompt, settings)
+        run = self._new_run(preset, run_label(config), config)
+        job = self.service.begin(session)
+        self._last.pop(session, None)
+        try:
+            yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
+                        hardware=self.hardware(preset, config))
+            table_shown = False
+            for frame in live_frames(run, self._decode(preset, prompt, run, job)):
+                if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
+                    frame.table, table_shown = token_rows(run.events), True
+                if replayable(run):  # before the page shows "done", so a slider moved at once replays
+                    self._last[session] = (preset, run)
+                    while len(self._last) > REPLAYS:
+                        self._last.popitem(last=False)
+                yield frame
+            history = add_history(history, history_point(run, prompt, preset))
+            yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
+        finally:
+            self.service.end(session, job)
+
+    def replay(self, session: str, k: Any, gamma: Any, u_th: Any = None) -> Frame:
+        """A knob move after a run of ours (k, γ) or uhlm (u_th): outline the drafts the new values would upload
+        and redraw the upload-rate and energy charts with the replay beside the run (no model call). An empty frame
+        (nothing changes) when there is no such run or the values are not yet valid (a box being typed in)."""
+        last = self._last.get(session)
+        try:
+            k, gamma = int(as_number("k", k, whole=True)), as_number("gamma", gamma)
+            u_th = as_number("u_th", u_th) if u_th is not None else None
+        except ConfigError:
+            return Frame()
+        if last is None or not 1 <= k <= WINDOW or gamma < 0:
+            return Frame()
+        preset, run = last
+        policy = run.config.policy
+        if policy.name == "uhlm" and (u_th is None or not 0 <= u_th <= 1):
+            return Frame()
+        scale = self.service.decoder(preset).pair.selection.scale(policy.estimator) if policy.name == "ours" else None
+        r = replay(run, *replay_rule(run, scale, k, gamma, policy.u_th if u_th is None else u_th))
+        return Frame(stats=stats_html(run, replay_note(run, r)),
+                     tokens="".join(token_span(e, policy, up) for e, up in zip(run.events, r.uploads, strict=True)),
+                     energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
+
+    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
+                 ) -> Iterator[tuple[list[RunView], RunView]]:
+        """The LLM-only reference, then `policies` with the same settings, each scored against the reference (at
+        T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `judge`); a
+        `random` run (after ours) gets the coin matched to ours' realised upload rate on this prompt, so its expected
+        uploads equal ours' count: the control that says whether choosing the drafts matters. Yields (all runs, the
+        one running) after every change."""
+        llm = base.with_policy(name="llm")
+        runs = [self._new_run(preset, "llm (reference)", llm),
+                *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
+                  for n in policies)]
+        reference = runs[0]
+        reference.phase = "decoding"
+        yield runs, reference
+        for events in self.service.reference(preset, prompt, llm, job.cancel, same_link=True):
+            reference.update(events)
+            reference.note = f"decoding… {len(events)} tokens"
+            yield runs, reference
+        if job.cancel.is_set():
+            reference.phase, reference.note = "stopped", "stopped"
+            return
+        samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
+        for i, events in self.service.references(preset, prompt, llm, job.cancel):
+            samples[i:] = [events]
+            if i:
+                reference.note = f"LLM sample {i + 1} of {REFERENCE_SAMPLES} for the noise band: {len(events)} tokens"
+                yield runs, reference
+        if job.cancel.is_set():
+            reference.phase, reference.note = "stopped", "stopped"
+            return
+        judge(reference, samples, self.service.score, is_reference=True)
+        reference.phase, reference.note = "done", "done"
+        for run in runs[1:]:
+            if run.config.policy.name == "random":
+                ours = next((r.summary for r in runs if r.config.policy.name == "ours" and r.summary), None)
+                if ours is not None:
+                    run.config = base.with_policy(name="random", skip_rate=1.0 - ours.upload_rate)
+                    run.label = f"{run_label(run.config)} (matched to ours)"
+            for _ in self._decode(preset, prompt, run, job, quality=False):
+                yield runs, run
+            if run.phase != "done":
+                return
+            judge(run, samples, self.service.score)
+            yield runs, run
+
+    def compare(self, session: str, preset: str, prompt: str, settings: Settings,
+                history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
+        """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
+        charts following the one running, and the verdict once every run is scored."""
+        _, base = self._prepare(preset, prompt, settings)
+        job = self.service.begin(session)
+        self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
+        try:
+            steps = self._compare(preset, prompt, base, job, policies)
+            runs, _ = next(steps)
+            yield Frame(compare=compare_html(runs), tab="compare",
+                        hardware=self.hardware(preset, base))
+            for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
+                for frame in live_frames(run, updates):
+                    frame.tokens, frame.compare = None, compare_html(runs)
+                    yield frame
+            history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
+            yield Frame(compare=compare_html(runs), history=history,
+                        quality=history_figure(history))
+        finally:
+            self.service.end(session, job)
+
+    def show_me(self, session: str, preset: str, prompt: str, settings: Settings,
+                history: list[dict[str, Any]] | None) -> Iterator[Frame]:
+        """The "Show me" button: ours against HLM and the matched coin on this prompt (the first example when the
+        box is empty, put in the box so the viewer sees what ran), ending in `verdict`'s sentence."""
+        if not prompt.strip():
+            prompt = load_examples()[0]["prompt"]
+            yield Frame(prompt=prompt)
+        yield from self.compare(session, preset, prompt, settings, history, SHOW_ME)
+
+    def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
+        _, config = self._prepare(preset, prompt, settings)
+        run = self._new_run(preset, run_label(config), config)
+        for _ in self._decode(preset, prompt, run, Job(), quality=quality):
+            yield run.payload()
+
+    def api_compare(self, preset: str, prompt: str, settings: Settings) -> Iterator[dict[str, Any]]:
+        _, base = self._prepare(preset, prompt, settings)
+        for runs, _ in self._compare(preset, prompt, base, Job()):
+            yield {"runs": [r.payload(tokens=False) for r in runs]}
+

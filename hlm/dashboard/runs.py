@@ -1,0 +1,197 @@
+"""One run as the page keeps it (`RunView`: events, prefix summaries, scores, phase; no HTML is produced here), the
+session's history of finished runs, and the what-if replay that re-decides a finished run's drafts at other knobs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hlm.config import PolicyConfig, RunConfig
+from hlm.estimators import ScoreScale
+from hlm.events import PendingDraft, Summary, TokenEvent
+from hlm.link import upload_bits, upload_cost
+from hlm.metrics import faithful_prefix, summarize
+from hlm.policies import uncertain
+
+POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
+
+HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
+
+class RunView:
+    """One run as the page shows it, built incrementally: its events and summaries of growing
+    prefixes (the charts' points; `hlm.metrics.summarize` on the partial stream, so the live figures are
+    the same numbers the CLI prints at the end)."""
+
+    def __init__(self, label: str, config: RunConfig, vocab_size: int, energy_methods: dict[str, str],
+                 known_call_s: float | None = None) -> None:
+        self.label, self.config, self.vocab_size, self.methods = label, config, vocab_size, energy_methods
+        self.known_call_s = known_call_s  # `HybridDecoder.call_s` when the run began
+        self.events: list[TokenEvent] = []
+        self.spans: list[str] = []  # the tokens as HTML, appended by `render.token_spans` (rendered once each)
+        self.points: list[Summary] = []
+        self.records: list[dict[str, Any]] = []
+        self.f1: float | None = None
+        # Greedy runs only: how many of the LLM's own greedy answer's tokens this run reproduced before it first
+        # differed (HLM reproduces all of them), and that answer's length. BERTScore at T > 0 is mostly noise.
+        self.faithful: tuple[int, int] | None = None
+        # T > 0 only: the lowest and highest F1 of the LLM's samples against each other (`judge`).
+        self.band: tuple[float, float] | None = None
+        self.phase = "waiting"  # waiting | decoding | reference | done | stopped
+        self.note = ""  # what is happening now, for the status line
+        self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
+
+    def update(self, events: list[TokenEvent]) -> None:
+        if self.pending is not None and len(events) > self.pending.index:
+            self.pending = None
+        self.events = events
+        done = self.points[-1].tokens if self.points else 0
+        if len(events) > done:
+            step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
+            for n in [*range(done + step, len(events), step), len(events)]:
+                self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
+                                             self.methods, self.known_call_s, device_profile=self.config.device.name,
+                                             link_preset=self.config.link_preset,
+                                             u_th_source=self.config.u_th_source))
+
+    def at_limit(self, stop_ids: frozenset[int]) -> bool:
+        """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
+        return (len(self.events) >= self.config.sampling.max_new_tokens and bool(self.events)
+                and self.events[-1].token_id not in stop_ids)
+
+    @property
+    def summary(self) -> Summary | None:
+        return self.points[-1] if self.points else None
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    def payload(self, tokens: bool = True) -> dict[str, Any]:
+        """What the API streams: the run so far (cumulative, so the last message is the whole result)."""
+        out = {"status": self.phase, "note": self.note, "policy": self.label, "text": self.text,
+               "pending": asdict(self.pending) if self.pending else None,
+               "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
+               "faithful_prefix": self.faithful, "bertscore_band": self.band,
+               "config": self.config.to_dict()}
+        if tokens:
+            self.records.extend(e.to_dict() for e in self.events[len(self.records):])
+            out["tokens"] = self.records
+        return out
+
+
+def run_label(config: RunConfig) -> str:
+    p = config.policy
+    if p.name == "ours":
+        return f"ours k={p.k} γ={p.gamma:g}" + ("" if p.estimator == PolicyConfig.estimator else f" {p.estimator}")
+    if p.name == "uhlm":
+        return f"uhlm u_th={p.u_th:g}"
+    if p.name == "random":
+        return f"random skip={p.skip_rate:.2f}"
+    return p.name
+
+
+def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | None:
+    """One scatter point for a finished run; None where the trade-off is undefined (the LLM reference itself)."""
+    s = run.summary
+    if run.phase != "done" or s is None or s.energy_saving is None or run.f1 is None:
+        return None
+    p = run.config.policy
+    return {"label": run_label(run.config), "policy": p.name, "estimator": p.estimator, "k": p.k, "gamma": p.gamma,
+            "u_th": p.u_th, "energy_saving": s.energy_saving, "bertscore_f1": run.f1, "band": run.band,
+            "upload_rate": s.upload_rate,
+            "tokens": s.tokens, "pair": preset, "prompt": prompt[:60]}
+
+
+def add_history(history: list[dict[str, Any]] | None, *points: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The session's points with these added, each numbered in run order (the scatter labels points by number:
+    full labels of nearby runs overlapped)."""
+    past = list(history or [])
+    n = past[-1].get("n", len(past)) if past else 0
+    new = [{**p, "n": n + i} for i, p in enumerate((p for p in points if p), start=1)]
+    return [*past, *new][-HISTORY_LIMIT:]
+
+
+# ---------------------------------------------------------------------------------------------- what-if replay
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A finished run re-decided at other knobs: the same drafts, each uploaded iff the policy's rule says so at
+    the new values (ours: its score against the (k, gamma) bar; uhlm: u > u_th). Only the decisions are recomputed
+    (no model call), so the text after a changed decision could differ in a real run. Per token: whether it would
+    be uploaded, the running upload rate and the cumulative device energy, its link part priced like the HLM
+    counterfactual (modelled: full payload plus the ids kept since the last upload; the first call's cloud time for
+    the first upload, the median one-token call after)."""
+
+    knobs: str  # the values replayed, as the page shows them ("k=9, γ=0", "u_th=0.3")
+    uploads: tuple[bool, ...]
+    rates: tuple[float, ...]
+    energy_j: tuple[float, ...]
+    link_j: float
+
+    @property
+    def upload_rate(self) -> float:
+        return self.rates[-1] if self.rates else 0.0
+
+
+def replayable(run: RunView) -> bool:
+    """A finished run of uhlm (every draft carries u) or of ours whose every draft carries a score (the
+    paper-literal estimators decide on attention rows, which are not a threshold on a stored score)."""
+    stat = {"ours": "score", "uhlm": "u"}.get(run.config.policy.name)
+    return (run.phase == "done" and stat is not None and bool(run.events) and run.summary is not None
+            and all(getattr(e, stat) is not None for e in run.events))
+
+
+def replay_rule(run: RunView, scale: ScoreScale | None, k: int, gamma: float, u_th: float
+                ) -> tuple[str, Callable[[TokenEvent], bool]]:
+    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft."""
+    if run.config.policy.name == "uhlm":
+        return f"u_th={u_th:g}", lambda e: e.u is not None and uncertain(e.u, u_th)
+    assert scale is not None  # ours
+    bar = scale.threshold(k, gamma)
+    return f"k={k}, γ={gamma:g}", lambda e: e.score is not None and e.score >= bar
+
+
+def replay(run: RunView, knobs: str, upload: Callable[[TokenEvent], bool]) -> Replay:
+    """Re-decide `run`'s drafts with `upload` (from `replay_rule`): a pure recomputation."""
+    link, s = run.config.link, run.summary
+    assert s is not None  # `replayable`
+    first_call_s = next((e.verify_s for e in run.events if e.uploaded), s.hlm_call_s)
+    prompt_len = run.events[0].position - run.events[0].index
+    synced, uploads, rates, energy, link_j, compute_j, sent = 0, [], [], [], 0.0, 0.0, 0
+    for e in run.events:
+        up = upload(e)
+        if up:
+            context = prompt_len + e.index
+            cost = upload_cost(link, upload_bits(link, run.vocab_size, context - synced),
+                               s.hlm_call_s if synced else first_call_s)
+            link_j += cost.radio_j + cost.idle_j
+            synced, sent = context + 1, sent + 1
+        compute_j += e.energy_j.get("device_compute", 0.0)
+        uploads.append(up)
+        rates.append(sent / (e.index + 1))
+        energy.append(compute_j + link_j)
+    return Replay(knobs, tuple(uploads), tuple(rates), tuple(energy), link_j)
+
+
+
+
+def judge(run: RunView, references: Sequence[Sequence[TokenEvent]],
+          score: Callable[[list[str], list[str]], list[float]], is_reference: bool = False) -> None:
+    """Score a finished run: BERTScore F1, the mean over `references` (the reference run itself: over the
+    others; at greedy it is the answer, 1.0). Greedy runs also get the faithful prefix against the one answer;
+    with several samples, the band their scores against each other span."""
+    texts = ["".join(e.text for e in r) for r in references]
+    others = texts[1:] if is_reference else texts
+    run.f1 = statistics.fmean(score([run.text] * len(others), others)) if others else 1.0
+    if run.config.sampling.temperature == 0:
+        answer = [e.token_id for e in references[0]]
+        run.faithful = faithful_prefix([e.token_id for e in run.events], answer), len(answer)
+    if len(texts) > 1:
+        pairs = list(itertools.combinations(texts, 2))
+        spread = score([a for a, _ in pairs], [b for _, b in pairs])
+        run.band = min(spread), max(spread)
