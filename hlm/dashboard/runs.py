@@ -7,7 +7,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hlm.config import PolicyConfig, RunConfig
@@ -15,7 +15,7 @@ from hlm.estimators import ScoreScale
 from hlm.events import PendingDraft, Summary, TokenEvent
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.policies import uncertain
+from hlm.policies import REGISTRY
 
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 
@@ -148,9 +148,13 @@ def replayable(run: RunView) -> bool:
 
 def replay_rule(run: RunView, scale: ScoreScale | None, k: int, gamma: float, u_th: float
                 ) -> tuple[str, Callable[[TokenEvent], bool]]:
-    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft."""
-    if run.config.policy.name == "uhlm":
-        return f"u_th={u_th:g}", lambda e: e.u is not None and uncertain(e.u, u_th)
+    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft: ours holds each
+    draft's stored score against the (k, gamma) bar; uhlm asks the registry's rule with the new u_th."""
+    policy = run.config.policy
+    if policy.name == "uhlm":
+        decide, at = REGISTRY[policy.name].decide, replace(policy, u_th=u_th)
+        assert decide is not None
+        return f"u_th={u_th:g}", lambda e: decide(at, e.u, 1.0)
     assert scale is not None  # ours
     bar = scale.threshold(k, gamma)
     return f"k={k}, γ={gamma:g}", lambda e: e.score is not None and e.score >= bar

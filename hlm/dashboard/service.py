@@ -26,7 +26,7 @@ from hlm.session import open_decoder
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
 
 # At T > 0 a run is scored against this many LLM samples (seeds seed, seed + 1, ...), and the samples against each
-# other give the noise band: HLM samples the LLM's distribution exactly, so its score lands inside that band.
+# other give the noise band: HLM samples the LLM's distribution exactly, so it scores like one of them.
 REFERENCE_SAMPLES = 3
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 
