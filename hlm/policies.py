@@ -40,18 +40,32 @@ class Policy:
     uses_coin: bool = False  # the decoder draws the coin stream
     uses_u_th: bool = False  # its runs (in the sweep: rows) carry u_th
     tuned: bool = False  # its runs carry an importance setting (estimator, k, gamma), its own or the one matched
+    colour: str = "#17becf"  # in every chart (page and sweep figures)
+
+    def label(self, config: PolicyConfig) -> str:
+        """A run's name wherever it is shown (page, Compare, scatter, sweep progress): the policy and the knobs its
+        decision reads (ours names its estimator only when it is not the default)."""
+        if self.uses_estimator:
+            default = type(config).estimator  # the dataclass field's default (config imports this module)
+            return f"{self.name} k={config.k} γ={config.gamma:g}" + (
+                "" if config.estimator == default else f" {config.estimator}")
+        if self.uses_coin:
+            return f"{self.name} skip={config.skip_rate:.2f}"
+        if self.uses_u_th:
+            return f"{self.name} u_th={config.u_th:g}"
+        return self.name
 
 
 REGISTRY: dict[str, Policy] = {p.name: p for p in (
     Policy("ours", "upload the drafts its estimator scores highest", uses_uncertainty=True, uses_estimator=True,
-           uses_u_th=True, tuned=True),
+           uses_u_th=True, tuned=True, colour="#1f77b4"),
     Policy("uhlm", "if u > u_th", lambda config, u, coin: u is not None and uncertain(u, config.u_th),
-           uses_uncertainty=True, uses_u_th=True),
-    Policy("hlm", "every token", lambda config, u, coin: True),
-    Policy("slm", "never", lambda config, u, coin: False, uploads=False),
-    Policy("llm", "the cloud model alone", drafts=False, uploads=False),
+           uses_uncertainty=True, uses_u_th=True, colour="#ff7f0e"),
+    Policy("hlm", "every token", lambda config, u, coin: True, colour="#222222"),
+    Policy("slm", "never", lambda config, u, coin: False, uploads=False, colour="#8c8c8c"),
+    Policy("llm", "the cloud model alone", drafts=False, uploads=False, colour="#9467bd"),
     Policy("random", "a coin (the control)", lambda config, u, coin: coin >= config.skip_rate, uses_coin=True,
-           uses_u_th=True, tuned=True),
+           uses_u_th=True, tuned=True, colour="#d62728"),
 )}
 NAMES = tuple(REGISTRY)
 

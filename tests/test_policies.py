@@ -21,3 +21,12 @@ def test_the_decoder_asks_the_registry_not_the_name(decoder, monkeypatch):
     assert all(e.uploaded for e in decoder.generate("hi", config))
     monkeypatch.setitem(REGISTRY, "hlm", replace(REGISTRY["hlm"], decide=lambda config, u, coin: False))
     assert not any(e.uploaded for e in decoder.generate("hi", config))
+
+
+def test_one_label_per_setting_names_the_knobs_the_decision_reads():
+    label = {name: p.label(PolicyConfig(name=name, k=9, gamma=1.0, u_th=0.3, skip_rate=0.625))
+             for name, p in REGISTRY.items()}
+    assert label == {"ours": "ours k=9 γ=1", "uhlm": "uhlm u_th=0.3", "hlm": "hlm", "slm": "slm", "llm": "llm",
+                     "random": "random skip=0.62"}
+    assert REGISTRY["ours"].label(PolicyConfig(estimator="ubar")).endswith(" ubar")  # not the default: named
+    assert len({p.colour for p in REGISTRY.values()}) == len(REGISTRY)  # every chart tells them apart

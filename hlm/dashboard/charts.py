@@ -9,7 +9,7 @@ from typing import Any
 from hlm.dashboard.render import PART_COLOURS, PART_LABELS
 from hlm.dashboard.runs import Replay
 from hlm.events import Summary
-from hlm.experiments.figures import COLOURS as POLICY_COLOURS
+from hlm.policies import REGISTRY
 
 # ---------------------------------------------------------------------------------------------- figures
 
@@ -98,16 +98,18 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for h in history:
         groups.setdefault(f"ours {h['estimator']}" if h["policy"] == "ours" else h["policy"], []).append(h)
-    data = [{"type": "scatter", "mode": "markers+text", "name": "random (coin)" if name == "random" else name,
-             "x": [h["bertscore_f1"] for h in rows], "y": [h["energy_saving"] * 100 for h in rows],
-             "text": [str(h.get("n", "")) for h in rows], "textposition": "middle right", "textfont": {"size": 10},
-             "cliponaxis": False,
-             "marker": {"size": 10, "color": POLICY_COLOURS.get(name, "#17becf"),
-                        "symbol": "x" if name == "random" else "circle"},
-             "customdata": [[h["label"], h["upload_rate"] * 100, h["prompt"]] for h in rows],
-             "hovertemplate": "run %{text}: %{customdata[0]}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>"
-                              "upload rate %{customdata[1]:.1f}%<br>%{customdata[2]}<extra></extra>"}
-            for name, rows in groups.items()]
+    data = []
+    for name, rows in groups.items():
+        policy = REGISTRY[rows[0]["policy"]]
+        data.append({
+            "type": "scatter", "mode": "markers+text", "name": f"{name} (coin)" if policy.uses_coin else name,
+            "x": [h["bertscore_f1"] for h in rows], "y": [h["energy_saving"] * 100 for h in rows],
+            "text": [str(h.get("n", "")) for h in rows], "textposition": "middle right", "textfont": {"size": 10},
+            "cliponaxis": False,
+            "marker": {"size": 10, "color": policy.colour, "symbol": "x" if policy.uses_coin else "circle"},
+            "customdata": [[h["label"], h["upload_rate"] * 100, h["prompt"]] for h in rows],
+            "hovertemplate": "run %{text}: %{customdata[0]}<br>F1 %{x:.3f}, saving %{y:.1f}%<br>"
+                             "upload rate %{customdata[1]:.1f}%<br>%{customdata[2]}<extra></extra>"})
     banded = [h for h in history if h.get("band")]
     if banded:  # T > 0: behind each point, the F1 range of the LLM's own samples on its prompt
         data.insert(0, {"type": "scatter", "mode": "lines", "name": "LLM vs LLM samples (noise)",

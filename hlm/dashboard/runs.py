@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from hlm.config import PolicyConfig, RunConfig
+from hlm.config import RunConfig
 from hlm.estimators import ScoreScale
 from hlm.events import PendingDraft, Summary, TokenEvent
 from hlm.link import upload_bits, upload_cost
@@ -84,14 +84,7 @@ class RunView:
 
 
 def run_label(config: RunConfig) -> str:
-    p = config.policy
-    if p.name == "ours":
-        return f"ours k={p.k} γ={p.gamma:g}" + ("" if p.estimator == PolicyConfig.estimator else f" {p.estimator}")
-    if p.name == "uhlm":
-        return f"uhlm u_th={p.u_th:g}"
-    if p.name == "random":
-        return f"random skip={p.skip_rate:.2f}"
-    return p.name
+    return REGISTRY[config.policy.name].label(config.policy)
 
 
 def history_point(run: RunView, prompt: str, preset: str) -> dict[str, Any] | None:

@@ -23,12 +23,12 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from hlm.policies import REGISTRY
+
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
-COLOURS = {"hlm": "#222222", "uhlm": "#ff7f0e", "slm": "#8c8c8c", "llm": "#9467bd", "random": "#d62728",
-           "ours lookahead": "#1f77b4", "ours self": "#2ca02c"}
+ESTIMATOR_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#bcbd22", "#e377c2", "#8c564b")  # when ours has several
 PARTS = (("compute_j_per_token", "SLM compute"), ("radio_j_per_token", "radio (uplink)"),
          ("idle_j_per_token", "idle while waiting"))
-ORDER = ("llm", "hlm", "uhlm", "ours", "random", "slm")
 SIZE = {"width": 1000, "height": 620}
 
 
@@ -39,9 +39,13 @@ def _groups(summary: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[
         if r["policy"] != "llm":
             name = f"ours {r['estimator']}" if r["policy"] == "ours" else r["policy"]
             names.setdefault(name, []).append(r)
+    ours = [n for n in names if n.startswith("ours ")]
     for name, rows in names.items():
-        symbol = "x" if name == "random" else "diamond" if name in ("hlm", "uhlm", "slm") else "circle"
-        yield name, rows, {"color": COLOURS.get(name, "#17becf"), "symbol": symbol, "size": 10}
+        policy = REGISTRY[rows[0]["policy"]]
+        colour = ESTIMATOR_COLOURS[ours.index(name) % len(ESTIMATOR_COLOURS)] if len(ours) > 1 and name in ours \
+            else policy.colour
+        symbol = "x" if policy.uses_coin else "circle" if policy.uses_estimator else "diamond"
+        yield name, rows, {"color": colour, "symbol": symbol, "size": 10}
 
 
 def _xy(rows: Sequence[dict[str, Any]], x: str, y: str, x_scale: float = 1.0,
@@ -136,7 +140,7 @@ def throughput(summary: Sequence[dict[str, Any]]) -> go.Figure:
                                                          x_scale=100)))
     llm = next((r for r in summary if r["policy"] == "llm"), None)
     if llm:
-        fig.add_hline(y=llm["tokens_per_s_modelled_link_mean"], line_dash="dot", line_color=COLOURS["llm"],
+        fig.add_hline(y=llm["tokens_per_s_modelled_link_mean"], line_dash="dot", line_color=REGISTRY["llm"].colour,
                       annotation_text="LLM only (cloud generates every token)")
     fig.update_layout(title="Throughput vs upload rate (modelled link: device compute + uplink + cloud + downlink)",
                       xaxis_title="upload rate (%)", yaxis_title="tokens/s with the modelled link",
@@ -145,7 +149,7 @@ def throughput(summary: Sequence[dict[str, Any]]) -> go.Figure:
 
 
 def energy_breakdown(summary: Sequence[dict[str, Any]]) -> go.Figure:
-    rows = sorted(summary, key=lambda r: ORDER.index(r["policy"]) if r["policy"] in ORDER else len(ORDER))
+    rows = sorted(summary, key=lambda r: list(REGISTRY).index(r["policy"]))
     labels = [r["policy"] if r["setting"] == "-" else f"{r['policy']} {r['setting']}" for r in rows]
     fig = go.Figure([go.Bar(name=title, x=labels, y=[r[f"{part}_mean"] for r in rows],
                             hovertemplate="%{x}: %{y:.4f} J/token<extra>" + title + "</extra>")

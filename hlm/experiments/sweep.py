@@ -67,7 +67,7 @@ class Job:
 
     def label(self) -> str:
         pol = self.config.policy
-        return f"{pol.name} {setting_label(pol)}" if pol.name in TUNED else pol.name
+        return POLICIES[pol.name].label(pol)
 
 
 @dataclass(frozen=True)
