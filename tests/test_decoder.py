@@ -201,10 +201,9 @@ class CheckingDrafter(Drafter):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_decoder_cache_after_resamples_equals_recompute(tiny, monkeypatch, estimator):
-    monkeypatch.setattr(decoder_module, "Drafter", CheckingDrafter)
-    events = list(HybridDecoder(tiny).generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=32, gamma=0.0,
-                                                           estimator=estimator)))
+def test_decoder_cache_after_resamples_equals_recompute(tiny, estimator):
+    decoder = HybridDecoder(tiny, drafter_factory=CheckingDrafter)
+    events = list(decoder.generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=32, gamma=0.0, estimator=estimator)))
     assert sum(e.source == "cloud_resampled" for e in events) >= 2  # rollbacks really happened
     assert CheckingDrafter.checks > 24
 
