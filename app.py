@@ -50,7 +50,7 @@ from hlm.dashboard import (
 from hlm.estimators import REGISTRY, WINDOW
 from hlm.models import PRESETS
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "hlm" / "assets"
 LOG = logging.getLogger("hlm.app")
 PLOTS = {"energy", "uploads", "quality"}
 

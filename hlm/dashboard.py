@@ -59,7 +59,7 @@ REFERENCE_SAMPLES = 3
 HISTORY_LIMIT = 200  # points kept in a session's trade-off scatter
 REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
-EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples.json"
+EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples.json"
 # The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
 COMPARED = ("hlm", "uhlm", "ours", "random")
 SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
