@@ -19,10 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm import prefix
 from hlm.config import DeviceProfile, LinkConfig, RunConfig
@@ -66,7 +66,7 @@ class TextStream:
     """Incremental detokenisation (the prefix/read-offset scheme of TGI): each token's text is what it adds,
     holding back incomplete UTF-8 sequences, so the texts of all events concatenate to the decoded output."""
 
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
     def push(self, token: int, last: bool = False) -> str:
@@ -87,8 +87,8 @@ class HybridDecoder:
         self.drafter_factory = drafter_factory  # one drafter (KV cache) per generation; tests inject checking ones
         if verifier is None:
             # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
-            # early on a thread of its own delayed the first draft here (0.21 -> 0.34 s on a short prompt, 2.3 ->
-            # 4.3 s on a 700-token one, 2 cores) and gained nothing in tok/s. Over HTTP it reads early.
+            # early on a thread of its own delays the first draft and gains nothing in tok/s (README, measured).
+            # Over HTTP it reads early.
             verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
         self.verifier = verifier
         self.device = pair.draft.device
@@ -118,7 +118,7 @@ class HybridDecoder:
             "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
         }
 
-    def run(self, prompt: str, config: RunConfig, **kwargs) -> tuple[str, list[TokenEvent], dict]:  # noqa: ANN003
+    def run(self, prompt: str, config: RunConfig, **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
         """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
@@ -318,7 +318,7 @@ def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost
 def coin_seed(seed: int, prompt_ids: list[int]) -> int:
     """The `random` control's coin stream, per seed *and prompt*: with the seed alone every prompt would reuse the
     same uniforms, and a coin matched to an upload rate over many prompts would miss it by the luck of one
-    sequence (seen: 29.7 % instead of 35.4 % over 64 prompts)."""
+    sequence (README, *Selection*)."""
     return int.from_bytes(hashlib.sha256(repr((seed, prompt_ids)).encode()).digest()[:7], "little")
 
 

@@ -123,7 +123,7 @@ class TokenEvent:
 class Summary:
     """Totals over a run's events. The HLM counterfactual prices the same tokens as if every one had been
     uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run. It keeps this
-    run's device compute (which includes the uncertainty/importance overhead HLM would not pay: ~6 ms a token)."""
+    run's device compute (which includes the uncertainty/importance overhead HLM would not pay)."""
 
     policy: str
     tokens: int
