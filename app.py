@@ -30,7 +30,7 @@ from gradio.components.plot import PlotData
 from hlm.cli import add_model_args
 from hlm.dashboard import KNOBS, Dashboard, Frame
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "hlm" / "assets"
 LOG = logging.getLogger("hlm.app")
 # The knobs /compare takes; the rest stay at their defaults (the link too)
 COMPARE_KNOBS = ("k", "gamma", "u_th", "temperature", "max_new_tokens", "seed")

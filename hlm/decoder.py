@@ -1,4 +1,5 @@
-"""The hybrid decoding loop (METHOD.md), yielding one `TokenEvent` per emitted token.
+"""The hybrid decoding loop (METHOD.md), yielding one `TokenEvent` per emitted token; its steps are numbered as
+in the README's *The loop*.
 
 Per step: the SLM drafts d ~ p from its KV cache; u and the draft's other statistics come from the same logits
 and attention weights (`hlm.features`); `ours` scores them with its estimator (`hlm.estimators`; the
@@ -18,16 +19,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm import prefix
 from hlm.config import DeviceProfile, LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import Window, measure, open_meter
 from hlm.estimators import REGISTRY, DraftStats
-from hlm.events import PendingDraft, TokenEvent
+from hlm.events import PendingDraft, Spend, TokenEvent
 from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
@@ -42,6 +44,7 @@ from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
 
 NO_UPLOAD = UploadCost(0, 0, 0.0, 0.0, 0.0, 0.0)
 Progress = Callable[[str, int, int], None]  # (who: "device" or "cloud", prompt tokens read, prompt tokens)
+DrafterFactory = Callable[[PreTrainedModel, tuple[int, ...]], Drafter]  # (SLM, chat template head): a fresh drafter
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TextStream:
     """Incremental detokenisation (the prefix/read-offset scheme of TGI): each token's text is what it adds,
     holding back incomplete UTF-8 sequences, so the texts of all events concatenate to the decoded output."""
 
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
     def push(self, token: int, last: bool = False) -> str:
@@ -78,12 +81,14 @@ class TextStream:
 
 
 class HybridDecoder:
-    def __init__(self, pair: ModelPair, verifier: Verifier | None = None) -> None:
+    def __init__(self, pair: ModelPair, verifier: Verifier | None = None,
+                 drafter_factory: DrafterFactory = Drafter) -> None:
         self.pair = pair
+        self.drafter_factory = drafter_factory  # one drafter (KV cache) per generation; tests inject checking ones
         if verifier is None:
             # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
-            # early on a thread of its own delayed the first draft here (0.21 -> 0.34 s on a short prompt, 2.3 ->
-            # 4.3 s on a 700-token one, 2 cores) and gained nothing in tok/s. Over HTTP it reads early.
+            # early on a thread of its own delays the first draft and gains nothing in tok/s (README, measured).
+            # Over HTTP it reads early.
             verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
         self.verifier = verifier
         self.device = pair.draft.device
@@ -113,7 +118,7 @@ class HybridDecoder:
             "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
         }
 
-    def run(self, prompt: str, config: RunConfig, **kwargs) -> tuple[str, list[TokenEvent], dict]:  # noqa: ANN003
+    def run(self, prompt: str, config: RunConfig, **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
         """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
         events = list(self.generate(prompt, config, **kwargs))
         summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
@@ -175,7 +180,7 @@ class HybridDecoder:
         cfg = self.pair.draft.config
         heads = selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
         embeddings = self.pair.embeddings
-        drafter = Drafter(self.pair.draft, self.pair.template_head)
+        drafter = self.drafter_factory(self.pair.draft, self.pair.template_head)
         text = TextStream(self.pair.tokenizer)
         context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
         spent = Window(0.0, 0.0 if self.meter else None)  # device compute since the last emitted token
@@ -188,16 +193,17 @@ class HybridDecoder:
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            # 1. Draft until the oldest pending draft can be decided (at once, unless a paper row needs passes).
+            # Draft until the oldest pending draft can be decided (at once, unless a paper row needs passes).
             while not pending or pending[0].passes < passes:
                 with measure(self.device, self.meter) as w:
+                    # 1. Draft from what the cloud will read (exact in every payload format); slm sends nothing.
                     p = distribution(logits, s, valid)
-                    # Draw from what the cloud will read (exact in every payload format); slm sends nothing.
                     payload, sent = as_sent(p, link.bits_per_prob, link.topk) if policy.uploads else (None, p)
                     token = sample(sent, draft_gen)
-                    # 2. The draft's statistics from the same logits and attention: no extra forward pass.
+                    # 2. Uncertainty from the same logits: no extra forward pass.
                     unc = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, valid) if needs_u else None
                     d = Draft(token, p, unc.u if unc else None, len(context) + len(pending), logits, payload=payload)
+                    # 3. Selection score from the same logits and attention; a paper row waits for later passes.
                     if est is not None:
                         d.stats = draft_stats(logits, token, unc, valid, embeddings,
                                               prev_attention(attn, heads) if attn else None, p_prev,
@@ -216,12 +222,12 @@ class HybridDecoder:
                                 q.importance = score(row, q.position, pol.k, pol.gamma, pol.sink_tokens)
                 _add(spent, w)
 
-            # 3. The policy: upload or keep.
+            # 4. Policy: upload or keep.
             d = pending.pop(0)
             coin = float(torch.rand((), generator=coin_gen, device=self.device)) if policy.uses_coin else 1.0
             verdict, bits_up, n_sync = None, 0, 0
             if should_upload(pol, d.u, coin) if est is None else est.decide(d.stats, d.importance, pol, selection):
-                # 4. Verify: the ids kept since the last upload travel with the draft.
+                # 5. Verify: the ids kept since the last upload travel with the draft.
                 n_sync = len(context) - synced
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
                 if progress and not synced:
@@ -238,7 +244,7 @@ class HybridDecoder:
             token = verdict.token if verdict else d.token
             context.append(token)
 
-            # 5. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
+            # 6. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
             with measure(self.device, self.meter) as w:
                 if source == "cloud_resampled" and passes:
                     drafter.rollback(len(pending) + 1)
@@ -248,8 +254,9 @@ class HybridDecoder:
                         p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, valid)
                     logits, attn = drafter.forward([token], attention=attention)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
-            yield self._event(index, len(context) - 1, token, text.push(token, last), source, d, verdict, bits_up,
-                              n_sync, spent, link, config.device, t0)
+            cost = _cost(link, bits_up, verdict)
+            yield TokenEvent.of(index, len(context) - 1, text.push(token, last), source, d, verdict, cost, n_sync,
+                                self._spend(spent, True, verdict, cost, config), time.perf_counter() - t0)
             spent = w
             if last:
                 return
@@ -272,56 +279,46 @@ class HybridDecoder:
             context.append(verdict.token)
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and verdict.token in self.pair.stop_ids)
-            yield self._event(index, len(context) - 1, verdict.token, text.push(verdict.token, last), "cloud_sampled",
-                              None, verdict, bits_up, n_sync, Window(0.0, None), link, config.device, t0)
+            cost = _cost(link, bits_up, verdict)
+            yield TokenEvent.of(index, len(context) - 1, text.push(verdict.token, last), "cloud_sampled", None,
+                                verdict, cost, n_sync, self._spend(Window(0.0, None), False, verdict, cost, config),
+                                time.perf_counter() - t0)
             if last:
                 return
 
-    def _event(self, index: int, position: int, token: int, text: str, source: str, d: Draft | None,
-               verdict: Verdict | None, bits_up: int, n_sync: int, spent: Window, link: LinkConfig,
-               device: DeviceProfile, t0: float) -> TokenEvent:
-        cost = NO_UPLOAD
-        if bits_up or verdict is not None:
-            cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
-            if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for
-                cost = UploadCost(cost.bits_up, 0, cost.uplink_s, 0.0, cost.radio_j, 0.0)
-        if d is not None and device.modelled:  # a drafted token costs what the profile's device spends on one
+    def _spend(self, spent: Window, drafted: bool, verdict: Verdict | None, cost: UploadCost,
+               config: RunConfig) -> Spend:
+        """Device compute time and the joules of each energy part, measured where a meter could, else modelled."""
+        device, link = config.device, config.link
+        if drafted and device.modelled:  # a drafted token costs what the profile's device spends on one
             compute_s, compute_j, measured = device.slm_time_per_token_s, device.slm_energy_per_token_j, False
         else:
             measured = spent.joules is not None
             compute_s = spent.seconds
             compute_j = spent.joules if measured else link.device_compute_power_w * spent.seconds
         cloud_measured = verdict is not None and verdict.energy_j is not None
-        imp = d.importance if d else None
-        return TokenEvent(
-            index=index, position=position, token_id=token, text=text, source=source,  # type: ignore[arg-type]
-            uploaded=bits_up > 0 and d is not None, draft_id=d.token if d else None, u=d.u if d else None,
-            importance=imp.score if imp else None, importance_threshold=imp.threshold if imp else None,
-            importance_rank=imp.rank if imp else None, important=imp.important if imp else None,
-            ubar=d.stats.ubar if d and d.stats else None, score=d.score if d else None,
-            score_threshold=d.threshold if d else None,
-            p_draft=verdict.p_draft if verdict else None, q_draft=verdict.q_draft if verdict else None,
-            synced_ids=n_sync, bits_up=cost.bits_up, bits_down=cost.bits_down,
-            wire_bytes_up=verdict.wire_bytes_up if verdict else None,
-            wire_bytes_down=verdict.wire_bytes_down if verdict else None,
-            draft_s=compute_s, verify_s=verdict.compute_s if verdict else 0.0,
-            uplink_s=cost.uplink_s, wait_s=cost.wait_s, wall_s=time.perf_counter() - t0,
-            energy_j={
-                "device_compute": compute_j,
-                "radio": cost.radio_j,
-                "device_idle": cost.idle_j,
-                "cloud": verdict.energy_j if cloud_measured else link.cloud_power_w * (
-                    verdict.compute_s if verdict else 0.0),
-            },
-            energy_method={"device_compute": "measured" if measured else "modelled", "radio": "modelled",
-                           "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"},
-        )
+        cloud_j = verdict.energy_j if cloud_measured else link.cloud_power_w * (verdict.compute_s if verdict else 0.0)
+        return Spend(compute_s,
+                     {"device_compute": compute_j, "radio": cost.radio_j, "device_idle": cost.idle_j,
+                      "cloud": cloud_j},
+                     {"device_compute": "measured" if measured else "modelled", "radio": "modelled",
+                      "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"})
+
+
+def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost:
+    """What an upload cost the device (radio, waiting); an upload with no answer spent the radio only."""
+    if not bits_up and verdict is None:
+        return NO_UPLOAD
+    cost = upload_cost(link, bits_up, verdict.compute_s if verdict else 0.0)
+    if verdict is None:  # the upload went out but no answer came: radio spent, nothing to wait for
+        return UploadCost(cost.bits_up, 0, cost.uplink_s, 0.0, cost.radio_j, 0.0)
+    return cost
 
 
 def coin_seed(seed: int, prompt_ids: list[int]) -> int:
     """The `random` control's coin stream, per seed *and prompt*: with the seed alone every prompt would reuse the
     same uniforms, and a coin matched to an upload rate over many prompts would miss it by the luck of one
-    sequence (seen: 29.7 % instead of 35.4 % over 64 prompts)."""
+    sequence (README, *Selection*)."""
     return int.from_bytes(hashlib.sha256(repr((seed, prompt_ids)).encode()).digest()[:7], "little")
 
 

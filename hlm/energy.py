@@ -1,6 +1,6 @@
 """Hardware energy counters. A meter reads a cumulative counter in joules; the decoder takes differences
 around each compute window. Where no counter exists the decoder models energy as power x measured time,
-and every figure carries a label saying which (see `Accounting.label`).
+and every figure says which (`TokenEvent.energy_method`, the summary's `energy_methods`).
 """
 
 from __future__ import annotations

@@ -5,11 +5,25 @@ these and nothing else, so every figure a view shows is traceable to one token's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from hlm.decoder import Draft
+    from hlm.link import UploadCost
+    from hlm.verifier import Verdict
 
 Source = Literal["local", "cloud_accepted", "cloud_resampled", "cloud_sampled", "unverified"]
 SOURCES: tuple[str, ...] = ("local", "cloud_accepted", "cloud_resampled", "cloud_sampled", "unverified")
 ENERGY_PARTS = ("device_compute", "radio", "device_idle", "cloud")
+
+
+class Spend(NamedTuple):
+    """What producing one token cost: device compute time, joules per part of ENERGY_PARTS, and per part whether
+    it was `measured` or `modelled`."""
+
+    draft_s: float
+    energy_j: dict[str, float]
+    energy_method: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,31 @@ class TokenEvent:
     energy_j: dict[str, float] = field(default_factory=dict)
     energy_method: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, index: int, position: int, text: str, source: Source, draft: Draft | None, verdict: Verdict | None,
+           cost: UploadCost, synced_ids: int, spend: Spend, wall_s: float) -> TokenEvent:
+        """One decided position from its parts: the draft (None when the cloud sampled alone), the verdict (None
+        when kept locally or the cloud was unreachable: it names the token otherwise), what the upload cost and
+        what the device spent."""
+        parts: dict[str, Any] = {}
+        if draft is not None:
+            parts.update(token_id=draft.token, draft_id=draft.token, u=draft.u, score=draft.score,
+                         score_threshold=draft.threshold)
+            if draft.stats is not None:
+                parts.update(ubar=draft.stats.ubar)
+            if draft.importance is not None:
+                imp = draft.importance
+                parts.update(importance=imp.score, importance_threshold=imp.threshold, importance_rank=imp.rank,
+                             important=imp.important)
+        if verdict is not None:
+            parts.update(token_id=verdict.token, p_draft=verdict.p_draft, q_draft=verdict.q_draft,
+                         verify_s=verdict.compute_s, wire_bytes_up=verdict.wire_bytes_up,
+                         wire_bytes_down=verdict.wire_bytes_down)
+        return cls(index=index, position=position, text=text, source=source,
+                   uploaded=draft is not None and cost.bits_up > 0, synced_ids=synced_ids, bits_up=cost.bits_up,
+                   bits_down=cost.bits_down, uplink_s=cost.uplink_s, wait_s=cost.wait_s, wall_s=wall_s,
+                   **spend._asdict(), **parts)
+
     @property
     def accept_prob(self) -> float | None:
         if self.p_draft is None or self.q_draft is None or self.p_draft <= 0:
@@ -84,7 +123,7 @@ class TokenEvent:
 class Summary:
     """Totals over a run's events. The HLM counterfactual prices the same tokens as if every one had been
     uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run. It keeps this
-    run's device compute (which includes the uncertainty/importance overhead HLM would not pay: ~6 ms a token)."""
+    run's device compute (which includes the uncertainty/importance overhead HLM would not pay)."""
 
     policy: str
     tokens: int

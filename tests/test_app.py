@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import plotly.graph_objects as go
 import pytest
+from conftest import free_port
 
 from hlm.config import ConfigError
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
@@ -40,12 +40,6 @@ PROMPT = "Say hello."
 
 
 # ---------------------------------------------------------------------------------------------- a launched app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import cfg
 from scipy.stats import chisquare
 
 from hlm import decoder as decoder_module
-from hlm.config import ESTIMATORS, LinkConfig, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import ESTIMATORS, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.drafter import Drafter
 from hlm.payload import decode, encode
@@ -19,12 +20,6 @@ PROMPT = "abc"
 FORMATS = [pytest.param(32, 0, id="32bit-full"), pytest.param(16, 0, id="16bit-full"),
            pytest.param(8, 0, id="8bit-full"), pytest.param(16, 4, id="16bit-top4"),
            pytest.param(8, 8, id="8bit-top8")]
-
-
-def cfg(policy: str = "hlm", n: int = 16, seed: int = 0, temperature: float = 1.0, bits: int = 16, topk: int = 0,
-        **policy_kw) -> RunConfig:
-    return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=n, seed=seed, stop_at_eos=False),
-                     PolicyConfig(name=policy, **policy_kw), LinkConfig(bits_per_prob=bits, topk=topk))
 
 
 def next_token_probs(model, pair, ids, temperature=1.0):
@@ -201,10 +196,9 @@ class CheckingDrafter(Drafter):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_decoder_cache_after_resamples_equals_recompute(tiny, monkeypatch, estimator):
-    monkeypatch.setattr(decoder_module, "Drafter", CheckingDrafter)
-    events = list(HybridDecoder(tiny).generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=32, gamma=0.0,
-                                                           estimator=estimator)))
+def test_decoder_cache_after_resamples_equals_recompute(tiny, estimator):
+    decoder = HybridDecoder(tiny, drafter_factory=CheckingDrafter)
+    events = list(decoder.generate(PROMPT, cfg("ours", n=24, u_th=0.0, k=32, gamma=0.0, estimator=estimator)))
     assert sum(e.source == "cloud_resampled" for e in events) >= 2  # rollbacks really happened
     assert CheckingDrafter.checks > 24
 

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import cfg
 
-from hlm.config import ConfigError, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import ConfigError, PolicyConfig
 from hlm.estimators import (
     NAMES,
     REGISTRY,
@@ -24,11 +25,6 @@ from hlm.uncertainty import Uncertainty
 SCORES = [n for n in NAMES if not REGISTRY[n].uses_u_th]
 
 
-def cfg(estimator, k=8, gamma=0.0, n=32, seed=0):
-    return RunConfig(SamplingConfig(temperature=1.0, max_new_tokens=n, seed=seed, stop_at_eos=False),
-                     PolicyConfig(name="ours", estimator=estimator, k=k, gamma=gamma, u_th=0.0))
-
-
 def stats(ubar=0.3, p=0.5, att=0.4, prev=0.9, semantic=0.5):
     return DraftStats(u=ubar, ubar=ubar, p_draft=p, p_top=max(p, 0.5), margin=0.1, entropy=1.0, semantic=semantic,
                       prev_attention=att, p_prev=prev)
@@ -37,7 +33,7 @@ def stats(ubar=0.3, p=0.5, att=0.4, prev=0.9, semantic=0.5):
 @pytest.mark.parametrize("estimator", SCORES)
 def test_score_estimators_on_the_tiny_pair(decoder, estimator):
     """Every draft carries a finite score in [0, 1] and its bar, and is uploaded iff score >= bar."""
-    events = list(decoder.generate("abc", cfg(estimator)))
+    events = list(decoder.generate("abc", cfg("ours", n=32, estimator=estimator, k=8, gamma=0.0, u_th=0.0)))
     assert len(events) == 32
     for e in events:
         assert 0.0 <= e.score <= 1.0 and math.isfinite(e.score_threshold) and 0.0 <= e.ubar <= 1.0
@@ -51,7 +47,7 @@ def test_upload_rate_is_monotone_in_k_and_gamma(decoder, estimator):
     more gamma, fewer; and every step of k moves the bar (no dead zone)."""
     from hlm.decoder import Draft  # noqa: F401 - the decoder's record: stats come from its events
 
-    events = list(decoder.generate("abc", cfg(estimator, n=48)))
+    events = list(decoder.generate("abc", cfg("ours", n=48, estimator=estimator, k=8, gamma=0.0, u_th=0.0)))
     scores = np.array([e.score for e in events])
     cal = decoder.pair.selection
     scale = cal.scale(estimator)

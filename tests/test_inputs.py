@@ -1,16 +1,14 @@
 """Bad input gets a clear error, from the library and from the CLI (exit status 2, one line)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import ENV
 
 from hlm.models import ModelError, PromptError, load_pair, make_pair
 from hlm.models.tiny import tiny_model, tiny_tokenizer
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

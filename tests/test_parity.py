@@ -9,8 +9,6 @@ meant to change outputs) with `PYTHONPATH=. python tests/test_parity.py`.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ENV, free_port
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_parity.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PROMPT = "Say hello."
 SUMMARY_FIELDS = ("policy", "tokens", "uploads", "llm_calls", "accepted", "resampled", "unverified", "uplink_bits",
                   "downlink_bits", "device_profile", "link_preset")
@@ -66,12 +64,6 @@ def dashboard_run(case: dict[str, Any]) -> dict[str, Any]:
     service = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"])
     *_, last = Dashboard(service).api_generate("tiny", PROMPT, Settings(**case), quality=False)
     return record(last["tokens"], last["summary"], last["config"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

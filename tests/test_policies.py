@@ -2,9 +2,11 @@
 
 from dataclasses import replace
 
+import pytest
+
 from hlm.config import POLICIES, PolicyConfig, RunConfig, SamplingConfig
 from hlm.experiments.sweep import GATED, HYBRID, TUNED
-from hlm.policies import REGISTRY
+from hlm.policies import REGISTRY, should_upload
 
 
 def test_the_names_everyone_uses_come_from_the_registry():
@@ -30,3 +32,14 @@ def test_one_label_per_setting_names_the_knobs_the_decision_reads():
                      "random": "random skip=0.62"}
     assert REGISTRY["ours"].label(PolicyConfig(estimator="ubar")).endswith(" ubar")  # not the default: named
     assert len({p.colour for p in REGISTRY.values()}) == len(REGISTRY)  # every chart tells them apart
+
+
+def test_policies_are_pure_functions_of_the_statistics():
+    assert not should_upload(PolicyConfig(name="slm"), 1.0, 0.5)
+    assert should_upload(PolicyConfig(name="hlm"), 0.0, 0.5)
+    assert should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.3, 0.5)
+    assert not should_upload(PolicyConfig(name="uhlm", u_th=0.2), 0.2, 0.5)
+    assert should_upload(PolicyConfig(name="random", skip_rate=0.25), None, 0.5)  # the coin alone decides
+    assert not should_upload(PolicyConfig(name="random", skip_rate=0.75), None, 0.5)
+    with pytest.raises(ValueError):
+        should_upload(PolicyConfig(name="ours"), 0.5, 0.5)  # ours asks its estimator (tests/test_estimators.py)

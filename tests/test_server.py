@@ -5,7 +5,6 @@ sessions, auth; the session limits and the wire format are checked in process.""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,12 +13,13 @@ import time
 
 import httpx
 import pytest
+from conftest import cfg, free_port
 
 from hlm.cli import main as cli_main
 from hlm.cloud.client import CloudRejected, HttpVerifier
 from hlm.cloud.server import HttpError, Limits, SessionStore, kv_bytes_per_token
 from hlm.cloud.wire import pack_request, unpack_request
-from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.payload import encode
 from hlm.verifier import CloudUnavailable, LocalVerifier
@@ -27,17 +27,6 @@ from hlm.verifier import CloudUnavailable, LocalVerifier
 TOKEN = "test-token-0123456789abcdef"
 PROMPT = "abc"
 CLOUD_SOURCES = {"cloud_accepted", "cloud_resampled", "cloud_sampled"}
-
-
-def cfg(policy: str, n: int = 24, seed: int = 0) -> RunConfig:
-    return RunConfig(SamplingConfig(temperature=1.0, max_new_tokens=n, seed=seed, stop_at_eos=False),
-                     PolicyConfig(name=policy, u_th=0.2))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CloudProcess:
@@ -94,7 +83,7 @@ def tokens(events) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("policy", ["hlm", "ours", "llm"])
 def test_http_path_gives_the_in_process_tokens(tiny, cloud, policy):
-    config = cfg(policy, n=32, seed=7)
+    config = cfg(policy, n=32, seed=7, u_th=0.2)
     local = list(HybridDecoder(tiny).generate(PROMPT, config))
     remote = list(HybridDecoder(tiny, cloud.verifier(tiny.vocab_size)).generate(PROMPT, config))
     assert tokens(remote) == tokens(local)
@@ -108,7 +97,7 @@ def test_http_path_gives_the_in_process_tokens(tiny, cloud, policy):
 
 def test_kill_and_restart_mid_run(tiny, cloud):
     verifier = cloud.verifier(tiny.vocab_size, backoff_s=0.1, max_backoff_s=0.3)
-    stream = HybridDecoder(tiny, verifier).generate(PROMPT, cfg("hlm", n=60, seed=1))
+    stream = HybridDecoder(tiny, verifier).generate(PROMPT, cfg("hlm", n=60, seed=1, u_th=0.2))
     before = [next(stream) for _ in range(10)]
     cloud.kill()
     down = [next(stream) for _ in range(10)]
@@ -125,7 +114,7 @@ def test_kill_and_restart_mid_run(tiny, cloud):
     assert after[0].wire_bytes_up >= after[1].wire_bytes_up + 4 * (resent - 1)
 
 
-def test_lost_answer_is_resynced(tiny, cloud):
+def test_lost_answer_is_resynced(tiny, cloud, monkeypatch):
     """A verify whose answer times out may still have run on the server (its session moved on): the next
     verify is refused with 409 and the transport re-opens and re-sends the whole context."""
     verifier = cloud.verifier(tiny.vocab_size, backoff_s=0.05, max_backoff_s=0.05)
@@ -133,11 +122,17 @@ def test_lost_answer_is_resynced(tiny, cloud):
     context = tiny.encode_prompt(PROMPT, 4)
     verifier.verify(context, None, None)
     context = verifier.mirror + [65]
-    verifier.client.timeout = httpx.Timeout(1e-4, connect=3.0)
+    send = verifier.client.send
+
+    def answer_lost(request: httpx.Request, **kwargs) -> httpx.Response:
+        send(request, **kwargs)  # the server runs the verify; its answer is lost on the way back
+        raise httpx.ReadTimeout("answer lost", request=request)
+
+    monkeypatch.setattr(verifier.client, "send", answer_lost)
     with pytest.raises(CloudUnavailable, match="Timeout"):
         verifier.verify(context, None, None)
-    verifier.client.timeout = httpx.Timeout(10.0)
-    time.sleep(0.3)  # past the backoff, and the server has decided the lost request
+    monkeypatch.undo()
+    time.sleep(0.3)  # past the backoff
     verdict = verifier.verify(context, None, None)
     assert verifier.mirror == [*context, verdict.token]
     assert verdict.wire_bytes_up > 4 * len(context)  # the whole context went again
@@ -194,13 +189,13 @@ def test_malformed_and_oversized_requests_get_4xx(tiny, cloud):
 
 def test_eight_concurrent_sessions_stay_isolated(tiny, cloud):
     jobs = [(["hlm", "ours", "llm"][i % 3], 100 + i) for i in range(8)]
-    expected = [tokens(HybridDecoder(tiny).generate(PROMPT, cfg(p, seed=s))) for p, s in jobs]
+    expected = [tokens(HybridDecoder(tiny).generate(PROMPT, cfg(p, n=24, seed=s, u_th=0.2))) for p, s in jobs]
     results: list = [None] * len(jobs)
 
     def run(i: int) -> None:
         policy, seed = jobs[i]
         decoder = HybridDecoder(tiny, cloud.verifier(tiny.vocab_size))
-        results[i] = tokens(decoder.generate(PROMPT, cfg(policy, seed=seed)))
+        results[i] = tokens(decoder.generate(PROMPT, cfg(policy, n=24, seed=seed, u_th=0.2)))
 
     active = cloud.request("GET", "/metrics").json()["sessions"]["active"]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
@@ -220,7 +215,7 @@ def test_auth(tiny, cloud):
     assert opened.status_code == 401
     wrong = HttpVerifier(cloud.url, tiny.vocab_size, token="wrong-token-wrong-token")
     with pytest.raises(CloudRejected, match="bearer token"):
-        list(HybridDecoder(tiny, wrong).generate(PROMPT, cfg("hlm", n=2)))
+        list(HybridDecoder(tiny, wrong).generate(PROMPT, cfg("hlm", n=2, u_th=0.2)))
 
 
 def test_refuses_a_public_bind_without_token(monkeypatch, capsys):

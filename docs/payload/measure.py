@@ -30,10 +30,10 @@ from hlm import decoder as decoder_module  # noqa: E402
 from hlm.config import LinkConfig, PolicyConfig, RunConfig, SamplingConfig  # noqa: E402
 from hlm.decoder import HybridDecoder  # noqa: E402
 from hlm.experiments.prompts import load_prompts  # noqa: E402
-from hlm.models import load_pair  # noqa: E402
+from hlm.models import ModelPair, load_pair  # noqa: E402
 from hlm.payload import _HEADER, MAGIC, VERSION, _encode_values, decode, encode, payload_bits  # noqa: E402
 from hlm.sampling import distribution  # noqa: E402
-from hlm.verifier import LocalVerifier  # noqa: E402
+from hlm.verifier import LocalVerifier, Verdict  # noqa: E402
 
 RUN_FORMATS = [(32, 0), (16, 0), (8, 0), (16, 16), (16, 64), (16, 256)]
 PAIRED_FORMATS = RUN_FORMATS + [(8, 16), (8, 64), (8, 256)]
@@ -54,11 +54,11 @@ def uniform_residual(p: torch.Tensor, bits: int, topk: int) -> torch.Tensor:
 class Recorder(LocalVerifier):
     """The in-process verifier, plus per-upload expected acceptance for every format at this position."""
 
-    def __init__(self, pair, drafts: dict[int, tuple[bytes, torch.Tensor]]) -> None:  # noqa: ANN001
+    def __init__(self, pair: ModelPair, drafts: dict[int, tuple[bytes, torch.Tensor]]) -> None:
         super().__init__(pair.verifier, pair.valid, head=pair.template_head)
         self.drafts, self.rows = drafts, []
 
-    def verify(self, context, draft, payload):  # noqa: ANN001, ANN201
+    def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         verdict = super().verify(context, draft, payload)
         p = self.drafts[id(payload)][1]
         q = distribution(self.last_logits, self.sampling, self.valid)
@@ -90,7 +90,7 @@ def main() -> None:
     drafts: dict[int, tuple[bytes, torch.Tensor]] = {}
     real_as_sent = decoder_module.as_sent
 
-    def as_sent(p, bits, topk):  # noqa: ANN001, ANN202 - keeps the raw p of each payload for the recorder
+    def as_sent(p: torch.Tensor, bits: int, topk: int) -> tuple[bytes, torch.Tensor]:  # keeps each payload's raw p
         data, sent = real_as_sent(p, bits, topk)
         drafts[id(data)] = (data, p.detach().float().cpu())
         return data, sent
@@ -150,7 +150,7 @@ def table(runs: list[dict]) -> None:
 
 
 @torch.inference_mode()
-def teacher_forced(pair, results: dict, temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)) -> None:  # noqa: ANN001
+def teacher_forced(pair: ModelPair, results: dict, temperatures: tuple[float, ...] = (0.7, 1.0, 1.5)) -> None:
     """Mean sum(min(p_hat, q)) over every generated position of the first format's texts, per temperature."""
     prompts = {r["id"]: r["prompt"] for r in load_prompts()}
     first = results["runs"][0]["format"]

@@ -34,7 +34,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if leaked and not args.fit:
         raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "
                          f"({pair.selection.note}); report on prompts it has not seen "
-                         "(e.g. assets/prompts-heldout.jsonl)")
+                         "(e.g. hlm/assets/prompts-heldout.jsonl)")
     records = collect(pair, args.models, prompts, out, args.max_new_tokens, args.seeds, args.temperature,
                       args.batch)
     if not records:

@@ -91,7 +91,7 @@ def token_title(e: TokenEvent, policy: PolicyConfig) -> str:
 
 
 def token_span(e: TokenEvent, policy: PolicyConfig, would_upload: bool = False) -> str:
-    """One token, focusable (Enter, Space or a click opens its details: `assets/app.js`). Leading blanks stay
+    """One token, focusable (Enter, Space or a click opens its details: `hlm/assets/app.js`). Leading blanks stay
     outside the span, so the source's underline marks the word, not the space before it. `would_upload`: the
     what-if replay outlines the drafts it would upload."""
     title = html.escape(token_title(e, policy)).replace("\n", "&#10;")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hlm import ASSETS
 from hlm.config import (
     DEVICE_PROFILES,
     ESTIMATORS,
@@ -40,7 +41,7 @@ DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs)
 # (faithful prefix, BERTScore) is the policy's, not sampling noise (README "Dashboard": why greedy).
 DEMO_TEMPERATURE = 0.0
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples.json"
+EXAMPLES = ASSETS / "examples.json"
 R = TypeVar("R")
 
 

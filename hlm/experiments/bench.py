@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,10 +28,17 @@ from hlm.models.presets import default_dtype, load_model
 from hlm.quant import quality
 from hlm.session import with_u_th
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from hlm.decoder import HybridDecoder
+    from hlm.models.pairs import ModelPair
+
 FILLER = "The quick brown fox jumps over the lazy dog while the compiler checks every branch. "
 
 
-def _timed_generate(model, ids: torch.Tensor, n: int, sampling: SamplingConfig, **kwargs) -> float:  # noqa: ANN001, ANN003
+def _timed_generate(model: PreTrainedModel, ids: torch.Tensor, n: int, sampling: SamplingConfig,
+                    **kwargs: Any) -> float:
     torch.manual_seed(sampling.seed)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=sampling.temperature > 0,
@@ -38,7 +46,7 @@ def _timed_generate(model, ids: torch.Tensor, n: int, sampling: SamplingConfig, 
     return time.perf_counter() - t0
 
 
-def _decoder_tps(decoder, prompt: str, config: RunConfig) -> tuple[float, list]:  # noqa: ANN001
+def _decoder_tps(decoder: HybridDecoder, prompt: str, config: RunConfig) -> tuple[float, list]:
     t0 = time.perf_counter()
     events = list(decoder.generate(prompt, config))
     return len(events) / (time.perf_counter() - t0), events
@@ -50,7 +58,8 @@ def _plain_dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32] + ([best] if best != torch.float32 else [])
 
 
-def _guard_sequences(pair, n_prompts: int, n_tokens: int, model) -> tuple[list[list[int]], list[int]]:  # noqa: ANN001
+def _guard_sequences(pair: ModelPair, n_prompts: int, n_tokens: int,
+                     model: PreTrainedModel) -> tuple[list[list[int]], list[int]]:
     """Tuning prompts with the unquantised model's own greedy continuation: the positions the guard compares."""
     seqs, starts = [], []
     for p in load_prompts(limit=n_prompts):
@@ -62,7 +71,7 @@ def _guard_sequences(pair, n_prompts: int, n_tokens: int, model) -> tuple[list[l
     return seqs, starts
 
 
-def plain_vs_fast(decoder, refs: dict[str, str], n_tokens: int, prompt: str,  # noqa: ANN001
+def plain_vs_fast(decoder: HybridDecoder, refs: dict[str, str], n_tokens: int, prompt: str,
                   guard_prompts: int) -> list[tuple[str, float, str]]:
     """(p): plain `generate` per model and dtype, the project's path, the ratios and the quality guard."""
     pair, rows = decoder.pair, []
@@ -101,7 +110,7 @@ def plain_vs_fast(decoder, refs: dict[str, str], n_tokens: int, prompt: str,  # 
     return rows
 
 
-def bench(decoder, n_tokens: int, repeats: int, prompt: str) -> list[tuple[str, float, str]]:  # noqa: ANN001
+def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> list[tuple[str, float, str]]:
     pair = decoder.pair
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=n_tokens, stop_at_eos=False)
     base = RunConfig(sampling=sampling)

@@ -8,11 +8,16 @@ rejection is expected) and risk-prone u_th = (Delta - b)/a with Delta = P(q[d] <
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from hlm.models.pairs import Calibration
+
+if TYPE_CHECKING:
+    from hlm.config import RunConfig
+    from hlm.decoder import HybridDecoder
 
 
 def fit(us: Sequence[float], betas: Sequence[float], delta: float, note: str = "") -> Calibration:
@@ -26,7 +31,8 @@ def fit(us: Sequence[float], betas: Sequence[float], delta: float, note: str = "
                        len(u), note)
 
 
-def calibrate(decoder, prompts: Sequence[str], config) -> tuple[Calibration, list[tuple[float, float]]]:  # noqa: ANN001
+def calibrate(decoder: HybridDecoder, prompts: Sequence[str],
+              config: RunConfig) -> tuple[Calibration, list[tuple[float, float]]]:
     """HLM over the prompts; returns the fit and the (u, beta) points."""
     config = config.with_policy(name="hlm")
     points, below = [], 0

@@ -1,11 +1,14 @@
-"""Prompt sets: JSON Lines with `id`, `category` and `prompt` (assets/prompts.jsonl), or plain text, one per line."""
+"""Prompt sets: JSON Lines with `id`, `category` and `prompt` (hlm/assets/prompts.jsonl), or plain text, one per
+line."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts.jsonl"
+from hlm import ASSETS
+
+DEFAULT_PROMPTS = ASSETS / "prompts.jsonl"
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,13 @@ from hlm.estimators import (
     prompt_key,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from hlm.config import RunConfig
+    from hlm.decoder import HybridDecoder
+    from hlm.models.pairs import ModelPair
+
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 U_DRAWS = 4  # independent u draws per draft: the paper-literal rule's gate is random
 PAPER_GRID = {"k": (1, 2, 4, 8, 16), "gamma": (0.0, 0.5, 1.0, 2.0)}
@@ -51,7 +58,7 @@ BOOT = 1000
 
 # ----------------------------------------------------------------------------------------------- collection
 
-def _generate(model: Any, pair: Any, prompts: Sequence[list[int]], n: int, temperature: float,  # noqa: ANN401
+def _generate(model: PreTrainedModel, pair: ModelPair, prompts: Sequence[list[int]], n: int, temperature: float,
               seed: int, batch: int) -> list[list[int]]:
     """n new tokens per prompt (stopping at end of turn), batched with left padding; fillers masked."""
     import torch
@@ -81,7 +88,7 @@ def _generate(model: Any, pair: Any, prompts: Sequence[list[int]], n: int, tempe
     return out
 
 
-def _rows(pair: Any, prompt_ids: list[int], answer: list[int], temperature: float, seed: int,  # noqa: ANN401
+def _rows(pair: ModelPair, prompt_ids: list[int], answer: list[int], temperature: float, seed: int,
           greedy: bool) -> dict[str, Any]:
     """Per-draft statistics along `answer` (the LLM's greedy answer, or the SLM's own sampled one)."""
     import torch
@@ -147,7 +154,7 @@ def _rows(pair: Any, prompt_ids: list[int], answer: list[int], temperature: floa
     return {"tokens": answer[:n], "rows": rows, "heads_layers": list(mid)}
 
 
-def collect(pair: Any, models: str, prompts: Sequence[dict[str, str]], out: Path, n: int,  # noqa: ANN401
+def collect(pair: ModelPair, models: str, prompts: Sequence[dict[str, str]], out: Path, n: int,
             seeds: Sequence[int], temperature: float, batch: int, progress: bool = True) -> list[dict[str, Any]]:
     """Greedy replay and sampled paths for every prompt (cached per prompt and mode)."""
     from tqdm import tqdm
@@ -403,7 +410,7 @@ def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
     return faithful_prefix(ids, reference) / max(len(reference), 1)
 
 
-def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
+def cached_run(decoder: HybridDecoder, runs_dir: Path, prompt: dict[str, str], cfg: RunConfig) -> dict[str, Any]:
     """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), decoder.pair.numerics],
@@ -418,7 +425,7 @@ def cached_run(decoder: Any, runs_dir: Path, prompt: dict[str, str], cfg: Any) -
     return rec
 
 
-def sampled_quality(decoder: Any, prompts: Sequence[dict[str, str]], out: Path, config: Any,  # noqa: ANN401
+def sampled_quality(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], out: Path, config: RunConfig,
                     references: int, progress: bool = True) -> dict[str, Any]:
     """At T > 0 one LLM sample is a noisy reference. Per prompt: `references` LLM samples (seeds 1000+i), one
     `hlm` and one `ours` run (seed 0); each scored by its mean BERTScore against every LLM sample. HLM follows
@@ -460,8 +467,8 @@ def sampled_quality(decoder: Any, prompts: Sequence[dict[str, str]], out: Path, 
                         "ours_upload_rate": float(np.mean([r["ours_upload_rate"] for r in per]))}}
 
 
-def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,  # noqa: ANN401
-            config: Any, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:  # noqa: ANN401
+def confirm(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,
+            config: RunConfig, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
     """Real decoder runs, greedy: `ours` as configured, then per prompt `random` matched to ours' upload count
     (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
     from tqdm import tqdm
@@ -471,7 +478,7 @@ def confirm(decoder: Any, prompts: Sequence[dict[str, str]], references: dict[st
     tok = decoder.pair.tokenizer
     n = config.sampling.max_new_tokens
 
-    def run(prompt: dict[str, str], cfg: Any) -> dict[str, Any]:  # noqa: ANN401
+    def run(prompt: dict[str, str], cfg: RunConfig) -> dict[str, Any]:
         return cached_run(decoder, out / "confirm", prompt, cfg)
 
     rows = []

@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hlm import ASSETS
 from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair
 from hlm.quant import RECIPES, quantize, step_seconds
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Preset:
     verifier: str
     description: str
     calibration: Calibration | None = None
-    selection: str = ""  # file in assets/ with the pair's `SelectionCalibration` (`python -m hlm study --fit`)
+    selection: str = ""  # file in hlm/assets/ with the pair's `SelectionCalibration` (`python -m hlm study --fit`)
     # Per model (draft, verifier): the weight-only recipe `--quant auto` may use, from `hlm.quant`'s guard (`hlm
     # bench`). The verifier's distribution *is* the output, so it needs the whole guard; the draft's errors cannot
     # change what HLM emits, only how often the cloud agrees, so a draft recipe within the KL bar is taken and its
@@ -51,7 +50,7 @@ PRESETS: dict[str, Preset] = {
                        "Qwen2.5-Coder-0.5B-Instruct drafts for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from PyPI)",
                        # `python -m hlm calibrate --models embedded --limit 10 --max-new-tokens 32` (bf16, T=0.7)
                        Calibration(a=0.577, b=-0.015, delta=0.483, risk_averse=0.025, risk_prone=0.862,
-                                   samples=319, note="10 prompts of assets/prompts.jsonl, 32 tokens, T=0.7"),
+                                   samples=319, note="10 prompts of hlm/assets/prompts.jsonl, 32 tokens, T=0.7"),
                        selection="selection-embedded.json",
                        # 16 tuning prompts x 32 tokens vs bf16: int8 draft top-1 98.7 %, KL 0.0013; int8 verifier
                        # top-1 98.4 %, KL 0.0011 (bf16 vs fp32 itself: 98.8 %, 0.0002): the verifier stays bf16
