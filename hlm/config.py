@@ -22,6 +22,23 @@ QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # memory stays far under 16 GB at this length (README "Speed and long prompts").
 MAX_PROMPT_CHARS = 100_000
 
+# What each run knob means, said once: the CLI's --help and the page's knob table (its widgets' and API's docs) read
+# it; each front end adds only its own defaults and units.
+KNOB_HELP = {
+    "k": f"ours: about k uploads per {WINDOW} drafts, 1..{WINDOW} (paper-* estimators: attention-row rank bound)",
+    "gamma": "ours: strictness, raises the bar by gamma std of the score, >= 0 (paper-*: row mean + gamma*std)",
+    "u_th": "uncertainty threshold in [0, 1] for uhlm and paper-*; omitted: the pair's calibrated risk-averse value",
+    "estimator": "how ours scores a draft",
+    "policy": "who decides which drafts are uploaded",
+    "temperature": "sampling temperature of both models; 0 = greedy, where HLM equals the LLM token for token",
+    "max_new_tokens": "tokens to generate at most",
+    "seed": "random seed of drafting, uncertainty and verification",
+    "device_profile": "how the SLM's time and energy per token are priced",
+    "link_preset": "the uplink: a named LinkConfig (README \"Device profiles and link presets\")",
+    "bits_per_prob": "8, 16 or 32 bits per uploaded probability",
+    "topk": "0 uploads the full distribution, > 0 its top-k entries",
+}
+
 # Where a run's u_th came from (`hlm.session.resolve_u_th`): set by the caller, the pair's calibration, or the default
 UThSource = Literal["given", "calibrated", "default"]
 

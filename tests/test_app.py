@@ -23,13 +23,13 @@ import plotly.graph_objects as go
 import pytest
 from conftest import free_port
 
-from hlm.config import ConfigError
+from hlm.config import KNOB_HELP, ConfigError
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
 from hlm.dashboard.flows import Dashboard, Frame
 from hlm.dashboard.render import error_notice, stats_html, token_span, verdict
 from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
-from hlm.dashboard.service import INTERVAL_S, REFERENCE_SAMPLES, Service
-from hlm.dashboard.settings import KNOBS, Settings
+from hlm.dashboard.service import INTERVAL_S, Service
+from hlm.dashboard.settings import KNOBS, REFERENCE_SAMPLES, Settings
 from hlm.decoder import HybridDecoder
 from hlm.events import SOURCES, TokenEvent
 from hlm.metrics import summarize
@@ -186,6 +186,18 @@ def test_the_api_signatures_are_the_knob_table_and_the_settings(service):
         assert list(params) == ["prompt", *knobs, *rest]
         assert {n: params[n].default for n in knobs} == {n: table[n] for n in knobs}
         assert all(f"{n}: {KNOBS[n].help}" in endpoints[name].__doc__ for n in knobs)
+
+
+def test_each_knob_is_described_once_for_the_cli_and_the_page():
+    """The CLI's --help and the page's knob table (widgets, API docs) both read `KNOB_HELP`."""
+    from hlm.cli.main import build_parser
+
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                    if a.dest == "k").container
+    cli = {a.dest: a.help or "" for a in generate._actions}
+    for name, text in KNOB_HELP.items():
+        assert KNOBS[name].help.startswith(text), name
+        assert cli[name].startswith(text), name
 
 
 def test_figures_are_valid_plotly(service):

@@ -11,6 +11,7 @@ from hlm import session
 from hlm.config import (
     DEVICE_PROFILES,
     ESTIMATORS,
+    KNOB_HELP,
     LINK_PRESETS,
     POLICIES,
     QUANT_RECIPES,
@@ -46,31 +47,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling, policy and link flags; defaults come from the config dataclasses (one source of truth)."""
     s, pol = SamplingConfig(), PolicyConfig()
-    p.add_argument("--policy", default=pol.name, choices=POLICIES)
+    p.add_argument("--policy", default=pol.name, choices=POLICIES, help=KNOB_HELP["policy"])
     p.add_argument("--k", type=int, default=pol.k,
-                   help="ours: about k uploads per 32 drafts, 1..32 (paper-* estimators: attention-row rank bound)")
+                   help=KNOB_HELP["k"])
     p.add_argument("--gamma", type=float, default=pol.gamma,
-                   help="ours: strictness, raises the bar by gamma std of the score (paper-*: row mean + gamma*std)")
+                   help=KNOB_HELP["gamma"])
     p.add_argument("--u-th", type=float, default=None,
-                   help="uncertainty threshold in [0, 1] (default: the pair's calibrated risk-averse value)")
+                   help=KNOB_HELP["u_th"])
     p.add_argument("--estimator", default=pol.estimator, choices=ESTIMATORS,
-                   help="how ours scores a draft: " + "; ".join(f"{n}: {e.description}" for n, e in REGISTRY.items()))
+                   help=KNOB_HELP["estimator"] + ": " + "; ".join(f"{n}: {e.description}" for n, e in REGISTRY.items()))
     p.add_argument("--skip-rate", type=float, default=pol.skip_rate, help="random policy: skip probability")
-    p.add_argument("--temperature", type=float, default=s.temperature)
+    p.add_argument("--temperature", type=float, default=s.temperature, help=KNOB_HELP["temperature"])
     p.add_argument("--top-p", type=float, default=s.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
-    p.add_argument("--seed", type=int, default=s.seed)
+    p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens, help=KNOB_HELP["max_new_tokens"])
+    p.add_argument("--seed", type=int, default=s.seed, help=KNOB_HELP["seed"])
     p.add_argument("--no-stop", action="store_true", help="do not stop at end of turn")
     # Names are checked in run_config, not by argparse `choices`, so a bad one is one line and exit status 2.
     p.add_argument("--device-profile", default=DeviceProfile().name,
-                   help="who drafts: " + "; ".join(f"{n}: {c.label}" for n, c in DEVICE_PROFILES.items()))
+                   help=KNOB_HELP["device_profile"] + ": " + "; ".join(f"{n}: {c.label}" for n, c in
+                                                                      DEVICE_PROFILES.items()))
     p.add_argument("--link-preset", default=RunConfig.link_preset,
-                   help="the link: " + "; ".join(f"{n}: {c.label}" for n, c in LINK_PRESETS.items())
+                   help=KNOB_HELP["link_preset"] + ": " + "; ".join(f"{n}: {c.label}" for n, c in LINK_PRESETS.items())
                         + " (the flags below override single fields of it)")
     link = p.add_argument_group("link and energy model (LinkConfig; units in the names; default: the preset's)")
     for f in fields(LinkConfig):
+        meaning = f"{KNOB_HELP[f.name]}; " if f.name in KNOB_HELP else ""
         link.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                          help=f"default preset: {f.default}")
+                          help=f"{meaning}default preset: {f.default}")
 
 
 def shared_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,8 +34,8 @@ from hlm.dashboard.runs import (
     replayable,
     run_label,
 )
-from hlm.dashboard.service import REFERENCE_SAMPLES, Job, Service
-from hlm.dashboard.settings import Settings, as_number, calibration_of, default_u_th, load_examples
+from hlm.dashboard.service import Job, Service
+from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, as_number, calibration_of, default_u_th, load_examples
 from hlm.decoder import HybridDecoder
 from hlm.estimators import WINDOW
 from hlm.events import PendingDraft, TokenEvent

@@ -9,7 +9,7 @@ from typing import Any
 
 from hlm.config import PolicyConfig, RunConfig
 from hlm.dashboard.runs import Replay, RunView, run_label
-from hlm.dashboard.service import REFERENCE_SAMPLES
+from hlm.dashboard.settings import REFERENCE_SAMPLES
 from hlm.decoder import HybridDecoder
 from hlm.errors import UserError
 from hlm.events import SOURCES, Summary, TokenEvent

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from hlm.config import LinkConfig, RunConfig
-from hlm.dashboard.settings import Settings
+from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings
 from hlm.decoder import HybridDecoder
 from hlm.events import PendingDraft, TokenEvent
 from hlm.experiments.quality import get_scorer
@@ -25,9 +25,6 @@ from hlm.session import open_decoder
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
 
-# At T > 0 a run is scored against this many LLM samples (seeds seed, seed + 1, ...), and the samples against each
-# other give the noise band: HLM samples the LLM's distribution exactly, so it scores like one of them.
-REFERENCE_SAMPLES = 3
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token

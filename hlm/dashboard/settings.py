@@ -18,6 +18,7 @@ from hlm import ASSETS
 from hlm.config import (
     DEVICE_PROFILES,
     ESTIMATORS,
+    KNOB_HELP,
     LINK_PRESETS,
     POLICIES,
     ConfigError,
@@ -42,6 +43,9 @@ DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs)
 DEMO_TEMPERATURE = 0.0
 
 EXAMPLES = ASSETS / "examples.json"
+# At T > 0 a run is scored against this many LLM samples (seeds seed, seed + 1, ...), and the samples against each
+# other give the noise band: HLM samples the LLM's distribution exactly, so it scores like one of them.
+REFERENCE_SAMPLES = 3
 R = TypeVar("R")
 
 
@@ -120,47 +124,46 @@ class Knobs:
 
 
 KNOBS = Knobs(
-    Knob("k", int, _P.k, "k: upload budget", f"ours' upload budget: about k uploads per {WINDOW} drafts (1..{WINDOW}; "
-         "paper-* estimators: attention-row rank)", range=(1, WINDOW, 1), elem_id="hlm-k",
+    Knob("k", int, _P.k, "k: upload budget", KNOB_HELP["k"], range=(1, WINDOW, 1), elem_id="hlm-k",
          info=f"about k uploads per {WINDOW} drafts on typical prompts (more on hard ones)"),
-    Knob("gamma", float, _P.gamma, "γ: strictness", "ours' strictness: the bar rises by gamma std of the score (>= 0)",
+    Knob("gamma", float, _P.gamma, "γ: strictness", KNOB_HELP["gamma"],
          range=(0, 3, 0.1), elem_id="hlm-gamma",
          info="raises the bar by γ standard deviations of the score; larger γ uploads less"),
-    Knob("policy", str, _P.name, "Policy", f"{', '.join(POLICIES[:-1])} or {POLICIES[-1]}", "dropdown",
+    Knob("policy", str, _P.name, "Policy", f"{KNOB_HELP['policy']}: {', '.join(POLICIES)}", "dropdown",
          choices=POLICIES, info=_described(POLICIES, lambda n: POLICY_REGISTRY[n].description), elem_id="hlm-policy"),
-    Knob("estimator", str, _P.estimator, "Estimator (ours)", f"how ours scores a draft ({', '.join(ESTIMATORS)})",
+    Knob("estimator", str, _P.estimator, "Estimator (ours)", f"{KNOB_HELP['estimator']}: {', '.join(ESTIMATORS)}",
          "dropdown", choices=ESTIMATORS, elem_id="hlm-estimator",
          info=f"how ours scores a draft; {_P.estimator} (default): {_ESTIMATOR.description}; paper-*: the "
               "paper-literal attention rule (README: Selection)"),
     Knob("u_th", float | None, None, "u_th: uncertainty threshold",
-         "uncertainty threshold in [0, 1]; omitted: the pair's calibrated risk-averse value", range=(0, 1, 0.01),
+         KNOB_HELP["u_th"], range=(0, 1, 0.01),
          info="uhlm and paper-*: a draft is uncertain when u > u_th"),
-    Knob("temperature", float, DEMO_TEMPERATURE, "Temperature", "sampling temperature of both models; 0 (default) = "
-         "greedy, where HLM equals the LLM; > 0: F1 is the mean over 3 LLM samples", range=(0, 2, 0.05),
-         info="0 = greedy: HLM equals the LLM, so differences are the policy's; > 0: scored against 3 LLM samples, "
-              "with their band"),
-    Knob("max_new_tokens", int, DEMO_MAX_NEW_TOKENS, "Max new tokens", "tokens to generate at most",
+    Knob("temperature", float, DEMO_TEMPERATURE, "Temperature", KNOB_HELP["temperature"] + " (the page's "
+         f"default); > 0: F1 is the mean over {REFERENCE_SAMPLES} LLM samples", range=(0, 2, 0.05),
+         info="0 = greedy: HLM equals the LLM, so differences are the policy's; > 0: scored against "
+              f"{REFERENCE_SAMPLES} LLM samples, with their band"),
+    Knob("max_new_tokens", int, DEMO_MAX_NEW_TOKENS, "Max new tokens", KNOB_HELP["max_new_tokens"],
          range=(8, 512, 8), elem_id="hlm-max-new-tokens"),
-    Knob("seed", int, _S.seed, "Seed", "random seed of drafting, uncertainty and verification", "number",
+    Knob("seed", int, _S.seed, "Seed", KNOB_HELP["seed"], "number",
          range=(0, 0, 1)),
     # The demo's story is a phone on a cellular uplink: the page prices the SLM as a phone (README "Device
     # profiles"); `this-machine` shows this server's own measured time instead.
-    Knob("device_profile", str, "phone", "Device profile", "how the SLM's time and energy per token are priced: "
-         "phone (a published on-device measurement) or this-machine (measured here)", "dropdown",
+    Knob("device_profile", str, "phone", "Device profile", KNOB_HELP["device_profile"] + ": phone (a published "
+         "on-device measurement) or this-machine (measured here)", "dropdown",
          choices=tuple((ch.label, n) for n, ch in DEVICE_PROFILES.items()), info=DEVICE_PROFILES["phone"].description),
-    Knob("link_preset", str, "default", "Link preset", f"{', '.join(LINK_PRESETS)} (README \"Device profiles and "
-         "link presets\")", "dropdown", choices=tuple((ch.label, n) for n, ch in LINK_PRESETS.items()),
+    Knob("link_preset", str, "default", "Link preset", f"{KNOB_HELP['link_preset']}: {', '.join(LINK_PRESETS)}",
+         "dropdown", choices=tuple((ch.label, n) for n, ch in LINK_PRESETS.items()),
          info=LINK_PRESETS["default"].description),
     Knob("bandwidth_mhz", float | None, None, "Uplink bandwidth (MHz)",
          "modelled uplink bandwidth; omitted: the preset's", range=(0.1, 100, 0.01)),
     Knob("snr_db", float | None, None, "SNR (dB)", "modelled uplink SNR; omitted: the preset's", range=(-30, 60, 0.1)),
     Knob("tx_power_w", float | None, None, "Transmit power (W)", "modelled transmit power; omitted: the preset's",
          range=(0, 3, 0.05)),
-    Knob("bits_per_prob", int, _L.bits_per_prob, "Bits per probability", "8, 16 or 32 bits per uploaded probability",
+    Knob("bits_per_prob", int, _L.bits_per_prob, "Bits per probability", KNOB_HELP["bits_per_prob"],
          "radio", choices=(8, 16, 32)),
     # 16-bit top-64: same acceptance as the full distribution at 1/722 of the bits (README)
     Knob("topk", int, 64, "Top-k compression (0 = full distribution)",
-         "0 uploads the full distribution, > 0 its top-k entries", range=(0, 1024, 1)),
+         KNOB_HELP["topk"], range=(0, 1024, 1)),
 )
 
 
