@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from test_app import launched_app
 
 from hlm.dashboard import Settings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -56,7 +60,7 @@ def shots(tmp_path: Path) -> Path:
     return out
 
 
-def generate(page, label: str) -> str:  # noqa: ANN001 - a Playwright page
+def generate(page: Page, label: str) -> str:
     """Press Generate, wait for coloured tokens, a drawn chart and the end of the run labelled `label` (the
     status line names the policy and settings); the upload-rate figure."""
     page.get_by_role("button", name="Generate", exact=True).click()
@@ -66,7 +70,7 @@ def generate(page, label: str) -> str:  # noqa: ANN001 - a Playwright page
     return page.locator(".hlm-stats .card").first.locator(".value").inner_text()
 
 
-def set_number(page, elem_id: str, value: str) -> None:  # noqa: ANN001
+def set_number(page: Page, elem_id: str, value: str) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(value)
     box.press("Enter")

@@ -23,10 +23,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
 from hlm.policies import REGISTRY as POLICIES
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from hlm.decoder import HybridDecoder
+    from hlm.events import TokenEvent
+    from hlm.experiments.quality import QualityScorer
 
 HYBRID = tuple(n for n, p in POLICIES.items() if p.drafts)
 TUNED = tuple(n for n, p in POLICIES.items() if p.tuned)  # rows with an importance setting (random: the one matched)
@@ -131,13 +139,13 @@ class Grid:
         return jobs
 
 
-def minimal_token(event: Any) -> dict[str, Any]:  # noqa: ANN401 - a TokenEvent
+def minimal_token(event: TokenEvent) -> dict[str, Any]:
     """The per-token stats a run file keeps (enough to redo every figure of the importance analysis)."""
     return {"u": event.u, "importance": event.importance, "important": event.important, "uploaded": event.uploaded,
             "source": event.source}
 
 
-def write_atomic(path: Path, data: Any) -> None:  # noqa: ANN401 - any JSON value
+def write_atomic(path: Path, data: Any) -> None:
     """Temp file + rename, so an interrupted sweep never leaves a truncated run file that would be skipped."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -152,7 +160,7 @@ def write_atomic(path: Path, data: Any) -> None:  # noqa: ANN401 - any JSON valu
 class Runner:
     """Runs jobs through one decoder, skipping those whose run file exists."""
 
-    def __init__(self, decoder: Any, models: str, runs_dir: Path, bar: Any,  # noqa: ANN401 - HybridDecoder, tqdm
+    def __init__(self, decoder: HybridDecoder, models: str, runs_dir: Path, bar: tqdm,
                  after_run: Callable[[Job, dict], None] | None = None) -> None:
         self.decoder, self.models, self.runs_dir, self.bar, self.after_run = decoder, models, runs_dir, bar, after_run
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +192,7 @@ class Runner:
         return done
 
 
-def execute(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,  # noqa: ANN401
+def execute(decoder: HybridDecoder, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,
             out_dir: Path, progress: bool = True,
             after_run: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
     """Run (or load) every job of the sweep; returns (job, record) pairs, random controls last."""
@@ -205,7 +213,7 @@ def _per_token(value: float | None, tokens: int) -> float | None:
     return value / tokens if value is not None and tokens else None
 
 
-def tabulate(done: Sequence[tuple[Job, dict]], scorer: Any) -> list[dict[str, Any]]:  # noqa: ANN401 - QualityScorer
+def tabulate(done: Sequence[tuple[Job, dict]], scorer: QualityScorer) -> list[dict[str, Any]]:
     """One tidy row per run: the settings, every Summary figure, per-token energy and BERTScore F1 against the
     `llm` output for the same prompt and seed (scored in one batch by the one loaded scorer)."""
     def key(job: Job) -> tuple[str, int]:
@@ -245,7 +253,7 @@ def tabulate(done: Sequence[tuple[Job, dict]], scorer: Any) -> list[dict[str, An
     return rows
 
 
-def _ci95(values: Any) -> float:  # noqa: ANN401 - a pandas Series
+def _ci95(values: pd.Series) -> float:
     """Half-width of the t-based 95 % confidence interval of the mean (NaN below two values)."""
     from scipy.stats import t
 
@@ -276,7 +284,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _plain(value: Any) -> Any:  # noqa: ANN401
+def _plain(value: Any) -> Any:
     """numpy scalars to Python, NaN to None (JSON has no NaN)."""
     if value is None:
         return None
@@ -379,8 +387,8 @@ class Result:
     figures: dict[str, Any]
 
 
-def sweep(decoder: Any, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,  # noqa: ANN401
-          out_dir: Path, scorer: Any, meta: dict[str, Any] | None = None, png: bool = True,  # noqa: ANN401
+def sweep(decoder: HybridDecoder, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,
+          out_dir: Path, scorer: QualityScorer, meta: dict[str, Any] | None = None, png: bool = True,
           progress: bool = True, tolerance: float = 0.01,
           after_run: Callable[[Job, dict], None] | None = None) -> Result:
     """Run everything (resuming), score, aggregate, decide and write every output file."""
