@@ -183,11 +183,14 @@ class HybridDecoder:
         drafter = self.drafter_factory(self.pair.draft, self.pair.template_head)
         text = TextStream(self.pair.tokenizer)
         context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
-        spent = Window(0.0, 0.0 if self.meter else None)  # device compute since the last emitted token
+        # A modelled device (a phone profile) is charged its published figures per drafted token (`_spend`): reading
+        # this machine's energy counter around every step would be work thrown away.
+        meter = None if config.device.modelled else self.meter
+        spent = Window(0.0, 0.0 if meter else None)  # device compute since the last emitted token
         attn: Attentions | None = None  # attention weights of the pass that produced `logits`
         p_prev: float | None = None  # the SLM's probability of the newest token in its context
 
-        with measure(self.device, self.meter) as w:
+        with measure(self.device, meter) as w:
             logits = drafter.prefill(context, progress and functools.partial(progress, "device"))
         _add(spent, w)
         for index in range(s.max_new_tokens):
@@ -195,7 +198,7 @@ class HybridDecoder:
                 return
             # Draft until the oldest pending draft can be decided (at once, unless a paper row needs passes).
             while not pending or pending[0].passes < passes:
-                with measure(self.device, self.meter) as w:
+                with measure(self.device, meter) as w:
                     # 1. Draft from what the cloud will read (exact in every payload format); slm sends nothing.
                     p = distribution(logits, s, valid)
                     payload, sent = as_sent(p, link.bits_per_prob, link.topk) if policy.uploads else (None, p)
@@ -245,7 +248,7 @@ class HybridDecoder:
             context.append(token)
 
             # 6. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
-            with measure(self.device, self.meter) as w:
+            with measure(self.device, meter) as w:
                 if source == "cloud_resampled" and passes:
                     drafter.rollback(len(pending) + 1)
                     pending.clear()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,11 @@ def test_the_page_imports_at_most_five_names_from_hlm():
     names = [n for module, names in imported(tree) if module == "hlm" or module.startswith("hlm.")
              for n in names or [module]]
     assert len(names) <= 5, names
+
+
+def test_the_command_lines_help_does_not_load_the_models_stack():
+    """`python -m hlm --help` builds every command's parser: the heavy libraries wait for a command to run."""
+    code = ("import sys; from hlm.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

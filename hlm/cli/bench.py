@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from hlm.cli.args import add_model_args, open_decoder
-from hlm.experiments.bench import bench, plain_vs_fast
-from hlm.models.embedded import ensure_pair_dirs
-from hlm.models.presets import PRESETS
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch  # here, not at the top: `python -m hlm --help` builds every parser and must not load torch
+
+    from hlm.experiments.bench import bench, plain_vs_fast
+    from hlm.models.embedded import ensure_pair_dirs
+    from hlm.models.presets import PRESETS
+
     decoder = open_decoder(args)
     rows = []
     if args.models in PRESETS and args.models != "tiny":

@@ -7,17 +7,16 @@ import json
 import sys
 from dataclasses import asdict
 
-from hlm import session
 from hlm.cli.args import add_model_args, add_run_args, open_decoder, run_config
-from hlm.experiments.calibrate import calibrate
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    config = run_config(args)
+    from hlm.experiments.calibrate import calibrate  # numpy and the pair's torch stack: not for --help
+
+    config = run_config(args)  # calibration runs hlm, which never reads u_th
     prompts = [r["prompt"] for r in load_prompts(args.prompts, args.limit)]
     decoder = open_decoder(args)
-    config = session.with_u_th(config, args.u_th, decoder.pair.calibration)
     cal, points = calibrate(decoder, prompts, config)
     print(f"fit over {cal.samples} drafts: beta ~ {cal.a:.3f} * u + {cal.b:+.3f}; Delta = P(q<p) = {cal.delta:.3f}")
     print(f"risk-averse u_th = {cal.risk_averse:.3f}; risk-prone u_th = {cal.risk_prone:.3f}")

@@ -1,4 +1,4 @@
-"""`python -m hlm`: generate, calibrate, bench, and the subcommands other modules register.
+"""`python -m hlm`: generate, calibrate, bench, sweep, study and serve-cloud, one module each in this package.
 
 The argparse side of every command lives in this package, one module a command (`register` adds its parser,
 `cmd_*` turns the flags into plain values for the library). Bad input (`hlm.errors.UserError`) exits with status 2

@@ -29,6 +29,7 @@ from hlm.dashboard.runs import (
     add_history,
     history_point,
     judge,
+    noise_band,
     replay,
     replay_rule,
     replayable,
@@ -36,7 +37,6 @@ from hlm.dashboard.runs import (
 )
 from hlm.dashboard.service import Job, Service
 from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, as_number, calibration_of, default_u_th, load_examples
-from hlm.decoder import HybridDecoder
 from hlm.estimators import WINDOW
 from hlm.events import PendingDraft, TokenEvent
 from hlm.models.presets import PRESETS
@@ -146,12 +146,12 @@ class Dashboard:
         return RunView(label, config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device),
                        decoder.call_s)
 
-    def _prepare(self, preset: str, prompt: str, settings: Settings) -> tuple[HybridDecoder, RunConfig]:
+    def _prepare(self, preset: str, prompt: str, settings: Settings) -> RunConfig:
         """Validate everything a viewer typed before any model work (errors surface at once)."""
         decoder = self.service.decoder(preset)
         config = settings.run_config(decoder.pair.calibration)
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
-        return decoder, config
+        return config
 
     def _decode(self, preset: str, prompt: str, run: RunView, job: Job, quality: bool = True) -> Iterator[None]:
         """Decode into `run`, then (unless stopped) score it against the LLM-only reference. Yields after
@@ -188,7 +188,7 @@ class Dashboard:
             if not job.cancel.is_set():
                 run.note = "scoring…"
                 yield
-                judge(run, references, self.service.score)
+                judge(run, references, self.service.score, noise_band(references, self.service.score))
         stopped = job.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
@@ -215,7 +215,7 @@ class Dashboard:
     def generate(self, session: str, preset: str, prompt: str, settings: Settings,
                  history: list[dict[str, Any]] | None) -> Iterator[Frame]:
         """The Generate button: stream one run, then its quality and a history point."""
-        _, config = self._prepare(preset, prompt, settings)
+        config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
         job = self.service.begin(session)
         self._last.pop(session, None)
@@ -288,7 +288,8 @@ class Dashboard:
         if job.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"
             return
-        judge(reference, samples, self.service.score, is_reference=True)
+        band = noise_band(samples, self.service.score)
+        judge(reference, samples, self.service.score, band, is_reference=True)
         reference.phase, reference.note = "done", "done"
         for run in runs[1:]:
             if run.config.policy.name == "random":
@@ -300,14 +301,14 @@ class Dashboard:
                 yield runs, run
             if run.phase != "done":
                 return
-            judge(run, samples, self.service.score)
+            judge(run, samples, self.service.score, band)
             yield runs, run
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
                 history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
         """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
         charts following the one running, and the verdict once every run is scored."""
-        _, base = self._prepare(preset, prompt, settings)
+        base = self._prepare(preset, prompt, settings)
         job = self.service.begin(session)
         self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
         try:
@@ -335,13 +336,13 @@ class Dashboard:
         yield from self.compare(session, preset, prompt, settings, history, SHOW_ME)
 
     def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
-        _, config = self._prepare(preset, prompt, settings)
+        config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
         for _ in self._decode(preset, prompt, run, Job(), quality=quality):
             yield run.payload()
 
     def api_compare(self, preset: str, prompt: str, settings: Settings) -> Iterator[dict[str, Any]]:
-        _, base = self._prepare(preset, prompt, settings)
+        base = self._prepare(preset, prompt, settings)
         for runs, _ in self._compare(preset, prompt, base, Job()):
             yield {"runs": [r.payload(tokens=False) for r in runs]}
 

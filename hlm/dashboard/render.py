@@ -12,7 +12,7 @@ from hlm.dashboard.runs import Replay, RunView, run_label
 from hlm.dashboard.settings import REFERENCE_SAMPLES
 from hlm.decoder import HybridDecoder
 from hlm.errors import UserError
-from hlm.events import SOURCES, Summary, TokenEvent
+from hlm.events import SOURCES, TokenEvent
 from hlm.link import upload_bits, upload_cost
 from hlm.verifier import CloudUnavailable
 
@@ -50,8 +50,8 @@ def replay_note(run: RunView, r: Replay) -> str:
     assert s is not None
     return (f"what-if replay at {r.knobs} on this run's drafts: {sum(r.uploads)} of {len(r.uploads)} "
             f"uploaded ({_pct(r.upload_rate)}, ran at {_pct(s.upload_rate)}), link energy {r.link_j:.3g} J "
-            f"(modelled; ran at {_link_j(s):.3g} J). The text after a changed decision could differ: Generate runs "
-            "it for real.")
+            f"(modelled; ran at {s.link_energy_j:.3g} J). The text after a changed decision could differ: Generate "
+            "runs it for real.")
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -162,11 +162,6 @@ def quality_note(run: RunView | None) -> str:
     return "F1 vs the LLM-only output"
 
 
-def _link_j(s: Summary) -> float:
-    """Radio plus the idle wait for the cloud: the device energy the upload policy controls."""
-    return s.device_energy_parts_j["radio"] + s.device_energy_parts_j["device_idle"]
-
-
 def verdict(runs: Sequence[RunView]) -> str | None:
     """One sentence from a finished comparison's measured numbers (ours against HLM and the matched coin); None
     until all three are done and scored. Never a canned claim: every figure is read off this prompt's runs."""
@@ -176,7 +171,7 @@ def verdict(runs: Sequence[RunView]) -> str | None:
     ours, hlm, coin = done["ours"], done["hlm"], done["random"]
     o, h, c = ours.summary, hlm.summary, coin.summary
     assert o is not None and h is not None and c is not None  # `done` holds runs with a summary
-    less = 1.0 - _link_j(o) / _link_j(h) if _link_j(h) > 0 else 0.0
+    less = 1.0 - o.link_energy_j / h.link_energy_j if h.link_energy_j > 0 else 0.0
     energy = (f"used {_pct(abs(less))} {'less' if less >= 0 else 'more'} link energy (radio and waiting for the "
               "cloud) than HLM")
     sent = f"On this prompt ours sent {_pct(o.upload_rate)} of its tokens to the cloud, {energy} and"

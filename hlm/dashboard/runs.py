@@ -15,7 +15,7 @@ from hlm.estimators import ScoreScale
 from hlm.events import PendingDraft, Summary, TokenEvent
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.policies import REGISTRY
+from hlm.policies import REGISTRY, should_upload
 
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 
@@ -145,9 +145,8 @@ def replay_rule(run: RunView, scale: ScoreScale | None, k: int, gamma: float, u_
     draft's stored score against the (k, gamma) bar; uhlm asks the registry's rule with the new u_th."""
     policy = run.config.policy
     if policy.name == "uhlm":
-        decide, at = REGISTRY[policy.name].decide, replace(policy, u_th=u_th)
-        assert decide is not None
-        return f"u_th={u_th:g}", lambda e: decide(at, e.u, 1.0)
+        at = replace(policy, u_th=u_th)
+        return f"u_th={u_th:g}", lambda e: should_upload(at, e.u, 1.0)
     assert scale is not None  # ours
     bar = scale.threshold(k, gamma)
     return f"k={k}, γ={gamma:g}", lambda e: e.score is not None and e.score >= bar
@@ -177,18 +176,28 @@ def replay(run: RunView, knobs: str, upload: Callable[[TokenEvent], bool]) -> Re
 
 
 
-def judge(run: RunView, references: Sequence[Sequence[TokenEvent]],
-          score: Callable[[list[str], list[str]], list[float]], is_reference: bool = False) -> None:
+Score = Callable[[list[str], list[str]], list[float]]  # BERTScore F1 of candidates against references, pairwise
+
+
+def noise_band(references: Sequence[Sequence[TokenEvent]], score: Score) -> tuple[float, float] | None:
+    """The lowest and highest F1 of the LLM's samples against each other; None with a single reference."""
+    texts = ["".join(e.text for e in r) for r in references]
+    if len(texts) < 2:
+        return None
+    pairs = list(itertools.combinations(texts, 2))
+    spread = score([a for a, _ in pairs], [b for _, b in pairs])
+    return min(spread), max(spread)
+
+
+def judge(run: RunView, references: Sequence[Sequence[TokenEvent]], score: Score,
+          band: tuple[float, float] | None, is_reference: bool = False) -> None:
     """Score a finished run: BERTScore F1, the mean over `references` (the reference run itself: over the
     others; at greedy it is the answer, 1.0). Greedy runs also get the faithful prefix against the one answer;
-    with several samples, the band their scores against each other span."""
+    `band` is `noise_band(references)`, computed once for all the runs scored against them."""
     texts = ["".join(e.text for e in r) for r in references]
     others = texts[1:] if is_reference else texts
     run.f1 = statistics.fmean(score([run.text] * len(others), others)) if others else 1.0
     if run.config.sampling.temperature == 0:
         answer = [e.token_id for e in references[0]]
         run.faithful = faithful_prefix([e.token_id for e in run.events], answer), len(answer)
-    if len(texts) > 1:
-        pairs = list(itertools.combinations(texts, 2))
-        spread = score([a for a, _ in pairs], [b for _, b in pairs])
-        run.band = min(spread), max(spread)
+    run.band = band

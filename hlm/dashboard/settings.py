@@ -10,11 +10,11 @@ import math
 import re
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hlm import ASSETS
+from hlm import ASSETS, session
 from hlm.config import (
     DEVICE_PROFILES,
     ESTIMATORS,
@@ -26,15 +26,13 @@ from hlm.config import (
     PolicyConfig,
     RunConfig,
     SamplingConfig,
-    device_profile,
-    link_preset,
 )
 from hlm.estimators import REGISTRY as ESTIMATOR_REGISTRY
 from hlm.estimators import WINDOW
 from hlm.models.pairs import Calibration
 from hlm.models.presets import PRESETS
 from hlm.policies import REGISTRY as POLICY_REGISTRY
-from hlm.session import resolve_u_th, with_u_th
+from hlm.session import resolve_u_th
 
 _S, _P, _L = SamplingConfig(), PolicyConfig(), LinkConfig()
 DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs) finishes in about a minute on CPU
@@ -200,22 +198,23 @@ class Settings:
     topk: int = KNOBS["topk"].default
 
     def run_config(self, calibration: Calibration | None) -> RunConfig:
-        base = link_preset(self.link_preset)
-        u_th = None if self.u_th is None else as_number("u_th", self.u_th)
-        return with_u_th(RunConfig(
-            SamplingConfig(temperature=as_number("temperature", self.temperature), top_p=_S.top_p,
-                           max_new_tokens=as_number("max_new_tokens", self.max_new_tokens, whole=True),
-                           seed=as_number("seed", self.seed, whole=True)),
-            PolicyConfig(name=self.policy, k=as_number("k", self.k, whole=True), gamma=as_number("gamma", self.gamma),
-                         estimator=self.estimator),
-            replace(base, **{f: as_number(name, v) * scale for f, name, v, scale in (
-                        ("bandwidth_hz", "bandwidth_mhz", self.bandwidth_mhz, 1e6),
-                        ("snr_db", "snr_db", self.snr_db, 1), ("tx_power_w", "tx_power_w", self.tx_power_w, 1))
-                              if v is not None},
-                    bits_per_prob=as_number("bits_per_prob", self.bits_per_prob, whole=True),
-                    topk=as_number("topk", self.topk, whole=True)),
-            device=device_profile(self.device_profile), link_preset=self.link_preset,
-        ), u_th, calibration)
+        """Through the one door (`hlm.session.run_config`, which validates); here only Gradio's floats and
+        display units (bandwidth in MHz) are turned into config values."""
+        def optional(name: str, value: float | None, scale: float = 1.0) -> float | None:
+            return None if value is None else as_number(name, value) * scale
+
+        return session.run_config(
+            policy=self.policy, k=as_number("k", self.k, whole=True), gamma=as_number("gamma", self.gamma),
+            u_th=optional("u_th", self.u_th), estimator=self.estimator,
+            temperature=as_number("temperature", self.temperature),
+            max_new_tokens=as_number("max_new_tokens", self.max_new_tokens, whole=True),
+            seed=as_number("seed", self.seed, whole=True), device=self.device_profile, link=self.link_preset,
+            link_overrides={"bandwidth_hz": optional("bandwidth_mhz", self.bandwidth_mhz, 1e6),
+                            "snr_db": optional("snr_db", self.snr_db),
+                            "tx_power_w": optional("tx_power_w", self.tx_power_w),
+                            "bits_per_prob": as_number("bits_per_prob", self.bits_per_prob, whole=True),
+                            "topk": as_number("topk", self.topk, whole=True)},
+            calibration=calibration)
 
 
 def calibration_of(preset: str) -> Calibration | None:
