@@ -12,6 +12,7 @@ import os
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
+from hlm.cloud import TOKEN_ENV
 from hlm.config import (
     LinkConfig,
     PolicyConfig,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from hlm.decoder import HybridDecoder
     from hlm.models.pairs import Calibration
 
-CLOUD_TOKEN_ENV = "HLM_CLOUD_TOKEN"
 
 
 def resolve_u_th(u_th: float | None, calibration: Calibration | None) -> tuple[float, UThSource]:
@@ -80,6 +80,6 @@ def open_decoder(models: str, device: str | None = None, dtype: str | None = Non
     if cloud:
         from hlm.cloud.client import HttpVerifier
 
-        verifier = HttpVerifier(cloud, vocab_size=pair.vocab_size, token=token or os.environ.get(CLOUD_TOKEN_ENV),
+        verifier = HttpVerifier(cloud, vocab_size=pair.vocab_size, token=token or os.environ.get(TOKEN_ENV),
                                 emulate_link=emulate_link)
     return HybridDecoder(pair, verifier)

@@ -56,6 +56,16 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+
+@pytest.mark.parametrize("command", ["calibrate", "study", "sweep"])
+def test_a_malformed_prompt_file_is_one_line_for_every_command(command, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\nnot json\n', encoding="utf-8")
+    out = cli(command, "--models", "tiny", "--prompts", str(bad), *(["--out", str(tmp_path / "o")]
+                                                                    if command != "calibrate" else []))
+    assert out.returncode == 2, out.stderr
+    assert f"{bad}:2: not JSON" in out.stderr and "Traceback" not in out.stderr
+
 def test_cli_json_output():
     out = cli("generate", "--models", "tiny", "--prompt", "hello", "--max-new-tokens", "12", "--policy", "ours",
               "--u-th", "0.2", "--json")

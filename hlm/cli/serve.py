@@ -7,7 +7,8 @@ import os
 import sys
 
 from hlm.cli.args import UsageError, add_model_args
-from hlm.cloud.server import MIN_TOKEN_CHARS, TOKEN_ENV, Limits, create_app, is_loopback
+from hlm.cloud import TOKEN_ENV
+from hlm.cloud.server import MIN_TOKEN_CHARS, Limits, create_app, is_loopback
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

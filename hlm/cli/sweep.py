@@ -13,7 +13,7 @@ from hlm.cli.args import UsageError, add_model_args, add_run_args, open_decoder,
 from hlm.config import ESTIMATORS, RunConfig
 from hlm.experiments import sweep as experiment
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
-from hlm.experiments.quality import QualityError, get_scorer
+from hlm.experiments.quality import get_scorer
 from hlm.experiments.sweep import FULL, HYBRID, QUICK, Grid, format_summary, sweep
 
 
@@ -53,10 +53,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
     apply_preset(args)
     base = base_config(args)
-    try:
-        prompts = load_prompts(args.prompts, args.limit)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
+    prompts = load_prompts(args.prompts, args.limit)  # a bad file is a UserError: one line, exit status 2
     if len({p["id"] for p in prompts}) != len(prompts):
         raise UsageError(f"{args.prompts}: prompt ids must be unique (they key the cache and the BERTScore pairs)")
     Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds)  # validate before any model is loaded
@@ -64,10 +61,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     u_th, u_th_source = session.resolve_u_th(args.u_th, decoder.pair.calibration)
     base = replace(base, u_th_source=u_th_source)
     grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
-    try:
-        scorer = get_scorer(args.backbone)
-    except QualityError as exc:
-        raise UsageError(str(exc)) from exc
+    scorer = get_scorer(args.backbone)  # a missing backbone is a QualityError, a UserError
     out = Path(args.out)
     result = sweep(decoder, args.models, prompts, grid, base, out, scorer, png=not args.no_png,
                    tolerance=args.tolerance, meta={"u_th_source": u_th_source, "pair": decoder.pair.describe(),

@@ -1,2 +1,6 @@
 """The cloud over HTTP: `server` (the verifier as a service), `client` (`HttpVerifier`, the decoder's side) and
-`wire` (the binary protocol both sides import)."""
+`wire` (the binary protocol both sides import).
+
+TOKEN_ENV lives here, light to import, because the server, the client and `hlm.session` all read it."""
+
+TOKEN_ENV = "HLM_CLOUD_TOKEN"  # the bearer token both sides share

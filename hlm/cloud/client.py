@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from hlm.cloud import TOKEN_ENV
 from hlm.cloud.wire import WireError, pack_request, unpack_verdict
 from hlm.config import ConfigError, LinkConfig, SamplingConfig
 from hlm.link import upload_cost
@@ -211,7 +212,7 @@ class HttpVerifier:
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
         if status in (401, 403):
-            raise CloudRejected(f"the cloud refused the bearer token (set HLM_CLOUD_TOKEN): {message}")
+            raise CloudRejected(f"the cloud refused the bearer token (set {TOKEN_ENV}): {message}")
         if status == 429 or status >= 500:
             raise CloudUnavailable(f"cloud answered {status}: {message}")
         raise CloudRejected(f"the cloud rejected the request ({status}): {message}")

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from hlm.models.pairs import ModelPair
     from hlm.verifier import LocalVerifier, Verdict
 
-TOKEN_ENV = "HLM_CLOUD_TOKEN"
 MIN_TOKEN_CHARS = 16
 CONTROL_BYTES = 4096  # cap on JSON bodies of control endpoints
 OPEN_FIELDS = ("temperature", "top_p", "seed")

@@ -7,8 +7,13 @@ import json
 from pathlib import Path
 
 from hlm import ASSETS
+from hlm.errors import UserError
 
 DEFAULT_PROMPTS = ASSETS / "prompts.jsonl"
+
+
+class PromptFileError(UserError):
+    """A prompt file a user can fix: unreadable, a line that is not JSON, or one without a prompt."""
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -> list[dict[str, str]]:
@@ -16,13 +21,20 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     rows: list[dict[str, str]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptFileError(f"cannot read {path}: {exc}") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if path.suffix == ".jsonl":
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{path}:{n}: not JSON ({exc.msg})") from exc
             if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
-                raise ValueError(f"{path}:{n}: each line needs a non-empty 'prompt'")
+                raise PromptFileError(f"{path}:{n}: each line needs a non-empty 'prompt'")
             rows.append({"id": str(row.get("id", n)), "category": str(row.get("category", "")),
                          "prompt": str(row["prompt"])})
         else:
