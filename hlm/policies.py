@@ -6,18 +6,26 @@ the registry, never a policy's name.
 matched upload rate it is the control that shows whether a policy picks the right tokens; `hlm` uploads every
 draft, `slm` none. `ours` asks its estimator (`hlm.estimators`), and `llm` (the verifier alone) involves no
 drafts: the decoder runs it directly. A new policy is one more entry (and its tests).
+
+Each policy also declares its `role` in an experiment, and the sweep, the study, the page's Compare and Show me
+and the bench read roles, never names: the `reference` (the quality yardstick every output is scored against),
+the `counterfactual` (what the energy saving is measured against), the `subject` (the method under test, run
+at its tuned settings), the `control` (run matched to the subject's upload rate) and `baseline`s (run once each,
+compared as they are).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from hlm.config import PolicyConfig
 
 Decide = Callable[["PolicyConfig", "float | None", float], bool]
+Role = Literal["reference", "counterfactual", "subject", "control", "baseline"]
+ROLES: tuple[Role, ...] = ("reference", "counterfactual", "subject", "control", "baseline")
 
 
 def uncertain(u: float, u_th: float) -> bool:
@@ -32,6 +40,7 @@ class Policy:
 
     name: str
     description: str
+    role: Role
     decide: Decide | None = None
     drafts: bool = True  # False: the verifier alone generates (no device model runs)
     uploads: bool = True  # False: nothing is ever sent, so no payload is built
@@ -57,17 +66,30 @@ class Policy:
 
 
 REGISTRY: dict[str, Policy] = {p.name: p for p in (
-    Policy("ours", "upload the drafts its estimator scores highest", uses_uncertainty=True, uses_estimator=True,
-           uses_u_th=True, tuned=True, colour="#1f77b4"),
-    Policy("uhlm", "if u > u_th", lambda config, u, coin: u is not None and uncertain(u, config.u_th),
+    Policy("ours", "upload the drafts its estimator scores highest", "subject", uses_uncertainty=True,
+           uses_estimator=True, uses_u_th=True, tuned=True, colour="#1f77b4"),
+    Policy("uhlm", "if u > u_th", "baseline", lambda config, u, coin: u is not None and uncertain(u, config.u_th),
            uses_uncertainty=True, uses_u_th=True, colour="#ff7f0e"),
-    Policy("hlm", "every token", lambda config, u, coin: True, colour="#222222"),
-    Policy("slm", "never", lambda config, u, coin: False, uploads=False, colour="#8c8c8c"),
-    Policy("llm", "the cloud model alone", drafts=False, uploads=False, colour="#9467bd"),
-    Policy("random", "a coin (the control)", lambda config, u, coin: coin >= config.skip_rate, uses_coin=True,
-           uses_u_th=True, tuned=True, colour="#d62728"),
+    Policy("hlm", "every token", "counterfactual", lambda config, u, coin: True, colour="#222222"),
+    Policy("slm", "never", "baseline", lambda config, u, coin: False, uploads=False, colour="#8c8c8c"),
+    Policy("llm", "the cloud model alone", "reference", drafts=False, uploads=False, colour="#9467bd"),
+    Policy("random", "a coin (the control)", "control", lambda config, u, coin: coin >= config.skip_rate,
+           uses_coin=True, uses_u_th=True, tuned=True, colour="#d62728"),
 )}
 NAMES = tuple(REGISTRY)
+
+
+def with_role(role: Role) -> str:
+    """The name of the one registered policy that plays `role` (reference, counterfactual, subject, control)."""
+    names = [p.name for p in REGISTRY.values() if p.role == role]
+    if len(names) != 1:
+        raise LookupError(f"{len(names)} registered policies play the role {role!r}; an experiment needs exactly one")
+    return names[0]
+
+
+def role_of(name: str) -> Role:
+    """`name`'s role in an experiment."""
+    return REGISTRY[name].role
 
 
 def should_upload(policy: PolicyConfig, u: float | None, coin: float) -> bool:

@@ -50,11 +50,18 @@ class QualityScorer:
     def f1(self, candidates: list[str], references: list[str]) -> list[float]:
         if len(candidates) != len(references):
             raise ValueError("candidates and references must pair up")
-        if not candidates:
-            return []
-        # BERTScore of an empty string is undefined (it warns and returns 0); keep that 0 explicitly.
-        _, _, f1 = self.scorer.score([c or " " for c in candidates], [r or " " for r in references])
-        return [float(x) for x in f1]
+        # bert-score cannot encode a text that strips to nothing (an answer that is end-of-turn at once, or only
+        # whitespace): it asks the tokenizer for a method transformers 5 removed. Such pairs are scored here by
+        # bert-score's own convention (an empty side scores 0), except that two empty texts are identical (1,
+        # as any text scores against itself); only the rest go to the model.
+        scores = [None if c.strip() and r.strip() else float(not c.strip() and not r.strip())
+                  for c, r in zip(candidates, references, strict=True)]
+        scored = [i for i, s in enumerate(scores) if s is None]
+        if scored:
+            _, _, f1 = self.scorer.score([candidates[i] for i in scored], [references[i] for i in scored])
+            for i, x in zip(scored, f1.tolist(), strict=True):
+                scores[i] = float(x)
+        return scores
 
 
 @functools.lru_cache(maxsize=2)
