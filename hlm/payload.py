@@ -107,7 +107,8 @@ def decode(data: bytes, vocab_size: int | None = None) -> torch.Tensor:
         p[idx] = vals
     else:
         p = _decode_values(body, bits, vocab).copy()
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+    # Finite values can still overflow a float32 sum (8 x 3e38), and the renormalised p would then be all zeros.
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or not 0 < p.sum(dtype=np.float64) <= np.finfo(np.float32).max:
         raise PayloadError("payload probabilities are not a distribution")
     out = torch.from_numpy(p)
     return out / out.sum()
