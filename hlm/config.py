@@ -34,7 +34,7 @@ KNOB_HELP = {
     "max_new_tokens": "tokens to generate at most",
     "seed": "random seed of drafting, uncertainty and verification",
     "device_profile": "how the SLM's time and energy per token are priced",
-    "link_preset": "the uplink: a named LinkConfig (README \"Device profiles and link presets\")",
+    "link_preset": "the uplink: a named LinkConfig (docs/energy.md, \"Device profiles and link presets\")",
     "bits_per_prob": "8, 16 or 32 bits per uploaded probability",
     "topk": "0 uploads the full distribution, > 0 its top-k entries",
 }
@@ -230,7 +230,7 @@ LINK_PRESETS: dict[str, Choice[LinkConfig]] = {
     "default": Choice(
         "Today's default (34.6 Mbit/s)",
         "10 MHz at 10 dB SNR: R = W log2(1 + SNR) = 34.6 Mbit/s. Modelled assumptions for a phone on a decent "
-        "cellular uplink (README 'Link and energy model'); a 16-bit 151,936-token upload takes 70 ms.",
+        "cellular uplink (docs/energy.md); a 16-bit 151,936-token upload takes 70 ms.",
         LinkConfig()),
     "paper-like": Choice(
         "Paper's implied regime (~0.1 Mbit/s)",

@@ -61,7 +61,7 @@ def anchors(page: Path) -> set[str]:
 def broken_links(page: Path) -> list[str]:
     """Every relative link of `page` that names no file, or a heading its target page does not have."""
     problems = []
-    for number, line in enumerate(prose_lines(page.read_text(encoding="utf-8")), 1):
+    for line in prose_lines(page.read_text(encoding="utf-8")):
         for target in LINK.findall(line):
             if re.match(r"(?i)^(https?:|mailto:)", target):
                 continue

@@ -132,7 +132,7 @@ KNOBS = Knobs(
     Knob("estimator", str, _P.estimator, "Estimator (ours)", f"{KNOB_HELP['estimator']}: {', '.join(ESTIMATORS)}",
          "dropdown", choices=ESTIMATORS, elem_id="hlm-estimator",
          info=f"how ours scores a draft; {_P.estimator} (default): {_ESTIMATOR.description}; paper-*: the "
-              "paper-literal attention rule (README: Selection)"),
+              "paper-literal attention rule (docs/selection.md)"),
     Knob("u_th", float | None, None, "u_th: uncertainty threshold",
          KNOB_HELP["u_th"], range=(0, 1, 0.01),
          info="uhlm and paper-*: a draft is uncertain when u > u_th"),

@@ -111,7 +111,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
     if requested not in ("auto", *RECIPES):
         raise ModelError(f"unknown --quant {requested!r}: use auto or one of {', '.join(RECIPES)}")
     if requested == "none" or (requested == "auto" and passed == "none"):
-        return "none" if requested == "none" else "none (auto: no recipe is accepted for this model; README 'Speed')"
+        return "none" if requested == "none" else "none (auto: no recipe is accepted for this model; docs/speed.md)"
     if model.device.type != "cpu":
         if requested == "auto":
             return f"none (auto: the {passed} kernels are CPU kernels)"
