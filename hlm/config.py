@@ -19,7 +19,7 @@ from hlm.policies import NAMES as POLICIES
 
 QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
-# memory stays far under 16 GB at this length (README "Speed and long prompts").
+# memory stays far under 16 GB at this length (docs/speed.md, "Long prompts").
 MAX_PROMPT_CHARS = 100_000
 
 # What each run knob means, said once: the CLI's --help and the page's knob table (its widgets' and API's docs) read
@@ -88,7 +88,7 @@ class PolicyConfig:
 
     name: str = "ours"  # `hlm.policies.REGISTRY`
     u_th: float = 0.08
-    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (README "Selection")
+    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (docs/selection.md)
     gamma: float = 0.0
     estimator: str = "probe-horizon"
     skip_rate: float = 0.5
