@@ -19,7 +19,7 @@ from hlm.policies import NAMES as POLICIES
 
 QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
-# memory stays far under 16 GB at this length (README "Speed and long prompts").
+# memory stays far under 16 GB at this length (docs/speed.md, "Long prompts").
 MAX_PROMPT_CHARS = 100_000
 
 # What each run knob means, said once: the CLI's --help and the page's knob table (its widgets' and API's docs) read
@@ -34,7 +34,7 @@ KNOB_HELP = {
     "max_new_tokens": "tokens to generate at most",
     "seed": "random seed of drafting, uncertainty and verification",
     "device_profile": "how the SLM's time and energy per token are priced",
-    "link_preset": "the uplink: a named LinkConfig (README \"Device profiles and link presets\")",
+    "link_preset": "the uplink: a named LinkConfig (docs/energy.md, \"Device profiles and link presets\")",
     "bits_per_prob": "8, 16 or 32 bits per uploaded probability",
     "topk": "0 uploads the full distribution, > 0 its top-k entries",
 }
@@ -88,7 +88,7 @@ class PolicyConfig:
 
     name: str = "ours"  # `hlm.policies.REGISTRY`
     u_th: float = 0.08
-    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (README "Selection")
+    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (docs/selection.md)
     gamma: float = 0.0
     estimator: str = "probe-horizon"
     skip_rate: float = 0.5
@@ -230,7 +230,7 @@ LINK_PRESETS: dict[str, Choice[LinkConfig]] = {
     "default": Choice(
         "Today's default (34.6 Mbit/s)",
         "10 MHz at 10 dB SNR: R = W log2(1 + SNR) = 34.6 Mbit/s. Modelled assumptions for a phone on a decent "
-        "cellular uplink (README 'Link and energy model'); a 16-bit 151,936-token upload takes 70 ms.",
+        "cellular uplink (docs/energy.md); a 16-bit 151,936-token upload takes 70 ms.",
         LinkConfig()),
     "paper-like": Choice(
         "Paper's implied regime (~0.1 Mbit/s)",

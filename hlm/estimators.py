@@ -13,7 +13,7 @@ Upload iff score >= Q(1 - k/32) + gamma * std. Harder prompts get more uploads t
 
 The paper-literal reconstruction (`paper-lookahead`, `paper-self`; `hlm.importance`) keeps its own reading of the
 knobs: uncertain (u > u_th) AND important (attention weight >= mean + gamma * std of its row, rank < k).
-`python -m hlm study` measures them all against a coin and an oracle; README "Selection" has the evidence.
+`python -m hlm study` measures them all against a coin and an oracle; docs/selection.md has the evidence.
 """
 
 from __future__ import annotations

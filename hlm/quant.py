@@ -9,7 +9,7 @@ softmax or the attention changes) and both on kernels that ship in torch itself:
   bits lose real precision: selectable, but no preset takes it.
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
 real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
-both; README "Speed" says which recipe each model of the embedded pair runs and why).
+both; docs/speed.md says which recipe each model of the embedded pair runs and why).
 """
 
 from __future__ import annotations

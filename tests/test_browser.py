@@ -2,9 +2,9 @@
 
 Load the page, enter a prompt, Generate, wait for coloured tokens and a chart; change k and γ, run again, then
 the policy, and check that the displayed upload rate changed; Compare fills its table. Screenshots at 1280x800
-and phone width (390x844) go to $HLM_SCREENSHOTS when set, else to the test's temporary folder. The README's
-come from `HLM_SCREENSHOTS=docs/screenshots HLM_APP_MODELS=embedded`; HLM_APP_URL points the test at an app
-that is already running.
+and phone width (390x844) go to $HLM_SCREENSHOTS when set, else to the test's temporary folder. The shots in
+docs/screenshots come from `HLM_SCREENSHOTS=docs/screenshots HLM_APP_MODELS=embedded`; HLM_APP_URL points the test
+at an app that is already running.
 """
 
 from __future__ import annotations

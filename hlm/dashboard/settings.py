@@ -37,7 +37,7 @@ from hlm.session import resolve_u_th
 _S, _P, _L = SamplingConfig(), PolicyConfig(), LinkConfig()
 DEMO_MAX_NEW_TOKENS = 96  # shorter than the CLI's default so a Compare (4 runs) finishes in about a minute on CPU
 # The page decodes greedily by default: HLM then equals the LLM token for token, so every difference on screen
-# (faithful prefix, BERTScore) is the policy's, not sampling noise (README "Dashboard": why greedy).
+# (faithful prefix, BERTScore) is the policy's, not sampling noise (docs/dashboard.md: why greedy).
 DEMO_TEMPERATURE = 0.0
 
 EXAMPLES = ASSETS / "examples.json"
@@ -132,7 +132,7 @@ KNOBS = Knobs(
     Knob("estimator", str, _P.estimator, "Estimator (ours)", f"{KNOB_HELP['estimator']}: {', '.join(ESTIMATORS)}",
          "dropdown", choices=ESTIMATORS, elem_id="hlm-estimator",
          info=f"how ours scores a draft; {_P.estimator} (default): {_ESTIMATOR.description}; paper-*: the "
-              "paper-literal attention rule (README: Selection)"),
+              "paper-literal attention rule (docs/selection.md)"),
     Knob("u_th", float | None, None, "u_th: uncertainty threshold",
          KNOB_HELP["u_th"], range=(0, 1, 0.01),
          info="uhlm and paper-*: a draft is uncertain when u > u_th"),
@@ -144,8 +144,8 @@ KNOBS = Knobs(
          range=(8, 512, 8), elem_id="hlm-max-new-tokens"),
     Knob("seed", int, _S.seed, "Seed", KNOB_HELP["seed"], "number",
          range=(0, 0, 1)),
-    # The demo's story is a phone on a cellular uplink: the page prices the SLM as a phone (README "Device
-    # profiles"); `this-machine` shows this server's own measured time instead.
+    # The demo's story is a phone on a cellular uplink: the page prices the SLM as a phone (docs/energy.md,
+    # "Device profiles"); `this-machine` shows this server's own measured time instead.
     Knob("device_profile", str, "phone", "Device profile", KNOB_HELP["device_profile"] + ": phone (a published "
          "on-device measurement) or this-machine (measured here)", "dropdown",
          choices=tuple((ch.label, n) for n, ch in DEVICE_PROFILES.items()), info=DEVICE_PROFILES["phone"].description),
@@ -159,7 +159,7 @@ KNOBS = Knobs(
          range=(0, 3, 0.05)),
     Knob("bits_per_prob", int, _L.bits_per_prob, "Bits per probability", KNOB_HELP["bits_per_prob"],
          "radio", choices=(8, 16, 32)),
-    # 16-bit top-64: same acceptance as the full distribution at 1/722 of the bits (README)
+    # 16-bit top-64: same acceptance as the full distribution at 1/722 of the bits (docs/payload.md)
     Knob("topk", int, 64, "Top-k compression (0 = full distribution)",
          KNOB_HELP["topk"], range=(0, 1024, 1)),
 )

@@ -1,4 +1,4 @@
-"""The sweep's figures (plotly): interactive HTML, plus PNG for the README where a Chrome is available.
+"""The sweep's figures (plotly): interactive HTML, plus PNG for the docs where a Chrome is available.
 
 All four are drawn from the summary rows of `hlm.experiments.sweep.aggregate` (mean and 95 % CI over prompts per
 policy and setting), so every point on a figure is a row of summary.csv:

