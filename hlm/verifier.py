@@ -6,8 +6,8 @@ Contract (after transformers' candidate generators: small and explicit):
   reading them at once, while the device drafts (`early`); the first `verify` then waits only for the rest.
 - `verify(context, draft, payload)` is called with the *whole* committed context (token ids), which extends
   what the verifier holds (`held`: the ids it has read and its own last verdict token); it processes only the
-  ids it has not read yet (tokens kept locally since the last upload are synchronised in
-  the same forward pass), computes q at the next position and, given a draft and its encoded distribution p,
+  ids it has not read yet (tokens kept locally since the last upload are synchronised in the same forward
+  pass), computes q at the next position and, given a draft and its encoded distribution p,
   accepts with min(1, q/p) or resamples from norm(max(0, q - p)). With `draft=None` it samples from q
   (the `llm` policy). The verifier never caches a draft, so a resample needs no rollback on this side.
 - Failures to reach the verifier raise `CloudUnavailable`; the decoder then keeps the draft as `unverified`.
