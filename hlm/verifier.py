@@ -1,12 +1,13 @@
 """The cloud side: the large model behind a small interface that a network transport can implement.
 
-Contract (mirrors transformers' candidate generators: small and explicit):
+Contract (after transformers' candidate generators: small and explicit):
 - `open(sampling, prompt)` starts a session with its own empty KV cache and a random generator seeded from
   `sampling.seed`, so a session is reproducible wherever it runs. Given the prompt's ids, the verifier may start
   reading them at once, while the device drafts (`early`); the first `verify` then waits only for the rest.
-- `verify(context, draft, payload)` is called with the *whole* committed context (token ids); the verifier
-  processes only the ids it has not seen yet (tokens kept locally since the last upload are synchronised in
-  the same forward pass), computes q at the next position and, given a draft and its encoded distribution p,
+- `verify(context, draft, payload)` is called with the *whole* committed context (token ids), which extends
+  what the verifier holds (`held`: the ids it has read and its own last verdict token); it processes only the
+  ids it has not read yet (tokens kept locally since the last upload are synchronised in the same forward
+  pass), computes q at the next position and, given a draft and its encoded distribution p,
   accepts with min(1, q/p) or resamples from norm(max(0, q - p)). With `draft=None` it samples from q
   (the `llm` policy). The verifier never caches a draft, so a resample needs no rollback on this side.
 - Failures to reach the verifier raise `CloudUnavailable`; the decoder then keeps the draft as `unverified`.
@@ -50,6 +51,7 @@ class Verdict:
 
 class Verifier(Protocol):
     vocab_size: int
+    held: list[int]  # the ids this verifier holds: all it has read, then its own last verdict token
 
     def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None: ...
 
@@ -74,12 +76,13 @@ class LocalVerifier:
         self.vocab_size = int(valid.shape[0])
         self.meter = meter if meter is not None else open_meter(self.device)
         self.cache: DynamicCache | None = None
-        self.known: list[int] = []
+        self.held: list[int] = []
+        self._cached = 0  # how many of `held` the KV cache has read (a verdict token waits for the next pass)
 
     def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None:
         self.sampling = sampling
         self.generator = torch.Generator(self.device).manual_seed(sampling.seed ^ VERIFIER_SEED_SALT)
-        self.cache, self.known, self._read = DynamicCache(), [], (0.0, None)
+        self.cache, self.held, self._cached, self._read = DynamicCache(), [], 0, (0.0, None)
         if self.early and prompt:
             self._stop = threading.Event()
             self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-verifier-prefill",
@@ -92,7 +95,7 @@ class LocalVerifier:
             with prefix.stopping(self._stop):
                 self._read_now(prompt)
         except Exception:  # noqa: BLE001 - Cancelled, or an error the first verify will meet again
-            self.cache, self.known, self._read = DynamicCache(), [], (0.0, None)
+            self.cache, self.held, self._cached, self._read = DynamicCache(), [], 0, (0.0, None)
 
     def _read_now(self, context: list[int]) -> None:
         with measure(self.device, self.meter) as window:
@@ -111,8 +114,8 @@ class LocalVerifier:
         if self.cache is None:
             raise RuntimeError(f"{call}() before open()")
         self._join()
-        if context[: len(self.known)] != self.known:
-            raise ValueError("context does not extend what the verifier has seen")
+        if context[: len(self.held)] != self.held:
+            raise ValueError("context does not extend what the verifier holds")
 
     def _join(self) -> None:
         if self._reader is not None:
@@ -121,17 +124,15 @@ class LocalVerifier:
 
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> None:
-        if not self.known:  # the prompt: in chunks (`hlm.prefix`)
+        """Read the ids of `context` the KV cache lacks (the last verdict token among them) in one pass."""
+        if not self._cached:  # the prompt: in chunks (`hlm.prefix`)
             self.cache, self.last_logits = prefix.prefill(self.model, context, self.head)
-            self.known = list(context)
-            return
-        new = context[len(self.known):]
-        if not new:
-            return
-        ids = torch.tensor([new], device=self.device)
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.last_logits = out.logits[0, -1]
-        self.known.extend(new)
+        elif len(context) > self._cached:
+            ids = torch.tensor([context[self._cached:]], device=self.device)
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.last_logits = out.logits[0, -1]
+        self.held.extend(context[len(self.held):])
+        self._cached = len(context)
 
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         self._ready(context, "verify")
@@ -145,6 +146,7 @@ class LocalVerifier:
                 token, accepted = rejection_step(draft, p, q, self.generator)
                 p_d, q_d = float(p[draft]), float(q[draft])
         method = self.meter.method if self.meter and window.joules is not None else None
+        self.held.append(token)  # the caller commits it: the next pass reads it with the ids that follow
         (read_s, read_j), self._read = self._read, (0.0, None)  # the early prefill is this verify's work too
         joules = None if window.joules is None else window.joules + (read_j or 0.0)
         return Verdict(token, accepted, p_d, q_d, window.seconds + read_s, joules, method)
@@ -152,4 +154,4 @@ class LocalVerifier:
     def close(self) -> None:
         self._stop.set()
         self._join()
-        self.cache, self.known = None, []
+        self.cache, self.held, self._cached = None, [], 0

@@ -121,7 +121,7 @@ def test_lost_answer_is_resynced(tiny, cloud, monkeypatch):
     verifier.open(SamplingConfig(seed=3))
     context = tiny.encode_prompt(PROMPT, 4)
     verifier.verify(context, None, None)
-    context = verifier.mirror + [65]
+    context = verifier.held + [65]
     send = verifier.client.send
 
     def answer_lost(request: httpx.Request, **kwargs) -> httpx.Response:
@@ -134,7 +134,7 @@ def test_lost_answer_is_resynced(tiny, cloud, monkeypatch):
     monkeypatch.undo()
     time.sleep(0.3)  # past the backoff
     verdict = verifier.verify(context, None, None)
-    assert verifier.mirror == [*context, verdict.token]
+    assert verifier.held == [*context, verdict.token]
     assert verdict.wire_bytes_up > 4 * len(context)  # the whole context went again
     verifier.close()
     assert cloud.request("GET", "/metrics").json()["sessions"]["active"] == 0  # the stale session was deleted too
@@ -253,7 +253,7 @@ def test_the_cloud_reads_the_prompt_while_the_device_drafts(tiny, cloud):
     remote = cloud.verifier(tiny.vocab_size)
     remote.open(SamplingConfig(seed=5), prompt)
     remote._join()
-    assert remote.mirror == prompt
+    assert remote.held == prompt
     verdict = remote.verify(prompt, None, None)
     local = LocalVerifier(tiny.verifier, tiny.valid)
     local.open(SamplingConfig(seed=5))

@@ -1,8 +1,8 @@
 """The cloud over HTTP, client side: `HttpVerifier` implements `hlm.verifier.Verifier` against
 `python -m hlm serve-cloud`, speaking the binary format of `hlm.cloud.wire`.
 
-The transport mirrors what the server's session holds (prompt, synced ids and the verdict tokens the server
-produced itself), so each verify carries only the ids the server has not seen. Failures never stop
+The transport tracks what the server's session holds (`held`: the prompt, the ids sent since and the verdict
+tokens the server produced itself), so each verify carries only the ids the server lacks. Failures never stop
 generation: a network error, timeout or 5xx raises `CloudUnavailable` (the decoder keeps the draft as
 `unverified`) and starts an exponential backoff during which `verify` fails at once, without touching the
 network, so local generation runs at full speed. When the server has lost the session (restart, idle expiry:
@@ -70,7 +70,7 @@ class HttpVerifier:
         self.meter: RemoteMeter | None = None
         self.sampling: SamplingConfig | None = None
         self.session: str | None = None
-        self.mirror: list[int] = []  # the ids the server's session holds, verdict tokens included
+        self.held: list[int] = []  # the ids the server's session holds (its verifier's `held`)
         self.failures, self.retry_at = 0, 0.0
         self._reader: threading.Thread | None = None  # the early prefill (`open`)
         self._early_bytes = (0, 0)  # its HTTP bytes up and down, counted with the first verify
@@ -79,7 +79,7 @@ class HttpVerifier:
         """Never fails: with the prompt, a thread opens the session and has the server read the prompt while the
         device drafts (best effort: if that fails, the first verify opens the session and sends the prompt)."""
         self._join()
-        self.sampling, self.session, self.mirror, self._early_bytes = sampling, None, [], (0, 0)
+        self.sampling, self.session, self.held, self._early_bytes = sampling, None, [], (0, 0)
         if prompt and time.monotonic() >= self.retry_at:
             self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-cloud-prefill",
                                             daemon=True)
@@ -96,9 +96,9 @@ class HttpVerifier:
             self._check(response)
             if response.json().get("held") != len(prompt):
                 raise CloudUnavailable("the cloud read a different prompt length")
-            self.mirror, self._early_bytes = prompt, (up, down)
+            self.held, self._early_bytes = prompt, (up, down)
         except (CloudUnavailable, CloudRejected, ValueError, AttributeError):
-            self.mirror = []  # the first verify re-opens and sends everything
+            self.held = []  # the first verify re-opens and sends everything
 
     def _join(self) -> None:
         if self._reader is not None:
@@ -109,8 +109,8 @@ class HttpVerifier:
         if self.sampling is None:
             raise RuntimeError("verify() before open()")
         self._join()
-        if context[: len(self.mirror)] != self.mirror:
-            raise ValueError("context does not extend what the verifier has seen")
+        if context[: len(self.held)] != self.held:
+            raise ValueError("context does not extend what the verifier holds")
         wait = self.retry_at - time.monotonic()
         if wait > 0:
             raise CloudUnavailable(f"cloud at {self.url} unavailable; next try in {wait:.1f} s")
@@ -128,7 +128,7 @@ class HttpVerifier:
         self._join()
         if time.monotonic() >= self.retry_at:  # a server that is down (in backoff) is not waited for
             self._delete_session()
-        self.sampling, self.session, self.mirror = None, None, []
+        self.sampling, self.session, self.held = None, None, []
 
     def _delete_session(self) -> None:
         """Best effort: the server expires idle sessions anyway, this only frees their KV cache sooner."""
@@ -144,21 +144,21 @@ class HttpVerifier:
         if response.status_code in (404, 409):  # session lost or out of step: start over with the full context
             if response.status_code == 409:
                 self._delete_session()
-            self.session, self.mirror = None, []
+            self.session, self.held = None, []
             response, up, down = self._post_verify(context, draft, payload, up, down)
             if response.status_code in (404, 409):
-                self.session, self.mirror = None, []
+                self.session, self.held = None, []
                 raise CloudUnavailable(f"cloud lost the session twice in a row ({response.status_code})")
         self._check(response)
         try:
-            verdict, known = unpack_verdict(response.content)
+            verdict, n_held = unpack_verdict(response.content)
         except WireError as exc:
-            self.session, self.mirror = None, []
+            self.session, self.held = None, []
             raise CloudUnavailable(f"garbled verdict from {self.url}: {exc}") from exc
-        if known != len(context) + 1:
-            self.session, self.mirror = None, []
-            raise CloudUnavailable(f"cloud session holds {known} ids, expected {len(context) + 1}")
-        self.mirror = [*context, verdict.token]
+        if n_held != len(context) + 1:
+            self.session, self.held = None, []
+            raise CloudUnavailable(f"cloud session holds {n_held} ids, expected {len(context) + 1}")
+        self.held = [*context, verdict.token]
         verdict.wire_bytes_up, verdict.wire_bytes_down = up, down
         verdict.energy_method = self.meter.method if self.meter and verdict.energy_j is not None else None
         return verdict
@@ -168,7 +168,7 @@ class HttpVerifier:
         """One verify request (opening the session first if there is none) carrying the ids it lacks."""
         if self.session is None:
             up, down = self._open(up, down)
-        body = pack_request(len(self.mirror), context[len(self.mirror):], draft, payload)
+        body = pack_request(len(self.held), context[len(self.held):], draft, payload)
         if self.emulate_link is not None:
             time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
         return self._send("POST", f"/v1/sessions/{self.session}/verify", up, down, content=body,
@@ -186,7 +186,7 @@ class HttpVerifier:
             raise CloudRejected(f"{self.url} did not answer like `hlm serve-cloud`: {exc}") from exc
         if vocab != self.vocab_size:
             raise CloudRejected(f"the cloud verifier {model} has a vocabulary of {vocab}, this pair {self.vocab_size}")
-        self.session, self.mirror = session, []
+        self.session, self.held = session, []
         self.meter = RemoteMeter(f"{method} (on the cloud server)") if method else None
         return up, down
 

@@ -14,7 +14,8 @@ JSON {"error": message} with a 4xx/5xx status; nothing a client sends can crash 
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and fastapi
-# itself is imported lazily (in `create_app`) so the rest of the CLI does not pay for it.
+# itself is imported lazily (in `create_app` and the two helpers it calls) so the rest of the CLI does not pay
+# for it.
 
 import asyncio
 import contextlib
@@ -33,6 +34,7 @@ from hlm.config import ConfigError, SamplingConfig
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
     from starlette.requests import Request
     from transformers import PreTrainedModel
 
@@ -64,8 +66,7 @@ class Limits:
 
 @dataclass
 class Session:
-    verifier: "LocalVerifier"
-    context: list[int] = field(default_factory=list)  # ids the session holds, its own verdict tokens included
+    verifier: "LocalVerifier"  # holds the session's ids (`held`) with its KV cache
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -91,7 +92,7 @@ class SessionStore:
 
     @property
     def kv_tokens(self) -> int:
-        return sum(len(s.context) for s in self.sessions.values())
+        return sum(len(s.verifier.held) for s in self.sessions.values())
 
     def expire(self) -> None:
         cutoff = time.monotonic() - self.limits.idle_s
@@ -117,53 +118,52 @@ class SessionStore:
         del self.sessions[sid]
         self.counts["closed"] += 1
 
-    def _request(self, sid: str, body: bytes) -> tuple[Session, "VerifyRequest"]:
-        """A checked request for session `sid`: ids in the vocabulary and in step, within the caps."""
-        from hlm.cloud.wire import WireError, unpack_request
-        from hlm.payload import PayloadError, decode
-
-        s = self._get(sid)
-        max_ids = self.pair.max_context - len(s.context)
-        try:
-            req = unpack_request(body, self.pair.vocab_size, max_ids)
-            if req.payload is not None:  # check before the model runs, so a bad payload leaves the session intact
-                decode(req.payload, self.pair.vocab_size)
-        except (WireError, PayloadError) as exc:
-            raise HttpError(400, str(exc)) from exc
-        if req.base != len(s.context):
-            raise HttpError(409, f"the session holds {len(s.context)} ids, the request assumes {req.base}")
-        if not s.context and not req.ids:
-            raise HttpError(400, "the first request of a session must carry the prompt ids")
-        if (self.kv_tokens + len(req.ids) + 1) * self.kv_per_token > self.limits.max_kv_bytes:
-            raise HttpError(503, "the KV-cache memory cap is reached; try again later")
-        return s, req
-
     def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
         from hlm.cloud.wire import pack_verdict
 
         s, req = self._request(sid, body)
-        context = s.context + req.ids
-        try:
-            verdict = s.verifier.verify(context, req.draft, req.payload)
-        except Exception:  # the cache may be half-updated: drop the session (the client re-opens on 404)
-            del self.sessions[sid]
-            raise
-        s.context, s.last_used = [*context, verdict.token], time.monotonic()
-        return pack_verdict(verdict, len(s.context)), verdict
+        verdict = self._step(sid, s.verifier.verify, s.verifier.held + req.ids, req.draft, req.payload)
+        return pack_verdict(verdict, len(s.verifier.held)), verdict
 
     def prefill(self, sid: str, body: bytes) -> int:
         """Read the prompt before the first draft arrives (the device drafts meanwhile); returns the ids held."""
         s, req = self._request(sid, body)
         if req.draft is not None or req.payload is not None:
             raise HttpError(400, "a prefill carries ids only, no draft")
-        context = s.context + req.ids
+        self._step(sid, s.verifier.prefill, s.verifier.held + req.ids)
+        return len(s.verifier.held)
+
+    def _request(self, sid: str, body: bytes) -> tuple[Session, "VerifyRequest"]:
+        """A checked request for session `sid`: ids in the vocabulary and in step, within the caps."""
+        from hlm.cloud.wire import WireError, unpack_request
+        from hlm.payload import PayloadError, decode
+
+        s = self._get(sid)
+        n_held = len(s.verifier.held)
         try:
-            s.verifier.prefill(context)
+            req = unpack_request(body, self.pair.vocab_size, self.pair.max_context - n_held)
+            if req.payload is not None:  # check before the model runs, so a bad payload leaves the session intact
+                decode(req.payload, self.pair.vocab_size)
+        except (WireError, PayloadError) as exc:
+            raise HttpError(400, str(exc)) from exc
+        if req.base != n_held:
+            raise HttpError(409, f"the session holds {n_held} ids, the request assumes {req.base}")
+        if not n_held and not req.ids:
+            raise HttpError(400, "the first request of a session must carry the prompt ids")
+        if (self.kv_tokens + len(req.ids) + 1) * self.kv_per_token > self.limits.max_kv_bytes:
+            raise HttpError(503, "the KV-cache memory cap is reached; try again later")
+        return s, req
+
+    def _step(self, sid: str, call: Callable[..., Any], *args: Any) -> Any:
+        """One model call of session `sid`. A failure may leave its cache half-updated, so the session goes
+        (the client re-opens on 404)."""
+        try:
+            result = call(*args)
         except Exception:
             del self.sessions[sid]
             raise
-        s.context, s.last_used = context, time.monotonic()
-        return len(context)
+        self.sessions[sid].last_used = time.monotonic()
+        return result
 
     def _get(self, sid: str) -> Session:
         s = self.sessions.get(sid)
@@ -246,104 +246,149 @@ def parse_open(body: bytes) -> SamplingConfig:
         raise HttpError(400, str(exc)) from exc
 
 
+def check_bearer(authorization: str, token: str | None) -> None:
+    """Refuse with 401 unless the Authorization header carries the server's token (compared in constant time)."""
+    if token is not None and not secrets.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        raise HttpError(401, "missing or wrong bearer token")
+
+
+class CloudService:
+    """What each endpoint does. Every `SessionStore` call runs on the one worker thread (`run`), so sessions
+    never race and torch is not oversubscribed; `Metrics` is touched only on the event loop."""
+
+    def __init__(self, pair: "ModelPair", limits: Limits) -> None:
+        self.pair, self.limits = pair, limits
+        self.store, self.metrics = SessionStore(pair, limits), Metrics()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+        self.model = getattr(pair.verifier, "hlm_name", pair.name)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: "FastAPI") -> AsyncIterator[None]:
+        """Idle sessions expire while the app runs; at shutdown, queued model calls are dropped."""
+        task = asyncio.create_task(self._sweep())
+        yield
+        task.cancel()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.limits.idle_s / 4, 10.0))
+            await self.run(self.store.expire)
+
+    async def _read(self, request: "Request", cap: int) -> bytes:
+        body = await read_body(request, cap)
+        self.metrics.counts["bytes_in"] += len(body)
+        return body
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model, "pair": self.pair.name, "vocab_size": self.pair.vocab_size,
+                "sessions": len(self.store.sessions)}
+
+    async def open_session(self, request: "Request") -> dict[str, Any]:
+        sid = await self.run(self.store.open, parse_open(await self._read(request, CONTROL_BYTES)))
+        self.metrics.status["200"] += 1
+        answer = {"session": sid, "vocab_size": self.pair.vocab_size, "max_context": self.pair.max_context,
+                  "model": self.model, "energy_method": self.store.meter.method if self.store.meter else None}
+        self.metrics.counts["bytes_out"] += len(json.dumps(answer, separators=(",", ":")))
+        return answer
+
+    async def verify(self, sid: str, request: "Request") -> bytes:
+        """The binary verdict; its latency counts from the request's arrival to the verdict."""
+        t0 = time.perf_counter()
+        body = await self._read(request, self.limits.max_request_bytes)
+        out, verdict = await self.run(self.store.verify, sid, body)
+        self.metrics.record(verdict, time.perf_counter() - t0)
+        self.metrics.counts["bytes_out"] += len(out)
+        self.metrics.status["200"] += 1
+        return out
+
+    async def prefill(self, sid: str, request: "Request") -> dict[str, int]:
+        held = await self.run(self.store.prefill, sid, await self._read(request, self.limits.max_request_bytes))
+        self.metrics.status["200"] += 1
+        return {"held": held}
+
+    async def close(self, sid: str) -> dict[str, bool]:
+        await self.run(self.store.close, sid)
+        self.metrics.status["200"] += 1
+        return {"closed": True}
+
+    def error(self, status: int, message: str) -> "JSONResponse":
+        from fastapi.responses import JSONResponse
+
+        self.metrics.status[str(status)] += 1
+        return JSONResponse({"error": message}, status_code=status)
+
+
 def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "FastAPI":
-    from fastapi import APIRouter, Depends, FastAPI, Request, Response
+    """The service's FastAPI app: JSON errors, /health open, every other route behind the bearer token."""
+    from fastapi import FastAPI
+
+    service = CloudService(pair, limits)
+    app = FastAPI(title="hlm cloud verifier", lifespan=service.lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    _add_error_handlers(app, service)
+    _add_routes(app, service, token)
+    return app
+
+
+def _add_error_handlers(app: "FastAPI", service: CloudService) -> None:
+    """Refusals, unknown paths and wrong methods, and crashes all answer JSON {"error": message}, counted."""
+    from fastapi import Request
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    store, metrics = SessionStore(pair, limits), Metrics()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
-
-    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
-
-    async def sweep() -> None:
-        while True:
-            await asyncio.sleep(min(limits.idle_s / 4, 10.0))
-            await on_worker(store.expire)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(sweep())
-        yield
-        task.cancel()
-        worker.shutdown(wait=False, cancel_futures=True)
-
-    def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HttpError(401, "missing or wrong bearer token")
-
-    app = FastAPI(title="hlm cloud verifier", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    api = APIRouter(dependencies=[Depends(check_token)])
-
-    def error(status: int, message: str) -> JSONResponse:
-        metrics.status[str(status)] += 1
-        return JSONResponse({"error": message}, status_code=status)
-
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, exc: HttpError) -> JSONResponse:
-        return error(exc.status, exc.message)
+        return service.error(exc.status, exc.message)
 
     @app.exception_handler(HTTPException)
     async def on_route_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown path, wrong method
-        return error(exc.status_code, str(exc.detail))
+        return service.error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         print(f"internal error on {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return error(500, f"internal error: {type(exc).__name__}")
+        return service.error(500, f"internal error: {type(exc).__name__}")
+
+
+def _add_routes(app: "FastAPI", service: CloudService, token: str | None) -> None:
+    """Each route hands its request to one `CloudService` method. Defined here, after the lazy import, because
+    FastAPI reads the handlers' annotations at runtime."""
+    from fastapi import APIRouter, Depends, Request, Response
+
+    def bearer(request: Request) -> None:
+        check_bearer(request.headers.get("authorization", ""), token)
+
+    api = APIRouter(dependencies=[Depends(bearer)])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": getattr(pair.verifier, "hlm_name", pair.name), "pair": pair.name,
-                "vocab_size": pair.vocab_size, "sessions": len(store.sessions)}
+        return service.health()
 
     @api.get("/metrics")
     async def get_metrics() -> dict[str, Any]:
-        return metrics.snapshot(store)
+        return service.metrics.snapshot(service.store)
 
     @api.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:
-        body = await read_body(request, CONTROL_BYTES)
-        metrics.counts["bytes_in"] += len(body)
-        sid = await on_worker(store.open, parse_open(body))
-        metrics.status["200"] += 1
-        answer = {"session": sid, "vocab_size": pair.vocab_size, "max_context": pair.max_context,
-                  "model": getattr(pair.verifier, "hlm_name", pair.name),
-                  "energy_method": store.meter.method if store.meter else None}
-        metrics.counts["bytes_out"] += len(json.dumps(answer, separators=(",", ":")))
-        return answer
+        return await service.open_session(request)
 
     @api.post("/v1/sessions/{sid}/verify")
     async def verify(sid: str, request: Request) -> Response:
-        t0 = time.perf_counter()
-        body = await read_body(request, limits.max_request_bytes)
-        metrics.counts["bytes_in"] += len(body)
-        out, verdict = await on_worker(store.verify, sid, body)
-        metrics.record(verdict, time.perf_counter() - t0)
-        metrics.counts["bytes_out"] += len(out)
-        metrics.status["200"] += 1
-        return Response(out, media_type="application/octet-stream")
+        return Response(await service.verify(sid, request), media_type="application/octet-stream")
 
     @api.post("/v1/sessions/{sid}/prefill")
     async def prefill(sid: str, request: Request) -> dict[str, int]:
-        body = await read_body(request, limits.max_request_bytes)
-        metrics.counts["bytes_in"] += len(body)
-        held = await on_worker(store.prefill, sid, body)
-        metrics.status["200"] += 1
-        return {"held": held}
+        return await service.prefill(sid, request)
 
     @api.delete("/v1/sessions/{sid}")
     async def close_session(sid: str) -> dict[str, bool]:
-        await on_worker(store.close, sid)
-        metrics.status["200"] += 1
-        return {"closed": True}
+        return await service.close(sid)
 
     app.include_router(api)
-    return app
 
 
 def is_loopback(host: str) -> bool:

@@ -79,17 +79,17 @@ def _from_nan(value: float) -> float | None:
     return None if np.isnan(value) else value
 
 
-def pack_verdict(v: Verdict, known: int) -> bytes:
+def pack_verdict(v: Verdict, held: int) -> bytes:
     accepted = NO_DRAFT if v.accepted is None else int(v.accepted)
-    return RESPONSE.pack(RESPONSE_MAGIC, WIRE_VERSION, accepted, 0, v.token, known, _to_nan(v.p_draft),
+    return RESPONSE.pack(RESPONSE_MAGIC, WIRE_VERSION, accepted, 0, v.token, held, _to_nan(v.p_draft),
                          _to_nan(v.q_draft), v.compute_s, _to_nan(v.energy_j))
 
 
 def unpack_verdict(body: bytes) -> tuple[Verdict, int]:
     if len(body) != RESPONSE.size:
         raise WireError(f"verdict is {len(body)} bytes, expected {RESPONSE.size}")
-    magic, version, accepted, _, token, known, p_d, q_d, compute_s, energy_j = RESPONSE.unpack(body)
+    magic, version, accepted, _, token, held, p_d, q_d, compute_s, energy_j = RESPONSE.unpack(body)
     if magic != RESPONSE_MAGIC or version != WIRE_VERSION or accepted > NO_DRAFT:
         raise WireError("not an hlm verdict (bad magic, version or flag)")
     return Verdict(token, None if accepted == NO_DRAFT else bool(accepted), _from_nan(p_d), _from_nan(q_d),
-                   compute_s, _from_nan(energy_j)), known
+                   compute_s, _from_nan(energy_j)), held
