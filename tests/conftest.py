@@ -1,11 +1,18 @@
 """Fixtures and helpers shared by the test modules (import helpers with `from conftest import ...`)."""
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 
+import httpx
 import pytest
 import torch
 
+from hlm.cloud.client import HttpVerifier
 from hlm.config import LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,3 +48,47 @@ def decoder(tiny):
     from hlm.decoder import HybridDecoder
 
     return HybridDecoder(tiny)
+
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class CloudProcess:
+    """`python -m hlm serve-cloud --models tiny` in a subprocess on a fixed loopback port, restartable on it."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args  # more serve-cloud flags
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="hlm-cloud-", suffix=".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "HLM_CLOUD_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "hlm", "serve-cloud", "--models", "tiny", "--threads", "1",
+                                      "--port", str(self.port), *self.args], env=env, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited: {open(self.log.name).read()}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError("server did not come up")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+    def verifier(self, vocab_size: int, **kwargs) -> HttpVerifier:
+        return HttpVerifier(self.url, vocab_size=vocab_size, token=TOKEN, **kwargs)
+
+    def request(self, method: str, path: str, auth: bool = True, **kwargs) -> httpx.Response:
+        headers = {"authorization": f"Bearer {TOKEN}"} if auth else {}
+        return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)

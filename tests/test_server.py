@@ -3,17 +3,14 @@
 Parity with the in-process path, kill-and-restart mid-run, malformed and oversized requests, 8 concurrent
 sessions, auth; the session limits and the wire format are checked in process."""
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
+import http.server
+import socket
 import threading
 import time
 
 import httpx
 import pytest
-from conftest import cfg, free_port
+from conftest import CloudProcess, cfg, free_port
 
 from hlm.cli import main as cli_main
 from hlm.cloud.client import CloudRejected, HttpVerifier
@@ -24,49 +21,8 @@ from hlm.decoder import HybridDecoder
 from hlm.payload import encode
 from hlm.verifier import CloudUnavailable, LocalVerifier
 
-TOKEN = "test-token-0123456789abcdef"
 PROMPT = "abc"
 CLOUD_SOURCES = {"cloud_accepted", "cloud_resampled", "cloud_sampled"}
-
-
-class CloudProcess:
-    """`python -m hlm serve-cloud --models tiny` on a fixed loopback port, restartable on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="hlm-cloud-", suffix=".log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "HLM_CLOUD_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "hlm", "serve-cloud", "--models", "tiny", "--threads", "1",
-                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {open(self.log.name).read()}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise TimeoutError("server did not come up")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-    def verifier(self, vocab_size: int, **kwargs) -> HttpVerifier:
-        return HttpVerifier(self.url, vocab_size=vocab_size, token=TOKEN, **kwargs)
-
-    def request(self, method: str, path: str, auth: bool = True, **kwargs) -> httpx.Response:
-        headers = {"authorization": f"Bearer {TOKEN}"} if auth else {}
-        return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +224,40 @@ def test_the_cloud_reads_the_prompt_while_the_device_drafts(tiny, cloud):
     assert bad.status_code == 409
     good = cloud.request("POST", f"/v1/sessions/{sid}/prefill", content=pack_request(0, prompt, None, None))
     assert good.json() == {"held": len(prompt)}
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["serve-cloud", "--models", "tiny", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "--port" in err, err
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_a_cloud_url_that_answers_a_web_page_is_one_line(status, capsys):
+    """Pointing --cloud at the dashboard or any web server: the CLI says what answered, and what to check."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's handler naming)
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b"<!doctype html><title>Gradio</title>"
+            self.send_response(status)
+            self.send_header("content-type", "text/html; charset=utf-8")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as page:
+        threading.Thread(target=page.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{page.server_address[1]}"
+        code = cli_main(["generate", "--models", "tiny", "--prompt", "hi", "--max-new-tokens", "2", "--policy", "hlm",
+                         "--cloud", url])
+        page.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{url} answered {status} with text/html" in err and "serve-cloud" in err, err

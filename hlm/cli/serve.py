@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from hlm.cli.args import UsageError, add_model_args
@@ -19,9 +20,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     limits = Limits(args.max_sessions, args.idle_s, int(args.max_request_mib * (1 << 20)),
-                    int(args.max_kv_mib * (1 << 20)))
-    if limits.max_sessions < 1 or limits.idle_s <= 0 or limits.max_request_bytes < 1024 or limits.max_kv_bytes <= 0:
-        raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001 and --max-kv-mib > 0")
+                    int(args.max_kv_mib * (1 << 20)), args.body_timeout_s)
+    if limits.max_sessions < 1 or limits.idle_s <= 0 or limits.max_request_bytes < 1024 or limits.max_kv_bytes <= 0 \
+            or limits.body_timeout_s <= 0:
+        raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001, --max-kv-mib > 0 and "
+                         "--body-timeout-s > 0")
+    check_port_free(args.host, args.port)  # before minutes of model loading, not after
     import torch
     import uvicorn
 
@@ -38,6 +42,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind the address as uvicorn will (SO_REUSEADDR, so a port in TIME_WAIT counts as free) and let it go."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): stop what uses that port or "
+                         "choose another with --port") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-cloud", help="serve the verifier model over HTTP (for generate --cloud URL)",
                        description=f"Non-loopback hosts require a bearer token in ${TOKEN_ENV}.")
@@ -47,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     p.add_argument("--idle-s", type=float, default=Limits.idle_s, help="idle sessions expire after this")
     p.add_argument("--max-request-mib", type=float, default=Limits.max_request_bytes / (1 << 20))
+    p.add_argument("--body-timeout-s", type=float, default=Limits.body_timeout_s,
+                   help="a request body not received whole within this is cut (408)")
     p.add_argument("--max-kv-mib", type=float, default=Limits.max_kv_bytes / (1 << 20),
                    help="cap on the estimated KV-cache memory of all sessions together")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

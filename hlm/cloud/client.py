@@ -183,7 +183,7 @@ class HttpVerifier:
             info = response.json()
             session, vocab, model, method = info["session"], info["vocab_size"], info["model"], info["energy_method"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise CloudRejected(f"{self.url} did not answer like `hlm serve-cloud`: {exc}") from exc
+            raise self._not_hlm(response) from exc
         if vocab != self.vocab_size:
             raise CloudRejected(f"the cloud verifier {model} has a vocabulary of {vocab}, this pair {self.vocab_size}")
         self.session, self.held = session, []
@@ -210,9 +210,18 @@ class HttpVerifier:
         try:
             message = response.json()["error"]
         except (ValueError, KeyError, TypeError):
+            if status < 500:  # a web page or another service: no retry will help
+                raise self._not_hlm(response) from None
             message = response.text[:200]
         if status in (401, 403):
             raise CloudRejected(f"the cloud refused the bearer token (set {TOKEN_ENV}): {message}")
         if status == 429 or status >= 500:
             raise CloudUnavailable(f"cloud answered {status}: {message}")
         raise CloudRejected(f"the cloud rejected the request ({status}): {message}")
+
+    def _not_hlm(self, response: httpx.Response) -> CloudRejected:
+        """Something else answers at the URL (a web page, the dashboard, another API): say what, and what to check."""
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        return CloudRejected(f"{self.url} answered {response.status_code} with {kind}, not like `python -m hlm "
+                             "serve-cloud`: check the cloud URL's host and port (the dashboard's own port is not the "
+                             "cloud's)")

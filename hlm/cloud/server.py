@@ -62,6 +62,7 @@ class Limits:
     idle_s: float = 300.0
     max_request_bytes: int = 4 << 20
     max_kv_bytes: int = 4 << 30
+    body_timeout_s: float = 30.0  # a body that has not arrived whole by then is cut (a slow or stalled client)
 
 
 @dataclass
@@ -215,18 +216,26 @@ class Metrics:
         }
 
 
-async def read_body(request: "Request", cap: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds `cap` (by its declared length, or while streaming)."""
+async def read_body(request: "Request", cap: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it exceeds `cap` (by its declared length, or while streaming), and
+    with 408 if it has not arrived whole within `timeout_s` (a stalled client must not hold a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > cap):
         raise HttpError(413, f"request body over the limit of {cap:,} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise HttpError(413, f"request body over the limit of {cap:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise HttpError(413, f"request body over the limit of {cap:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise HttpError(408, f"request body not received within {timeout_s:g} s") from None
 
 
 def parse_open(body: bytes) -> SamplingConfig:
@@ -279,7 +288,7 @@ class CloudService:
             await self.run(self.store.expire)
 
     async def _read(self, request: "Request", cap: int) -> bytes:
-        body = await read_body(request, cap)
+        body = await read_body(request, cap, self.limits.body_timeout_s)
         self.metrics.counts["bytes_in"] += len(body)
         return body
 
