@@ -146,9 +146,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                 controls = _controls(dash)
             with gr.Column(scale=3, min_width=300):
                 views = _views(dash)
-        targets = {**views, "history": history, "prompt": controls.prompt}
-        outputs = [targets[f.name] for f in fields(Frame)]
-        _wire_runs(dash, controls, [controls.preset, controls.prompt, history], outputs, views["stats"])
+        _wire_runs(dash, controls, views, history)
         _wire_settings(dash, controls, demo)
         _api(dash)
     return demo
@@ -231,13 +229,15 @@ def _streamed(action: Callable[..., Iterator[Frame]]) -> Callable[..., Iterator[
     return on_run
 
 
-def _wire_runs(dash: Dashboard, c: Controls, run_inputs: list[gr.components.Component],
-               outputs: list[gr.components.Component], progress_on: gr.components.Component) -> None:
+def _wire_runs(dash: Dashboard, c: Controls, views: dict[str, gr.components.Component], history: gr.State) -> None:
     """The buttons that run the models (one run at a time across sessions: they share the models), Stop, and the
-    what-if replay: a k, γ or u_th move redraws the last run without a model, so it answers while you drag."""
-    inputs = [*run_inputs, *(c.knobs[knob.name] for knob in KNOBS)]
+    what-if replay: a k, γ or u_th move redraws the last run without a model, so it answers while you drag. Every
+    one of them updates the page through a `Frame`."""
+    targets = {**views, "history": history, "prompt": c.prompt}
+    outputs = [targets[f.name] for f in fields(Frame)]
+    inputs = [c.preset, c.prompt, history, *(c.knobs[knob.name] for knob in KNOBS)]
     model_work = {"outputs": outputs, "concurrency_limit": 1, "concurrency_id": "model",
-                  "show_progress": "minimal", "show_progress_on": [progress_on], "scroll_to_output": True,
+                  "show_progress": "minimal", "show_progress_on": [views["stats"]], "scroll_to_output": True,
                   "api_visibility": "private"}
     on_generate = _streamed(dash.generate)
     run = c.generate.click(on_generate, inputs, **model_work)

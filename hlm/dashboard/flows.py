@@ -71,6 +71,7 @@ class LinkValues(NamedTuple):
     snr_db: float
     tx_power_w: float
 
+
 @dataclass
 class Frame:
     """One update of the page, field for field the app's outputs; None leaves a component as it is. `PLOTS` are
