@@ -16,18 +16,17 @@ import functools
 import inspect
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 import pandas as pd
 from gradio.components.plot import PlotData
 
-from hlm.cli import add_model_args
+from hlm.cli import add_cloud_args, add_model_args
 from hlm.dashboard import KNOBS, Dashboard, Frame
 
 ASSETS = Path(__file__).resolve().parent / "hlm" / "assets"
@@ -39,6 +38,10 @@ HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model o
           'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
           'uploaded for the large cloud model to verify, which saves radio energy. Colours show where each token '
           'came from.</p></div>')
+COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference), then HLM (every token uploaded), "
+                "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
+                "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
+                "and sums the result up in one sentence.")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -110,138 +113,187 @@ def widget(name: str, **override: Any) -> gr.components.Component:
     return gr.Slider(low, high, step=step, **args)
 
 
+class Risk(NamedTuple):
+    """Where the page shows a pair's calibrated u_th: a note, and one button per calibrated value (hidden when the
+    pair is not calibrated)."""
+
+    note: gr.Markdown
+    averse: gr.Button
+    prone: gr.Button
+
+
+@dataclass
+class Controls:
+    """The left column: what a run reads (the pair, the prompt, `knobs` keyed by knob name) and the buttons."""
+
+    prompt: gr.Textbox
+    preset: gr.Dropdown
+    knobs: dict[str, gr.components.Component]
+    risk: Risk
+    generate: gr.Button
+    compare: gr.Button
+    show: gr.Button
+    stop: gr.Button
+
+
 def build(dash: Dashboard) -> gr.Blocks:
-    service = dash.service
-    start = service.start
-    blank = dash.blank()
-    link_info, bandwidth_mhz, snr_db, tx_power_w = dash.link(KNOBS["link_preset"].default)
+    """The page: the controls on the left, the views on the right, every event a call of one `Dashboard` method."""
     with gr.Blocks(title="Hybrid LM decoding: device drafts, cloud verifies") as demo:
         gr.HTML(HEADER)
         history = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                prompt = gr.Textbox(label="Prompt", lines=4, max_lines=12, placeholder="Ask a question or for code…",
-                                    autofocus=True, info=dash.PROMPT_INFO)
-                examples = dash.examples()
-                gr.Examples([[e["prompt"]] for e in examples], [prompt], label="Examples",
-                            example_labels=[e["label"] for e in examples])
-                preset = gr.Dropdown(service.presets, value=start, label="Model pair (device → cloud)",
-                                     interactive=len(service.presets) > 1)
-                c: dict[str, gr.components.Component] = {"k": widget("k"), "gamma": widget("gamma")}
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
-                    compare = gr.Button("Compare", scale=2, min_width=100)
-                    show = gr.Button("Show me", scale=2, min_width=100, elem_id="hlm-show-me")
-                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=70)
-                with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
-                    c["policy"], c["estimator"] = widget("policy"), widget("estimator")
-                    c["u_th"] = widget("u_th", value=dash.pair(start)[1])
-                    with gr.Row():
-                        averse = gr.Button("risk-averse", size="sm", visible=False)
-                        prone = gr.Button("risk-prone", size="sm", visible=False)
-                    calibration = gr.Markdown(elem_classes="hlm-note")
-                    for name in ("temperature", "max_new_tokens", "seed"):
-                        c[name] = widget(name)
-                    gr.Markdown("**Device and radio link** (modelled; each choice says where its numbers come "
-                                "from)", elem_classes="hlm-note")
-                    c["device_profile"], c["link_preset"] = widget("device_profile"), widget("link_preset")
-                    c["bandwidth_mhz"] = widget("bandwidth_mhz", value=bandwidth_mhz)
-                    c["snr_db"] = widget("snr_db", value=snr_db)
-                    c["tx_power_w"] = widget("tx_power_w", value=tx_power_w)
-                    c["bits_per_prob"], c["topk"] = widget("bits_per_prob"), widget("topk")
+                controls = _controls(dash)
             with gr.Column(scale=3, min_width=300):
-                stats = gr.HTML(blank.stats)
-                with gr.Tabs(selected="output") as tabs:
-                    with gr.Tab("Output", id="output"):
-                        gr.HTML(dash.legend())
-                        tokens = gr.HTML("", elem_classes="hlm-tokens", min_height=120, max_height=360,
-                                         autoscroll=True)
-                        with gr.Row(equal_height=True):
-                            energy = gr.Plot(_plot(blank.energy), show_label=False, min_width=280)
-                            uploads = gr.Plot(_plot(blank.uploads), show_label=False, min_width=280)
-                        quality = gr.Plot(_plot(blank.quality), show_label=False)
-                    with gr.Tab("Compare", id="compare"):
-                        gr.Markdown("**Compare** runs the prompt with the LLM alone (the reference), then HLM "
-                                    "(every token uploaded), U-HLM (uncertain tokens), ours (the drafts its "
-                                    "estimator scores highest) and a coin uploading as many as ours did (the "
-                                    "control), with the settings on the left. **Show me** runs HLM, ours and the "
-                                    "coin and sums the result up in one sentence.", elem_classes="hlm-note")
-                        compare_view = gr.HTML(blank.compare)
-                    with gr.Tab("Token details", id="details"):
-                        table = gr.Dataframe(headers=Frame.HEADERS, interactive=False, max_height=480,
-                                             label="Every token of the last run (hovering a token shows the same)")
-                    with gr.Tab("Hardware", id="hardware"):
-                        hardware = gr.HTML(dash.hardware(start))
-
-        controls = [c[knob.name] for knob in KNOBS]
-        targets = {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
-                   "table": table, "history": history, "compare": compare_view,
-                   "tab": tabs, "hardware": hardware, "prompt": prompt}
-        outputs = [targets[f.name] for f in fields(Frame)]
-
-        @page_errors
-        def on_generate(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
-            for frame in dash.generate(request.session_hash, pair, text, KNOBS.settings(values), past):
-                yield emit(frame)
-
-        @page_errors
-        def on_compare(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
-            for frame in dash.compare(request.session_hash, pair, text, KNOBS.settings(values), past):
-                yield emit(frame)
-
-        @page_errors
-        def on_show(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
-            for frame in dash.show_me(request.session_hash, pair, text, KNOBS.settings(values), past):
-                yield emit(frame)
-
-        def on_replay(request: gr.Request, k: Any, gamma: Any, u_th: Any) -> list:
-            return emit(dash.replay(request.session_hash, k, gamma, u_th))
-
-        def on_stop(request: gr.Request) -> None:
-            service.stop(request.session_hash)
-
-        def on_pair(pair: str) -> list:
-            note, u_th, risk_averse, risk_prone = dash.pair(pair)
-            return [note, u_th, *(gr.Button("" if value is None else f"{name} {value:g}", visible=value is not None)
-                                  for name, value in (("risk-averse", risk_averse), ("risk-prone", risk_prone)))]
-
-        model_work = {"outputs": outputs, "concurrency_limit": 1, "concurrency_id": "model",
-                      "show_progress": "minimal", "show_progress_on": [stats], "scroll_to_output": True,
-                      "api_visibility": "private"}
-        run = generate.click(on_generate, [preset, prompt, history, *controls], **model_work)
-        prompt.submit(on_generate, [preset, prompt, history, *controls], **model_work)
-        both = compare.click(on_compare, [preset, prompt, history, *controls], **model_work)
-        shown = show.click(on_show, [preset, prompt, history, *controls], **model_work)
-        stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
-            None, None, None, cancels=[run, both, shown], api_visibility="private")
-        for knob in (c["k"], c["gamma"], c["u_th"]):  # what-if replay: no queue, no model: answers while you drag
-            knob.input(on_replay, [c["k"], c["gamma"], c["u_th"]], outputs, queue=False, show_progress="hidden",
-                       trigger_mode="always_last", api_visibility="private")
-
-        def on_link_preset(name: str) -> list:
-            info, *values = dash.link(name)
-            return [gr.Dropdown(info=info), *values]
-
-        c["link_preset"].input(on_link_preset, c["link_preset"],
-                               [c["link_preset"], c["bandwidth_mhz"], c["snr_db"], c["tx_power_w"]],
-                               api_visibility="private")
-        c["device_profile"].input(lambda name: gr.Dropdown(info=dash.device(name)),
-                                  c["device_profile"], c["device_profile"], api_visibility="private")
-        pair_outputs = [calibration, c["u_th"], averse, prone]
-        preset.change(on_pair, preset, pair_outputs, api_visibility="private")
-        demo.load(on_pair, preset, pair_outputs, api_visibility="private")
-        for button, which in ((averse, 2), (prone, 3)):
-            button.click(lambda pair, which=which: dash.pair(pair)[which], preset, c["u_th"],
-                         api_visibility="private")
-
-        _api(dash, start)
+                views = _views(dash)
+        _wire_runs(dash, controls, views, history)
+        _wire_settings(dash, controls, demo)
+        _api(dash)
     return demo
 
 
-def _api(dash: Dashboard, start: str) -> None:
+def _controls(dash: Dashboard) -> Controls:
+    """The prompt and its examples, the model pair, k and γ, the run buttons, and the rest folded away."""
+    prompt = gr.Textbox(label="Prompt", lines=4, max_lines=12, placeholder="Ask a question or for code…",
+                        autofocus=True, info=dash.PROMPT_INFO)
+    examples = dash.examples()
+    gr.Examples([[e["prompt"]] for e in examples], [prompt], label="Examples",
+                example_labels=[e["label"] for e in examples])
+    preset = gr.Dropdown(dash.presets, value=dash.start, label="Model pair (device → cloud)",
+                         interactive=len(dash.presets) > 1)
+    knobs = {"k": widget("k"), "gamma": widget("gamma")}
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", scale=2, min_width=100)
+        compare = gr.Button("Compare", scale=2, min_width=100)
+        show = gr.Button("Show me", scale=2, min_width=100, elem_id="hlm-show-me")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=70)
+    with gr.Accordion("Advanced settings", open=False, elem_id="hlm-advanced"):
+        advanced, risk = _advanced(dash)
+    return Controls(prompt, preset, {**knobs, **advanced}, risk, generate, compare, show, stop)
+
+
+def _advanced(dash: Dashboard) -> tuple[dict[str, gr.components.Component], Risk]:
+    """"Advanced settings": the policy and its u_th (with the pair's calibrated values), sampling, device and link
+    (their knobs start at the default link preset's values)."""
+    knobs = {"policy": widget("policy"), "estimator": widget("estimator"),
+             "u_th": widget("u_th", value=dash.pair(dash.start).u_th)}
+    with gr.Row():
+        averse = gr.Button("risk-averse", size="sm", visible=False)
+        prone = gr.Button("risk-prone", size="sm", visible=False)
+    risk = Risk(gr.Markdown(elem_classes="hlm-note"), averse, prone)
+    for name in ("temperature", "max_new_tokens", "seed"):
+        knobs[name] = widget(name)
+    gr.Markdown("**Device and radio link** (modelled; each choice says where its numbers come from)",
+                elem_classes="hlm-note")
+    link = dash.link(KNOBS["link_preset"].default)
+    knobs["device_profile"], knobs["link_preset"] = widget("device_profile"), widget("link_preset")
+    knobs["bandwidth_mhz"] = widget("bandwidth_mhz", value=link.bandwidth_mhz)
+    knobs["snr_db"] = widget("snr_db", value=link.snr_db)
+    knobs["tx_power_w"] = widget("tx_power_w", value=link.tx_power_w)
+    knobs["bits_per_prob"], knobs["topk"] = widget("bits_per_prob"), widget("topk")
+    return knobs, risk
+
+
+def _views(dash: Dashboard) -> dict[str, gr.components.Component]:
+    """The right column: the headline cards over the Output, Compare, Token details and Hardware tabs; keyed by
+    the `Frame` field each shows."""
+    blank = dash.blank()
+    stats = gr.HTML(blank.stats)
+    with gr.Tabs(selected="output") as tabs:
+        with gr.Tab("Output", id="output"):
+            gr.HTML(dash.legend())
+            tokens = gr.HTML("", elem_classes="hlm-tokens", min_height=120, max_height=360, autoscroll=True)
+            with gr.Row(equal_height=True):
+                energy = gr.Plot(_plot(blank.energy), show_label=False, min_width=280)
+                uploads = gr.Plot(_plot(blank.uploads), show_label=False, min_width=280)
+            quality = gr.Plot(_plot(blank.quality), show_label=False)
+        with gr.Tab("Compare", id="compare"):
+            gr.Markdown(COMPARE_NOTE, elem_classes="hlm-note")
+            compare = gr.HTML(blank.compare)
+        with gr.Tab("Token details", id="details"):
+            table = gr.Dataframe(headers=Frame.HEADERS, interactive=False, max_height=480,
+                                 label="Every token of the last run (hovering a token shows the same)")
+        with gr.Tab("Hardware", id="hardware"):
+            hardware = gr.HTML(dash.hardware(dash.start))
+    return {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
+            "table": table, "compare": compare, "tab": tabs, "hardware": hardware}
+
+
+def _streamed(action: Callable[..., Iterator[Frame]]) -> Callable[..., Iterator[list[Any]]]:
+    """A run button's handler: the session, pair, prompt, history and knobs into `action` (`Dashboard.generate`,
+    `compare` or `show_me`), its frames out as the page's outputs."""
+    @page_errors
+    def on_run(request: gr.Request, pair: str, text: str, past: list, *values: Any) -> Iterator[list]:
+        for frame in action(request.session_hash, pair, text, KNOBS.settings(values), past):
+            yield emit(frame)
+    return on_run
+
+
+def _wire_runs(dash: Dashboard, c: Controls, views: dict[str, gr.components.Component], history: gr.State) -> None:
+    """The buttons that run the models (one run at a time across sessions: they share the models), Stop, and the
+    what-if replay: a k, γ or u_th move redraws the last run without a model, so it answers while you drag. Every
+    one of them updates the page through a `Frame`."""
+    targets = {**views, "history": history, "prompt": c.prompt}
+    outputs = [targets[f.name] for f in fields(Frame)]
+    inputs = [c.preset, c.prompt, history, *(c.knobs[knob.name] for knob in KNOBS)]
+    model_work = {"outputs": outputs, "concurrency_limit": 1, "concurrency_id": "model",
+                  "show_progress": "minimal", "show_progress_on": [views["stats"]], "scroll_to_output": True,
+                  "api_visibility": "private"}
+    on_generate = _streamed(dash.generate)
+    run = c.generate.click(on_generate, inputs, **model_work)
+    c.prompt.submit(on_generate, inputs, **model_work)
+    both = c.compare.click(_streamed(dash.compare), inputs, **model_work)
+    shown = c.show.click(_streamed(dash.show_me), inputs, **model_work)
+
+    def on_stop(request: gr.Request) -> None:
+        dash.stop(request.session_hash)
+
+    c.stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
+        None, None, None, cancels=[run, both, shown], api_visibility="private")
+
+    def on_replay(request: gr.Request, k: Any, gamma: Any, u_th: Any) -> list:
+        return emit(dash.replay(request.session_hash, k, gamma, u_th))
+
+    replayed = [c.knobs["k"], c.knobs["gamma"], c.knobs["u_th"]]
+    for knob in replayed:  # no queue, no model
+        knob.input(on_replay, replayed, outputs, queue=False, show_progress="hidden", trigger_mode="always_last",
+                   api_visibility="private")
+
+
+def _wire_settings(dash: Dashboard, c: Controls, demo: gr.Blocks) -> None:
+    """Settings that fill in others: a link preset its link knobs, a device profile its description, a pair its
+    u_th note and the risk buttons that set its calibrated values."""
+    def on_link_preset(name: str) -> list:
+        link = dash.link(name)
+        return [gr.Dropdown(info=link.description), link.bandwidth_mhz, link.snr_db, link.tx_power_w]
+
+    link_knobs = [c.knobs[name] for name in ("link_preset", "bandwidth_mhz", "snr_db", "tx_power_w")]
+    c.knobs["link_preset"].input(on_link_preset, link_knobs[0], link_knobs, api_visibility="private")
+    c.knobs["device_profile"].input(lambda name: gr.Dropdown(info=dash.device(name)),
+                                    c.knobs["device_profile"], c.knobs["device_profile"], api_visibility="private")
+
+    def on_pair(pair: str) -> list:
+        info = dash.pair(pair)
+        return [info.note, info.u_th, _risk_button("risk-averse", info.risk_averse),
+                _risk_button("risk-prone", info.risk_prone)]
+
+    pair_outputs = [c.risk.note, c.knobs["u_th"], c.risk.averse, c.risk.prone]
+    c.preset.change(on_pair, c.preset, pair_outputs, api_visibility="private")
+    demo.load(on_pair, c.preset, pair_outputs, api_visibility="private")
+    c.risk.averse.click(lambda pair: dash.pair(pair).risk_averse, c.preset, c.knobs["u_th"], api_visibility="private")
+    c.risk.prone.click(lambda pair: dash.pair(pair).risk_prone, c.preset, c.knobs["u_th"], api_visibility="private")
+
+
+def _risk_button(name: str, value: float | None) -> gr.Button:
+    """A calibrated u_th as a button that sets it; hidden where the pair is not calibrated."""
+    return gr.Button("" if value is None else f"{name} {value:g}", visible=value is not None)
+
+
+def _api(dash: Dashboard) -> None:
     """The documented endpoints for `gradio_client` (plain JSON in and out; the page's events are private). Their
     knob parameters, defaults and docs come from `KNOBS` (`KNOBS.endpoint`)."""
     api = {"concurrency_limit": 1, "concurrency_id": "model"}
+    start = dash.start
 
     @user_errors
     @KNOBS.endpoint(*(knob.name for knob in KNOBS))
@@ -292,9 +344,7 @@ def _plot(figure: dict[str, Any]) -> PlotData:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve the hybrid-decoding dashboard (Gradio).")
     add_model_args(parser)
-    parser.add_argument("--cloud", default=os.environ.get("HLM_CLOUD"),
-                        help="URL of a remote verifier (`serve-cloud`); default: the verifier runs in this process")
-    parser.add_argument("--emulate-link", action="store_true", help="with --cloud: delay uploads by the modelled time")
+    add_cloud_args(parser)
     return parser.parse_args(argv)
 
 

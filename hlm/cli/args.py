@@ -44,6 +44,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "where it measures faster at load")
 
 
+def add_cloud_args(p: argparse.ArgumentParser) -> None:
+    """Where the verifier runs: declared once for every front end that can use a remote one (`open_decoder`)."""
+    p.add_argument("--cloud", default=os.environ.get("HLM_CLOUD"),
+                   help="URL of a remote verifier (`serve-cloud`); default: the verifier runs in this process")
+    p.add_argument("--emulate-link", action="store_true", help="with --cloud: delay uploads by the modelled time")
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Sampling, policy and link flags; defaults come from the config dataclasses (one source of truth)."""
     s, pol = SamplingConfig(), PolicyConfig()
@@ -94,7 +101,7 @@ def run_config(args: argparse.Namespace, calibration: Calibration | None = None)
 
 
 def open_decoder(args: argparse.Namespace, link: LinkConfig | None = None) -> HybridDecoder:
-    """The `add_model_args` flags (plus --cloud/--emulate-link where the command has them) as a decoder."""
+    """The `add_model_args` flags, and the `add_cloud_args` ones where the command has them, as a decoder."""
     emulate = (link or LinkConfig()) if getattr(args, "emulate_link", False) else None
     return session.open_decoder(args.models, args.device, args.dtype, args.quant, getattr(args, "cloud", None),
                                 emulate)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from hlm import session
-from hlm.cli.args import add_model_args, add_run_args, open_decoder, run_config
+from hlm.cli.args import add_cloud_args, add_model_args, add_run_args, open_decoder, run_config
 from hlm.config import MAX_PROMPT_CHARS
 
 COLOURS = {"local": "", "cloud_accepted": "\033[32m", "cloud_resampled": "\033[31m", "cloud_sampled": "\033[34m",
@@ -53,8 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate text with the hybrid decoder")
     gen.add_argument("--prompt", required=True, help=f"up to {MAX_PROMPT_CHARS:,} characters (and the pair's context)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, summary")
-    gen.add_argument("--cloud", default=os.environ.get("HLM_CLOUD"), help="URL of `serve-cloud` (default: in process)")
-    gen.add_argument("--emulate-link", action="store_true", help="with --cloud: delay uploads by the modelled time")
+    add_cloud_args(gen)
     add_model_args(gen)
     add_run_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -97,7 +97,8 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     layout["yaxis"]["range"] = [min(0.0, *saving) - 8, max(10.0, *saving) + 12]
     groups: dict[str, list[dict[str, Any]]] = {}
     for h in history:
-        groups.setdefault(f"ours {h['estimator']}" if h["policy"] == "ours" else h["policy"], []).append(h)
+        named = f"{h['policy']} {h['estimator']}" if REGISTRY[h["policy"]].uses_estimator else h["policy"]
+        groups.setdefault(named, []).append(h)
     data = []
     for name, rows in groups.items():
         policy = REGISTRY[rows[0]["policy"]]

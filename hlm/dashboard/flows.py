@@ -7,13 +7,14 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from hlm.config import DEVICE_PROFILES, LINK_PRESETS, MAX_PROMPT_CHARS, ConfigError, RunConfig
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
 from hlm.dashboard.render import (
     TOKEN_HEADERS,
     USER_ERRORS,
+    VERDICT_ROLES,
     compare_html,
     error_notice,
     hardware_html,
@@ -33,19 +34,43 @@ from hlm.dashboard.runs import (
     replay,
     replay_rule,
     replayable,
+    replayed_on,
     run_label,
 )
-from hlm.dashboard.service import Job, Service
+from hlm.dashboard.service import Request, Service
 from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, as_number, calibration_of, default_u_th, load_examples
 from hlm.estimators import WINDOW
 from hlm.events import PendingDraft, TokenEvent
 from hlm.models.presets import PRESETS
+from hlm.policies import REGISTRY, Role, with_role
 
-REPLAYS = 64  # sessions whose last run of ours the what-if replay keeps
+REPLAYS = 64  # sessions whose last replayable run the what-if replay keeps
 
-# The Compare action runs these after the LLM-only reference; `random` last, its coin matched to ours' upload rate
-COMPARED = ("hlm", "uhlm", "ours", "random")
-SHOW_ME = ("hlm", "ours", "random")  # the "Show me" comparison: what the one-sentence verdict needs
+# The Compare action runs, after the reference, every policy that drafts and uploads, in this order of roles: the
+# control comes after the subject, whose realised upload rate its coin is matched to
+COMPARE_ORDER: tuple[Role, ...] = ("counterfactual", "baseline", "subject", "control")
+COMPARED = tuple(p.name for role in COMPARE_ORDER for p in REGISTRY.values()
+                 if p.role == role and p.drafts and p.uploads)
+SHOW_ME = tuple(with_role(role) for role in VERDICT_ROLES)  # the "Show me" comparison: what the verdict needs
+
+
+class PairInfo(NamedTuple):
+    """What the page says about a model pair (`Dashboard.pair`)."""
+
+    note: str  # its description and where its u_th comes from
+    u_th: float  # the u_th the page shows for it
+    risk_averse: float | None  # its calibrated values (None: not calibrated)
+    risk_prone: float | None
+
+
+class LinkValues(NamedTuple):
+    """A link preset as the page's knobs show it (`Dashboard.link`)."""
+
+    description: str
+    bandwidth_mhz: float
+    snr_db: float
+    tx_power_w: float
+
 
 @dataclass
 class Frame:
@@ -80,6 +105,15 @@ def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
         yield frame
 
 
+def match_control(control: RunView, runs: Sequence[RunView]) -> None:
+    """Match the control's coin to the subject's realised upload rate on this prompt, so its expected uploads equal
+    the subject's count: the control that says whether choosing the drafts matters. No subject run: as it is."""
+    subject = next((r for r in runs if r.role == "subject" and r.summary), None)
+    if subject is not None and subject.summary is not None:
+        control.config = control.config.with_policy(skip_rate=1.0 - subject.summary.upload_rate)
+        control.label = f"{run_label(control.config)} (matched to {subject.config.policy.name})"
+
+
 class Dashboard:
     """The page's actions on top of a `Service`: each is a generator of `Frame`s (or API payloads)."""
 
@@ -89,7 +123,7 @@ class Dashboard:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last run of ours)
+        self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last replayable run)
 
     @classmethod
     def open(cls, models: str, device: str | None = None, dtype: str | None = None, quant: str = "auto",
@@ -118,24 +152,38 @@ class Dashboard:
     def legend() -> str:
         return legend_html()
 
+    @property
+    def start(self) -> str:
+        """The pair the app started with (the pair an endpoint uses when none is given)."""
+        return self.service.start
+
+    @property
+    def presets(self) -> list[str]:
+        """The pairs a viewer can choose here, the start-up pair first."""
+        return self.service.presets
+
+    def stop(self, session: str) -> None:
+        """The Stop button: the session's running request stops after its current token (`Service.stop`)."""
+        self.service.stop(session)
+
     @staticmethod
-    def pair(preset: str) -> tuple[str, float, float | None, float | None]:
-        """What the page says about a pair: its description and u_th note, the u_th to show, and its calibrated
-        risk-averse and risk-prone values (None: not calibrated)."""
+    def pair(preset: str) -> PairInfo:
+        """What the page says about a pair, and its calibrated u_th values for the risk buttons."""
         cal = calibration_of(preset)
         p = PRESETS.get(preset)
         note = (f"u_th calibrated for this pair ({cal.samples} samples): risk-averse {cal.risk_averse:g}, "
                 f"risk-prone {cal.risk_prone:g}." if cal else
                 f"This pair is not calibrated (`python -m hlm calibrate`); u_th {default_u_th(preset):.2f} is "
                 "U-HLM's reported risk-averse value.")
-        return (f"{p.description if p else preset}. {note}", default_u_th(preset),
-                cal.risk_averse if cal else None, cal.risk_prone if cal else None)
+        return PairInfo(f"{p.description if p else preset}. {note}", default_u_th(preset),
+                        cal.risk_averse if cal else None, cal.risk_prone if cal else None)
 
     @staticmethod
-    def link(name: str) -> tuple[str, float, float, float]:
-        """A link preset's description and the values its knobs take (bandwidth in MHz, SNR, transmit power)."""
+    def link(name: str) -> LinkValues:
+        """A link preset's description and the values its knobs take."""
         chosen = LINK_PRESETS[name]
-        return chosen.description, chosen.config.bandwidth_hz / 1e6, chosen.config.snr_db, chosen.config.tx_power_w
+        return LinkValues(chosen.description, chosen.config.bandwidth_hz / 1e6, chosen.config.snr_db,
+                          chosen.config.tx_power_w)
 
     @staticmethod
     def device(name: str) -> str:
@@ -153,7 +201,7 @@ class Dashboard:
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
         return config
 
-    def _decode(self, preset: str, prompt: str, run: RunView, job: Job, quality: bool = True) -> Iterator[None]:
+    def _decode(self, preset: str, prompt: str, run: RunView, request: Request, quality: bool = True) -> Iterator[None]:
         """Decode into `run`, then (unless stopped) score it against the LLM-only reference. Yields after
         every change to `run`."""
         decoder = self.service.decoder(preset)
@@ -165,31 +213,31 @@ class Dashboard:
         def pending(draft: PendingDraft) -> None:
             run.pending = draft
 
-        for events in self.service.stream(decoder, prompt, run.config, job.cancel, note, pending):
+        for events in self.service.stream(decoder, prompt, run.config, request.cancel, note, pending):
             run.update(events)
             if events:  # before the first token the note says what the prefill is doing
                 run.note = f"decoding… {len(events)} tokens"
             yield
-        if run.config.policy.name == "llm" and not job.cancel.is_set():
+        if run.role == "reference" and not request.cancel.is_set():
             self.service.remember_reference(preset, prompt, run.config, run.events)
-        if quality and not job.cancel.is_set():
+        if quality and not request.cancel.is_set():
             run.phase = "reference"
             limit = run.config.sampling.max_new_tokens
             s = run.summary
             done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
             references: list[list[TokenEvent]] = []
-            for i, reference in self.service.references(preset, prompt, run.config, job.cancel):
+            for i, reference in self.service.references(preset, prompt, run.config, request.cancel):
                 references[i:] = [reference]
                 which = "reference" if run.config.sampling.temperature == 0 else \
                     f"sample {i + 1} of {REFERENCE_SAMPLES}"
                 run.note = (f"{done}BERTScore follows: the LLM-only {which}, {len(reference)}/{limit} tokens "
                             "(after the run, not beside it: the cores are busy decoding)")
                 yield
-            if not job.cancel.is_set():
+            if not request.cancel.is_set():
                 run.note = "scoring…"
                 yield
                 judge(run, references, self.service.score, noise_band(references, self.service.score))
-        stopped = job.cancel.is_set()
+        stopped = request.cancel.is_set()
         run.phase = "stopped" if stopped else "done"
         s = run.summary
         limit = (f"; stopped at the {len(run.events)}-token limit (raise Max new tokens for more)"
@@ -217,13 +265,13 @@ class Dashboard:
         """The Generate button: stream one run, then its quality and a history point."""
         config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
-        job = self.service.begin(session)
+        request = self.service.begin(session)
         self._last.pop(session, None)
         try:
             yield Frame(stats=stats_html(run), tokens="", table=[], tab="output",
                         hardware=self.hardware(preset, config))
             table_shown = False
-            for frame in live_frames(run, self._decode(preset, prompt, run, job)):
+            for frame in live_frames(run, self._decode(preset, prompt, run, request)):
                 if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
                     frame.table, table_shown = token_rows(run.events), True
                 if replayable(run):  # before the page shows "done", so a slider moved at once replays
@@ -234,12 +282,13 @@ class Dashboard:
             history = add_history(history, history_point(run, prompt, preset))
             yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
         finally:
-            self.service.end(session, job)
+            self.service.end(session, request)
 
     def replay(self, session: str, k: Any, gamma: Any, u_th: Any = None) -> Frame:
-        """A knob move after a run of ours (k, γ) or uhlm (u_th): outline the drafts the new values would upload
-        and redraw the upload-rate and energy charts with the replay beside the run (no model call). An empty frame
-        (nothing changes) when there is no such run or the values are not yet valid (a box being typed in)."""
+        """A knob move after a run of an estimator policy (k, γ) or an uncertainty one (u_th): outline the drafts
+        the new values would upload and redraw the upload-rate and energy charts with the replay beside the run (no
+        model call). An empty frame (nothing changes) when there is no such run or the values are not yet valid (a
+        box being typed in)."""
         last = self._last.get(session)
         try:
             k, gamma = int(as_number("k", k, whole=True)), as_number("gamma", gamma)
@@ -249,55 +298,51 @@ class Dashboard:
         if last is None or not 1 <= k <= WINDOW or gamma < 0:
             return Frame()
         preset, run = last
-        policy = run.config.policy
-        if policy.name == "uhlm" and (u_th is None or not 0 <= u_th <= 1):
+        policy, stat = run.config.policy, replayed_on(run.config)
+        if stat == "u" and (u_th is None or not 0 <= u_th <= 1):
             return Frame()
-        scale = self.service.decoder(preset).pair.selection.scale(policy.estimator) if policy.name == "ours" else None
+        scale = self.service.decoder(preset).pair.selection.scale(policy.estimator) if stat == "score" else None
         r = replay(run, *replay_rule(run, scale, k, gamma, policy.u_th if u_th is None else u_th))
         return Frame(stats=stats_html(run, replay_note(run, r)),
                      tokens="".join(token_span(e, policy, up) for e, up in zip(run.events, r.uploads, strict=True)),
                      energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
 
-    def _compare(self, preset: str, prompt: str, base: RunConfig, job: Job, policies: Sequence[str] = COMPARED
+    def _compare(self, preset: str, prompt: str, base: RunConfig, request: Request, policies: Sequence[str] = COMPARED
                  ) -> Iterator[tuple[list[RunView], RunView]]:
-        """The LLM-only reference, then `policies` with the same settings, each scored against the reference (at
-        T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `judge`); a
-        `random` run (after ours) gets the coin matched to ours' realised upload rate on this prompt, so its expected
-        uploads equal ours' count: the control that says whether choosing the drafts matters. Yields (all runs, the
-        one running) after every change."""
-        llm = base.with_policy(name="llm")
-        runs = [self._new_run(preset, "llm (reference)", llm),
+        """The reference (the LLM alone), then `policies` with the same settings, each scored against the reference
+        (at T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `judge`); the control
+        (after the subject) gets its coin matched to the subject's upload rate (`match_control`). Yields (all runs,
+        the one running) after every change."""
+        llm = base.with_policy(name=with_role("reference"))
+        runs = [self._new_run(preset, f"{run_label(llm)} (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
                   for n in policies)]
         reference = runs[0]
         reference.phase = "decoding"
         yield runs, reference
-        for events in self.service.reference(preset, prompt, llm, job.cancel, same_link=True):
+        for events in self.service.reference(preset, prompt, llm, request.cancel, same_link=True):
             reference.update(events)
             reference.note = f"decoding… {len(events)} tokens"
             yield runs, reference
-        if job.cancel.is_set():
+        if request.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"
             return
         samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
-        for i, events in self.service.references(preset, prompt, llm, job.cancel):
+        for i, events in self.service.references(preset, prompt, llm, request.cancel):
             samples[i:] = [events]
             if i:
                 reference.note = f"LLM sample {i + 1} of {REFERENCE_SAMPLES} for the noise band: {len(events)} tokens"
                 yield runs, reference
-        if job.cancel.is_set():
+        if request.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"
             return
         band = noise_band(samples, self.service.score)
         judge(reference, samples, self.service.score, band, is_reference=True)
         reference.phase, reference.note = "done", "done"
         for run in runs[1:]:
-            if run.config.policy.name == "random":
-                ours = next((r.summary for r in runs if r.config.policy.name == "ours" and r.summary), None)
-                if ours is not None:
-                    run.config = base.with_policy(name="random", skip_rate=1.0 - ours.upload_rate)
-                    run.label = f"{run_label(run.config)} (matched to ours)"
-            for _ in self._decode(preset, prompt, run, job, quality=False):
+            if run.role == "control":
+                match_control(run, runs)
+            for _ in self._decode(preset, prompt, run, request, quality=False):
                 yield runs, run
             if run.phase != "done":
                 return
@@ -309,10 +354,10 @@ class Dashboard:
         """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
         charts following the one running, and the verdict once every run is scored."""
         base = self._prepare(preset, prompt, settings)
-        job = self.service.begin(session)
+        request = self.service.begin(session)
         self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
         try:
-            steps = self._compare(preset, prompt, base, job, policies)
+            steps = self._compare(preset, prompt, base, request, policies)
             runs, _ = next(steps)
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base))
@@ -324,7 +369,7 @@ class Dashboard:
             yield Frame(compare=compare_html(runs), history=history,
                         quality=history_figure(history))
         finally:
-            self.service.end(session, job)
+            self.service.end(session, request)
 
     def show_me(self, session: str, preset: str, prompt: str, settings: Settings,
                 history: list[dict[str, Any]] | None) -> Iterator[Frame]:
@@ -338,11 +383,11 @@ class Dashboard:
     def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
         config = self._prepare(preset, prompt, settings)
         run = self._new_run(preset, run_label(config), config)
-        for _ in self._decode(preset, prompt, run, Job(), quality=quality):
+        for _ in self._decode(preset, prompt, run, Request(), quality=quality):
             yield run.payload()
 
     def api_compare(self, preset: str, prompt: str, settings: Settings) -> Iterator[dict[str, Any]]:
         base = self._prepare(preset, prompt, settings)
-        for runs, _ in self._compare(preset, prompt, base, Job()):
+        for runs, _ in self._compare(preset, prompt, base, Request()):
             yield {"runs": [r.payload(tokens=False) for r in runs]}
 

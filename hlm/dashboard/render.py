@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from hlm.config import PolicyConfig, RunConfig
-from hlm.dashboard.runs import Replay, RunView, run_label
+from hlm.dashboard.runs import Replay, RunView
 from hlm.dashboard.settings import REFERENCE_SAMPLES
 from hlm.decoder import HybridDecoder
 from hlm.errors import UserError
 from hlm.events import SOURCES, TokenEvent
 from hlm.link import upload_bits, upload_cost
+from hlm.policies import Role
 from hlm.verifier import CloudUnavailable
 
 # Errors a viewer can cause or fix (`UserError`) or should hear about (the cloud is down); the app shows their message
@@ -162,13 +163,17 @@ def quality_note(run: RunView | None) -> str:
     return "F1 vs the LLM-only output"
 
 
+# The runs `verdict` compares: the subject (ours) against the counterfactual (HLM) and the control (the matched coin)
+VERDICT_ROLES: tuple[Role, ...] = ("counterfactual", "subject", "control")
+
+
 def verdict(runs: Sequence[RunView]) -> str | None:
     """One sentence from a finished comparison's measured numbers (ours against HLM and the matched coin); None
     until all three are done and scored. Never a canned claim: every figure is read off this prompt's runs."""
-    done = {r.config.policy.name: r for r in runs if r.phase == "done" and r.f1 is not None and r.summary}
-    if not {"hlm", "ours", "random"} <= done.keys():
+    done = {r.role: r for r in runs if r.phase == "done" and r.f1 is not None and r.summary}
+    if not set(VERDICT_ROLES) <= done.keys():
         return None
-    ours, hlm, coin = done["ours"], done["hlm"], done["random"]
+    hlm, ours, coin = (done[role] for role in VERDICT_ROLES)
     o, h, c = ours.summary, hlm.summary, coin.summary
     assert o is not None and h is not None and c is not None  # `done` holds runs with a summary
     less = 1.0 - o.link_energy_j / h.link_energy_j if h.link_energy_j > 0 else 0.0
@@ -190,8 +195,8 @@ def verdict(runs: Sequence[RunView]) -> str | None:
 def compare_html(runs: Sequence[RunView]) -> str:
     """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
     head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
-    ours = {run_label(r.config) for r in runs if r.config.policy.name == "ours"}  # its row stands out
-    body = "".join(("<tr class=\"ours\">" if row[0] in ours else "<tr>") +
+    subject = {r.label for r in runs if r.role == "subject"}  # its row stands out
+    body = "".join(("<tr class=\"ours\">" if row[0] in subject else "<tr>") +
                    "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
     done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
     table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'

@@ -15,7 +15,7 @@ from hlm.estimators import ScoreScale
 from hlm.events import PendingDraft, Summary, TokenEvent
 from hlm.link import upload_bits, upload_cost
 from hlm.metrics import faithful_prefix, summarize
-from hlm.policies import REGISTRY, should_upload
+from hlm.policies import REGISTRY, Role, role_of, should_upload
 
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
 
@@ -63,6 +63,11 @@ class RunView:
                 and self.events[-1].token_id not in stop_ids)
 
     @property
+    def role(self) -> Role:
+        """The run's policy's role in a comparison (`hlm.policies`): the page reads roles, never names."""
+        return role_of(self.config.policy.name)
+
+    @property
     def summary(self) -> Summary | None:
         return self.points[-1] if self.points else None
 
@@ -84,6 +89,7 @@ class RunView:
 
 
 def run_label(config: RunConfig) -> str:
+    """The registry's label for the run's policy (`Policy.label`), the one name a run has on the page."""
     return REGISTRY[config.policy.name].label(config.policy)
 
 
@@ -131,23 +137,34 @@ class Replay:
         return self.rates[-1] if self.rates else 0.0
 
 
+def replayed_on(config: RunConfig) -> str | None:
+    """The stored statistic a run's what-if replay re-decides on: "score" for a policy that asks its estimator, "u"
+    for one that decides on uncertainty alone; None for the rest (a coin, every draft, none: no knob to move)."""
+    policy = REGISTRY[config.policy.name]
+    if policy.uses_estimator:
+        return "score"
+    return "u" if policy.uses_uncertainty else None
+
+
 def replayable(run: RunView) -> bool:
-    """A finished run of uhlm (every draft carries u) or of ours whose every draft carries a score (the
-    paper-literal estimators decide on attention rows, which are not a threshold on a stored score)."""
-    stat = {"ours": "score", "uhlm": "u"}.get(run.config.policy.name)
+    """A finished run of an uncertainty policy (every draft carries u) or of an estimator policy whose every draft
+    carries a score (the paper-literal estimators decide on attention rows, which are not a threshold on a stored
+    score)."""
+    stat = replayed_on(run.config)
     return (run.phase == "done" and stat is not None and bool(run.events) and run.summary is not None
             and all(getattr(e, stat) is not None for e in run.events))
 
 
 def replay_rule(run: RunView, scale: ScoreScale | None, k: int, gamma: float, u_th: float
                 ) -> tuple[str, Callable[[TokenEvent], bool]]:
-    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft: ours holds each
-    draft's stored score against the (k, gamma) bar; uhlm asks the registry's rule with the new u_th."""
+    """The replayed policy's decision at the new knobs, as a label and a test of one stored draft: an estimator
+    policy holds each draft's stored score against the (k, gamma) bar; an uncertainty policy asks the registry's
+    rule with the new u_th."""
     policy = run.config.policy
-    if policy.name == "uhlm":
+    if replayed_on(run.config) == "u":
         at = replace(policy, u_th=u_th)
         return f"u_th={u_th:g}", lambda e: should_upload(at, e.u, 1.0)
-    assert scale is not None  # ours
+    assert scale is not None  # an estimator policy
     bar = scale.threshold(k, gamma)
     return f"k={k}, γ={gamma:g}", lambda e: e.score is not None and e.score >= bar
 

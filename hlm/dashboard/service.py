@@ -1,5 +1,5 @@
 """What every session of the app shares: the loaded model pairs (one decode at a time: the models and the verifier's
-KV cache are shared), the threaded streamer, the LLM-only reference cache, the quality scorer and the running jobs.
+KV cache are shared), the threaded streamer, the LLM-only reference cache, the quality scorer and the running requests.
 
 Why a worker thread: the decoder runs on its own thread and fills a queue; the page's generator drains it and
 renders on the first token, then at most every `INTERVAL_S` seconds, so rendering never blocks decoding and the
@@ -21,6 +21,7 @@ from hlm.events import PendingDraft, TokenEvent
 from hlm.experiments.quality import get_scorer
 from hlm.models.pairs import ModelError
 from hlm.models.presets import PRESETS
+from hlm.policies import with_role
 from hlm.session import open_decoder
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
@@ -30,7 +31,7 @@ REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, promp
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 
 @dataclass
-class Job:
+class Request:
     """A session's running request, so Stop can reach it."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -47,7 +48,7 @@ class _Note:
 
 class Service:
     """The loaded model pairs (one decode at a time), the LLM-only reference cache, the quality scorer and the
-    sessions' running jobs. Shared by every session of the app."""
+    sessions' running requests. Shared by every session of the app."""
 
     def __init__(self, load: Callable[[str], HybridDecoder], start: str, presets: Sequence[str],
                  cloud: str | None = None) -> None:
@@ -55,7 +56,7 @@ class Service:
         self.lock = threading.Lock()
         self._decoders: dict[str, HybridDecoder] = {}
         self._references: OrderedDict[tuple, tuple[LinkConfig, list[TokenEvent]]] = OrderedDict()
-        self._jobs: dict[str, Job] = {}
+        self._requests: dict[str, Request] = {}
         self._scorer_lock = threading.Lock()
         self.decoder(start)  # models load once, at start-up
 
@@ -81,8 +82,8 @@ class Service:
     def warm_up(self) -> None:
         """Touch every code path once (kernels, allocator, scorer) so the first viewer's first token is fast."""
         decoder = self.decoder(self.start)
-        for name in ("ours", "llm"):
-            config = Settings(policy=name, max_new_tokens=2).run_config(decoder.pair.calibration)
+        for role in ("subject", "reference"):  # the drafting path with every statistic, and the LLM alone
+            config = Settings(policy=with_role(role), max_new_tokens=2).run_config(decoder.pair.calibration)
             for _ in self.stream(decoder, "Hello", config, threading.Event()):
                 pass
         self.score(["warm up"], ["warm up"])
@@ -159,7 +160,7 @@ class Service:
             self._references.move_to_end(key)
             yield cached[1]
             return
-        llm = config.with_policy(name="llm")
+        llm = config.with_policy(name=with_role("reference"))
         events: list[TokenEvent] = []
         for events in self.stream(self.decoder(preset), prompt, llm, cancel):
             yield events
@@ -185,22 +186,22 @@ class Service:
         while len(self._references) > REFERENCE_CACHE:
             self._references.popitem(last=False)
 
-    def begin(self, session: str) -> Job:
-        job = self._jobs[session] = Job()
-        return job
+    def begin(self, session: str) -> Request:
+        request = self._requests[session] = Request()
+        return request
 
-    def end(self, session: str, job: Job) -> None:
-        job.done.set()
-        if self._jobs.get(session) is job:
-            del self._jobs[session]
+    def end(self, session: str, request: Request) -> None:
+        request.done.set()
+        if self._requests.get(session) is request:
+            del self._requests[session]
 
     def stop(self, session: str) -> None:
         """Ask the session's decode to stop after its current token and wait until its request has shown the
         final state (the page then cancels whatever is still queued)."""
-        job = self._jobs.get(session)
-        if job is not None:
-            job.cancel.set()
-            job.done.wait(STOP_WAIT_S)
+        request = self._requests.get(session)
+        if request is not None:
+            request.cancel.set()
+            request.done.wait(STOP_WAIT_S)
 
 def loadable_presets(start: str, cloud: bool) -> list[str]:
     """The start-up pair first, then the presets that can load offline here. A remote cloud serves one pair."""
