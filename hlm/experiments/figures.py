@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from hlm.policies import REGISTRY, Policy, role_of, with_role
@@ -168,8 +169,6 @@ def export_png(figs: Sequence[go.Figure], paths: Sequence[Path], width: int, hei
     if "BROWSER_PATH" not in os.environ and Path(DEBIAN_CHROMIUM).is_file():
         os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
     try:
-        import plotly.io as pio
-
         pio.write_images(list(figs), list(paths), width=width, height=height)
     except Exception as exc:  # noqa: BLE001 - no browser, kaleido missing, ...: the HTML is still there
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
