@@ -64,6 +64,11 @@ class Policy:
             return f"{self.name} u_th={config.u_th:g}"
         return self.name
 
+    def setting(self, config: PolicyConfig) -> str:
+        """The importance setting a `tuned` run carries, "-" for the others: the sweep's `setting` column, which
+        pairs the control with the subject setting it is matched to (it carries that setting's knobs)."""
+        return f"{config.estimator} k={config.k} γ={config.gamma:g}" if self.tuned else "-"
+
 
 REGISTRY: dict[str, Policy] = {p.name: p for p in (
     Policy("ours", "upload the drafts its estimator scores highest", "subject", uses_uncertainty=True,
@@ -77,6 +82,9 @@ REGISTRY: dict[str, Policy] = {p.name: p for p in (
            uses_coin=True, uses_u_th=True, tuned=True, colour="#d62728"),
 )}
 NAMES = tuple(REGISTRY)
+HYBRID = tuple(n for n, p in REGISTRY.items() if p.drafts)  # what a sweep may ask for (the reference always runs)
+TUNED = tuple(n for n, p in REGISTRY.items() if p.tuned)
+GATED = tuple(n for n, p in REGISTRY.items() if p.uses_u_th)
 
 
 def with_role(role: Role) -> str:

@@ -5,8 +5,7 @@ from dataclasses import replace
 import pytest
 
 from hlm.config import POLICIES, PolicyConfig, RunConfig, SamplingConfig
-from hlm.experiments.sweep import GATED, HYBRID, TUNED
-from hlm.policies import REGISTRY, should_upload
+from hlm.policies import GATED, HYBRID, REGISTRY, TUNED, should_upload
 
 
 def test_the_names_everyone_uses_come_from_the_registry():

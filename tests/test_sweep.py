@@ -13,7 +13,7 @@ import pytest
 
 from hlm.cli.sweep import apply_preset, register
 from hlm.config import ConfigError, RunConfig, SamplingConfig
-from hlm.experiments.sweep import FULL, QUICK, TIMED, Grid, decide, pick_setting, sweep
+from hlm.experiments.sweep import FULL, QUICK, TIMED, Grid, SweepSpec, choose_defaults, pick_setting, sweep
 
 PROMPTS = [{"id": f"p{i}", "category": c, "prompt": p} for i, (c, p) in enumerate(
     [("code", "def add(a, b):"), ("knowledge", "What is the capital of France?"),
@@ -41,7 +41,7 @@ def tools():
 def full(tools, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     decoder, scorer = tools
-    return out, sweep(decoder, "tiny", PROMPTS, GRID, BASE, out, scorer, progress=False)
+    return out, sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, out, progress=False))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -107,15 +107,36 @@ def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        sweep(decoder, "tiny", PROMPTS, GRID, BASE, tmp_path, scorer, png=False, progress=False,
+        sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
               after_run=stop_after_five)
     assert len(list((tmp_path / "runs").glob("*.json"))) == 5
     assert not list((tmp_path / "runs").glob("*.tmp"))
     seen.clear()
-    sweep(decoder, "tiny", PROMPTS, GRID, BASE, tmp_path, scorer, png=False, progress=False,
+    sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
           after_run=lambda job, record: seen.append(job))
     assert len(seen) == RUNS - 5  # the five finished runs were not redone
     assert untimed(read_csv(tmp_path / "results.csv")) == untimed(read_csv(full[0] / "results.csv"))
+
+
+def test_a_newly_registered_policy_runs(tools, tmp_path, monkeypatch):
+    """The sweep runs policies by their role, so a policy added to the registry is run (a baseline: once per prompt
+    and seed), uploading as its own rule says."""
+    import hlm.config
+    from hlm.policies import REGISTRY, Policy
+
+    monkeypatch.setitem(REGISTRY, "unsure", Policy("unsure", "if u > 0.8", "baseline",
+                                                   lambda config, u, coin: u > 0.8, uses_uncertainty=True))
+    monkeypatch.setattr(hlm.config, "POLICIES", tuple(REGISTRY))  # the names PolicyConfig accepts
+    decoder, scorer = tools
+    result = sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, Grid(policies=("unsure",)), BASE, tmp_path,
+                                              png=False, progress=False))
+    rows = [r for r in result.rows if r["policy"] == "unsure"]
+    assert sorted(r["prompt_id"] for r in rows) == [p["id"] for p in PROMPTS]
+    assert all(r["setting"] == "-" and r["u_th"] is None and r["bertscore_f1"] is not None for r in rows)
+    runs = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*.json")]
+    tokens = [t for run in runs if run["identity"]["config"]["policy"]["name"] == "unsure" for t in run["tokens"]]
+    assert [t["uploaded"] for t in tokens] == [t["u"] > 0.8 for t in tokens]
+    assert any(t["uploaded"] for t in tokens) and not all(t["uploaded"] for t in tokens)  # its rule, not hlm's or slm's
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -162,7 +183,7 @@ def test_pick_setting_and_decisions():
     assert pick_setting(summary, 0.86)["setting"] == "b"
     assert pick_setting(summary, 0.0, estimator="self")["setting"] == "c"
     assert pick_setting(summary, 0.99) is None
-    d = decide([{"policy": "hlm"}], summary, tolerance=0.01)
+    d = choose_defaults([{"policy": "hlm"}], summary, tolerance=0.01)
     assert (d["accuracy_leaning"]["setting"], d["energy_leaning"]["setting"], d["estimator"]) == ("a", "b", "lookahead")
-    d = decide([{"policy": "hlm"}], [summary_row("hlm", "-", 0.99, 0.0), *summary[1:]], tolerance=0.01)
+    d = choose_defaults([{"policy": "hlm"}], [summary_row("hlm", "-", 0.99, 0.0), *summary[1:]], tolerance=0.01)
     assert d["accuracy_leaning"]["setting"] == "a" and "none reaches" in d["why"]  # best BERTScore as fallback

@@ -1,4 +1,5 @@
-"""`python -m hlm sweep`: the flags of `hlm.experiments.sweep` (lists, the quick and full presets) and its report."""
+"""`python -m hlm sweep`: the flags of `hlm.experiments.sweep` (lists, the quick and full presets) and its report.
+The experiment (pandas, plotly, the models' stack) is imported when the command runs: `--help` builds this parser."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from pathlib import Path
 from hlm import session
 from hlm.cli.args import UsageError, add_model_args, add_run_args, open_decoder, shared_values
 from hlm.config import ESTIMATORS, RunConfig
-from hlm.experiments import sweep as experiment
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
-from hlm.experiments.quality import get_scorer
-from hlm.experiments.sweep import FULL, HYBRID, QUICK, Grid, format_summary, sweep
+from hlm.policies import HYBRID, with_role
 
 
 def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
@@ -35,6 +34,8 @@ def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], t
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags the user left out from --quick or the full preset (explicit flags always win)."""
+    from hlm.experiments.sweep import FULL, QUICK
+
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
         if getattr(args, name) is None:
@@ -45,12 +46,16 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
 def base_config(args: argparse.Namespace) -> RunConfig:
     """What every run of the sweep shares (sampling, link preset and overrides, device profile); the grid sets the
     policy fields, so they start at their defaults. Needs `apply_preset` first (for the seeds)."""
-    return session.run_config(**shared_values(args), policy="hlm", seed=args.seeds[0])
+    return session.run_config(**shared_values(args), policy=with_role("counterfactual"), seed=args.seeds[0])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from hlm.experiments.quality import get_scorer
+    from hlm.experiments.sweep import Grid, SweepSpec, format_summary, sweep
+
     if args.skip_rate is not None:
-        raise UsageError("sweep matches the random control's skip rate to each ours setting; drop --skip-rate")
+        raise UsageError(f"sweep matches the {with_role('control')} control's skip rate to each "
+                         f"{with_role('subject')} setting; drop --skip-rate")
     apply_preset(args)
     base = base_config(args)
     prompts = load_prompts(args.prompts, args.limit)  # a bad file is a UserError: one line, exit status 2
@@ -63,9 +68,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
     scorer = get_scorer(args.backbone)  # a missing backbone is a QualityError, a UserError
     out = Path(args.out)
-    result = sweep(decoder, args.models, prompts, grid, base, out, scorer, png=not args.no_png,
-                   tolerance=args.tolerance, meta={"u_th_source": u_th_source, "pair": decoder.pair.describe(),
-                                                   "prompt_file": str(args.prompts), "quick": args.quick})
+    meta = {"u_th_source": u_th_source, "pair": decoder.pair.describe(), "prompt_file": str(args.prompts),
+            "quick": args.quick}
+    result = sweep(decoder, scorer, SweepSpec(args.models, prompts, grid, base, out, args.tolerance,
+                                              png=not args.no_png, meta=meta))
     print(format_summary(result.summary))
     print("\n" + result.decisions["why"])
     if result.figures.get("png_error"):
@@ -76,11 +82,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="measure the energy/quality trade-off over prompts, policies and (k, gamma)",
-                       description=experiment.__doc__.split("\n\n")[0], conflict_handler="resolve")
+                       description="The energy/quality trade-off measured on one model pair, and the defaults "
+                       "chosen from it.", conflict_handler="resolve")
     add_model_args(p)
     add_run_args(p)  # sampling, --u-th and the link group; the single-valued policy flags are replaced below
     p.add_argument("--policies", "--policy", type=_list(str, HYBRID), default=HYBRID,
-                   help=f"comma-separated subset of {','.join(HYBRID)} (llm always runs: it is the reference)")
+                   help=f"comma-separated subset of {','.join(HYBRID)} ({with_role('reference')} always runs: it is "
+                   "the reference)")
     p.add_argument("--k", type=_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
     p.add_argument("--gamma", type=_list(float), default=None, help="comma-separated gamma values (full: 0,0.5,1,2)")
     p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,

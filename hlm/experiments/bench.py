@@ -25,6 +25,7 @@ import torch
 from hlm.config import RunConfig, SamplingConfig
 from hlm.experiments.prompts import load_prompts
 from hlm.models.presets import default_dtype, load_model
+from hlm.policies import REGISTRY, with_role
 from hlm.quant import quality
 from hlm.session import with_u_th
 
@@ -50,6 +51,11 @@ def _decoder_tps(decoder: HybridDecoder, prompt: str, config: RunConfig) -> tupl
     t0 = time.perf_counter()
     events = list(decoder.generate(prompt, config))
     return len(events) / (time.perf_counter() - t0), events
+
+
+def _device_only() -> str:
+    """The policy that drafts and never uploads: the device model decoding on its own."""
+    return next(p.name for p in REGISTRY.values() if p.drafts and not p.uploads)
 
 
 def _plain_dtypes(device: torch.device) -> list[torch.dtype]:
@@ -96,17 +102,18 @@ def plain_vs_fast(decoder: HybridDecoder, refs: dict[str, str], n_tokens: int, p
                              (f"(p) {role} guard: mean KL, nats", kl, "target <= 0.01")]
             del model
             gc.collect()
-    base = RunConfig(sampling=sampling)
-    _decoder_tps(decoder, prompt, base.with_policy(name="slm"))  # warm-up
-    slm, _ = _decoder_tps(decoder, prompt, base.with_policy(name="slm"))
+    subject, alone = with_role("subject"), _device_only()
+    base = RunConfig(sampling=sampling).with_policy(name=subject)
+    _decoder_tps(decoder, prompt, base.with_policy(name=alone))  # warm-up
+    slm, _ = _decoder_tps(decoder, prompt, base.with_policy(name=alone))
     ours, events = _decoder_tps(decoder, prompt, base)
     uploads = sum(e.uploaded for e in events) / max(len(events), 1)
     quant = pair.quant or {}
-    rows += [(f"(p) project SLM decode (slm policy; {quant.get('draft', 'none').split(' (')[0]}), tok/s", slm, ""),
+    rows += [(f"(p) project SLM decode ({alone} policy; {quant.get('draft', 'none').split(' (')[0]}), tok/s", slm, ""),
              ("(p) ratio: project SLM / best plain SLM generate", slm / best["draft"], "target >= 2.5x"),
-             (f"(p) default ours (verifier {quant.get('verifier', 'none').split(' (')[0]}), tok/s", ours,
+             (f"(p) default {subject} (verifier {quant.get('verifier', 'none').split(' (')[0]}), tok/s", ours,
               f"upload rate {uploads:.0%}"),
-             ("(p) ratio: default ours / best plain LLM generate", ours / best["verifier"], "target >= 1.5x")]
+             (f"(p) ratio: default {subject} / best plain LLM generate", ours / best["verifier"], "target >= 1.5x")]
     return rows
 
 
@@ -119,7 +126,8 @@ def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> l
 
     # (a) overhead with no uploads: the decoder drafts and scores every draft (u, the estimator's statistics from
     # the same pass), but the bar is out of reach, so it never calls the cloud.
-    silent = base.with_policy(name="ours", k=1, gamma=1e3)
+    subject = with_role("subject")
+    silent = base.with_policy(name=subject, k=1, gamma=1e3)
     _decoder_tps(decoder, prompt, silent)  # warm-up
     ours_s, gen_s = [], []
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
@@ -128,8 +136,8 @@ def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> l
         ours_s.append(len(events) / tps)
     overhead = statistics.median(ours_s) / statistics.median(gen_s) - 1
     rows += [("(a) SLM transformers generate, tok/s", n_tokens / statistics.median(gen_s), ""),
-             ("(a) ours, no uploads, tok/s", n_tokens / statistics.median(ours_s), ""),
-             ("(a) overhead of ours vs generate", overhead, "target <= 10 %")]
+             (f"(a) {subject}, no uploads, tok/s", n_tokens / statistics.median(ours_s), ""),
+             (f"(a) overhead of {subject} vs generate", overhead, "target <= 10 %")]
 
     # (b) verifier time per upload against context length (first upload syncs the prompt: excluded).
     per_upload = {}
@@ -139,19 +147,23 @@ def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> l
             long_prompt += FILLER
         ctx = len(pair.encode_prompt(long_prompt, 1))
         _, events = _decoder_tps(decoder, long_prompt, RunConfig(sampling=sampling.__class__(
-            temperature=0.7, max_new_tokens=min(n_tokens, 24), stop_at_eos=False)).with_policy(name="hlm"))
+            temperature=0.7, max_new_tokens=min(n_tokens, 24), stop_at_eos=False)).with_policy(
+            name=with_role("counterfactual")))  # uploads every draft
         per_upload[ctx] = statistics.median(e.verify_s for e in events[1:])
     (short, t_short), (long, t_long) = sorted(per_upload.items())
     rows += [(f"(b) verify s/upload, context {short} tokens", t_short, ""),
              (f"(b) verify s/upload, context {long} tokens", t_long, ""),
              ("(b) ratio long/short", t_long / t_short, "target <= 1.3x")]
 
-    # (c) tokens/s per policy, and transformers' assisted generation on the same pair.
-    for policy in ("slm", "llm", "hlm", "uhlm", "ours"):
-        config = with_u_th(base.with_policy(name=policy), None, pair.calibration)
+    # (c) tokens/s per policy, the simplest rule first (the control's skip rate means something only matched to the
+    # subject: it is left out), and transformers' assisted generation on the same pair.
+    policies = sorted((p for p in REGISTRY.values() if p.role != "control"),
+                      key=lambda p: (p.uploads, p.uses_uncertainty, p.uses_estimator))
+    for policy in policies:
+        config = with_u_th(base.with_policy(name=policy.name), None, pair.calibration)
         tps, events = _decoder_tps(decoder, prompt, config)
         uploads = sum(e.uploaded for e in events) / max(len(events), 1)
-        rows.append((f"(c) {policy} tok/s", tps, f"upload rate {uploads:.0%}" if policy not in ("slm", "llm") else ""))
+        rows.append((f"(c) {policy.name} tok/s", tps, f"upload rate {uploads:.0%}" if policy.uploads else ""))
     assisted = _timed_generate(pair.verifier, ids, n_tokens, sampling, assistant_model=pair.draft)
     rows.append(("(c) transformers assisted generation tok/s", n_tokens / assisted, "same pair, sampling"))
     return rows

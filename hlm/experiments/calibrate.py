@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hlm.models.pairs import Calibration
+from hlm.policies import with_role
 
 if TYPE_CHECKING:
     from hlm.config import RunConfig
@@ -33,8 +34,9 @@ def fit(us: Sequence[float], betas: Sequence[float], delta: float, note: str = "
 
 def calibrate(decoder: HybridDecoder, prompts: Sequence[str],
               config: RunConfig) -> tuple[Calibration, list[tuple[float, float]]]:
-    """HLM over the prompts; returns the fit and the (u, beta) points."""
-    config = config.with_policy(name="hlm")
+    """HLM (the counterfactual: every draft uploaded, so every draft gets its beta) over the prompts; returns the fit
+    and the (u, beta) points."""
+    config = config.with_policy(name=with_role("counterfactual"))
     points, below = [], 0
     for prompt in tqdm(prompts, desc="calibrating", unit="prompt"):
         for e in decoder.generate(prompt, config, diagnostics=True):

@@ -21,31 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from hlm.policies import REGISTRY
+from hlm.policies import REGISTRY, Policy, role_of, with_role
 
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
-ESTIMATOR_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#bcbd22", "#e377c2", "#8c564b")  # when ours has several
+ESTIMATOR_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#bcbd22", "#e377c2", "#8c564b")  # when a policy has several
 PARTS = (("compute_j_per_token", "SLM compute"), ("radio_j_per_token", "radio (uplink)"),
          ("idle_j_per_token", "idle while waiting"))
 SIZE = {"width": 1000, "height": 620}
 
 
-def _groups(summary: Sequence[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
-    """(legend name, rows, marker style) per policy, ours split by estimator; llm (the reference) left out."""
+def _groups(summary: Sequence[dict[str, Any]]) -> Iterator[tuple[str, Policy, list[dict[str, Any]], dict[str, Any]]]:
+    """(legend name, policy, rows, marker style) per policy, one per estimator for a policy that asks one; the
+    reference (the yardstick, not a point on the trade-off) left out."""
     names: dict[str, list[dict[str, Any]]] = {}
     for r in summary:
-        if r["policy"] != "llm":
-            name = f"ours {r['estimator']}" if r["policy"] == "ours" else r["policy"]
-            names.setdefault(name, []).append(r)
-    ours = [n for n in names if n.startswith("ours ")]
+        policy = REGISTRY[r["policy"]]
+        if policy.role != "reference":
+            names.setdefault(f"{policy.name} {r['estimator']}" if policy.uses_estimator else policy.name, []).append(r)
+    split = [name for name, rows in names.items() if REGISTRY[rows[0]["policy"]].uses_estimator]
     for name, rows in names.items():
         policy = REGISTRY[rows[0]["policy"]]
-        colour = ESTIMATOR_COLOURS[ours.index(name) % len(ESTIMATOR_COLOURS)] if len(ours) > 1 and name in ours \
+        colour = ESTIMATOR_COLOURS[split.index(name) % len(ESTIMATOR_COLOURS)] if len(split) > 1 and name in split \
             else policy.colour
         symbol = "x" if policy.uses_coin else "circle" if policy.uses_estimator else "diamond"
-        yield name, rows, {"color": colour, "symbol": symbol, "size": 10}
+        yield name, policy, rows, {"color": colour, "symbol": symbol, "size": 10}
 
 
 def _xy(rows: Sequence[dict[str, Any]], x: str, y: str, x_scale: float = 1.0,
@@ -72,25 +74,26 @@ def _n_prompts(summary: Sequence[dict[str, Any]]) -> int:
 
 def pareto(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None = None) -> go.Figure:
     fig = go.Figure()
-    hybrid = [r for r in summary if r["policy"] != "llm" and r["energy_saving_mean"] is not None
+    hybrid = [r for r in summary if role_of(r["policy"]) != "reference" and r["energy_saving_mean"] is not None
               and r["bertscore_f1_mean"] is not None]
-    for name, rows, marker in _groups(hybrid):
-        text = [f"k={r['k']} γ={r['gamma']:g}" for r in rows] if name.startswith("ours") else None
+    for name, policy, rows, marker in _groups(hybrid):
+        text = [f"k={r['k']} γ={r['gamma']:g}" for r in rows] if policy.uses_estimator else None
         fig.add_trace(go.Scatter(name=name, mode="markers+text" if text else "markers", text=text,
                                  textposition="top center", textfont={"size": 9}, marker=marker,
                                  hovertext=[_hover(r) for r in rows], hoverinfo="text",
                                  **_xy(rows, "bertscore_f1", "energy_saving", y_scale=100)))
-    # Each ours setting joined to its random control (same upload rate): the line shows what importance adds.
-    random = {r["setting"]: r for r in hybrid if r["policy"] == "random"}
+    # Each subject setting joined to its control (same upload rate): the line shows what importance adds.
+    control = {r["setting"]: r for r in hybrid if role_of(r["policy"]) == "control"}
     xs: list[float | None] = []
     ys: list[float | None] = []
     for r in hybrid:
-        if r["policy"] == "ours" and r["setting"] in random:
-            c = random[r["setting"]]
+        if role_of(r["policy"]) == "subject" and r["setting"] in control:
+            c = control[r["setting"]]
             xs += [r["bertscore_f1_mean"], c["bertscore_f1_mean"], None]
             ys += [r["energy_saving_mean"] * 100, c["energy_saving_mean"] * 100, None]
     if xs:
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="ours ↔ random at equal upload rate",
+        pair = f"{with_role('subject')} ↔ {with_role('control')} at equal upload rate"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=pair,
                                  line={"color": "#bbbbbb", "dash": "dot", "width": 1}, hoverinfo="skip"))
     front = []
     for r in sorted(hybrid, key=lambda r: -r["bertscore_f1_mean"]):
@@ -114,8 +117,9 @@ def pareto(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None =
 
 
 def upload_heatmap(summary: Sequence[dict[str, Any]]) -> go.Figure:
-    ours = [r for r in summary if r["policy"] == "ours"]
-    estimators = list(dict.fromkeys(r["estimator"] for r in ours)) or ["(no ours runs)"]
+    subject = with_role("subject")
+    ours = [r for r in summary if r["policy"] == subject]
+    estimators = list(dict.fromkeys(r["estimator"] for r in ours)) or [f"(no {subject} runs)"]
     ks = sorted({r["k"] for r in ours})
     gammas = sorted({r["gamma"] for r in ours})
     fig = make_subplots(rows=1, cols=len(estimators), subplot_titles=estimators, shared_yaxes=True)
@@ -127,20 +131,21 @@ def upload_heatmap(summary: Sequence[dict[str, Any]]) -> go.Figure:
                       row=1, col=col)
         fig.update_xaxes(title_text="k (top-k rank bound)", type="category", row=1, col=col)
     fig.update_yaxes(title_text="γ (threshold strictness)", type="category", row=1, col=1)
-    fig.update_layout(title="Upload rate of ours over k × γ (mean over prompts)", template="plotly_white",
+    fig.update_layout(title=f"Upload rate of {subject} over k × γ (mean over prompts)", template="plotly_white",
                       coloraxis={"colorscale": "Viridis", "colorbar": {"title": "upload %"}})
     return fig
 
 
 def throughput(summary: Sequence[dict[str, Any]]) -> go.Figure:
     fig = go.Figure()
-    for name, rows, marker in _groups(summary):
+    for name, _, rows, marker in _groups(summary):
         fig.add_trace(go.Scatter(name=name, mode="markers", marker=marker, hovertext=[_hover(r) for r in rows],
                                  hoverinfo="text", **_xy(rows, "upload_rate", "tokens_per_s_modelled_link",
                                                          x_scale=100)))
-    llm = next((r for r in summary if r["policy"] == "llm"), None)
+    reference = with_role("reference")
+    llm = next((r for r in summary if r["policy"] == reference), None)
     if llm:
-        fig.add_hline(y=llm["tokens_per_s_modelled_link_mean"], line_dash="dot", line_color=REGISTRY["llm"].colour,
+        fig.add_hline(y=llm["tokens_per_s_modelled_link_mean"], line_dash="dot", line_color=REGISTRY[reference].colour,
                       annotation_text="LLM only (cloud generates every token)")
     fig.update_layout(title="Throughput vs upload rate (modelled link: device compute + uplink + cloud + downlink)",
                       xaxis_title="upload rate (%)", yaxis_title="tokens/s with the modelled link",
@@ -164,8 +169,6 @@ def export_png(figs: Sequence[go.Figure], paths: Sequence[Path], width: int, hei
     if "BROWSER_PATH" not in os.environ and Path(DEBIAN_CHROMIUM).is_file():
         os.environ["BROWSER_PATH"] = DEBIAN_CHROMIUM
     try:
-        import plotly.io as pio
-
         pio.write_images(list(figs), list(paths), width=width, height=height)
     except Exception as exc:  # noqa: BLE001 - no browser, kaleido missing, ...: the HTML is still there
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

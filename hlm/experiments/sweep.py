@@ -2,10 +2,12 @@
 
 Every (prompt, policy, setting, seed) is one run, cached as DIR/runs/<hash>.json where the hash covers the model
 spec, the prompt and the full RunConfig: an interrupted sweep resumes by skipping the runs already on disk. The
-`llm` run of each (prompt, seed) is always made: it is the BERTScore reference. The `random` control runs last:
-for each `ours` setting its skip rate is 1 - (ours upload rate) measured on the same prompts, so it uploads as
-often as `ours` while choosing *which* drafts to upload by a coin. Ours beating it at
-equal upload rate is the evidence that importance picks the right tokens.
+policies are run by their role (`hlm.policies`): the reference (`llm`) of each (prompt, seed) is always made: it
+is the BERTScore yardstick; the counterfactual and every baseline run once per (prompt, seed); the subject (`ours`)
+at each setting of the grid. The control (`random`) runs last: for each subject setting its skip rate is
+1 - (the subject's upload rate) measured on the same prompts, so it uploads as often as the subject while choosing
+*which* drafts to upload by a coin. The subject beating it at equal upload rate is the evidence that importance
+picks the right tokens.
 
 Writes results.csv/.json (one row per run), summary.csv (mean and 95 % CI over prompts per policy and setting),
 decisions.json (default estimator and (k, gamma), with the reasons) and figures/ (`hlm.experiments.figures`).
@@ -25,20 +27,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+from scipy.stats import t
+from tqdm import tqdm
+
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
+from hlm.experiments.figures import write_figures
+from hlm.policies import HYBRID, Policy, with_role
 from hlm.policies import REGISTRY as POLICIES
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from tqdm import tqdm
-
     from hlm.decoder import HybridDecoder
     from hlm.events import TokenEvent
     from hlm.experiments.quality import QualityScorer
 
-HYBRID = tuple(n for n, p in POLICIES.items() if p.drafts)
-TUNED = tuple(n for n, p in POLICIES.items() if p.tuned)  # rows with an importance setting (random: the one matched)
-GATED = tuple(n for n, p in POLICIES.items() if p.uses_u_th)  # rows with u_th
 # Quick: 4 prompts (one per category) x 10 tokens x 2x2 (k, gamma) with the default estimator, every figure,
 # under 10 minutes on 2 CPU cores; comparing estimators is `python -m hlm study`'s job (or --estimators here).
 QUICK = {"limit": 4, "max_new_tokens": 10, "k": (4, 16), "gamma": (0.0, 1.0), "estimators": (PolicyConfig.estimator,),
@@ -57,25 +59,29 @@ TIMED = ("device_energy_j", "link_energy_j", "device_energy_compute_j", "device_
 PART_COLUMNS = {"device_compute": "compute", "radio": "radio", "device_idle": "idle"}
 
 
-def setting_label(policy: PolicyConfig) -> str:
-    """The importance setting as a short label (rows, summary, figures)."""
-    return f"{policy.estimator} k={policy.k} γ={policy.gamma:g}"
-
-
 @dataclass(frozen=True)
 class Job:
     prompt: dict[str, str]  # id, category, prompt
     config: RunConfig
-    matched_to: str = ""  # random control: the ours setting whose upload rate it matches
+    matched_to: str = ""  # the control: the subject setting whose upload rate it matches
 
     def identity(self, models: str) -> dict[str, Any]:
         return {"models": models, "prompt_id": self.prompt["id"],
                 "prompt_sha256": hashlib.sha256(self.prompt["prompt"].encode()).hexdigest(),
                 "config": self.config.to_dict()}
 
-    def label(self) -> str:
-        pol = self.config.policy
-        return POLICIES[pol.name].label(pol)
+    @property
+    def policy(self) -> Policy:
+        return POLICIES[self.config.policy.name]
+
+
+def once_per_prompt(policies: Sequence[str]) -> list[str]:
+    """The policies of `policies` that run once per (prompt, seed), in run order: the reference (always: every
+    output is scored against it), the bounds (the counterfactual uploads every draft, a baseline that uploads
+    none), then the other baselines."""
+    once = [p for p in POLICIES.values() if p.name in policies and p.role in ("counterfactual", "baseline")]
+    once.sort(key=lambda p: (p.role != "counterfactual", p.uploads))
+    return [with_role("reference"), *(p.name for p in once)]
 
 
 @dataclass(frozen=True)
@@ -96,46 +102,50 @@ class Grid:
                              ("estimators", self.estimators), ("seeds", self.seeds)):
             if not values:
                 raise ConfigError(f"{name}: give at least one value")
-        if "random" in self.policies and "ours" not in self.policies:
-            raise ConfigError("the random control is matched to ours settings: include ours")
-        settings = tuple(PolicyConfig(name="ours", u_th=self.u_th, k=k, gamma=g, estimator=e)  # validates
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise ConfigError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+        subject, control = with_role("subject"), with_role("control")
+        if control in self.policies and subject not in self.policies:
+            raise ConfigError(f"the {control} control is matched to {subject} settings: include {subject}")
+        settings = tuple(self.config(subject, k=k, gamma=g, estimator=e)  # validates
                          for e in self.estimators for k in self.ks for g in self.gammas)
-        object.__setattr__(self, "settings", settings if "ours" in self.policies else ())
+        object.__setattr__(self, "settings", settings if subject in self.policies else ())
+
+    def config(self, policy: str, **knobs: Any) -> PolicyConfig:
+        """`policy`'s config at `knobs`, carrying the grid's u_th where the policy reads it (else the default)."""
+        return PolicyConfig(name=policy, **knobs, **({"u_th": self.u_th} if POLICIES[policy].uses_u_th else {}))
 
     def first_jobs(self, prompts: Sequence[dict[str, str]], base: RunConfig) -> list[Job]:
-        """Everything but the random control, prompt by prompt (a partial sweep holds whole prompts)."""
-        singles = ["llm", *(p for p in ("hlm", "slm", "uhlm") if p in self.policies)]
+        """Everything but the control, prompt by prompt (a partial sweep holds whole prompts)."""
+        once = [self.config(p) for p in once_per_prompt(self.policies)]
         jobs = []
         for prompt in prompts:
             for seed in self.seeds:
                 cfg = replace(base, sampling=replace(base.sampling, seed=seed))
-                jobs += [Job(prompt, replace(cfg, policy=PolicyConfig(name=p, **({"u_th": self.u_th} if p in GATED
-                                                                                   else {})))) for p in singles]
-                jobs += [Job(prompt, replace(cfg, policy=s)) for s in self.settings]
+                jobs += [Job(prompt, replace(cfg, policy=p)) for p in [*once, *self.settings]]
         return jobs
 
-    def random_count(self, prompts: Sequence[dict[str, str]]) -> int:
-        return len(prompts) * len(self.seeds) * len(self.settings) if "random" in self.policies else 0
+    def control_count(self, prompts: Sequence[dict[str, str]]) -> int:
+        return len(prompts) * len(self.seeds) * len(self.settings) if with_role("control") in self.policies else 0
 
-    def random_jobs(self, first: Sequence[tuple[Job, dict]]) -> list[Job]:
-        """The random control for each ours setting, at the skip rate that matches its pooled upload rate."""
-        if "random" not in self.policies:
+    def control_jobs(self, first: Sequence[tuple[Job, dict]]) -> list[Job]:
+        """The control for each subject setting, at the skip rate that matches its pooled upload rate."""
+        control = with_role("control")
+        if control not in self.policies:
             return []
+        subject = [(job, record, job.policy.setting(job.config.policy)) for job, record in first
+                   if job.policy.role == "subject"]
         pooled: dict[str, list[int]] = {}
-        for job, record in first:
-            pol = job.config.policy
-            if pol.name == "ours":
-                tally = pooled.setdefault(setting_label(pol), [0, 0])
-                tally[0] += record["summary"]["uploads"]
-                tally[1] += record["summary"]["tokens"]
+        for _, record, setting in subject:
+            tally = pooled.setdefault(setting, [0, 0])
+            tally[0] += record["summary"]["uploads"]
+            tally[1] += record["summary"]["tokens"]
         jobs = []
-        for job, _ in first:
-            pol = job.config.policy
-            if pol.name == "ours":
-                up, tokens = pooled[setting_label(pol)]
-                skip = round(1.0 - up / tokens, 4) if tokens else 1.0
-                jobs.append(Job(job.prompt, job.config.with_policy(name="random", skip_rate=skip),
-                                setting_label(pol)))
+        for job, _, setting in subject:
+            up, tokens = pooled[setting]
+            skip = round(1.0 - up / tokens, 4) if tokens else 1.0
+            jobs.append(Job(job.prompt, job.config.with_policy(name=control, skip_rate=skip), setting))
         return jobs
 
 
@@ -180,7 +190,7 @@ class Runner:
             if path.is_file():
                 done.append((job, json.loads(path.read_text(encoding="utf-8"))))
                 continue
-            self.bar.set_postfix_str(f"{job.prompt['id']} {job.label()}", refresh=False)
+            self.bar.set_postfix_str(f"{job.prompt['id']} {job.policy.label(job.config.policy)}", refresh=False)
             text, events, summary = self.decoder.run(job.prompt["prompt"], job.config)
             record = {"identity": job.identity(self.models), "text": text, "summary": summary,
                       "tokens": [minimal_token(e) for e in events]}
@@ -192,19 +202,33 @@ class Runner:
         return done
 
 
-def execute(decoder: HybridDecoder, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,
-            out_dir: Path, progress: bool = True,
-            after_run: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
-    """Run (or load) every job of the sweep; returns (job, record) pairs, random controls last."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class SweepSpec:
+    """What one sweep runs and where it writes it: everything but the loaded decoder and scorer. `meta` is merged
+    into results.json's meta; `tolerance` is `choose_defaults`'."""
 
-    first = grid.first_jobs(prompts, base)
-    with tqdm(total=len(first) + grid.random_count(prompts), unit="run", desc="sweep", disable=not progress,
-              dynamic_ncols=True, file=sys.stderr) as bar:
-        runner = Runner(decoder, models, out_dir / "runs", bar, after_run)
+    models: str  # the pair's spec, part of every run's cache identity
+    prompts: Sequence[dict[str, str]]
+    grid: Grid
+    base: RunConfig  # what every run shares; the grid sets the policy
+    out_dir: Path
+    tolerance: float = 0.01
+    png: bool = True
+    progress: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def execute(decoder: HybridDecoder, spec: SweepSpec,
+            after_run: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
+    """Run (or load) every job of the sweep; returns (job, record) pairs, the controls last."""
+    grid = spec.grid
+    first = grid.first_jobs(spec.prompts, spec.base)
+    with tqdm(total=len(first) + grid.control_count(spec.prompts), unit="run", desc="sweep",
+              disable=not spec.progress, dynamic_ncols=True, file=sys.stderr) as bar:
+        runner = Runner(decoder, spec.models, spec.out_dir / "runs", bar, after_run)
         bar.update(runner.cached(first))
         done = runner.run(first)
-        second = grid.random_jobs(done)
+        second = grid.control_jobs(done)
         bar.update(runner.cached(second))
         return done + runner.run(second)
 
@@ -213,50 +237,51 @@ def _per_token(value: float | None, tokens: int) -> float | None:
     return value / tokens if value is not None and tokens else None
 
 
+def _row(job: Job, record: dict, counterfactual: dict | None) -> dict[str, Any]:
+    """One run's row: its settings (the knobs its policy reads), every Summary figure, per-token energy, and its
+    energy saving against the counterfactual's run of the same prompt and seed (`counterfactual`: that summary)."""
+    pol, policy, s = job.config.policy, job.policy, record["summary"]
+    tuned, n = policy.tuned, s["tokens"]
+    row: dict[str, Any] = {
+        "prompt_id": job.prompt["id"], "category": job.prompt["category"], "seed": job.config.sampling.seed,
+        "policy": pol.name, "setting": policy.setting(pol), "estimator": pol.estimator if tuned else None,
+        "k": pol.k if tuned else None, "gamma": pol.gamma if tuned else None,
+        "u_th": pol.u_th if policy.uses_u_th else None, "skip_rate": pol.skip_rate if policy.uses_coin else None,
+        "matched_to": job.matched_to or None,
+    }
+    row |= {k: v for k, v in s.items() if not isinstance(v, dict) and k != "policy"}
+    parts = s["device_energy_parts_j"]
+    row |= {f"device_energy_{short}_j": parts[part] for part, short in PART_COLUMNS.items()}
+    row["device_j_per_token"] = mine = _per_token(s["device_energy_j"], n)
+    row |= {f"{short}_j_per_token": _per_token(parts[part], n) for part, short in PART_COLUMNS.items()}
+    theirs = _per_token(counterfactual["device_energy_j"], counterfactual["tokens"]) if counterfactual else None
+    row["energy_saving_vs_hlm_run"] = (1.0 - mine / theirs if mine is not None and theirs
+                                       and policy.role != "reference" else None)
+    return row
+
+
 def tabulate(done: Sequence[tuple[Job, dict]], scorer: QualityScorer) -> list[dict[str, Any]]:
-    """One tidy row per run: the settings, every Summary figure, per-token energy and BERTScore F1 against the
-    `llm` output for the same prompt and seed (scored in one batch by the one loaded scorer)."""
+    """One tidy row per run (`_row`) with its BERTScore F1 against the reference's output for the same prompt and
+    seed (scored in one batch by the one loaded scorer)."""
     def key(job: Job) -> tuple[str, int]:
         return job.prompt["id"], job.config.sampling.seed
 
-    by_policy: dict[str, dict[tuple[str, int], dict]] = {"llm": {}, "hlm": {}}
+    by_role: dict[str, dict[tuple[str, int], dict]] = {"reference": {}, "counterfactual": {}}
     for job, record in done:
-        if job.config.policy.name in by_policy:
-            by_policy[job.config.policy.name][key(job)] = record
-    scored = [(job, record) for job, record in done if job.config.policy.name != "llm"]
-    f1s = iter(scorer.f1([r["text"] for _, r in scored], [by_policy["llm"][key(j)]["text"] for j, _ in scored]))
-
+        if job.policy.role in by_role:
+            by_role[job.policy.role][key(job)] = record
+    scored = [(job, record) for job, record in done if job.policy.role != "reference"]
+    f1s = iter(scorer.f1([r["text"] for _, r in scored], [by_role["reference"][key(j)]["text"] for j, _ in scored]))
     rows = []
     for job, record in done:
-        pol, s = job.config.policy, record["summary"]
-        tuned = pol.name in TUNED
-        n = s["tokens"]
-        hlm = by_policy["hlm"].get(key(job), {}).get("summary")
-        hlm_per_token = _per_token(hlm["device_energy_j"], hlm["tokens"]) if hlm else None
-        mine = _per_token(s["device_energy_j"], n)
-        row: dict[str, Any] = {
-            "prompt_id": job.prompt["id"], "category": job.prompt["category"], "seed": job.config.sampling.seed,
-            "policy": pol.name, "setting": (job.matched_to or setting_label(pol)) if tuned else "-",
-            "estimator": pol.estimator if tuned else None, "k": pol.k if tuned else None,
-            "gamma": pol.gamma if tuned else None, "u_th": pol.u_th if pol.name in GATED else None,
-            "skip_rate": pol.skip_rate if pol.name == "random" else None, "matched_to": job.matched_to or None,
-        }
-        row |= {k: v for k, v in s.items() if not isinstance(v, dict) and k != "policy"}
-        parts = s["device_energy_parts_j"]
-        row |= {f"device_energy_{short}_j": parts[part] for part, short in PART_COLUMNS.items()}
-        row["device_j_per_token"] = mine
-        row |= {f"{short}_j_per_token": _per_token(parts[part], n) for part, short in PART_COLUMNS.items()}
-        row["energy_saving_vs_hlm_run"] = (1.0 - mine / hlm_per_token if mine is not None and hlm_per_token
-                                           and pol.name != "llm" else None)
-        row["bertscore_f1"] = next(f1s) if pol.name != "llm" else None
+        row = _row(job, record, by_role["counterfactual"].get(key(job), {}).get("summary"))
+        row["bertscore_f1"] = next(f1s) if job.policy.role != "reference" else None
         rows.append(row)
     return rows
 
 
 def _ci95(values: pd.Series) -> float:
     """Half-width of the t-based 95 % confidence interval of the mean (NaN below two values)."""
-    from scipy.stats import t
-
     x = values.dropna()
     return float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
 
@@ -264,8 +289,6 @@ def _ci95(values: pd.Series) -> float:
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and 95 % CI over prompts per (policy, setting); seeds are averaged within a prompt first, so the CI
     is over prompts, the unit the claim is about."""
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     df[list(METRICS)] = df[list(METRICS)].astype(float)
     groups = ["policy", "setting"]
@@ -292,24 +315,23 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def versus_random(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ours against its random control at the matched upload rate, paired by (prompt, seed): the mean BERTScore
+def versus_control(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The subject against its control at the matched upload rate, paired by (prompt, seed): the mean BERTScore
     difference with a 95 % CI over prompts and a verdict that only claims what the CI supports."""
-    import pandas as pd
-
+    subject, control = with_role("subject"), with_role("control")
     df = pd.DataFrame(rows)
-    if not {"ours", "random"} <= set(df["policy"]):
+    if not {subject, control} <= set(df["policy"]):
         return []
     cols = ["prompt_id", "seed", "setting", "bertscore_f1", "upload_rate", "energy_saving"]
-    ours, rnd = df[df.policy == "ours"][[*cols, "estimator", "k", "gamma"]], df[df.policy == "random"][cols]
-    pairs = ours.merge(rnd, on=["prompt_id", "seed", "setting"], suffixes=("_ours", "_random"))
+    mine, theirs = df[df.policy == subject][[*cols, "estimator", "k", "gamma"]], df[df.policy == control][cols]
+    pairs = mine.merge(theirs, on=["prompt_id", "seed", "setting"], suffixes=(f"_{subject}", f"_{control}"))
     out = []
     for setting, g in pairs.groupby("setting", sort=False):
-        per_prompt = g.groupby("prompt_id")[[c for c in g.columns if c.endswith(("_ours", "_random"))]].mean()
-        delta = (per_prompt["bertscore_f1_ours"] - per_prompt["bertscore_f1_random"]).astype(float)
+        per_prompt = g.groupby("prompt_id")[[c for c in g.columns if c.endswith((f"_{subject}", f"_{control}"))]].mean()
+        delta = (per_prompt[f"bertscore_f1_{subject}"] - per_prompt[f"bertscore_f1_{control}"]).astype(float)
         mean, ci = float(delta.mean()), _ci95(delta)
         verdict = ("no clear difference" if math.isnan(ci) or abs(mean) <= ci else
-                   "ours better" if mean > 0 else "random better")
+                   f"{subject} better" if mean > 0 else f"{control} better")
         out.append({"setting": setting, "estimator": g["estimator"].iloc[0], "k": int(g["k"].iloc[0]),
                     "gamma": float(g["gamma"].iloc[0]), "n_prompts": len(per_prompt),
                     **{c: _plain(per_prompt[c].mean()) for c in per_prompt.columns},
@@ -317,66 +339,84 @@ def versus_random(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _row(summary: Sequence[dict[str, Any]], policy: str) -> dict[str, Any] | None:
-    return next((r for r in summary if r["policy"] == policy), None)
+def _quality(summary: Sequence[dict[str, Any]], policy: str | None) -> float | None:
+    """`policy`'s mean BERTScore in `summary` (None where it did not run)."""
+    row = next((r for r in summary if policy is not None and r["policy"] == policy), None)
+    return row["bertscore_f1_mean"] if row else None
+
+
+def gated_baseline() -> str | None:
+    """U-HLM: the baseline gated on an uncertainty threshold, the paper's 'vs U-HLM' comparison."""
+    return next((p.name for p in POLICIES.values() if p.role == "baseline" and p.uses_u_th), None)
 
 
 def pick_setting(summary: Sequence[dict[str, Any]], min_bertscore: float,
                  estimator: str | None = None) -> dict[str, Any] | None:
-    """The ours setting with the largest mean energy saving whose mean BERTScore is at least `min_bertscore`."""
-    ok = [r for r in summary if r["policy"] == "ours" and (estimator is None or r["estimator"] == estimator)
+    """The subject setting with the largest mean energy saving whose mean BERTScore is at least `min_bertscore`."""
+    subject = with_role("subject")
+    ok = [r for r in summary if r["policy"] == subject and (estimator is None or r["estimator"] == estimator)
           and r["bertscore_f1_mean"] is not None and r["bertscore_f1_mean"] >= min_bertscore
           and r["energy_saving_mean"] is not None]
     return max(ok, key=lambda r: r["energy_saving_mean"], default=None)
 
 
-def decide(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
-           tolerance: float = 0.01) -> dict[str, Any]:
-    """Defaults from evidence. Accuracy-leaning: the most energy saved with BERTScore within `tolerance` of HLM;
-    if no setting gets that close, the ours setting with the best BERTScore (and the text says so).
-    Energy-leaning: the most saved with BERTScore within `tolerance` of U-HLM (the paper's 'vs U-HLM' comparison).
-    Estimator: the one the accuracy-leaning pick uses, reported beside how each estimator fares against random
-    skipping at the same upload rate."""
-    hlm, uhlm = _row(summary, "hlm"), _row(summary, "uhlm")
-    hlm_q = hlm["bertscore_f1_mean"] if hlm else None
-    uhlm_q = uhlm["bertscore_f1_mean"] if uhlm else None
-    accuracy = pick_setting(summary, hlm_q - tolerance if hlm_q is not None else -math.inf)
-    accuracy_floor = f"HLM {hlm_q:.3f} - {tolerance}" if hlm_q is not None else "no HLM run"
-    if accuracy is None:
-        scored = [r for r in summary if r["policy"] == "ours" and r["bertscore_f1_mean"] is not None]
-        accuracy = max(scored, key=lambda r: r["bertscore_f1_mean"], default=None)
-        accuracy_floor = f"none reaches {accuracy_floor}: this is the best BERTScore of ours"
-    energy = pick_setting(summary, uhlm_q - tolerance if uhlm_q is not None else -math.inf)
-    comparisons = versus_random(rows)
-    by_estimator: dict[str, dict[str, Any]] = {}
+def by_estimator(comparisons: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`versus_control`'s verdicts counted per estimator, with the mean BERTScore difference."""
+    verdicts = (f"{with_role('subject')} better", f"{with_role('control')} better", "no clear difference")
+    out: dict[str, dict[str, Any]] = {}
     for c in comparisons:
-        e = by_estimator.setdefault(c["estimator"], {"settings": 0, "ours better": 0, "random better": 0,
-                                                     "no clear difference": 0, "deltas": []})
+        e = out.setdefault(c["estimator"], {"settings": 0, **dict.fromkeys(verdicts, 0), "deltas": []})
         e["settings"] += 1
         e[c["verdict"]] += 1
         e["deltas"].append(c["delta_bertscore"])
-    for e in by_estimator.values():
+    for e in out.values():
         e["mean_delta_bertscore"] = sum(e.pop("deltas")) / e["settings"]
+    return out
 
-    def describe(name: str, pick: dict[str, Any] | None, floor: str) -> str:
-        if pick is None:
-            return f"{name}: no ours setting reaches {floor}."
-        return (f"{name}: {pick['setting']} saves {pick['energy_saving_mean']:.1%} device energy at BERTScore "
-                f"{pick['bertscore_f1_mean']:.3f} (upload rate {pick['upload_rate_mean']:.1%}; {floor}).")
 
-    lines = [describe("accuracy-leaning", accuracy, accuracy_floor),
-             describe("energy-leaning", energy, f"U-HLM {uhlm_q:.3f} - {tolerance}" if uhlm_q is not None
-                      else "no U-HLM run")]
-    for name, e in by_estimator.items():
-        lines.append(f"{name} vs random at the same upload rate over {e['settings']} settings: ours better in "
-                     f"{e['ours better']}, random better in {e['random better']}, no clear difference in "
-                     f"{e['no clear difference']}; mean ΔBERTScore {e['mean_delta_bertscore']:+.4f}.")
-    if comparisons and not any(c["verdict"] == "ours better" for c in comparisons):
+def choose_defaults(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
+                    tolerance: float = 0.01) -> dict[str, Any]:
+    """Defaults from evidence. Accuracy-leaning: the most energy saved with BERTScore within `tolerance` of HLM
+    (the counterfactual); if no setting gets that close, the subject setting with the best BERTScore (and the text
+    says so). Energy-leaning: the most saved with BERTScore within `tolerance` of U-HLM (the paper's 'vs U-HLM'
+    comparison). Estimator: the one the accuracy-leaning pick uses, reported beside how each estimator fares
+    against its control (random skipping) at the same upload rate."""
+    subject = with_role("subject")
+    hlm_q, uhlm_q = _quality(summary, with_role("counterfactual")), _quality(summary, gated_baseline())
+    accuracy = pick_setting(summary, hlm_q - tolerance if hlm_q is not None else -math.inf)
+    accuracy_floor = f"HLM {hlm_q:.3f} - {tolerance}" if hlm_q is not None else "no HLM run"
+    if accuracy is None:
+        scored = [r for r in summary if r["policy"] == subject and r["bertscore_f1_mean"] is not None]
+        accuracy = max(scored, key=lambda r: r["bertscore_f1_mean"], default=None)
+        accuracy_floor = f"none reaches {accuracy_floor}: this is the best BERTScore of {subject}"
+    energy = pick_setting(summary, uhlm_q - tolerance if uhlm_q is not None else -math.inf)
+    comparisons = versus_control(rows)
+    estimators = by_estimator(comparisons)
+    lines = [_describe("accuracy-leaning", accuracy, accuracy_floor),
+             _describe("energy-leaning", energy, f"U-HLM {uhlm_q:.3f} - {tolerance}" if uhlm_q is not None
+                       else "no U-HLM run"), *_verdicts(estimators)]
+    if comparisons and not any(c["verdict"] == f"{subject} better" for c in comparisons):
         lines.append("Importance did NOT beat random skipping at equal upload rate in any setting of this sweep.")
     return {"tolerance": tolerance, "hlm_bertscore": hlm_q, "uhlm_bertscore": uhlm_q,
             "estimator": accuracy["estimator"] if accuracy else None, "accuracy_leaning": accuracy,
-            "energy_leaning": energy, "by_estimator": by_estimator, "versus_random": comparisons,
+            "energy_leaning": energy, "by_estimator": estimators, "versus_random": comparisons,
             "why": " ".join(lines)}
+
+
+def _describe(name: str, pick: dict[str, Any] | None, floor: str) -> str:
+    if pick is None:
+        return f"{name}: no {with_role('subject')} setting reaches {floor}."
+    return (f"{name}: {pick['setting']} saves {pick['energy_saving_mean']:.1%} device energy at BERTScore "
+            f"{pick['bertscore_f1_mean']:.3f} (upload rate {pick['upload_rate_mean']:.1%}; {floor}).")
+
+
+def _verdicts(estimators: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per estimator: how it fared against the control over the settings of this sweep."""
+    subject, control = with_role("subject"), with_role("control")
+    return [f"{name} vs {control} at the same upload rate over {e['settings']} settings: {subject} better in "
+            f"{e[f'{subject} better']}, {control} better in {e[f'{control} better']}, no clear difference in "
+            f"{e['no clear difference']}; mean ΔBERTScore {e['mean_delta_bertscore']:+.4f}."
+            for name, e in estimators.items()]
 
 
 @dataclass
@@ -387,33 +427,35 @@ class Result:
     figures: dict[str, Any]
 
 
-def sweep(decoder: HybridDecoder, models: str, prompts: Sequence[dict[str, str]], grid: Grid, base: RunConfig,
-          out_dir: Path, scorer: QualityScorer, meta: dict[str, Any] | None = None, png: bool = True,
-          progress: bool = True, tolerance: float = 0.01,
+def sweep(decoder: HybridDecoder, scorer: QualityScorer, spec: SweepSpec,
           after_run: Callable[[Job, dict], None] | None = None) -> Result:
-    """Run everything (resuming), score, aggregate, decide and write every output file."""
-    import pandas as pd
-
-    from hlm.experiments.figures import write_figures
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run everything (resuming), score, aggregate, choose the defaults and write every output file.
+    `after_run(job, record)` is called after each new run (progress, interruption in tests)."""
+    out = spec.out_dir
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    done = execute(decoder, models, prompts, grid, base, out_dir, progress, after_run)
+    done = execute(decoder, spec, after_run)
     rows = tabulate(done, scorer)
     summary = aggregate(rows)
-    decisions = decide(rows, summary, tolerance)
-    figures = write_figures(summary, decisions, out_dir / "figures", png=png)
-    meta = {**(meta or {}), "models": models, "prompts": len(prompts), "runs": len(rows),
-            "grid": {k: v for k, v in asdict(grid).items() if k != "settings"}, "sampling": asdict(base.sampling),
+    decisions = choose_defaults(rows, summary, spec.tolerance)
+    figures = write_figures(summary, decisions, out / "figures", png=spec.png)
+    meta = {**_meta(decoder, scorer, spec, len(rows)), "sweep_wall_s": time.perf_counter() - start,
+            "figures": figures}
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    write_atomic(out / "results.json", {"meta": meta, "rows": rows})
+    pd.DataFrame(summary).to_csv(out / "summary.csv", index=False)
+    write_atomic(out / "decisions.json", decisions)
+    return Result(rows, summary, decisions, figures)
+
+
+def _meta(decoder: HybridDecoder, scorer: QualityScorer, spec: SweepSpec, runs: int) -> dict[str, Any]:
+    """What results.json records about the sweep besides its rows."""
+    base = spec.base
+    return {**spec.meta, "models": spec.models, "prompts": len(spec.prompts), "runs": runs,
+            "grid": {k: v for k, v in asdict(spec.grid).items() if k != "settings"}, "sampling": asdict(base.sampling),
             "link": asdict(base.link), "uplink_rate_bps": base.link.uplink_rate_bps,
             "device_profile": asdict(base.device), "link_preset": link_label(base.link_preset, base.link),
-            "energy_methods": decoder.energy_methods(base.link, base.device), "quality": scorer.method,
-            "sweep_wall_s": time.perf_counter() - start, "figures": figures}
-    pd.DataFrame(rows).to_csv(out_dir / "results.csv", index=False)
-    write_atomic(out_dir / "results.json", {"meta": meta, "rows": rows})
-    pd.DataFrame(summary).to_csv(out_dir / "summary.csv", index=False)
-    write_atomic(out_dir / "decisions.json", decisions)
-    return Result(rows, summary, decisions, figures)
+            "energy_methods": decoder.energy_methods(base.link, base.device), "quality": scorer.method}
 
 
 def format_summary(summary: Sequence[dict[str, Any]]) -> str:
