@@ -108,8 +108,9 @@ def _row(rp: _Replay, i: int) -> dict[str, Any]:
     z, token = rp.z[pos - 1], rp.full[pos]
     d = _argmax(z, valid) if rp.greedy else token
     uncs = [uncertainty(z, d, 20, 2.0, g, valid) for g in rp.gens]
-    prev = None if i == 0 else float(torch.softmax(rp.z[pos - 2].masked_fill(~valid, float("-inf")), -1)[
-        rp.full[pos - 1]])
+    prev = None  # the SLM's probability of the previous token
+    if i:
+        prev = float(torch.softmax(rp.z[pos - 2].masked_fill(~valid, float("-inf")), -1)[rp.full[pos - 1]])
     stats = draft_stats(z, d, uncs[0], valid, rp.pair.embeddings, None, prev)
     qg = _argmax(rp.q[pos - 1], valid)
     if rp.greedy:

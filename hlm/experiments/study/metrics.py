@@ -19,10 +19,11 @@ from hlm import importance
 from hlm.config import PolicyConfig
 from hlm.estimators import REGISTRY, WINDOW, DraftStats, Estimator, SelectionCalibration, horizon
 from hlm.experiments.study.collect import U_DRAWS
-from hlm.experiments.study.score import SCORES, layer_heads, record_stats, score_table
+from hlm.experiments.study.score import PAPER, SCORES, layer_heads, record_stats, score_table
 
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 PAPER_GRID = {"k": (1, 2, 4, 8, 16), "gamma": (0.0, 0.5, 1.0, 2.0)}
+ROW_AFTER_PASSES = {1: "self", 2: "look"}  # the attention row a paper-literal estimator reads, by its passes
 MODES = ("greedy", "sampled")
 BOOT = 1000
 TARGET_RATE = 0.30  # the upload budget the defaults are chosen for (issue: selection at <= 30 % uploads)
@@ -155,7 +156,8 @@ def _paper_rows(mode: str, items: Items, cal: SelectionCalibration, u_th: float,
     heads = layer_heads([rec for rec, _ in items], cal)
     drawn = [[record_stats(rec, heads, draw) for rec, _ in items] for draw in range(U_DRAWS)]
     rows = []
-    for name, row in (("paper-lookahead", "look"), ("paper-self", "self")):
+    for name in PAPER:
+        row = ROW_AFTER_PASSES[REGISTRY[name].passes]
         for k, gamma in itertools.product(PAPER_GRID["k"], PAPER_GRID["gamma"]):
             policy = PolicyConfig(k=k, gamma=gamma, u_th=u_th)
             rows.append({"mode": mode, "rule": name, "budget": None, "setting": f"k={k} γ={gamma:g}",

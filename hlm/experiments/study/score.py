@@ -23,6 +23,7 @@ from hlm.estimators import (
 
 PROBE_FEATURES = ("ubar", "one_minus_p", "entropy", "margin", "semantic", "prev_attention", "p_prev", "rauq")
 SCORES = tuple(n for n in NAMES if not REGISTRY[n].uses_u_th)
+PAPER = tuple(n for n in NAMES if REGISTRY[n].uses_u_th)  # the paper-literal rules: u > u_th AND important
 FOLDS = 4  # the probe's out-of-fold scores: prompts split this many ways
 
 
