@@ -1,4 +1,4 @@
-"""The selection study (hlm/experiments/study.py): its metrics on hand-made cases with known answers, the command on
+"""The selection study (hlm/experiments/study/): its metrics on hand-made cases with known answers, the command on
 the tiny pair, and the tuning/report split of the shipped calibration."""
 
 import json

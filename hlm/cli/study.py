@@ -6,24 +6,64 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hlm import session
 from hlm.cli.args import UsageError, add_model_args
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
-from hlm.experiments.study import (
-    analyse,
-    collect,
-    confirm,
-    decide,
-    fit_calibration,
-    print_report,
-    sampled_quality,
-    write_outputs,
-)
+from hlm.policies import with_role
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from hlm.estimators import SelectionCalibration
+    from hlm.models.pairs import ModelPair
+
+
+def _subject(args: argparse.Namespace, temperature: float, max_new_tokens: int) -> RunConfig:
+    """The policy under study at the knobs given (--estimator, --k, --gamma)."""
+    policy = PolicyConfig(name=with_role("subject"), k=args.k, gamma=args.gamma,
+                          **({"estimator": args.estimator} if args.estimator else {}))
+    return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens), policy)
+
+
+def _calibration(args: argparse.Namespace, pair: ModelPair, prompts: list[dict[str, str]],
+                 records: list[dict[str, Any]]) -> tuple[SelectionCalibration, list[np.ndarray] | None]:
+    """The pair's selection calibration, or with --fit one fitted on these records (written to --fit), with the
+    probe's out-of-fold scores."""
+    from hlm.experiments.study import fit_calibration
+
+    if not args.fit:
+        return pair.selection, None
+    note = (f"fitted by `python -m hlm study --fit` on {args.prompts} ({len(prompts)} prompts, "
+            f"{args.max_new_tokens} tokens, greedy + T={args.temperature} seeds {list(args.seeds)})")
+    cal, oof = fit_calibration(records, note, [p["prompt"] for p in prompts])
+    cal.save(args.fit)
+    print(f"[study] wrote the selection calibration to {args.fit}", file=sys.stderr)
+    return cal, oof
+
+
+def _end_to_end(args: argparse.Namespace, pair: ModelPair, prompts: list[dict[str, str]],
+                records: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """--quality and --confirm: real decoder runs of the subject against its counterfactual and its control."""
+    from hlm.decoder import HybridDecoder
+    from hlm.experiments.study import confirm, sampled_quality
+
+    decoder, out = HybridDecoder(pair), Path(args.out)
+    if args.quality:
+        config = _subject(args, args.temperature, args.quality)
+        result["quality"] = sampled_quality(decoder, prompts[: args.quality_limit], out, config, args.references)
+    if args.confirm:
+        config = _subject(args, 0.0, args.confirm)
+        refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
+        chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
+        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
+        result["confirm"]["config"] = config.to_dict()
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from hlm.experiments.study import analyse, choose_defaults, collect, print_report, write_outputs
     from hlm.models import load_pair  # looked up at call time: a test substitutes the tiny pair
 
     out = Path(args.out)
@@ -39,39 +79,15 @@ def cmd_study(args: argparse.Namespace) -> int:
                       args.batch)
     if not records:
         raise UsageError("no prompt produced an answer to study")
-    oof = None
-    if args.fit:
-        note = (f"fitted by `python -m hlm study --fit` on {args.prompts} ({len(prompts)} prompts, "
-                f"{args.max_new_tokens} tokens, greedy + T={args.temperature} seeds {list(args.seeds)})")
-        cal, oof = fit_calibration(records, note, [p["prompt"] for p in prompts])
-        cal.save(args.fit)
-        print(f"[study] wrote the selection calibration to {args.fit}", file=sys.stderr)
-    else:
-        cal = pair.selection
+    cal, oof = _calibration(args, pair, prompts, records)
     result = analyse(records, cal, oof, args.k, args.gamma, session.resolve_u_th(args.u_th, pair.calibration)[0])
     result.update({"prompts_file": str(args.prompts), "models": args.models, "max_new_tokens": args.max_new_tokens,
                    "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration"})
     if args.fit:
-        result["decisions"] = decide(result)
+        result["decisions"] = choose_defaults(result)
         (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
     if args.confirm or args.quality:
-        from hlm.decoder import HybridDecoder
-
-        decoder = HybridDecoder(pair)
-    if args.quality:
-        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
-                              **({"estimator": args.estimator} if args.estimator else {}))
-        config = RunConfig(SamplingConfig(temperature=args.temperature, max_new_tokens=args.quality), policy)
-        chosen = prompts[: args.quality_limit]
-        result["quality"] = sampled_quality(decoder, chosen, out, config, args.references)
-    if args.confirm:
-        policy = PolicyConfig(name="ours", k=args.k, gamma=args.gamma,
-                              **({"estimator": args.estimator} if args.estimator else {}))
-        config = RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=args.confirm), policy)
-        refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
-        chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
-        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
-        result["confirm"]["config"] = config.to_dict()
+        _end_to_end(args, pair, prompts, records, result)
     write_outputs(result, out)
     print_report(result)
     return 0

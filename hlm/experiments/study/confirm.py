@@ -1,0 +1,146 @@
+"""End to end: real decoder runs (cached) of the subject policy, its control and its counterfactual, scored against
+the reference policy's answers (`hlm.policies` roles), with paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy.stats import wilcoxon
+from tqdm import tqdm
+
+from hlm.experiments.quality import get_scorer
+from hlm.experiments.study.metrics import BOOT
+from hlm.metrics import faithful_prefix
+from hlm.policies import with_role
+
+if TYPE_CHECKING:
+    from hlm.config import RunConfig
+    from hlm.decoder import HybridDecoder
+
+
+def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
+    """Share of the reference reproduced before the first differing token."""
+    return faithful_prefix(ids, reference) / max(len(reference), 1)
+
+
+def cached_run(decoder: HybridDecoder, runs_dir: Path, prompt: dict[str, str], cfg: RunConfig) -> dict[str, Any]:
+    """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), decoder.pair.numerics],
+                                    sort_keys=True).encode()).hexdigest()
+    path = runs_dir / f"{prompt['id']}-{key[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    text, events, summary = decoder.run(prompt["prompt"], cfg)
+    rec = {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
+           "tokens": summary["tokens"]}
+    path.write_text(json.dumps(rec), encoding="utf-8")
+    return rec
+
+
+def _seeded(config: RunConfig, seed: int) -> RunConfig:
+    return replace(config, sampling=replace(config.sampling, seed=seed))
+
+
+def _upload_rate(run: dict[str, Any]) -> float:
+    return run["uploads"] / max(run["tokens"], 1)
+
+
+def _interval(d: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """Bootstrap 95 % interval of the mean of the per-prompt differences d."""
+    boot = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(BOOT)]
+    return float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def _quality_runs(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], runs_dir: Path, config: RunConfig,
+                  references: int, progress: bool) -> list[dict[str, Any]]:
+    """Per prompt: the reference's texts (seeds 1000+i), the counterfactual's run and the subject's (`config`)."""
+    rows = []
+    for p in tqdm(prompts, desc=f"quality T={config.sampling.temperature:g}", unit="prompt", disable=not progress,
+                  file=sys.stderr):
+        refs = [cached_run(decoder, runs_dir, p, _seeded(config, 1000 + i).with_policy(name=with_role("reference")))
+                for i in range(references)]
+        rows.append({"prompt_id": p["id"], "refs": [r["text"] for r in refs],
+                     "counterfactual": cached_run(decoder, runs_dir, p,
+                                                  config.with_policy(name=with_role("counterfactual"))),
+                     "subject": cached_run(decoder, runs_dir, p, config)})
+    return rows
+
+
+def sampled_quality(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], out: Path, config: RunConfig,
+                    references: int, progress: bool = True) -> dict[str, Any]:
+    """At T > 0 one sample of the reference (the LLM) is a noisy yardstick. Per prompt: `references` LLM samples,
+    one counterfactual run (`hlm`) and one of the subject (`config`; seed 0), each scored by its mean BERTScore
+    against every LLM sample. HLM follows the LLM's distribution exactly, so its score is the floor of what any
+    policy can reach; the LLM samples scored against each other show the spread inside that floor."""
+    rows = _quality_runs(decoder, prompts, out / "quality", config, references, progress)
+    scorer = get_scorer()
+    pairs = [(r[arm]["text"], ref) for r in rows for arm in ("counterfactual", "subject") for ref in r["refs"]]
+    pairs += [(a, b) for r in rows for i, a in enumerate(r["refs"]) for j, b in enumerate(r["refs"]) if i != j]
+    f1 = iter(scorer.f1([a for a, _ in pairs], [b for _, b in pairs]))
+    m = references
+    per = []
+    for r in rows:
+        hlm_f1 = float(np.mean([next(f1) for _ in range(m)]))
+        ours_f1 = float(np.mean([next(f1) for _ in range(m)]))
+        per.append({"prompt_id": r["prompt_id"], "hlm_f1": hlm_f1, "ours_f1": ours_f1,
+                    "ours_upload_rate": _upload_rate(r["subject"])})
+    llm_vs_llm = [next(f1) for r in rows for _ in range(m * (m - 1))]
+    d = np.array([r["ours_f1"] - r["hlm_f1"] for r in per])
+    lo, hi = _interval(d, np.random.default_rng(0))
+    return {"per_prompt": per, "references": m, "bertscore": scorer.method, "config": config.to_dict(),
+            "summary": {"prompts": len(per), "hlm_f1": float(np.mean([r["hlm_f1"] for r in per])),
+                        "ours_f1": float(np.mean([r["ours_f1"] for r in per])), "delta": float(d.mean()),
+                        "delta_lo": lo, "delta_hi": hi,
+                        "llm_vs_llm_f1": float(np.mean(llm_vs_llm)), "llm_vs_llm_sd": float(np.std(llm_vs_llm)),
+                        "ours_upload_rate": float(np.mean([r["ours_upload_rate"] for r in per]))}}
+
+
+def confirm(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,
+            config: RunConfig, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
+    """Real decoder runs, greedy: the subject (`config`), then per prompt the control matched to its upload count
+    (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
+    rows = []
+    for p in tqdm(prompts, desc="confirm", unit="prompt", disable=not progress, file=sys.stderr):
+        ref = references[p["id"]][: config.sampling.max_new_tokens]
+        subject = cached_run(decoder, out / "confirm", p, config)
+        skip = round(1.0 - _upload_rate(subject), 4)
+        coins = [cached_run(decoder, out / "confirm", p, _seeded(config, s).with_policy(
+            name=with_role("control"), skip_rate=skip)) for s in coin_seeds]
+        rows.append({"prompt_id": p["id"], "reference": decoder.pair.tokenizer.decode(ref, skip_special_tokens=True),
+                     "subject": subject, "coins": coins, "ref_ids": ref})
+    scorer = get_scorer()
+    texts = [r["subject"]["text"] for r in rows] + [c["text"] for r in rows for c in r["coins"]]
+    refs = [r["reference"] for r in rows] + [r["reference"] for r in rows for _ in r["coins"]]
+    f1 = scorer.f1(texts, refs)
+    k = len(coin_seeds)
+    per = []
+    for i, r in enumerate(rows):
+        coin_f1 = f1[len(rows) + i * k: len(rows) + (i + 1) * k]
+        per.append({"prompt_id": r["prompt_id"], "ours_upload_rate": _upload_rate(r["subject"]),
+                    "coin_upload_rate": float(np.mean([_upload_rate(c) for c in r["coins"]])),
+                    "ours_prefix": faithful(r["subject"]["ids"], r["ref_ids"]),
+                    "coin_prefix": float(np.mean([faithful(c["ids"], r["ref_ids"]) for c in r["coins"]])),
+                    "ours_f1": f1[i], "coin_f1": float(np.mean(coin_f1))})
+    return {"per_prompt": per, "summary": paired_summary(per), "bertscore": scorer.method}
+
+
+def paired_summary(per: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Means, per-prompt paired differences (ours - coin) with bootstrap 95 % intervals and Wilcoxon p-values."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"prompts": len(per)}
+    for key in ("upload_rate", "prefix", "f1"):
+        arms = {arm: np.array([r[f"{arm}_{key}"] for r in per]) for arm in ("ours", "coin")}  # the files' field names
+        d = arms["ours"] - arms["coin"]
+        lo, hi = _interval(d, rng)
+        out[key] = {**{arm: float(v.mean()) for arm, v in arms.items()}, "delta": float(d.mean()),
+                    "delta_lo": lo, "delta_hi": hi,
+                    "wilcoxon_p": float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0}
+    return out
