@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 from hlm.errors import UserError
 from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
-from hlm.policies import NAMES as POLICIES
+from hlm.policies import REGISTRY as POLICY_REGISTRY
 
 QUANT_RECIPES = ("none", "int8", "int4")  # hlm.quant: weight-only fast paths
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
@@ -98,7 +98,8 @@ class PolicyConfig:
     last_layers: int = 4
 
     def __post_init__(self) -> None:
-        _check(self.name in POLICIES, f"unknown policy {self.name!r}; choose one of {', '.join(POLICIES)}")
+        _check(self.name in POLICY_REGISTRY,  # the registry as it is now: a policy registered later is valid too
+               f"unknown policy {self.name!r}; choose one of {', '.join(POLICY_REGISTRY)}")
         _check(self.estimator in ESTIMATORS,
                f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         _check(0.0 <= self.u_th <= 1.0, f"u_th must be in [0, 1], got {self.u_th}")

@@ -4,8 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from hlm.config import POLICIES, PolicyConfig, RunConfig, SamplingConfig
+from hlm.config import PolicyConfig, RunConfig, SamplingConfig
 from hlm.policies import GATED, HYBRID, REGISTRY, TUNED, should_upload
+from hlm.policies import NAMES as POLICIES
 
 
 def test_the_names_everyone_uses_come_from_the_registry():

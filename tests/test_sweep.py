@@ -121,12 +121,10 @@ def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
 def test_a_newly_registered_policy_runs(tools, tmp_path, monkeypatch):
     """The sweep runs policies by their role, so a policy added to the registry is run (a baseline: once per prompt
     and seed), uploading as its own rule says."""
-    import hlm.config
     from hlm.policies import REGISTRY, Policy
 
     monkeypatch.setitem(REGISTRY, "unsure", Policy("unsure", "if u > 0.8", "baseline",
                                                    lambda config, u, coin: u > 0.8, uses_uncertainty=True))
-    monkeypatch.setattr(hlm.config, "POLICIES", tuple(REGISTRY))  # the names PolicyConfig accepts
     decoder, scorer = tools
     result = sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, Grid(policies=("unsure",)), BASE, tmp_path,
                                               png=False, progress=False))

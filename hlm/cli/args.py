@@ -13,7 +13,6 @@ from hlm.config import (
     ESTIMATORS,
     KNOB_HELP,
     LINK_PRESETS,
-    POLICIES,
     QUANT_RECIPES,
     DeviceProfile,
     LinkConfig,
@@ -23,6 +22,7 @@ from hlm.config import (
 )
 from hlm.errors import UserError
 from hlm.estimators import REGISTRY
+from hlm.policies import NAMES as POLICIES
 
 if TYPE_CHECKING:
     from hlm.decoder import HybridDecoder

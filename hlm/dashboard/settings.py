@@ -20,7 +20,6 @@ from hlm.config import (
     ESTIMATORS,
     KNOB_HELP,
     LINK_PRESETS,
-    POLICIES,
     ConfigError,
     LinkConfig,
     PolicyConfig,
@@ -31,6 +30,7 @@ from hlm.estimators import REGISTRY as ESTIMATOR_REGISTRY
 from hlm.estimators import WINDOW
 from hlm.models.pairs import Calibration
 from hlm.models.presets import PRESETS
+from hlm.policies import NAMES as POLICIES
 from hlm.policies import REGISTRY as POLICY_REGISTRY
 from hlm.session import resolve_u_th
 
