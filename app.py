@@ -6,7 +6,7 @@ computes everything shown).
 Serves on 127.0.0.1:7860; Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override that, HLM_MODELS and
 HLM_CLOUD stand for --models and --cloud. Named API endpoints (see the page's "Use via API" link):
 /generate (streams one run), /compare (hlm, uhlm, ours and the coin matched to ours against the LLM-only
-reference), /hardware.
+reference), /hardware, /status (the caches and their bounds). At most QUEUE_MAX requests wait for the model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -33,6 +34,9 @@ ASSETS = Path(__file__).resolve().parent / "hlm" / "assets"
 LOG = logging.getLogger("hlm.app")
 # The knobs /compare takes; the rest stay at their defaults (the link too)
 COMPARE_KNOBS = ("k", "gamma", "u_th", "temperature", "max_new_tokens", "seed")
+# Requests waiting for the one model worker (page and API together); past it a visitor is told the app is busy
+# and to try again, instead of the queue growing without bound. HLM_QUEUE_MAX sets another cap.
+QUEUE_MAX = int(os.environ.get("HLM_QUEUE_MAX", "8"))
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
           'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
@@ -149,6 +153,11 @@ def build(dash: Dashboard) -> gr.Blocks:
         _wire_runs(dash, controls, views, history)
         _wire_settings(dash, controls, demo)
         _api(dash)
+
+        def on_close(request: gr.Request) -> None:  # a tab closed mid-run frees the worker at once
+            dash.stop(request.session_hash)
+
+        demo.unload(on_close)
     return demo
 
 
@@ -331,9 +340,14 @@ def _api(dash: Dashboard) -> None:
         """
         return dash.hardware_info(pair or start)
 
+    def status() -> dict[str, Any]:
+        """Every cache the app keeps in memory, with its size and its bound (for operators and the soak script)."""
+        return dash.status()
+
     gr.api(generate, api_name="generate", **api)
     gr.api(compare, api_name="compare", **api)
     gr.api(hardware, api_name="hardware")
+    gr.api(status, api_name="status", queue=False)
 
 
 def _plot(figure: dict[str, Any]) -> PlotData:
@@ -356,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     demo = build(dash)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX)
     demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
                 head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
     return 0

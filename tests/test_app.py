@@ -43,11 +43,12 @@ PROMPT = "Say hello."
 
 
 @contextmanager
-def launched_app(models: str = "tiny", timeout_s: float = 240.0) -> Iterator[str]:
-    """`python app.py --models MODELS` on a free port; yields its URL once it answers, stops it afterwards."""
+def launched_app(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str) -> Iterator[str]:
+    """`python app.py --models MODELS` on a free port (with `env_vars` set); yields its URL once it answers, stops
+    it afterwards."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_ANALYTICS_ENABLED": "False", **env_vars}
     if models == "tiny":
         env["OMP_NUM_THREADS"] = "1"  # the tiny models are faster on one thread
     with tempfile.TemporaryFile() as log:

@@ -26,6 +26,7 @@ from hlm.dashboard.render import (
     tokens_html,
 )
 from hlm.dashboard.runs import (
+    HISTORY_LIMIT,
     RunView,
     add_history,
     history_point,
@@ -163,8 +164,14 @@ class Dashboard:
         return self.service.presets
 
     def stop(self, session: str) -> None:
-        """The Stop button: the session's running request stops after its current token (`Service.stop`)."""
+        """The Stop button, or the visitor closed the tab: the session's running request stops after its current
+        token (`Service.stop`)."""
         self.service.stop(session)
+
+    def status(self) -> dict[str, Any]:
+        """Every per-process cache of the page with its size and bound (the `/status` endpoint; the soak script)."""
+        return {**self.service.status(), "replays": {"size": len(self._last), "bound": REPLAYS},
+                "history_points_per_session": {"bound": HISTORY_LIMIT}}
 
     @staticmethod
     def pair(preset: str) -> PairInfo:

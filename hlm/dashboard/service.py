@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from hlm.config import LinkConfig, RunConfig
 from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings
@@ -185,6 +186,12 @@ class Service:
         self._references.move_to_end(key)
         while len(self._references) > REFERENCE_CACHE:
             self._references.popitem(last=False)
+
+    def status(self) -> dict[str, Any]:
+        """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat."""
+        return {"running_requests": len(self._requests),
+                "reference_cache": {"size": len(self._references), "bound": REFERENCE_CACHE},
+                "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)}}
 
     def begin(self, session: str) -> Request:
         request = self._requests[session] = Request()

@@ -1,0 +1,51 @@
+"""Many visitors at once on `app.py` (tiny pair): the queue is capped with a "busy, try again" answer, every cache
+says its bound (`/status`). Stop, closed tabs and isolation between visitors in a real browser:
+`scripts/visitors.py`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_app import launched_app
+
+PROMPT = "Say hello."
+LONG = {"max_new_tokens": 512, "temperature": 0.0}  # the tiny pair's slowest run: the queue fills behind it
+
+
+@pytest.fixture(scope="module")
+def capped():
+    """The app with a queue of one waiting request."""
+    from gradio_client import Client
+
+    with launched_app(HLM_QUEUE_MAX="1") as url:
+        yield url, Client(url, verbose=False)
+
+
+def test_status_names_every_cache_with_its_bound(capped):
+    _, client = capped
+    status = client.predict(api_name="/status")
+    caches = {k: v for k, v in status.items() if isinstance(v, dict)}
+    assert {"reference_cache", "replays", "history_points_per_session", "loaded_pairs"} <= caches.keys()
+    assert all(isinstance(c["bound"], int) and c["bound"] > 0 for c in caches.values())
+    assert all(c.get("size", 0) <= c["bound"] for c in caches.values())
+    assert status["running_requests"] == 0
+
+
+def test_past_the_queue_cap_a_visitor_is_told_to_try_again(capped):
+    from gradio_client import Client
+
+    url, _ = capped
+    visitors = [Client(url, verbose=False) for _ in range(4)]  # one session each, as four browser tabs
+    jobs = [v.submit(prompt=f"{PROMPT} {i}", quality=False, **LONG, api_name="/generate")
+            for i, v in enumerate(visitors)]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(("done", job.result(timeout=240)["status"]))
+        except Exception as exc:  # noqa: BLE001 - gradio_client raises its own error types for a refused job
+            outcomes.append(("refused", str(exc)))
+    done = [o for o in outcomes if o[0] == "done"]
+    refused = [o for o in outcomes if o[0] == "refused"]
+    assert len(done) >= 2 and all(status == "done" for _, status in done), outcomes  # one running, one waiting
+    assert refused and all("queue is full" in message.lower() for _, message in refused), outcomes
