@@ -20,8 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from hlm.estimators import REGISTRY as ESTIMATORS
+
 if TYPE_CHECKING:
     from hlm.config import PolicyConfig
+    from hlm.decoder import Draft
+    from hlm.estimators import SelectionCalibration
 
 Decide = Callable[["PolicyConfig", "float | None", float], bool]
 Role = Literal["reference", "counterfactual", "subject", "control", "baseline"]
@@ -93,8 +97,18 @@ def role_of(name: str) -> Role:
 
 
 def should_upload(policy: PolicyConfig, u: float | None, coin: float) -> bool:
-    """Decide one draft. `coin` ~ U(0, 1) is used only by `random`, u only by `uhlm`."""
-    decide = REGISTRY[policy.name].decide
-    if decide is None:
+    """A policy's own rule on one draft: `coin` ~ U(0, 1) is read only where `uses_coin`, u where `uses_uncertainty`
+    (the what-if replay re-decides recorded drafts with it)."""
+    rule = REGISTRY[policy.name].decide
+    if rule is None:
         raise ValueError(f"policy {policy.name!r} does not decide drafts")
-    return decide(policy, u, coin)
+    return rule(policy, u, coin)
+
+
+def decide(config: PolicyConfig, draft: Draft, coin: float, selection: SelectionCalibration) -> bool:
+    """Upload `draft` or keep it: the one decision of the loop. A policy that `uses_estimator` hands the draft's
+    statistics to `hlm.estimators.REGISTRY[config.estimator]` (scored against the pair's `selection`); the others
+    apply their own rule to its u and the coin."""
+    if REGISTRY[config.name].uses_estimator:
+        return ESTIMATORS[config.estimator].decide(draft.stats, draft.importance, config, selection)
+    return should_upload(config, draft.u, coin)
