@@ -5,7 +5,8 @@ the registry, never a policy's name.
 `uhlm` uploads on uncertainty alone (u > u_th); `random` on a coin (upload iff coin >= skip_rate), so at a
 matched upload rate it is the control that shows whether a policy picks the right tokens; `hlm` uploads every
 draft, `slm` none. `ours` asks its estimator (`hlm.estimators`), and `llm` (the verifier alone) involves no
-drafts: the decoder runs it directly. A new policy is one more entry (and its tests).
+drafts: the decoder runs it directly. `decide` is the loop's one decision call, whichever way a policy decides.
+A new policy is one more entry (and its tests).
 
 Each policy also declares its `role` in an experiment, and the sweep, the study, the page's Compare and Show me
 and the bench read roles, never names: the `reference` (the quality yardstick every output is scored against),
