@@ -6,7 +6,8 @@ and attention weights (`hlm.features`); `ours` scores them with its estimator (`
 paper-literal ones wait for the SLM's pass over d, or over the next draft, for their attention row). The policy
 then decides: keep d locally, or upload (d, p) with the ids kept locally since the last upload; the verifier
 accepts with min(1, q/p) or resamples from norm(max(0, q - p)). On a resample the SLM's cache rolls back to the
-corrected prefix (the verifier never caches drafts).
+corrected prefix (the verifier never caches drafts). `HybridDecoder._hybrid` is that loop, step by step; a
+`Generation` holds one generation's device side (drafter, random streams, pending drafts).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from hlm import prefix
 from hlm.config import DeviceProfile, LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import Window, measure, open_meter
-from hlm.estimators import REGISTRY, DraftStats
-from hlm.events import PendingDraft, Spend, TokenEvent
+from hlm.estimators import REGISTRY as ESTIMATORS
+from hlm.estimators import DraftStats
+from hlm.events import PendingDraft, Source, Spend, TokenEvent
 from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, score
 from hlm.link import UploadCost, upload_bits, upload_cost
@@ -37,9 +39,9 @@ from hlm.metrics import is_one_token_call, summarize
 from hlm.models.pairs import ModelPair
 from hlm.payload import as_sent
 from hlm.policies import REGISTRY as POLICIES
-from hlm.policies import should_upload
+from hlm.policies import decide
 from hlm.sampling import distribution, sample
-from hlm.uncertainty import uncertainty
+from hlm.uncertainty import Uncertainty, uncertainty
 from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
 
 NO_UPLOAD = UploadCost(0, 0, 0.0, 0.0, 0.0, 0.0)
@@ -121,10 +123,8 @@ class HybridDecoder:
     def run(self, prompt: str, config: RunConfig, **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
         """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
         events = list(self.generate(prompt, config, **kwargs))
-        summary = summarize(events, config.link, self.pair.vocab_size, config.policy.name,
-                            self.energy_methods(config.link, config.device), self.call_s,
-                            device_profile=config.device.name, link_preset=config.link_preset,
-                            u_th_source=config.u_th_source)
+        summary = summarize(events, config, self.pair.vocab_size, self.energy_methods(config.link, config.device),
+                            self.call_s)
         return "".join(e.text for e in events), events, summary.to_dict()
 
     @overload
@@ -168,101 +168,66 @@ class HybridDecoder:
 
     def _hybrid(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
                 diagnostics: bool, progress: Progress | None) -> Iterator[TokenEvent | PendingDraft]:
-        s, pol, link = config.sampling, config.policy, config.link
+        """The loop (README, *The loop*): draft, decide, verify, advance; a `PendingDraft` before each upload and a
+        `TokenEvent` per position. `Generation` holds the device side; the verifier's side is `held`."""
+        s, link = config.sampling, config.link
         t0 = time.perf_counter()
-        draft_gen, u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
-        coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
-        policy = POLICIES[pol.name]
-        est = REGISTRY[pol.estimator] if policy.uses_estimator else None
-        needs_u = diagnostics or policy.uses_uncertainty
-        passes, attention = (est.passes, est.attention) if est else (0, False)
-        selection, valid = self.pair.selection, self.pair.valid
-        cfg = self.pair.draft.config
-        heads = selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
-        embeddings = self.pair.embeddings
-        drafter = self.drafter_factory(self.pair.draft, self.pair.template_head)
-        text = TextStream(self.pair.tokenizer)
-        context, synced, pending = list(prompt_ids), 0, []  # synced: ids the verifier knows
+        gen = Generation(self.pair, config, self.drafter_factory(self.pair.draft, self.pair.template_head),
+                         prompt_ids, diagnostics)
+        text, held = TextStream(self.pair.tokenizer), 0  # held: how many context ids the verifier holds
         # A modelled device (a phone profile) is charged its published figures per drafted token (`_spend`): reading
         # this machine's energy counter around every step would be work thrown away.
         meter = None if config.device.modelled else self.meter
         spent = Window(0.0, 0.0 if meter else None)  # device compute since the last emitted token
-        attn: Attentions | None = None  # attention weights of the pass that produced `logits`
-        p_prev: float | None = None  # the SLM's probability of the newest token in its context
-
         with measure(self.device, meter) as w:
-            logits = drafter.prefill(context, progress and functools.partial(progress, "device"))
+            gen.prefill(progress and functools.partial(progress, "device"))
         _add(spent, w)
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            # Draft until the oldest pending draft can be decided (at once, unless a paper row needs passes).
-            while not pending or pending[0].passes < passes:
+            # 1.-3. Draft, with its uncertainty and selection score, until the oldest draft can be decided.
+            while not gen.ready:
                 with measure(self.device, meter) as w:
-                    # 1. Draft from what the cloud will read (exact in every payload format); slm sends nothing.
-                    p = distribution(logits, s, valid)
-                    payload, sent = as_sent(p, link.bits_per_prob, link.topk) if policy.uploads else (None, p)
-                    token = sample(sent, draft_gen)
-                    # 2. Uncertainty from the same logits: no extra forward pass.
-                    unc = uncertainty(logits, token, pol.n_samples, pol.theta_max, u_gen, valid) if needs_u else None
-                    d = Draft(token, p, unc.u if unc else None, len(context) + len(pending), logits, payload=payload)
-                    # 3. Selection score from the same logits and attention; a paper row waits for later passes.
-                    if est is not None:
-                        d.stats = draft_stats(logits, token, unc, valid, embeddings,
-                                              prev_attention(attn, heads) if attn else None, p_prev,
-                                              d.position - len(prompt_ids))
-                        if not est.passes:
-                            d.score = est.score(d.stats, selection)
-                            d.threshold = selection.scale(est.name).threshold(pol.k, pol.gamma)
-                    pending.append(d)
-                    if passes:
-                        p_prev = d.stats.p_draft
-                        logits, attn = drafter.forward([token], attention=True)
-                        row = attention_row(attn, pol.last_layers)
-                        for q in pending:
-                            q.passes += 1
-                            if q.passes == passes:
-                                q.importance = score(row, q.position, pol.k, pol.gamma, pol.sink_tokens)
+                    gen.draft()
                 _add(spent, w)
 
             # 4. Policy: upload or keep.
-            d = pending.pop(0)
-            coin = float(torch.rand((), generator=coin_gen, device=self.device)) if policy.uses_coin else 1.0
-            verdict, bits_up, n_sync = None, 0, 0
-            if should_upload(pol, d.u, coin) if est is None else est.decide(d.stats, d.importance, pol, selection):
+            d = gen.pending.pop(0)
+            verdict, source, bits_up, n_sync = None, "local", 0, 0
+            if decide(config.policy, d, gen.coin(), self.pair.selection):
                 # 5. Verify: the ids kept since the last upload travel with the draft.
-                n_sync = len(context) - synced
+                n_sync = len(gen.context) - held
                 bits_up = upload_bits(link, self.pair.vocab_size, n_sync)
-                if progress and not synced:
-                    progress("cloud", 0, len(context))
+                if progress and not held:
+                    progress("cloud", 0, len(gen.context))
                 yield PendingDraft(index, d.token, self.pair.tokenizer.decode([d.token], skip_special_tokens=True))
-                try:
-                    verdict = self.verifier.verify(context, d.token, d.payload)
-                    synced = len(context) + 1  # the verifier knows its own verdict token
-                    source = "cloud_accepted" if verdict.accepted else "cloud_resampled"
-                except CloudUnavailable:
-                    source = "unverified"
-            else:
-                source = "local"
+                verdict, source = self._verify(gen.context, d)
+                if verdict is not None:
+                    held = len(gen.context) + 1  # the verifier holds its own verdict token
             token = verdict.token if verdict else d.token
-            context.append(token)
+            gen.context.append(token)
 
             # 6. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
             with measure(self.device, meter) as w:
-                if source == "cloud_resampled" and passes:
-                    drafter.rollback(len(pending) + 1)
-                    pending.clear()
-                if source == "cloud_resampled" or not passes:
-                    if d.stats is not None:
-                        p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, valid)
-                    logits, attn = drafter.forward([token], attention=attention)
+                gen.advance(d, token, resampled=source == "cloud_resampled")
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
             cost = _cost(link, bits_up, verdict)
-            yield TokenEvent.of(index, len(context) - 1, text.push(token, last), source, d, verdict, cost, n_sync,
-                                self._spend(spent, True, verdict, cost, config), time.perf_counter() - t0)
+            yield TokenEvent.of(index=index, position=len(gen.context) - 1, text=text.push(token, last),
+                                source=source, draft=d, verdict=verdict, cost=cost, synced_ids=n_sync,
+                                spend=self._spend(spent, True, verdict, cost, config),
+                                wall_s=time.perf_counter() - t0)
             spent = w
             if last:
                 return
+
+    def _verify(self, context: list[int], d: Draft) -> tuple[Verdict | None, Source]:
+        """The verifier's verdict on `d` after `context`; None, and `d` kept unverified, when the cloud is out of
+        reach."""
+        try:
+            verdict = self.verifier.verify(context, d.token, d.payload)
+        except CloudUnavailable:
+            return None, "unverified"
+        return verdict, "cloud_accepted" if verdict.accepted else "cloud_resampled"
 
     def _cloud_only(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
                     progress: Progress | None) -> Iterator[TokenEvent]:
@@ -270,22 +235,23 @@ class HybridDecoder:
         s, link = config.sampling, config.link
         t0 = time.perf_counter()
         text = TextStream(self.pair.tokenizer)
-        context, synced = list(prompt_ids), 0
+        context, held = list(prompt_ids), 0  # held: how many context ids the verifier holds
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            n_sync = len(context) - synced
-            if progress and not synced:
+            n_sync = len(context) - held
+            if progress and not held:
                 progress("cloud", 0, len(context))
             verdict = self.verifier.verify(context, None, None)
-            synced = len(context) + 1
+            held = len(context) + 1
             context.append(verdict.token)
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
             last = index == s.max_new_tokens - 1 or (s.stop_at_eos and verdict.token in self.pair.stop_ids)
             cost = _cost(link, bits_up, verdict)
-            yield TokenEvent.of(index, len(context) - 1, text.push(verdict.token, last), "cloud_sampled", None,
-                                verdict, cost, n_sync, self._spend(Window(0.0, None), False, verdict, cost, config),
-                                time.perf_counter() - t0)
+            yield TokenEvent.of(index=index, position=len(context) - 1, text=text.push(verdict.token, last),
+                                source="cloud_sampled", draft=None, verdict=verdict, cost=cost, synced_ids=n_sync,
+                                spend=self._spend(Window(0.0, None), False, verdict, cost, config),
+                                wall_s=time.perf_counter() - t0)
             if last:
                 return
 
@@ -306,6 +272,96 @@ class HybridDecoder:
                       "cloud": cloud_j},
                      {"device_compute": "measured" if measured else "modelled", "radio": "modelled",
                       "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"})
+
+
+class Generation:
+    """One generation's device side: the SLM's drafter (its KV cache), the random streams, the context emitted so
+    far, the drafts awaiting a decision, and what the next draft reads (the logits and attention weights of the
+    SLM's last pass)."""
+
+    def __init__(self, pair: ModelPair, config: RunConfig, drafter: Drafter, prompt_ids: list[int],
+                 diagnostics: bool) -> None:
+        s, pol = config.sampling, config.policy
+        self.config, self.drafter, self.device = config, drafter, pair.draft.device
+        self.policy = POLICIES[pol.name]
+        est = self.estimator = ESTIMATORS[pol.estimator] if self.policy.uses_estimator else None
+        self.passes, self.attention = (est.passes, est.attention) if est else (0, False)
+        self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
+        self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
+        cfg = pair.draft.config
+        self.heads = pair.selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
+        self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
+        self.coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
+        self.context, self.prompt_len = list(prompt_ids), len(prompt_ids)
+        self.pending: list[Draft] = []
+        self.logits = torch.empty(0)  # the SLM's logits for the next draft (`prefill` sets them)
+        self.attn: Attentions | None = None  # attention weights of the pass that produced `logits`
+        self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
+
+    def prefill(self, progress: prefix.Progress | None) -> None:
+        """The SLM reads the prompt (in chunks, `hlm.prefix`): the first draft's logits."""
+        self.logits = self.drafter.prefill(self.context, progress)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the oldest pending draft can be decided: at once, unless a paper row waits for later passes."""
+        return bool(self.pending) and self.pending[0].passes >= self.passes
+
+    def draft(self) -> None:
+        """Draft one token from the SLM's last pass, with the statistics its policy reads (no extra forward pass)."""
+        s, pol, link = self.config.sampling, self.config.policy, self.config.link
+        # 1. Draft from what the cloud will read (exact in every payload format); slm sends nothing.
+        p = distribution(self.logits, s, self.valid)
+        payload, sent = as_sent(p, link.bits_per_prob, link.topk) if self.policy.uploads else (None, p)
+        token = sample(sent, self.draft_gen)
+        # 2. Uncertainty from the same logits: no extra forward pass.
+        unc = uncertainty(self.logits, token, pol.n_samples, pol.theta_max, self.u_gen, self.valid) \
+            if self.needs_u else None
+        d = Draft(token, p, unc.u if unc else None, len(self.context) + len(self.pending), self.logits,
+                  payload=payload)
+        # 3. Selection score from the same logits and attention; a paper row waits for later passes.
+        if self.estimator is not None:
+            self._score(d, unc)
+        self.pending.append(d)
+        if self.passes:
+            self._look_ahead(d)
+
+    def _score(self, d: Draft, unc: Uncertainty | None) -> None:
+        """The draft's statistics for its estimator, and its score and bar where they exist already."""
+        est, pol = self.estimator, self.config.policy
+        d.stats = draft_stats(self.logits, d.token, unc, self.valid, self.embeddings,
+                              prev_attention(self.attn, self.heads) if self.attn else None, self.p_prev,
+                              d.position - self.prompt_len)
+        if not est.passes:
+            d.score = est.score(d.stats, self.selection)
+            d.threshold = self.selection.scale(est.name).threshold(pol.k, pol.gamma)
+
+    def _look_ahead(self, d: Draft) -> None:
+        """A paper row: the SLM reads `d` at once (drafting ahead), and each pending draft whose attention row this
+        pass completes gets its importance."""
+        pol = self.config.policy
+        self.p_prev = d.stats.p_draft
+        self.logits, self.attn = self.drafter.forward([d.token], attention=True)
+        row = attention_row(self.attn, pol.last_layers)
+        for q in self.pending:
+            q.passes += 1
+            if q.passes == self.passes:
+                q.importance = score(row, q.position, pol.k, pol.gamma, pol.sink_tokens)
+
+    def coin(self) -> float:
+        """The `random` control's coin ~ U(0, 1), drawn only for a policy that flips one."""
+        return float(torch.rand((), generator=self.coin_gen, device=self.device)) if self.policy.uses_coin else 1.0
+
+    def advance(self, d: Draft, token: int, resampled: bool) -> None:
+        """The SLM reads the emitted `token` (already read while drafting ahead, unless resampled); a resample
+        drops `d` and the drafts made after it from its cache."""
+        if resampled and self.passes:
+            self.drafter.rollback(len(self.pending) + 1)
+            self.pending.clear()
+        if resampled or not self.passes:
+            if d.stats is not None:
+                self.p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, self.valid)
+            self.logits, self.attn = self.drafter.forward([token], attention=self.attention)
 
 
 def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost:

@@ -83,7 +83,7 @@ class TokenEvent:
     energy_method: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, index: int, position: int, text: str, source: Source, draft: Draft | None, verdict: Verdict | None,
+    def of(cls, *, index: int, position: int, text: str, source: Source, draft: Draft | None, verdict: Verdict | None,
            cost: UploadCost, synced_ids: int, spend: Spend, wall_s: float) -> TokenEvent:
         """One decided position from its parts: the draft (None when the cloud sampled alone), the verdict (None
         when kept locally or the cloud was unreachable: it names the token otherwise), what the upload cost and
@@ -118,43 +118,3 @@ class TokenEvent:
         out["accept_prob"] = self.accept_prob
         return out
 
-
-@dataclass
-class Summary:
-    """Totals over a run's events. The HLM counterfactual prices the same tokens as if every one had been
-    uploaded alone (full payload, one cloud call each), so `energy_saving` needs no second run. It keeps this
-    run's device compute (which includes the uncertainty/importance overhead HLM would not pay)."""
-
-    policy: str
-    tokens: int
-    uploads: int
-    upload_rate: float
-    llm_calls: int
-    accepted: int
-    resampled: int
-    unverified: int
-    acceptance_rate: float | None
-    uplink_bits: int
-    downlink_bits: int
-    wire_bytes_up: int | None
-    wire_bytes_down: int | None
-    device_energy_j: float
-    device_energy_parts_j: dict[str, float]
-    link_energy_j: float  # radio + idle: the part of device energy the upload policy controls
-    cloud_energy_j: float
-    hlm_device_energy_j: float | None
-    energy_saving: float | None
-    hlm_call_s: float  # cloud time per call priced into the counterfactual, and where it came from
-    hlm_call_basis: str
-    device_compute_s: float
-    cloud_compute_s: float
-    wall_s: float
-    tokens_per_s: float
-    tokens_per_s_modelled_link: float
-    energy_methods: dict[str, str]
-    device_profile: str  # `hlm.config.DEVICE_PROFILES` name: where device compute time and energy come from
-    link_preset: str  # `hlm.config.LINK_PRESETS` name, plus the fields overridden (`hlm.config.link_label`)
-    u_th_source: str  # `hlm.config.UThSource`: whether u_th was given, the pair's calibrated value or the default
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -5,7 +5,8 @@ the registry, never a policy's name.
 `uhlm` uploads on uncertainty alone (u > u_th); `random` on a coin (upload iff coin >= skip_rate), so at a
 matched upload rate it is the control that shows whether a policy picks the right tokens; `hlm` uploads every
 draft, `slm` none. `ours` asks its estimator (`hlm.estimators`), and `llm` (the verifier alone) involves no
-drafts: the decoder runs it directly. A new policy is one more entry (and its tests).
+drafts: the decoder runs it directly. `decide` is the loop's one decision call, whichever way a policy decides.
+A new policy is one more entry (and its tests).
 
 Each policy also declares its `role` in an experiment, and the sweep, the study, the page's Compare and Show me
 and the bench read roles, never names: the `reference` (the quality yardstick every output is scored against),
@@ -20,8 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from hlm.estimators import REGISTRY as ESTIMATORS
+
 if TYPE_CHECKING:
     from hlm.config import PolicyConfig
+    from hlm.decoder import Draft
+    from hlm.estimators import SelectionCalibration
 
 Decide = Callable[["PolicyConfig", "float | None", float], bool]
 Role = Literal["reference", "counterfactual", "subject", "control", "baseline"]
@@ -101,8 +106,18 @@ def role_of(name: str) -> Role:
 
 
 def should_upload(policy: PolicyConfig, u: float | None, coin: float) -> bool:
-    """Decide one draft. `coin` ~ U(0, 1) is used only by `random`, u only by `uhlm`."""
-    decide = REGISTRY[policy.name].decide
-    if decide is None:
+    """A policy's own rule on one draft: `coin` ~ U(0, 1) is read only where `uses_coin`, u where `uses_uncertainty`
+    (the what-if replay re-decides recorded drafts with it)."""
+    rule = REGISTRY[policy.name].decide
+    if rule is None:
         raise ValueError(f"policy {policy.name!r} does not decide drafts")
-    return decide(policy, u, coin)
+    return rule(policy, u, coin)
+
+
+def decide(config: PolicyConfig, draft: Draft, coin: float, selection: SelectionCalibration) -> bool:
+    """Upload `draft` or keep it: the one decision of the loop. A policy that `uses_estimator` hands the draft's
+    statistics to `hlm.estimators.REGISTRY[config.estimator]` (scored against the pair's `selection`); the others
+    apply their own rule to its u and the coin."""
+    if REGISTRY[config.name].uses_estimator:
+        return ESTIMATORS[config.estimator].decide(draft.stats, draft.importance, config, selection)
+    return should_upload(config, draft.u, coin)

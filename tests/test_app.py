@@ -363,7 +363,7 @@ def test_the_verdict_is_built_from_the_runs_numbers():
         r.points = [summarize([TokenEvent(index=i, position=i, token_id=1, text="a", source="local",
                                           uploaded=i < uploads, energy_j={"device_compute": 1.0, "radio": radio,
                                                                           "device_idle": 0.0})
-                               for i in range(10)], config.link, 10, name, {})]
+                               for i in range(10)], config.with_policy(name=name), 10, {})]
         r.phase, r.f1 = "done", f1
         return r
 

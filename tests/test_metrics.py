@@ -2,7 +2,7 @@
 
 import pytest
 
-from hlm.config import LinkConfig
+from hlm.config import LinkConfig, PolicyConfig, RunConfig
 from hlm.link import upload_bits, upload_cost
 
 
@@ -32,8 +32,9 @@ def test_hlm_counterfactual_prices_one_token_calls_not_the_runs_mean():
     cost = upload_cost(link, bits, 0.5)
     run = [event(i, "cloud_accepted", verify_s=0.5, bits=bits, radio_j=cost.radio_j, idle_j=cost.idle_j)
            for i in range(8)]
-    s = summarize(run, link, 1000, "hlm", {})
+    s = summarize(run, RunConfig(policy=PolicyConfig(name="hlm"), link=link), 1000, {})
     assert s.energy_saving == pytest.approx(0.0, abs=1e-12) and s.hlm_call_s == 0.5
     # Keeping every token local saves exactly the radio and idle energy HLM would spend.
-    local = summarize([event(i, "local") for i in range(8)], link, 1000, "slm", {}, known_call_s=0.5)
+    slm = RunConfig(policy=PolicyConfig(name="slm"), link=link)
+    local = summarize([event(i, "local") for i in range(8)], slm, 1000, {}, known_call_s=0.5)
     assert local.hlm_device_energy_j == pytest.approx(8 * (1.0 + cost.radio_j + cost.idle_j))

@@ -32,9 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         events.append(e)
         sys.stdout.write(f"{COLOURS[e.source]}{e.text}\033[0m" if colour and COLOURS[e.source] else e.text)
         sys.stdout.flush()
-    s = summarize(events, config.link, decoder.pair.vocab_size, config.policy.name,
-                  decoder.energy_methods(config.link, config.device), decoder.call_s,
-                  device_profile=config.device.name, link_preset=config.link_preset, u_th_source=config.u_th_source)
+    s = summarize(events, config, decoder.pair.vocab_size, decoder.energy_methods(config.link, config.device),
+                  decoder.call_s)
     saving = f"{s.energy_saving:.1%}" if s.energy_saving is not None else "n/a"
     print(f"\n\n[{s.policy}] {s.tokens} tokens, upload rate {s.upload_rate:.1%}, {s.llm_calls} LLM calls, "
           f"accepted {s.accepted}, resampled {s.resampled}, unverified {s.unverified}; device energy "

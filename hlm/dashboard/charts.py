@@ -8,7 +8,7 @@ from typing import Any
 
 from hlm.dashboard.render import PART_COLOURS, PART_LABELS
 from hlm.dashboard.runs import Replay
-from hlm.events import Summary
+from hlm.metrics import Summary
 from hlm.policies import REGISTRY
 
 # ---------------------------------------------------------------------------------------------- figures

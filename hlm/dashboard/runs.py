@@ -12,9 +12,9 @@ from typing import Any
 
 from hlm.config import RunConfig
 from hlm.estimators import ScoreScale
-from hlm.events import PendingDraft, Summary, TokenEvent
+from hlm.events import PendingDraft, TokenEvent
 from hlm.link import upload_bits, upload_cost
-from hlm.metrics import faithful_prefix, summarize
+from hlm.metrics import Summary, faithful_prefix, summarize
 from hlm.policies import REGISTRY, Role, role_of, should_upload
 
 POINTS_PER_UPDATE = 8  # prefix summaries added per refresh: the charts' resolution, bounded so refreshes stay cheap
@@ -52,10 +52,8 @@ class RunView:
         if len(events) > done:
             step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
             for n in [*range(done + step, len(events), step), len(events)]:
-                self.points.append(summarize(events[:n], self.config.link, self.vocab_size, self.config.policy.name,
-                                             self.methods, self.known_call_s, device_profile=self.config.device.name,
-                                             link_preset=self.config.link_preset,
-                                             u_th_source=self.config.u_th_source))
+                self.points.append(summarize(events[:n], self.config, self.vocab_size, self.methods,
+                                             self.known_call_s))
 
     def at_limit(self, stop_ids: frozenset[int]) -> bool:
         """Whether the run was cut by max_new_tokens rather than ending on a stop token (mid-sentence, likely)."""
