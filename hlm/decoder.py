@@ -1,5 +1,5 @@
 """The hybrid decoding loop (METHOD.md), yielding one `TokenEvent` per emitted token; its steps are numbered as
-in the README's *The loop*.
+in docs/loop.md.
 
 Per step: the SLM drafts d ~ p from its KV cache; u and the draft's other statistics come from the same logits
 and attention weights (`hlm.features`); `ours` scores them with its estimator (`hlm.estimators`; the
@@ -89,7 +89,7 @@ class HybridDecoder:
         self.drafter_factory = drafter_factory  # one drafter (KV cache) per generation; tests inject checking ones
         if verifier is None:
             # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
-            # early on a thread of its own delays the first draft and gains nothing in tok/s (README, measured).
+            # early on a thread of its own delays the first draft and gains nothing in tok/s (docs/speed.md, measured).
             # Over HTTP it reads early.
             verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
         self.verifier = verifier
@@ -168,7 +168,7 @@ class HybridDecoder:
 
     def _hybrid(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
                 diagnostics: bool, progress: Progress | None) -> Iterator[TokenEvent | PendingDraft]:
-        """The loop (README, *The loop*): draft, decide, verify, advance; a `PendingDraft` before each upload and a
+        """The loop (docs/loop.md): draft, decide, verify, advance; a `PendingDraft` before each upload and a
         `TokenEvent` per position. `Generation` holds the device side; the verifier's side is `held`."""
         s, link = config.sampling, config.link
         t0 = time.perf_counter()
@@ -377,7 +377,7 @@ def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost
 def coin_seed(seed: int, prompt_ids: list[int]) -> int:
     """The `random` control's coin stream, per seed *and prompt*: with the seed alone every prompt would reuse the
     same uniforms, and a coin matched to an upload rate over many prompts would miss it by the luck of one
-    sequence (README, *Selection*)."""
+    sequence (docs/selection.md)."""
     return int.from_bytes(hashlib.sha256(repr((seed, prompt_ids)).encode()).digest()[:7], "little")
 
 

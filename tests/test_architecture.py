@@ -1,5 +1,6 @@
 """The layers as the imports show them: every module imports, `hlm`'s import graph has no cycle, only the command
-line imports the command line, and the page (`app.py`) needs few names from the library."""
+line imports the command line, and the page (`app.py`) needs few names from the library. And the code as a reader
+meets it: no function longer than a screen, and no policy chosen by its name outside the registry."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import hlm
+from hlm.policies import REGISTRY
 
 ROOT = Path(hlm.__file__).resolve().parent.parent
 MODULES = sorted(m.name for m in pkgutil.walk_packages(hlm.__path__, "hlm."))
@@ -108,3 +110,56 @@ def test_the_command_lines_help_does_not_load_the_models_stack():
             "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+SOURCES = [ROOT / "app.py", *sorted((ROOT / "hlm").rglob("*.py"))]
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in SOURCES for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long
+
+
+def policy_names_used_to_dispatch(tree: ast.AST) -> list[tuple[int, str]]:
+    """Places that pick behaviour by a policy's name: a name compared (==, !=, in; alone or in a literal tuple, list
+    or set), passed as `name=`, a key of a dict literal looked up at once, or listed in a literal tuple, list or set
+    of two or more names. The registry's roles and flags say all of that (`hlm.policies`)."""
+    def names(node: ast.AST | None) -> list[str]:
+        if isinstance(node, ast.Constant) and node.value in REGISTRY:
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [n for e in node.elts for n in names(e)]
+        return []
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            hits = [n for side in [node.left, *node.comparators] for n in names(side)]
+        elif isinstance(node, ast.keyword) and node.arg == "name":
+            hits = names(node.value)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict):  # {"ours": ...}[name]
+            hits = [n for key in node.value.keys for n in names(key)]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Dict):  # {"ours": ...}.get(name)
+            hits = [n for key in node.value.keys for n in names(key)]
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            hits = names(node) if len(names(node)) > 1 else []
+        else:
+            hits = []
+        found += [(node.lineno, n) for n in hits]
+    return found
+
+
+def test_no_policy_is_chosen_by_its_name_outside_the_registry():
+    found = [f"{path.relative_to(ROOT)}:{line} {name!r}" for path in SOURCES if path.name != "policies.py"
+             for line, name in policy_names_used_to_dispatch(ast.parse(path.read_text(encoding="utf-8")))]
+    assert found == []
+
+
+def test_the_name_count_can_fail():
+    tree = ast.parse('if p.name == "ours" or name in ("hlm", "slm"):\n    f(name="llm", s={"uhlm": 1}[name])')
+    assert sorted(n for _, n in policy_names_used_to_dispatch(tree)) == ["hlm", "hlm", "llm", "ours", "slm", "slm",
+                                                                          "uhlm"]

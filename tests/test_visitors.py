@@ -4,8 +4,6 @@ says its bound (`/status`). Stop, closed tabs and isolation between visitors in 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from test_app import launched_app
 

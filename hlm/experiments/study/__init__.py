@@ -1,4 +1,4 @@
-"""`python -m hlm study`: which device-side score picks the drafts the cloud would change (README "Selection").
+"""`python -m hlm study`: which device-side score picks the drafts the cloud would change (docs/selection.md).
 
 Token-level, against a coin and an oracle, at matched upload budgets, with prompt-clustered bootstrap intervals:
 - greedy replay: under greedy decoding the hybrid output equals the LLM's greedy answer y* until the first

@@ -1,0 +1,137 @@
+"""Hours of use: drive a running dashboard through its API with a mix of Generate, Compare, Stop (a cancelled
+stream) and bad input, and watch the process: RSS, threads, open files and the app's own caches (`/status`).
+
+    python app.py --models tiny & python scripts/soak.py --url http://127.0.0.1:7860 --pid $! --runs 2000
+    python app.py --models embedded & python scripts/soak.py --url http://127.0.0.1:7860 --pid $! --runs 100
+
+Prints a line every `--every` runs and a verdict: the RSS after the last run within 5 % of the RSS after the
+first tenth of the runs (the caches have filled by then), threads and open files no higher than then, and no
+error but the bad inputs' own messages. Exits 1 when a criterion fails. Visitors come and go: a new API client
+(a new session) every 25 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PROMPTS = ("Write a Python function that reverses a string.", "What is a hash table?",
+           "Explain recursion to a child.", "Merge two sorted lists in Python.", "Say hello.")
+BAD = (({"prompt": "   "}, "the prompt is empty"), ({"k": 0}, "k must be"), ({"gamma": -1.0}, "gamma"),
+       ({"u_th": 2.0}, "u_th"), ({"policy": "greedy"}, "unknown policy"), ({"pair": "nonexistent"}, "not offered"),
+       ({"prompt": "x" * 100_001}, "characters"))
+RSS_TOLERANCE = 0.05
+
+
+@dataclass
+class Sample:
+    runs: int
+    seconds: float
+    rss_mib: float
+    threads: int
+    files: int
+    caches: dict[str, Any]
+
+
+def sample(pid: int, runs: int, start: float, client: Any) -> Sample:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    caches = {k: v["size"] for k, v in client.predict(api_name="/status").items() if isinstance(v, dict)
+              and "size" in v}
+    return Sample(runs, time.monotonic() - start, int(fields["VmRSS"].split()[0]) / 1024,
+                  int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd")), caches)
+
+
+def one_run(client: Any, rng: random.Random, max_new_tokens: int) -> str:
+    """One visitor action; returns its kind. Raises on anything but a bad input's own message."""
+    from gradio_client.exceptions import AppError
+
+    knobs = {"prompt": rng.choice(PROMPTS), "max_new_tokens": rng.choice((8, max_new_tokens)),
+             "k": rng.randint(1, 32), "gamma": rng.choice((0.0, 0.5, 2.0)), "temperature": rng.choice((0.0, 0.7)),
+             "seed": rng.randint(0, 10_000)}
+    roll = rng.random()
+    if roll < 0.10:
+        bad, message = rng.choice(BAD)
+        try:
+            client.predict(**{**knobs, **bad}, api_name="/generate")
+        except AppError as exc:
+            if message in str(exc) and "Traceback" not in str(exc):
+                return "bad input (refused)"
+            raise
+        raise AssertionError(f"bad input {bad} was accepted")
+    if roll < 0.25:
+        job = client.submit(**knobs, api_name="/generate")
+        time.sleep(rng.uniform(0.0, 0.5))
+        job.cancel()  # the visitor's Stop, as an API client has it
+        return "stop"
+    if roll < 0.40:
+        client.predict(**{k: knobs[k] for k in ("prompt", "k", "gamma", "temperature", "seed")}, max_new_tokens=8,
+                       api_name="/compare")
+        return "compare"
+    final = client.predict(**knobs, quality=rng.random() < 0.5, api_name="/generate")
+    if final["status"] != "done":
+        raise AssertionError(f"a run ended {final['status']}")
+    return "generate"
+
+
+def verdict(first: Sample, last: Sample, errors: list[str]) -> list[str]:
+    problems = []
+    if last.rss_mib > first.rss_mib * (1 + RSS_TOLERANCE):
+        problems.append(f"RSS grew {first.rss_mib:.0f} -> {last.rss_mib:.0f} MiB (> {RSS_TOLERANCE:.0%})")
+    if last.threads > first.threads:
+        problems.append(f"threads grew {first.threads} -> {last.threads}")
+    if last.files > first.files:
+        problems.append(f"open files grew {first.files} -> {last.files}")
+    problems += [f"unexpected error: {e}" for e in errors]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gradio_client import Client
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--pid", type=int, required=True, help="the app's process id (its RSS, threads, files)")
+    ap.add_argument("--runs", type=int, default=2000)
+    ap.add_argument("--minutes", type=float, default=None, help="stop after this long instead")
+    ap.add_argument("--every", type=int, default=100, help="print a line every this many runs")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng, start = random.Random(args.seed), time.monotonic()
+    client, kinds, errors = Client(args.url, verbose=False), {}, []
+    baseline_at = max(1, args.runs // 10)
+    first = last = sample(args.pid, 0, start, client)
+    print(f"{'runs':>6} {'s':>7} {'RSS MiB':>8} {'threads':>7} {'files':>5}  caches")
+    for n in range(1, args.runs + 1):
+        if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
+            break
+        if n % 25 == 0:
+            client = Client(args.url, verbose=False)  # another visitor
+        try:
+            kind = one_run(client, rng, args.max_new_tokens)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+            errors.append(f"run {n}: {type(exc).__name__}: {str(exc)[:200]}")
+        if n == baseline_at or n % args.every == 0 or n == args.runs:
+            last = sample(args.pid, n, start, client)
+            first = last if n == baseline_at else first
+            print(f"{n:>6} {last.seconds:>7.0f} {last.rss_mib:>8.1f} {last.threads:>7} {last.files:>5}  "
+                  f"{last.caches}", flush=True)
+    problems = verdict(first, last, errors)
+    print(f"{last.runs} runs in {last.seconds:.0f} s: {kinds}; after run {first.runs}: RSS {first.rss_mib:.1f} MiB, "
+          f"{first.threads} threads, {first.files} files; after run {last.runs}: RSS {last.rss_mib:.1f} MiB "
+          f"({last.rss_mib / first.rss_mib - 1:+.1%}), {last.threads} threads, {last.files} files; "
+          f"{len(errors)} unexpected errors")
+    if problems:
+        print("\n".join(f"PROBLEM: {p}" for p in problems))
+    return int(bool(problems))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
