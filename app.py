@@ -371,8 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     demo = build(dash)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX)
-    demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
-                head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
+    try:
+        demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
+                    head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
+    except OSError as exc:  # the port is taken (Gradio's message says how to choose another)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

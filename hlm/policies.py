@@ -88,8 +88,6 @@ REGISTRY: dict[str, Policy] = {p.name: p for p in (
 )}
 NAMES = tuple(REGISTRY)
 HYBRID = tuple(n for n, p in REGISTRY.items() if p.drafts)  # what a sweep may ask for (the reference always runs)
-TUNED = tuple(n for n, p in REGISTRY.items() if p.tuned)
-GATED = tuple(n for n, p in REGISTRY.items() if p.uses_u_th)
 
 
 def with_role(role: Role) -> str:

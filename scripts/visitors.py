@@ -74,16 +74,17 @@ def act(page: Any, visitor: int, action: str, rng: random.Random, timeout_s: flo
     out, start = Outcome(visitor, action), time.monotonic()
     clear_status(page)
     page.get_by_role("button", name="Generate" if action == "Stop" else action, exact=True).click()
-    stop_at = start + rng.uniform(0.2, 2.0) if action == "Stop" else None
+    stopping = action == "Stop"  # pressed once the run has started, or (one time in two) while it is queued
+    stop_queued = stopping and rng.random() < 0.5
     stopped_at = 0.0
     while time.monotonic() - start < timeout_s:
         queued = QUEUE.search(page.evaluate("() => document.body.innerText"))
         phase = status(page)[0]
         if queued and phase == "cleared":
             out.waited, out.saw_queue = True, out.saw_queue or queued.group(0)
-        if stop_at is not None and time.monotonic() >= stop_at:
+        if stopping and (phase not in ("", "cleared") or (queued and stop_queued)):
             page.get_by_role("button", name="Stop", exact=True).click()
-            stop_at, stopped_at = None, time.monotonic()
+            stopping, stopped_at = False, time.monotonic()
         ended = finished(page, action)
         if ended:
             out.phase = ended

@@ -92,3 +92,20 @@ def test_every_fixable_error_is_a_user_error():
         assert issubclass(error, UserError), error
     assert all(issubclass(e, RuntimeError) for e in (ModelError, EmbeddedModelError, QualityError))
     assert UserError in USER_ERRORS
+
+
+def test_the_page_on_a_port_in_use_is_one_line():
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "app.py", "--models", "tiny"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent, timeout=300,
+                             env={**ENV, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+                                  "GRADIO_ANALYTICS_ENABLED": "False"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and str(port) in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

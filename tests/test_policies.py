@@ -5,13 +5,15 @@ from dataclasses import replace
 import pytest
 
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
-from hlm.policies import GATED, HYBRID, REGISTRY, TUNED, should_upload
+from hlm.policies import HYBRID, REGISTRY, should_upload
 from hlm.policies import NAMES as POLICIES
 
 
 def test_the_names_everyone_uses_come_from_the_registry():
     assert POLICIES == tuple(REGISTRY) == ("ours", "uhlm", "hlm", "slm", "llm", "random")
-    assert (HYBRID, TUNED, GATED) == (("ours", "uhlm", "hlm", "slm", "random"), ("ours", "random"),
+    tuned = tuple(n for n, p in REGISTRY.items() if p.tuned)  # runs with an importance setting
+    gated = tuple(n for n, p in REGISTRY.items() if p.uses_u_th)  # runs with u_th
+    assert (HYBRID, tuned, gated) == (("ours", "uhlm", "hlm", "slm", "random"), ("ours", "random"),
                                       ("ours", "uhlm", "random"))
     for p in REGISTRY.values():
         assert p.description
@@ -43,3 +45,25 @@ def test_policies_are_pure_functions_of_the_statistics():
     assert not should_upload(PolicyConfig(name="random", skip_rate=0.75), None, 0.5)
     with pytest.raises(ValueError):
         should_upload(PolicyConfig(name="ours"), 0.5, 0.5)  # ours asks its estimator (tests/test_estimators.py)
+
+
+def test_the_loops_one_decision_hands_ours_to_its_estimator(monkeypatch):
+    from types import SimpleNamespace
+
+    import hlm.estimators
+    from hlm.policies import decide
+
+    draft = SimpleNamespace(u=0.5, stats="stats", importance="importance")
+    assert decide(PolicyConfig(name="hlm"), draft, 0.5, None)
+    assert not decide(PolicyConfig(name="slm"), draft, 0.5, None)
+    assert decide(PolicyConfig(name="random", skip_rate=0.25), draft, 0.5, None)  # the policy's own rule
+    asked = []
+
+    class Judge:
+        def decide(self, stats, importance, config, selection):
+            asked.append((stats, importance, config.estimator, selection))
+            return True
+
+    monkeypatch.setitem(hlm.estimators.REGISTRY, "ubar", Judge())
+    assert decide(PolicyConfig(name="ours", estimator="ubar"), draft, 0.0, "cal")
+    assert asked == [("stats", "importance", "ubar", "cal")]  # the estimator, not the policy, decided

@@ -4,8 +4,13 @@ says its bound (`/status`). Stop, closed tabs and isolation between visitors in 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from test_app import launched_app
+from test_app import ROOT, launched_app
+from test_browser import CHROMIUM
 
 PROMPT = "Say hello."
 LONG = {"max_new_tokens": 512, "temperature": 0.0}  # the tiny pair's slowest run: the queue fills behind it
@@ -47,3 +52,15 @@ def test_past_the_queue_cap_a_visitor_is_told_to_try_again(capped):
     refused = [o for o in outcomes if o[0] == "refused"]
     assert len(done) >= 2 and all(status == "done" for _, status in done), outcomes  # one running, one waiting
     assert refused and all("queue is full" in message.lower() for _, message in refused), outcomes
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
+def test_browser_visitors_at_once_each_see_their_own_runs(capped):
+    """`scripts/visitors.py`, CI-sized: two browsers with a mix of actions through a queue of one, then a tab
+    closed mid-run (the figures for three visitors on the embedded pair are in docs/reliability.md)."""
+    url, _ = capped
+    out = subprocess.run([sys.executable, "scripts/visitors.py", "--url", url, "--visitors", "2", "--actions", "3",
+                          "--max-new-tokens", "64", "--timeout-s", "180"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "6 actions by 2 visitors" in out.stdout and "a closed tab freed the worker in " in out.stdout
