@@ -37,6 +37,10 @@ COMPARE_KNOBS = ("k", "gamma", "u_th", "temperature", "max_new_tokens", "seed")
 # Requests waiting for the one model worker (page and API together); past it a visitor is told the app is busy
 # and to try again, instead of the queue growing without bound. HLM_QUEUE_MAX sets another cap.
 QUEUE_MAX = int(os.environ.get("HLM_QUEUE_MAX", "8"))
+# Browser and API sessions whose state (the trade-off history) Gradio keeps; the oldest go first past it.
+SESSIONS_MAX = int(os.environ.get("HLM_SESSIONS_MAX", "256"))
+# Gradio records every queued event for its analytics summary, 10,000 by default: a run's worth is plenty here.
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "500")
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
           'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
@@ -152,7 +156,7 @@ def build(dash: Dashboard) -> gr.Blocks:
                 views = _views(dash)
         _wire_runs(dash, controls, views, history)
         _wire_settings(dash, controls, demo)
-        _api(dash)
+        _api(dash, demo)
 
         def on_close(request: gr.Request) -> None:  # a tab closed mid-run frees the worker at once
             dash.stop(request.session_hash)
@@ -298,7 +302,7 @@ def _risk_button(name: str, value: float | None) -> gr.Button:
     return gr.Button("" if value is None else f"{name} {value:g}", visible=value is not None)
 
 
-def _api(dash: Dashboard) -> None:
+def _api(dash: Dashboard, demo: gr.Blocks) -> None:
     """The documented endpoints for `gradio_client` (plain JSON in and out; the page's events are private). Their
     knob parameters, defaults and docs come from `KNOBS` (`KNOBS.endpoint`)."""
     api = {"concurrency_limit": 1, "concurrency_id": "model"}
@@ -342,7 +346,9 @@ def _api(dash: Dashboard) -> None:
 
     def status() -> dict[str, Any]:
         """Every cache the app keeps in memory, with its size and its bound (for operators and the soak script)."""
-        return dash.status()
+        sessions = getattr(demo, "state_holder", None)  # Gradio's per-session state, set once the app serves
+        return {**dash.status(), "sessions": {"size": len(sessions.session_data) if sessions else 0,
+                                              "bound": SESSIONS_MAX}}
 
     gr.api(generate, api_name="generate", **api)
     gr.api(compare, api_name="compare", **api)
@@ -372,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = build(dash)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX)
     try:
-        demo.launch(show_error=False, css_paths=[ASSETS / "app.css"], footer_links=["api", "gradio"],
+        demo.launch(show_error=False, state_session_capacity=SESSIONS_MAX, css_paths=[ASSETS / "app.css"],
+                    footer_links=["api", "gradio"],
                     head=f"<script>{(ASSETS / 'app.js').read_text(encoding='utf-8')}</script>")
     except OSError as exc:  # the port is taken (Gradio's message says how to choose another)
         print(f"error: {exc}", file=sys.stderr)

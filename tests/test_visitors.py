@@ -29,7 +29,7 @@ def test_status_names_every_cache_with_its_bound(capped):
     _, client = capped
     status = client.predict(api_name="/status")
     caches = {k: v for k, v in status.items() if isinstance(v, dict)}
-    assert {"reference_cache", "replays", "history_points_per_session", "loaded_pairs"} <= caches.keys()
+    assert {"reference_cache", "replays", "history_points_per_session", "loaded_pairs", "sessions"} <= caches.keys()
     assert all(isinstance(c["bound"], int) and c["bound"] > 0 for c in caches.values())
     assert all(c.get("size", 0) <= c["bound"] for c in caches.values())
     assert status["running_requests"] == 0
