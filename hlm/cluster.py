@@ -16,7 +16,8 @@ from typing import Any
 from hlm.errors import UserError
 
 LOCAL, AUTO = "local", "auto"
-# Ray on one machine otherwise advertises the machine's interface address; with this it stays on 127.0.0.1.
+# Ray on one machine otherwise advertises the machine's interface address; with this it stays on 127.0.0.1. Ray
+# reads it when imported, so `connect` sets it before the import (a process that imported Ray earlier sets it first).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 PASSED_ENV_PREFIXES = ("HLM_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
 
@@ -64,8 +65,8 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
 
 
 def shutdown(started: bool) -> None:
-    """Leave the cluster; a local instance this process started is stopped with it."""
-    import ray
+    """Stop the local instance this process started (`connect` returned True); a joined cluster is left as it is."""
+    if started:
+        import ray
 
-    if started or ray.is_initialized():
         ray.shutdown()

@@ -81,11 +81,11 @@ def test_reports_never_use_the_prompts_the_calibration_was_fitted_on():
 
 
 def test_study_refuses_to_report_on_tuned_prompts(tmp_path, monkeypatch, tiny):
-    from hlm import models
     from hlm.cli import main
     from hlm.estimators import prompt_key
+    from hlm.models import presets
 
     prompts = load_prompts(ASSETS / "prompts.jsonl", 2)
     monkeypatch.setattr(tiny, "selection", SelectionCalibration(tuned_on=(prompt_key(prompts[0]["prompt"]),)))
-    monkeypatch.setattr(models, "load_pair", lambda *a, **k: tiny)
+    monkeypatch.setattr(presets, "load_pair", lambda *a, **k: tiny)
     assert main(["study", "--models", "tiny", "--limit", "2", "--out", str(tmp_path)]) == 2

@@ -32,16 +32,17 @@ class Interrupted(Exception):
 def tools():
     from hlm.decoder import HybridDecoder
     from hlm.experiments.quality import get_scorer
+    from hlm.experiments.workers import LocalWorkers
     from hlm.models import load_pair
 
-    return HybridDecoder(load_pair("tiny")), get_scorer()
+    return LocalWorkers(HybridDecoder(load_pair("tiny"))), get_scorer()
 
 
 @pytest.fixture(scope="module")
 def full(tools, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    decoder, scorer = tools
-    return out, sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, out, progress=False))
+    workers, scorer = tools
+    return out, sweep(workers, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, out, progress=False))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -98,7 +99,7 @@ def test_figures_written(full):
 
 
 def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
-    decoder, scorer = tools
+    workers, scorer = tools
     seen = []
 
     def stop_after_five(job, record):
@@ -107,12 +108,12 @@ def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
+        sweep(workers, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
               after_run=stop_after_five)
     assert len(list((tmp_path / "runs").glob("*.json"))) == 5
     assert not list((tmp_path / "runs").glob("*.tmp"))
     seen.clear()
-    sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
+    sweep(workers, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
           after_run=lambda job, record: seen.append(job))
     assert len(seen) == RUNS - 5  # the five finished runs were not redone
     assert untimed(read_csv(tmp_path / "results.csv")) == untimed(read_csv(full[0] / "results.csv"))
@@ -125,8 +126,8 @@ def test_a_newly_registered_policy_runs(tools, tmp_path, monkeypatch):
 
     monkeypatch.setitem(REGISTRY, "unsure", Policy("unsure", "if u > 0.8", "baseline",
                                                    lambda config, u, coin: u > 0.8, uses_uncertainty=True))
-    decoder, scorer = tools
-    result = sweep(decoder, scorer, SweepSpec("tiny", PROMPTS, Grid(policies=("unsure",)), BASE, tmp_path,
+    workers, scorer = tools
+    result = sweep(workers, scorer, SweepSpec("tiny", PROMPTS, Grid(policies=("unsure",)), BASE, tmp_path,
                                               png=False, progress=False))
     rows = [r for r in result.rows if r["policy"] == "unsure"]
     assert sorted(r["prompt_id"] for r in rows) == [p["id"] for p in PROMPTS]

@@ -26,6 +26,7 @@ from hlm.policies import NAMES as POLICIES
 
 if TYPE_CHECKING:
     from hlm.decoder import HybridDecoder
+    from hlm.experiments.workers import Workers
     from hlm.models.pairs import Calibration
 
 
@@ -105,3 +106,26 @@ def open_decoder(args: argparse.Namespace, link: LinkConfig | None = None) -> Hy
     emulate = (link or LinkConfig()) if getattr(args, "emulate_link", False) else None
     return session.open_decoder(args.models, args.device, args.dtype, args.quant, getattr(args, "cloud", None),
                                 emulate)
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Where an experiment's jobs run (`hlm.experiments.workers`): this process, or actors on a Ray cluster."""
+    from hlm.cluster import check_address
+
+    g = p.add_argument_group("cluster (Ray; docs/cluster.md)")
+    g.add_argument("--ray", default=None, metavar="ADDRESS", type=check_address,
+                   help="run the jobs on Ray actors: local (a Ray instance on this machine, loopback only), auto (the "
+                        "cluster this machine joined with `ray start`) or ray://HOST:10001 (Ray client)")
+    g.add_argument("--workers", type=int, default=1, help="with --ray: actors, each holding one model pair")
+    g.add_argument("--worker-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per actor")
+    g.add_argument("--worker-gpus", type=float, default=0.0, help="with --ray: GPUs per actor (1: one pair per GPU)")
+
+
+def open_workers(args: argparse.Namespace) -> Workers:
+    """The `add_model_args` and `add_cluster_args` flags as the workers an experiment's jobs run on."""
+    from hlm.experiments.workers import LocalWorkers, PairSpec, RayWorkers
+
+    if args.ray is None:
+        return LocalWorkers(open_decoder(args))
+    return RayWorkers(PairSpec(args.models, args.device, args.dtype, args.quant, getattr(args, "cloud", None)),
+                      args.workers, args.worker_cpus, args.worker_gpus, args.ray)

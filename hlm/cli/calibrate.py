@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from hlm.cli.args import add_model_args, add_run_args, open_decoder, run_config
+from hlm.cli.args import add_cluster_args, add_model_args, add_run_args, open_workers, run_config
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 
 
@@ -16,8 +16,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     config = run_config(args)  # calibration runs hlm, which never reads u_th
     prompts = [r["prompt"] for r in load_prompts(args.prompts, args.limit)]
-    decoder = open_decoder(args)
-    cal, points = calibrate(decoder, prompts, config)
+    workers = open_workers(args)
+    try:
+        cal, points = calibrate(workers, prompts, config)
+    finally:
+        workers.close()
     print(f"fit over {cal.samples} drafts: beta ~ {cal.a:.3f} * u + {cal.b:+.3f}; Delta = P(q<p) = {cal.delta:.3f}")
     print(f"risk-averse u_th = {cal.risk_averse:.3f}; risk-prone u_th = {cal.risk_prone:.3f}")
     if args.out:
@@ -34,4 +37,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the fit and the (u, beta) points as JSON")
     add_model_args(p)
     add_run_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=cmd_calibrate, max_new_tokens=48)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hlm import session
-from hlm.cli.args import UsageError, add_model_args
+from hlm.cli.args import UsageError, add_cluster_args, add_model_args, open_workers
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 from hlm.policies import with_role
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from hlm.estimators import SelectionCalibration
-    from hlm.models.pairs import ModelPair
+    from hlm.experiments.workers import Workers
 
 
 def _subject(args: argparse.Namespace, temperature: float, max_new_tokens: int) -> RunConfig:
@@ -28,14 +28,14 @@ def _subject(args: argparse.Namespace, temperature: float, max_new_tokens: int) 
     return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens), policy)
 
 
-def _calibration(args: argparse.Namespace, pair: ModelPair, prompts: list[dict[str, str]],
+def _calibration(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, str]],
                  records: list[dict[str, Any]]) -> tuple[SelectionCalibration, list[np.ndarray] | None]:
     """The pair's selection calibration, or with --fit one fitted on these records (written to --fit), with the
     probe's out-of-fold scores."""
     from hlm.experiments.study import fit_calibration
 
     if not args.fit:
-        return pair.selection, None
+        return workers.facts.selection, None
     note = (f"fitted by `python -m hlm study --fit` on {args.prompts} ({len(prompts)} prompts, "
             f"{args.max_new_tokens} tokens, greedy + T={args.temperature} seeds {list(args.seeds)})")
     cal, oof = fit_calibration(records, note, [p["prompt"] for p in prompts])
@@ -44,53 +44,63 @@ def _calibration(args: argparse.Namespace, pair: ModelPair, prompts: list[dict[s
     return cal, oof
 
 
-def _end_to_end(args: argparse.Namespace, pair: ModelPair, prompts: list[dict[str, str]],
+def _end_to_end(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, str]],
                 records: list[dict[str, Any]], result: dict[str, Any]) -> None:
     """--quality and --confirm: real decoder runs of the subject against its counterfactual and its control."""
-    from hlm.decoder import HybridDecoder
     from hlm.experiments.study import confirm, sampled_quality
 
-    decoder, out = HybridDecoder(pair), Path(args.out)
+    out = Path(args.out)
     if args.quality:
         config = _subject(args, args.temperature, args.quality)
-        result["quality"] = sampled_quality(decoder, prompts[: args.quality_limit], out, config, args.references)
+        result["quality"] = sampled_quality(workers, prompts[: args.quality_limit], out, config, args.references)
     if args.confirm:
         config = _subject(args, 0.0, args.confirm)
         refs = {r["prompt_id"]: r["tokens"] for r in records if r["mode"] == "greedy"}
         chosen = [p for p in prompts if p["id"] in refs][: args.confirm_limit]
-        result["confirm"] = confirm(decoder, chosen, refs, out, config, args.coin_seeds)
+        result["confirm"] = confirm(workers, chosen, refs, out, config, args.coin_seeds)
         result["confirm"]["config"] = config.to_dict()
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from hlm.experiments.study import analyse, choose_defaults, collect, print_report, write_outputs
-    from hlm.models import load_pair  # looked up at call time: a test substitutes the tiny pair
+    from hlm.experiments.study import print_report, write_outputs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(args.prompts, args.limit)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
-    leaked = pair.selection.leaked([p["prompt"] for p in prompts])
-    if leaked and not args.fit:
-        raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "
-                         f"({pair.selection.note}); report on prompts it has not seen "
-                         "(e.g. hlm/assets/prompts-heldout.jsonl)")
-    records = collect(pair, args.models, prompts, out, args.max_new_tokens, args.seeds, args.temperature,
+    workers = open_workers(args)
+    try:
+        leaked = workers.facts.selection.leaked([p["prompt"] for p in prompts])
+        if leaked and not args.fit:
+            raise UsageError(f"{len(leaked)} of these prompts were used to fit the pair's selection calibration "
+                             f"({workers.facts.selection.note}); report on prompts it has not seen "
+                             "(e.g. hlm/assets/prompts-heldout.jsonl)")
+        result = _study(args, workers, prompts, out)
+    finally:
+        workers.close()
+    write_outputs(result, out)
+    print_report(result)
+    return 0
+
+
+def _study(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, str]], out: Path) -> dict[str, Any]:
+    """Collect (resuming), score and, if asked, fit and run the end-to-end checks."""
+    from hlm.experiments.study import analyse, choose_defaults, collect
+
+    records = collect(workers, args.models, prompts, out, args.max_new_tokens, args.seeds, args.temperature,
                       args.batch)
     if not records:
         raise UsageError("no prompt produced an answer to study")
-    cal, oof = _calibration(args, pair, prompts, records)
-    result = analyse(records, cal, oof, args.k, args.gamma, session.resolve_u_th(args.u_th, pair.calibration)[0])
+    cal, oof = _calibration(args, workers, prompts, records)
+    u_th = session.resolve_u_th(args.u_th, workers.facts.calibration)[0]
+    result = analyse(records, cal, oof, args.k, args.gamma, u_th)
     result.update({"prompts_file": str(args.prompts), "models": args.models, "max_new_tokens": args.max_new_tokens,
                    "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration"})
     if args.fit:
         result["decisions"] = choose_defaults(result)
         (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
     if args.confirm or args.quality:
-        _end_to_end(args, pair, prompts, records, result)
-    write_outputs(result, out)
-    print_report(result)
-    return 0
+        _end_to_end(args, workers, prompts, records, result)
+    return result
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,4 +129,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coin-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--estimator", default=None, help="for --confirm (default: PolicyConfig's)")
     add_model_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=cmd_study)

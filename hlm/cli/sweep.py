@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hlm import session
-from hlm.cli.args import UsageError, add_model_args, add_run_args, open_decoder, shared_values
+from hlm.cli.args import UsageError, add_cluster_args, add_model_args, add_run_args, open_workers, shared_values
 from hlm.config import ESTIMATORS, RunConfig
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 from hlm.policies import HYBRID, with_role
@@ -62,22 +62,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if len({p["id"] for p in prompts}) != len(prompts):
         raise UsageError(f"{args.prompts}: prompt ids must be unique (they key the cache and the BERTScore pairs)")
     Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds)  # validate before any model is loaded
-    decoder = open_decoder(args)
-    u_th, u_th_source = session.resolve_u_th(args.u_th, decoder.pair.calibration)
-    base = replace(base, u_th_source=u_th_source)
-    grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
     scorer = get_scorer(args.backbone)  # a missing backbone is a QualityError, a UserError
-    out = Path(args.out)
-    meta = {"u_th_source": u_th_source, "pair": decoder.pair.describe(), "prompt_file": str(args.prompts),
-            "quick": args.quick}
-    result = sweep(decoder, scorer, SweepSpec(args.models, prompts, grid, base, out, args.tolerance,
-                                              png=not args.no_png, meta=meta))
+    workers = open_workers(args)
+    try:
+        u_th, u_th_source = session.resolve_u_th(args.u_th, workers.facts.calibration)
+        base = replace(base, u_th_source=u_th_source)
+        grid = Grid(args.policies, args.k, args.gamma, args.estimators, args.seeds, u_th)
+        out = Path(args.out)
+        meta = {"u_th_source": u_th_source, "pair": workers.facts.description, "prompt_file": str(args.prompts),
+                "quick": args.quick}
+        result = sweep(workers, scorer, SweepSpec(args.models, prompts, grid, base, out, args.tolerance,
+                                                  png=not args.no_png, meta=meta))
+    finally:
+        workers.close()
     print(format_summary(result.summary))
     print("\n" + result.decisions["why"])
     if result.figures.get("png_error"):
         print(f"PNG export failed ({result.figures['png_error']}); HTML figures written", file=sys.stderr)
     print(f"\nwrote {out}/results.csv, results.json, summary.csv, decisions.json and figures/", file=sys.stderr)
-    return 0
+    for f in result.failed:
+        print(f"failed: {f['prompt_id']} {f['setting']}: {f['error']} (the prompt is left out; rerun to retry)",
+              file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,4 +111,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="accuracy-leaning pick: BERTScore at most this far below HLM")
     p.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG export needs a Chrome)")
+    add_cluster_args(p)
     p.set_defaults(func=cmd_sweep)

@@ -32,7 +32,9 @@ from scipy.stats import t
 from tqdm import tqdm
 
 from hlm.config import ESTIMATORS, ConfigError, PolicyConfig, RunConfig, link_label
+from hlm.errors import UserError
 from hlm.experiments.figures import write_figures
+from hlm.experiments.workers import Workers, call, energy_methods
 from hlm.policies import HYBRID, Policy, with_role
 from hlm.policies import REGISTRY as POLICIES
 
@@ -167,39 +169,53 @@ def write_atomic(path: Path, data: Any) -> None:
         raise
 
 
-class Runner:
-    """Runs jobs through one decoder, skipping those whose run file exists."""
+def run_job(decoder: HybridDecoder, item: tuple[int, Job]) -> dict[str, Any]:
+    """A `Workers` task: the run of (position, job), as its run file keeps it (less the identity: the driver's)."""
+    job = item[1]
+    text, events, summary = decoder.run(job.prompt["prompt"], job.config)
+    return {"text": text, "summary": summary, "tokens": [minimal_token(e) for e in events]}
 
-    def __init__(self, decoder: HybridDecoder, models: str, runs_dir: Path, bar: tqdm,
+
+class Runner:
+    """Runs jobs on the workers, skipping those whose run file exists; the driver alone writes run files. Jobs that
+    raise are kept in `failed` (job, error) and reported; the rest go on."""
+
+    def __init__(self, workers: Workers, models: str, runs_dir: Path, bar: tqdm,
                  after_run: Callable[[Job, dict], None] | None = None) -> None:
-        self.decoder, self.models, self.runs_dir, self.bar, self.after_run = decoder, models, runs_dir, bar, after_run
+        self.workers, self.models, self.runs_dir, self.bar, self.after_run = workers, models, runs_dir, bar, after_run
+        self.failed: list[tuple[Job, str]] = []
         runs_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, job: Job) -> Path:
-        text = json.dumps([job.identity(self.models), self.decoder.pair.numerics], sort_keys=True)
+        text = json.dumps([job.identity(self.models), self.workers.facts.numerics], sort_keys=True)
         return self.runs_dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
     def cached(self, jobs: Sequence[Job]) -> int:
         return sum(self.path(j).is_file() for j in jobs)
 
     def run(self, jobs: Sequence[Job]) -> list[tuple[Job, dict]]:
-        """Records in job order. The bar advances only for new runs (cached ones were counted up front)."""
-        done = []
-        for job in jobs:
-            path = self.path(job)
-            if path.is_file():
-                done.append((job, json.loads(path.read_text(encoding="utf-8"))))
+        """Records in job order, failed jobs left out. The bar advances only for new runs (cached ones were counted
+        up front)."""
+        records = {}
+        for i, job in enumerate(jobs):
+            if self.path(job).is_file():
+                records[i] = json.loads(self.path(job).read_text(encoding="utf-8"))
+        todo = [(i, job) for i, job in enumerate(jobs) if i not in records]
+        for outcome in self.workers.map(run_job, todo, self.bar):
+            i, job = outcome.item
+            if outcome.error is not None:
+                self.failed.append((job, outcome.error))
+                tqdm.write(f"[sweep] {job.prompt['id']} {job.policy.label(job.config.policy)} failed: {outcome.error}",
+                           file=sys.stderr)
                 continue
-            self.bar.set_postfix_str(f"{job.prompt['id']} {job.policy.label(job.config.policy)}", refresh=False)
-            text, events, summary = self.decoder.run(job.prompt["prompt"], job.config)
-            record = {"identity": job.identity(self.models), "text": text, "summary": summary,
-                      "tokens": [minimal_token(e) for e in events]}
-            write_atomic(path, record)
-            self.bar.update(1)
-            done.append((job, record))
+            records[i] = {"identity": job.identity(self.models), **outcome.result}
+            write_atomic(self.path(job), records[i])
             if self.after_run is not None:
-                self.after_run(job, record)
-        return done
+                self.after_run(job, records[i])
+        return [(job, records[i]) for i, job in enumerate(jobs) if i in records]
+
+    def failed_prompts(self) -> set[str]:
+        return {job.prompt["id"] for job, _ in self.failed}
 
 
 @dataclass(frozen=True)
@@ -218,19 +234,26 @@ class SweepSpec:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def execute(decoder: HybridDecoder, spec: SweepSpec,
-            after_run: Callable[[Job, dict], None] | None = None) -> list[tuple[Job, dict]]:
-    """Run (or load) every job of the sweep; returns (job, record) pairs, the controls last."""
+def execute(workers: Workers, spec: SweepSpec,
+            after_run: Callable[[Job, dict], None] | None = None) -> tuple[list[tuple[Job, dict]], list[dict]]:
+    """Run (or load) every job of the sweep; returns (job, record) pairs, the controls last, and the failed jobs.
+    A prompt with a failed job is left out whole (its rows would have no reference or no counterfactual)."""
     grid = spec.grid
     first = grid.first_jobs(spec.prompts, spec.base)
     with tqdm(total=len(first) + grid.control_count(spec.prompts), unit="run", desc="sweep",
               disable=not spec.progress, dynamic_ncols=True, file=sys.stderr) as bar:
-        runner = Runner(decoder, spec.models, spec.out_dir / "runs", bar, after_run)
+        runner = Runner(workers, spec.models, spec.out_dir / "runs", bar, after_run)
         bar.update(runner.cached(first))
-        done = runner.run(first)
+        done = [(j, r) for j, r in runner.run(first) if j.prompt["id"] not in runner.failed_prompts()]
         second = grid.control_jobs(done)
         bar.update(runner.cached(second))
-        return done + runner.run(second)
+        done += runner.run(second)
+    failed = [{"prompt_id": job.prompt["id"], "policy": job.config.policy.name,
+               "setting": job.policy.setting(job.config.policy), "error": error} for job, error in runner.failed]
+    done = [(j, r) for j, r in done if j.prompt["id"] not in runner.failed_prompts()]
+    if not done:
+        raise UserError(f"every prompt had a failed job; the first: {failed[0]['prompt_id']}: {failed[0]['error']}")
+    return done, failed
 
 
 def _per_token(value: float | None, tokens: int) -> float | None:
@@ -425,37 +448,39 @@ class Result:
     summary: list[dict[str, Any]]
     decisions: dict[str, Any]
     figures: dict[str, Any]
+    failed: list[dict[str, str]]  # jobs that raised (their prompts are left out of every table)
 
 
-def sweep(decoder: HybridDecoder, scorer: QualityScorer, spec: SweepSpec,
+def sweep(workers: Workers, scorer: QualityScorer, spec: SweepSpec,
           after_run: Callable[[Job, dict], None] | None = None) -> Result:
     """Run everything (resuming), score, aggregate, choose the defaults and write every output file.
     `after_run(job, record)` is called after each new run (progress, interruption in tests)."""
     out = spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    done = execute(decoder, spec, after_run)
+    done, failed = execute(workers, spec, after_run)
     rows = tabulate(done, scorer)
     summary = aggregate(rows)
     decisions = choose_defaults(rows, summary, spec.tolerance)
     figures = write_figures(summary, decisions, out / "figures", png=spec.png)
-    meta = {**_meta(decoder, scorer, spec, len(rows)), "sweep_wall_s": time.perf_counter() - start,
-            "figures": figures}
+    meta = {**_meta(workers, scorer, spec, len(rows)), "sweep_wall_s": time.perf_counter() - start,
+            "figures": figures, "failed_jobs": failed}
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     write_atomic(out / "results.json", {"meta": meta, "rows": rows})
     pd.DataFrame(summary).to_csv(out / "summary.csv", index=False)
     write_atomic(out / "decisions.json", decisions)
-    return Result(rows, summary, decisions, figures)
+    return Result(rows, summary, decisions, figures, failed)
 
 
-def _meta(decoder: HybridDecoder, scorer: QualityScorer, spec: SweepSpec, runs: int) -> dict[str, Any]:
+def _meta(workers: Workers, scorer: QualityScorer, spec: SweepSpec, runs: int) -> dict[str, Any]:
     """What results.json records about the sweep besides its rows."""
     base = spec.base
     return {**spec.meta, "models": spec.models, "prompts": len(spec.prompts), "runs": runs,
             "grid": {k: v for k, v in asdict(spec.grid).items() if k != "settings"}, "sampling": asdict(base.sampling),
             "link": asdict(base.link), "uplink_rate_bps": base.link.uplink_rate_bps,
             "device_profile": asdict(base.device), "link_preset": link_label(base.link_preset, base.link),
-            "energy_methods": decoder.energy_methods(base.link, base.device), "quality": scorer.method}
+            "energy_methods": call(workers, energy_methods, (base.link, base.device)), "quality": scorer.method,
+            "numerics": workers.facts.numerics, "workers": getattr(workers, "n", 1)}
 
 
 def format_summary(summary: Sequence[dict[str, Any]]) -> str:

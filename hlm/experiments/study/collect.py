@@ -30,6 +30,8 @@ from hlm.uncertainty import uncertainty
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from hlm.decoder import HybridDecoder
+    from hlm.experiments.workers import Workers
     from hlm.models.pairs import ModelPair
 
 U_DRAWS = 4  # independent u draws per draft: the paper-literal rule's gate is random
@@ -161,33 +163,60 @@ def _rows(pair: ModelPair, prompt_ids: list[int], answer: list[int], temperature
     return {"tokens": answer[:n], "rows": rows, "heads_layers": list(rp.mid)}
 
 
-def collect(pair: ModelPair, models: str, prompts: Sequence[dict[str, str]], out: Path, n: int,
+@dataclass(frozen=True)
+class Batch:
+    """One generation batch of a mode (greedy y* or a sampled seed): the unit of work of the study's collection."""
+
+    mode: str
+    seed: int
+    temperature: float
+    n: int
+    prompts: tuple[dict[str, str], ...]
+
+
+def answer_batch(decoder: HybridDecoder, batch: Batch) -> list[dict[str, Any] | None]:
+    """A `Workers` task: the batch's answers (one batched generation, seeded by the batch's seed) and every
+    answer's rows; None for an answer too short to study."""
+    pair = decoder.pair
+    ids = [pair.encode_prompt(p["prompt"], batch.n + 1) for p in batch.prompts]
+    model = pair.verifier if batch.mode == "greedy" else pair.draft
+    answers = _generate(model, pair, ids, batch.n + 1, batch.temperature, batch.seed, len(ids))
+    return [None if len(answer) < 2 else
+            {"prompt_id": p["id"], "category": p["category"], "mode": batch.mode, "seed": batch.seed,
+             "temperature": batch.temperature, **_rows(pair, pid, answer, batch.temperature, batch.seed,
+                                                       batch.mode == "greedy")}
+            for p, pid, answer in zip(batch.prompts, ids, answers, strict=True)]
+
+
+def collect(workers: Workers, models: str, prompts: Sequence[dict[str, str]], out: Path, n: int,
             seeds: Sequence[int], temperature: float, batch: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Greedy replay and sampled paths for every prompt (cached per prompt and mode)."""
+    """Greedy replay and sampled paths for every prompt (cached per prompt and mode; batches run on `workers`, and
+    a batch that fails is reported and left out)."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     modes = [("greedy", 0, 0.0)] + [("sampled", s, temperature) for s in seeds]
 
     def path(p: dict[str, str], mode: str, seed: int, t: float) -> Path:
-        key = json.dumps([models, pair.numerics, p["prompt"], mode, seed, t, n], sort_keys=True)
+        key = json.dumps([models, workers.facts.numerics, p["prompt"], mode, seed, t, n], sort_keys=True)
         return cache / f"{mode}-{seed}-{p['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
     records = []
     for mode, seed, t in modes:
         todo = [p for p in prompts if not path(p, mode, seed, t).is_file()]
+        batches = [Batch(mode, seed, t, n, tuple(todo[i:i + batch])) for i in range(0, len(todo), batch)]
         if todo:
-            ids = [pair.encode_prompt(p["prompt"], n + 1) for p in todo]
-            model = pair.verifier if mode == "greedy" else pair.draft
-            print(f"[study] {mode} seed {seed}: generating {len(todo)} answers ({n + 1} tokens, batches of {batch})",
+            print(f"[study] {mode} seed {seed}: {len(todo)} answers ({n + 1} tokens, batches of {batch})",
                   file=sys.stderr, flush=True)
-            answers = _generate(model, pair, ids, n + 1, t, seed, batch)
-            for p, pid, answer in tqdm(list(zip(todo, ids, answers, strict=True)), desc=f"study {mode} {seed}",
-                                       unit="prompt", disable=not progress, file=sys.stderr):
-                if len(answer) < 2:
+        with tqdm(total=len(todo), desc=f"study {mode} {seed}", unit="prompt", disable=not progress or not todo,
+                  file=sys.stderr) as bar:
+            for outcome in workers.map(answer_batch, batches, bar, size=lambda b: len(b.prompts)):
+                if outcome.error is not None:
+                    ids = ", ".join(p["id"] for p in outcome.item.prompts)
+                    tqdm.write(f"[study] batch {ids} failed: {outcome.error}", file=sys.stderr)
                     continue
-                rec = {"prompt_id": p["id"], "category": p["category"], "mode": mode, "seed": seed,
-                       "temperature": t, **_rows(pair, pid, answer, t, seed, mode == "greedy")}
-                path(p, mode, seed, t).write_text(json.dumps(rec), encoding="utf-8")
+                for p, rec in zip(outcome.item.prompts, outcome.result, strict=True):
+                    if rec is not None:
+                        path(p, mode, seed, t).write_text(json.dumps(rec), encoding="utf-8")
         records += [json.loads(path(p, mode, seed, t).read_text(encoding="utf-8"))
                     for p in prompts if path(p, mode, seed, t).is_file()]
     return records

@@ -17,12 +17,14 @@ from tqdm import tqdm
 
 from hlm.experiments.quality import get_scorer
 from hlm.experiments.study.metrics import BOOT
+from hlm.experiments.workers import call
 from hlm.metrics import faithful_prefix
 from hlm.policies import with_role
 
 if TYPE_CHECKING:
     from hlm.config import RunConfig
     from hlm.decoder import HybridDecoder
+    from hlm.experiments.workers import Workers
 
 
 def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
@@ -30,19 +32,39 @@ def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
     return faithful_prefix(ids, reference) / max(len(reference), 1)
 
 
-def cached_run(decoder: HybridDecoder, runs_dir: Path, prompt: dict[str, str], cfg: RunConfig) -> dict[str, Any]:
-    """One real decoder run (text, ids, uploads), cached by prompt and full config so a long check resumes."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), decoder.pair.numerics],
-                                    sort_keys=True).encode()).hexdigest()
-    path = runs_dir / f"{prompt['id']}-{key[:12]}.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+def decoded_run(decoder: HybridDecoder, item: tuple[dict[str, str], RunConfig]) -> dict[str, Any]:
+    """A `Workers` task: one real decoder run as the study keeps it (text, ids, uploads)."""
+    prompt, cfg = item
     text, events, summary = decoder.run(prompt["prompt"], cfg)
-    rec = {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
-           "tokens": summary["tokens"]}
-    path.write_text(json.dumps(rec), encoding="utf-8")
-    return rec
+    return {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
+            "tokens": summary["tokens"]}
+
+
+def detokenize(decoder: HybridDecoder, ids: list[list[int]]) -> list[str]:
+    """A `Workers` task: token ids to texts with the pair's tokenizer (the driver holds no pair)."""
+    return [decoder.pair.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+
+
+def cached_runs(workers: Workers, runs_dir: Path, jobs: Sequence[tuple[dict[str, str], RunConfig]], desc: str,
+                progress: bool = True) -> list[dict[str, Any] | None]:
+    """Real decoder runs (text, ids, uploads) in `jobs` order, cached by prompt and full config so a long check
+    resumes; None for a run that failed (reported here: the caller leaves its prompt out)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(job: tuple[dict[str, str], RunConfig]) -> Path:
+        prompt, cfg = job
+        key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), workers.facts.numerics],
+                                        sort_keys=True).encode()).hexdigest()
+        return runs_dir / f"{prompt['id']}-{key[:12]}.json"
+
+    todo = [job for job in jobs if not path(job).is_file()]
+    with tqdm(total=len(todo), desc=desc, unit="run", disable=not progress or not todo, file=sys.stderr) as bar:
+        for outcome in workers.map(decoded_run, todo, bar):
+            if outcome.error is None:
+                path(outcome.item).write_text(json.dumps(outcome.result), encoding="utf-8")
+            else:
+                tqdm.write(f"[study] {outcome.item[0]['id']} failed: {outcome.error}", file=sys.stderr)
+    return [json.loads(path(job).read_text(encoding="utf-8")) if path(job).is_file() else None for job in jobs]
 
 
 def _seeded(config: RunConfig, seed: int) -> RunConfig:
@@ -59,28 +81,30 @@ def _interval(d: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
     return float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def _quality_runs(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], runs_dir: Path, config: RunConfig,
+def _quality_runs(workers: Workers, prompts: Sequence[dict[str, str]], runs_dir: Path, config: RunConfig,
                   references: int, progress: bool) -> list[dict[str, Any]]:
-    """Per prompt: the reference's texts (seeds 1000+i), the counterfactual's run and the subject's (`config`)."""
+    """Per prompt: the reference's texts (seeds 1000+i), the counterfactual's run and the subject's (`config`);
+    prompts with a failed run are left out."""
+    arms = [_seeded(config, 1000 + i).with_policy(name=with_role("reference")) for i in range(references)]
+    arms += [config.with_policy(name=with_role("counterfactual")), config]
+    runs = cached_runs(workers, runs_dir, [(p, cfg) for p in prompts for cfg in arms],
+                       f"quality T={config.sampling.temperature:g}", progress)
     rows = []
-    for p in tqdm(prompts, desc=f"quality T={config.sampling.temperature:g}", unit="prompt", disable=not progress,
-                  file=sys.stderr):
-        refs = [cached_run(decoder, runs_dir, p, _seeded(config, 1000 + i).with_policy(name=with_role("reference")))
-                for i in range(references)]
-        rows.append({"prompt_id": p["id"], "refs": [r["text"] for r in refs],
-                     "counterfactual": cached_run(decoder, runs_dir, p,
-                                                  config.with_policy(name=with_role("counterfactual"))),
-                     "subject": cached_run(decoder, runs_dir, p, config)})
+    for i, p in enumerate(prompts):
+        mine = runs[i * len(arms):(i + 1) * len(arms)]
+        if all(r is not None for r in mine):
+            rows.append({"prompt_id": p["id"], "refs": [r["text"] for r in mine[:references]],
+                         "counterfactual": mine[-2], "subject": mine[-1]})
     return rows
 
 
-def sampled_quality(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], out: Path, config: RunConfig,
+def sampled_quality(workers: Workers, prompts: Sequence[dict[str, str]], out: Path, config: RunConfig,
                     references: int, progress: bool = True) -> dict[str, Any]:
     """At T > 0 one sample of the reference (the LLM) is a noisy yardstick. Per prompt: `references` LLM samples,
     one counterfactual run (`hlm`) and one of the subject (`config`; seed 0), each scored by its mean BERTScore
     against every LLM sample. HLM follows the LLM's distribution exactly, so its score is the floor of what any
     policy can reach; the LLM samples scored against each other show the spread inside that floor."""
-    rows = _quality_runs(decoder, prompts, out / "quality", config, references, progress)
+    rows = _quality_runs(workers, prompts, out / "quality", config, references, progress)
     scorer = get_scorer()
     pairs = [(r[arm]["text"], ref) for r in rows for arm in ("counterfactual", "subject") for ref in r["refs"]]
     pairs += [(a, b) for r in rows for i, a in enumerate(r["refs"]) for j, b in enumerate(r["refs"]) if i != j]
@@ -103,24 +127,29 @@ def sampled_quality(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], o
                         "ours_upload_rate": float(np.mean([r["ours_upload_rate"] for r in per]))}}
 
 
-def confirm(decoder: HybridDecoder, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,
+def confirm(workers: Workers, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,
             config: RunConfig, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
     """Real decoder runs, greedy: the subject (`config`), then per prompt the control matched to its upload count
     (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
-    rows = []
-    for p in tqdm(prompts, desc="confirm", unit="prompt", disable=not progress, file=sys.stderr):
-        ref = references[p["id"]][: config.sampling.max_new_tokens]
-        subject = cached_run(decoder, out / "confirm", p, config)
-        skip = round(1.0 - _upload_rate(subject), 4)
-        coins = [cached_run(decoder, out / "confirm", p, _seeded(config, s).with_policy(
-            name=with_role("control"), skip_rate=skip)) for s in coin_seeds]
-        rows.append({"prompt_id": p["id"], "reference": decoder.pair.tokenizer.decode(ref, skip_special_tokens=True),
-                     "subject": subject, "coins": coins, "ref_ids": ref})
+    runs_dir = out / "confirm"
+    subjects = cached_runs(workers, runs_dir, [(p, config) for p in prompts], "confirm: ours", progress)
+    kept = [(p, s) for p, s in zip(prompts, subjects, strict=True) if s is not None]
+    coin_jobs = [(p, _seeded(config, seed).with_policy(name=with_role("control"),
+                                                        skip_rate=round(1.0 - _upload_rate(s), 4)))
+                 for p, s in kept for seed in coin_seeds]
+    coins = cached_runs(workers, runs_dir, coin_jobs, "confirm: coins", progress)
+    refs = [references[p["id"]][: config.sampling.max_new_tokens] for p, _ in kept]
+    texts = call(workers, detokenize, refs)
+    rows, k = [], len(coin_seeds)
+    for i, (p, subject) in enumerate(kept):
+        mine = coins[i * k:(i + 1) * k]
+        if all(c is not None for c in mine):
+            rows.append({"prompt_id": p["id"], "reference": texts[i], "subject": subject, "coins": mine,
+                         "ref_ids": refs[i]})
     scorer = get_scorer()
     texts = [r["subject"]["text"] for r in rows] + [c["text"] for r in rows for c in r["coins"]]
     refs = [r["reference"] for r in rows] + [r["reference"] for r in rows for _ in r["coins"]]
     f1 = scorer.f1(texts, refs)
-    k = len(coin_seeds)
     per = []
     for i, r in enumerate(rows):
         coin_f1 = f1[len(rows) + i * k: len(rows) + (i + 1) * k]
