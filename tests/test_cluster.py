@@ -43,7 +43,7 @@ def serial(scorer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray():
     """Two workers on a local instance (loopback only); stopped when the module's other tests are done."""
-    workers = RayWorkers(PairSpec("tiny"), n=2, address="local")
+    workers = RayWorkers(PairSpec("tiny"), n=2, cpus=0.5, address="local")  # leaves a CPU for the CLI's
     yield workers
     workers.close()
 
@@ -89,6 +89,19 @@ def test_a_failing_job_is_reported_and_the_rest_complete(local_ray, scorer, tmp_
 
 def test_a_local_instance_stays_on_loopback(local_ray):
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_the_commands_take_ray_flags(local_ray, tmp_path, capsys):
+    """`--ray local` on the CLI joins the instance this process already runs; a bad address is one line, exit 2."""
+    from hlm.cli import main
+
+    argv = ["sweep", "--models", "tiny", "--limit", "2", "--max-new-tokens", "4", "--policies", "ours,hlm",
+            "--k", "4", "--gamma", "0", "--estimators", "ubar", "--no-png", "--out", str(tmp_path)]
+    assert main([*argv, "--ray", "local", "--workers", "2", "--worker-cpus", "0.5"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["workers"] == 2
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--ray", "10.0.0.1:6379"])
+    assert exc.value.code == 2 and "give local, auto or ray://HOST:PORT" in capsys.readouterr().err
 
 
 def test_the_study_replay_on_ray_equals_serial(local_ray, tmp_path):

@@ -110,10 +110,16 @@ def open_decoder(args: argparse.Namespace, link: LinkConfig | None = None) -> Hy
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """Where an experiment's jobs run (`hlm.experiments.workers`): this process, or actors on a Ray cluster."""
-    from hlm.cluster import check_address
+    from hlm.cluster import ClusterError, check_address
+
+    def address(text: str) -> str:
+        try:
+            return check_address(text)
+        except ClusterError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
     g = p.add_argument_group("cluster (Ray; docs/cluster.md)")
-    g.add_argument("--ray", default=None, metavar="ADDRESS", type=check_address,
+    g.add_argument("--ray", default=None, metavar="ADDRESS", type=address,
                    help="run the jobs on Ray actors: local (a Ray instance on this machine, loopback only), auto (the "
                         "cluster this machine joined with `ray start`) or ray://HOST:10001 (Ray client)")
     g.add_argument("--workers", type=int, default=1, help="with --ray: actors, each holding one model pair")

@@ -459,12 +459,13 @@ def sweep(workers: Workers, scorer: QualityScorer, spec: SweepSpec,
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     done, failed = execute(workers, spec, after_run)
+    jobs_wall_s = time.perf_counter() - start
     rows = tabulate(done, scorer)
     summary = aggregate(rows)
     decisions = choose_defaults(rows, summary, spec.tolerance)
     figures = write_figures(summary, decisions, out / "figures", png=spec.png)
     meta = {**_meta(workers, scorer, spec, len(rows)), "sweep_wall_s": time.perf_counter() - start,
-            "figures": figures, "failed_jobs": failed}
+            "jobs_wall_s": jobs_wall_s, "figures": figures, "failed_jobs": failed}
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     write_atomic(out / "results.json", {"meta": meta, "rows": rows})
     pd.DataFrame(summary).to_csv(out / "summary.csv", index=False)

@@ -166,11 +166,17 @@ class RayWorkers:
         remote = ray.remote(max_restarts=-1, max_task_retries=0)(_PairActor)
         self.actors = [remote.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.spec)
                        for _ in range(self.n)]
-        try:
-            facts = ray.get([a.facts.remote() for a in self.actors])
-        except ray.exceptions.RayError as exc:
+        total = ray.cluster_resources()
+        if total.get("CPU", 0) < self.n * self.cpus or total.get("GPU", 0) < self.n * self.gpus:
             self.close()
-            raise UserError(f"a worker could not load {self.spec.models!r}: {exc}") from exc
+            raise UserError(f"the cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; "
+                            f"{self.n} workers of {self.cpus:g} CPUs and {self.gpus:g} GPUs do not fit")
+        try:
+            facts = ray.get([a.facts.remote() for a in self.actors], timeout=self.patience_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            self.close()
+            raise UserError(f"the workers could not start with {self.spec.models!r} within {self.patience_s:.0f} s "
+                            f"(resources taken by other jobs, or a load error): {exc}") from exc
         if len({f.numerics for f in facts}) > 1:
             self.close()
             raise UserError("workers run the pair with different numerics "
