@@ -107,7 +107,7 @@ def test_the_page_imports_at_most_five_names_from_hlm():
 def test_the_command_lines_help_does_not_load_the_models_stack():
     """`python -m hlm --help` builds every command's parser: the heavy libraries wait for a command to run."""
     code = ("import sys; from hlm.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
