@@ -6,14 +6,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from hlm import session
-from hlm.cli.args import UsageError, add_model_args, add_run_args, open_decoder, shared_values
-from hlm.cli.sweep import _list
+from hlm.cli.args import (
+    UsageError,
+    add_model_args,
+    add_run_args,
+    comma_list,
+    open_decoder,
+    report_outputs,
+    shared_values,
+)
 from hlm.cloud import TOKEN_ENV
 from hlm.cluster import check_address
 from hlm.experiments.prompts import load_prompts
@@ -67,9 +73,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                          args.seed, png=not args.no_png, meta=meta)
         result = fleet(decoder, spec)
     print(format_rows(result.rows, result.capacity))
-    if result.figures.get("png_error"):
-        print(f"PNG export failed ({result.figures['png_error']}); HTML figure written", file=sys.stderr)
-    print(f"\nwrote {args.out}/fleet.csv, fleet.json and figures/fleet_p95.html", file=sys.stderr)
+    report_outputs(result.figures, f"{args.out}/fleet.csv, fleet.json and figures/fleet_p95.html")
     return 0
 
 
@@ -81,12 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_run_args(p)
     p.set_defaults(device_profile="phone")
-    p.add_argument("--policies", "--policy", type=_list(str, REPLAYED), default=REPLAYED,
+    p.add_argument("--policies", "--policy", type=comma_list(str, REPLAYED), default=REPLAYED,
                    help=f"comma-separated subset of {','.join(REPLAYED)} ({with_role('control')} is matched to "
                    f"{with_role('subject')}'s upload rate)")
     p.add_argument("--prompts", default=str(HELDOUT), help="JSON Lines prompt file (default: the held-back set)")
     p.add_argument("--limit", type=int, default=4, help="use the first N prompts (0: all)")
-    p.add_argument("--devices", type=_list(int), default=(1, 2, 4, 8), help="comma-separated numbers of devices")
+    p.add_argument("--devices", type=comma_list(int), default=(1, 2, 4, 8), help="comma-separated numbers of devices")
     p.add_argument("--duration-s", type=float, default=30.0,
                    help="per (policy, N): devices start another trace until this has passed (0: one trace each)")
     p.add_argument("--budget-ms", type=float, default=1000.0, help="p95 verify latency a pool must stay within")
