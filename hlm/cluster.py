@@ -53,8 +53,8 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
         return False
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
-    if address == LOCAL:
-        kwargs["num_cpus"] = num_cpus
+    if address == LOCAL:  # "local": a new instance even where `ray start` runs (ray.init() alone would join it)
+        kwargs |= {"address": LOCAL, "num_cpus": num_cpus}
     else:
         kwargs["address"] = address
     try:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ENV, free_port
+from conftest import ENV
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_parity.json"
 PROMPT = "Say hello."
@@ -69,25 +67,11 @@ def dashboard_run(case: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def cloud_in_process() -> Iterator[str]:
     """The verifier service (`serve-cloud`'s app) on a thread of this process; yields its URL."""
-    import uvicorn
-
-    from hlm.cloud.server import Limits, create_app
+    from hlm.cloud.server import Limits, create_app, serve_in_thread
     from hlm.models import load_pair
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(load_pair("tiny"), Limits()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the in-process cloud did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(load_pair("tiny"), Limits())) as url:
+        yield url
 
 
 def run_all() -> dict[str, Any]:

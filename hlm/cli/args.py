@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,29 @@ if TYPE_CHECKING:
 
 class UsageError(UserError):
     """Bad command-line input."""
+
+
+def comma_list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
+    """argparse type for a comma-separated list."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        bad = [str(v) for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices or ())}")
+        return values
+    return parse
+
+
+def report_outputs(figures: dict[str, Any], written: str) -> None:
+    """The end of an experiment's report: why PNG figures are missing, if they are, and what was written."""
+    if figures.get("png_error"):
+        print(f"PNG export failed ({figures['png_error']}); HTML figures written", file=sys.stderr)
+    print(f"\nwrote {written}", file=sys.stderr)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

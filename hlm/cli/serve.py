@@ -6,10 +6,15 @@ import argparse
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from hlm.cli.args import UsageError, add_model_args
 from hlm.cloud import TOKEN_ENV
 from hlm.cloud.server import MIN_TOKEN_CHARS, Limits, create_app, is_loopback
+from hlm.cluster import check_address
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -25,21 +30,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
             or limits.body_timeout_s <= 0:
         raise UsageError("--max-sessions >= 1, --idle-s > 0, --max-request-mib >= 0.001, --max-kv-mib > 0 and "
                          "--body-timeout-s > 0")
+    pooled = args.replicas is not None or args.ray is not None
+    if pooled and (args.replicas or 1) < 1 or args.replica_cpus <= 0 or args.replica_gpus < 0:
+        raise UsageError("--replicas >= 1, --replica-cpus > 0 and --replica-gpus >= 0")
     check_port_free(args.host, args.port)  # before minutes of model loading, not after
+    if pooled:
+        return serve_pool(args, limits, token)
     import torch
-    import uvicorn
 
     from hlm.models.presets import load_pair
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
-    app = create_app(pair, limits, token)
-    print(f"hlm cloud: verifier {getattr(pair.verifier, 'hlm_name', pair.name)} (pair {pair.name}) on "
-          f"http://{args.host}:{args.port}{' (bearer token required)' if token else ''}", file=sys.stderr)
+    _serve(create_app(pair, limits, token), args, f"verifier {getattr(pair.verifier, 'hlm_name', pair.name)} "
+           f"(pair {pair.name})", token)
+    return 0
+
+
+def serve_pool(args: argparse.Namespace, limits: Limits, token: str | None) -> int:
+    """The same service over `--replicas` verifier replicas that Ray places (`hlm.cloud.pool`)."""
+    from hlm import cluster
+    from hlm.cloud.pool import PoolSpec, pool_app
+
+    spec = PoolSpec(args.models, args.replicas or 1, args.replica_cpus, args.replica_gpus, args.threads,
+                    args.device, args.dtype, args.quant)
+    started = cluster.connect(args.ray or cluster.LOCAL)
+    try:
+        app, backend = pool_app(spec, limits, token)
+        _serve(app, args, f"{spec.replicas} replicas of verifier {backend.facts['model']} (pair "
+               f"{backend.facts['pair']}; {spec.cpus:g} CPU, {spec.gpus:g} GPU each, on Ray)", token)
+    finally:
+        cluster.shutdown(started)
+    return 0
+
+
+def _serve(app: FastAPI, args: argparse.Namespace, what: str, token: str | None) -> None:
+    import uvicorn
+
+    print(f"hlm cloud: {what} on http://{args.host}:{args.port}{' (bearer token required)' if token else ''}",
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 server_header=False, date_header=False)
-    return 0
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -67,6 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a request body not received whole within this is cut (408)")
     p.add_argument("--max-kv-mib", type=float, default=Limits.max_kv_bytes / (1 << 20),
                    help="cap on the estimated KV-cache memory of all sessions together")
+    pool = p.add_argument_group("a pool of verifier replicas on Ray (docs/fleet.md); without --replicas: one "
+                                "model in this process")
+    pool.add_argument("--replicas", type=int, default=None, help="verifier replicas, each its own model copy")
+    pool.add_argument("--ray", type=check_address, default=None, metavar="ADDRESS",
+                      help="local (default with --replicas: Ray on this machine, loopback only), auto or ray://HOST:PORT")
+    pool.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    pool.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     add_model_args(p)
     p.set_defaults(func=cmd_serve)

@@ -5,31 +5,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from hlm import session
-from hlm.cli.args import UsageError, add_cluster_args, add_model_args, add_run_args, open_workers, shared_values
+from hlm.cli.args import (
+    UsageError,
+    add_cluster_args,
+    add_model_args,
+    add_run_args,
+    comma_list,
+    open_workers,
+    report_outputs,
+    shared_values,
+)
 from hlm.config import ESTIMATORS, RunConfig
 from hlm.experiments.prompts import DEFAULT_PROMPTS, load_prompts
 from hlm.policies import HYBRID, with_role
-
-
-def _list(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
-    """argparse type for a comma-separated list."""
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from exc
-        if not values:
-            raise argparse.ArgumentTypeError("give at least one value")
-        bad = [str(v) for v in values if choices is not None and v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices or ())}")
-        return values
-    return parse
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
@@ -77,9 +69,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         workers.close()
     print(format_summary(result.summary))
     print("\n" + result.decisions["why"])
-    if result.figures.get("png_error"):
-        print(f"PNG export failed ({result.figures['png_error']}); HTML figures written", file=sys.stderr)
-    print(f"\nwrote {out}/results.csv, results.json, summary.csv, decisions.json and figures/", file=sys.stderr)
+    report_outputs(result.figures, f"{out}/results.csv, results.json, summary.csv, decisions.json and figures/")
     for f in result.failed:
         print(f"failed: {f['prompt_id']} {f['setting']}: {f['error']} (the prompt is left out; rerun to retry)",
               file=sys.stderr)
@@ -92,14 +82,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "chosen from it.", conflict_handler="resolve")
     add_model_args(p)
     add_run_args(p)  # sampling, --u-th and the link group; the single-valued policy flags are replaced below
-    p.add_argument("--policies", "--policy", type=_list(str, HYBRID), default=HYBRID,
+    p.add_argument("--policies", "--policy", type=comma_list(str, HYBRID), default=HYBRID,
                    help=f"comma-separated subset of {','.join(HYBRID)} ({with_role('reference')} always runs: it is "
                    "the reference)")
-    p.add_argument("--k", type=_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
-    p.add_argument("--gamma", type=_list(float), default=None, help="comma-separated gamma values (full: 0,0.5,1,2)")
-    p.add_argument("--estimators", "--estimator", type=_list(str, ESTIMATORS), default=None,
+    p.add_argument("--k", type=comma_list(int), default=None, help="comma-separated k values (full: 2,4,8,16)")
+    p.add_argument("--gamma", type=comma_list(float), default=None,
+                   help="comma-separated gamma values (full: 0,0.5,1,2)")
+    p.add_argument("--estimators", "--estimator", type=comma_list(str, ESTIMATORS), default=None,
                    help="comma-separated importance estimators")
-    p.add_argument("--seeds", "--seed", type=_list(int), default=None, help="comma-separated seeds (default 0)")
+    p.add_argument("--seeds", "--seed", type=comma_list(int), default=None, help="comma-separated seeds (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per run (full: 64, quick: 10)")
     p.add_argument("--skip-rate", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSON Lines prompt file (id, category, prompt)")

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from hlm.cloud import TOKEN_ENV
+from hlm.cloud import RESYNC_HEADER, TOKEN_ENV
 from hlm.cloud.wire import WireError, pack_request, unpack_verdict
 from hlm.config import ConfigError, LinkConfig, SamplingConfig
 from hlm.link import upload_cost
@@ -37,6 +37,12 @@ class RemoteMeter:
     """The server's energy counter, as far as the decoder's labels need it (`method`)."""
 
     method: str
+
+
+def verify_body(held: Sequence[int], context: Sequence[int], draft: int | None, payload: bytes | None) -> bytes:
+    """The body of a verify when the server's session holds `held`: the ids it lacks, the draft and its payload
+    (what a recorded trace keeps per call, `hlm.experiments.fleet`)."""
+    return pack_request(len(held), list(context[len(held):]), draft, payload)
 
 
 def _http_bytes(start_line: str, headers: httpx.Headers, body_len: int) -> int:
@@ -72,6 +78,7 @@ class HttpVerifier:
         self.session: str | None = None
         self.held: list[int] = []  # the ids the server's session holds (its verifier's `held`)
         self.failures, self.retry_at = 0, 0.0
+        self.resync: str | None = None  # why the last session was dropped mid-run: said on the next open
         self._reader: threading.Thread | None = None  # the early prefill (`open`)
         self._early_bytes = (0, 0)  # its HTTP bytes up and down, counted with the first verify
 
@@ -80,6 +87,7 @@ class HttpVerifier:
         device drafts (best effort: if that fails, the first verify opens the session and sends the prompt)."""
         self._join()
         self.sampling, self.session, self.held, self._early_bytes = sampling, None, [], (0, 0)
+        self.resync = None
         if prompt and time.monotonic() >= self.retry_at:
             self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-cloud-prefill",
                                             daemon=True)
@@ -144,31 +152,35 @@ class HttpVerifier:
         if response.status_code in (404, 409):  # session lost or out of step: start over with the full context
             if response.status_code == 409:
                 self._delete_session()
-            self.session, self.held = None, []
+            self._drop("lost" if response.status_code == 404 else "out-of-step")
             response, up, down = self._post_verify(context, draft, payload, up, down)
             if response.status_code in (404, 409):
-                self.session, self.held = None, []
+                self._drop("lost" if response.status_code == 404 else "out-of-step")
                 raise CloudUnavailable(f"cloud lost the session twice in a row ({response.status_code})")
         self._check(response)
         try:
             verdict, n_held = unpack_verdict(response.content)
         except WireError as exc:
-            self.session, self.held = None, []
+            self._drop("garbled")
             raise CloudUnavailable(f"garbled verdict from {self.url}: {exc}") from exc
         if n_held != len(context) + 1:
-            self.session, self.held = None, []
+            self._drop("out-of-step")
             raise CloudUnavailable(f"cloud session holds {n_held} ids, expected {len(context) + 1}")
         self.held = [*context, verdict.token]
         verdict.wire_bytes_up, verdict.wire_bytes_down = up, down
         verdict.energy_method = self.meter.method if self.meter and verdict.energy_j is not None else None
         return verdict
 
+    def _drop(self, reason: str) -> None:
+        """Forget a session the server lost or holds out of step; the next open says why (a resync)."""
+        self.session, self.held, self.resync = None, [], reason
+
     def _post_verify(self, context: list[int], draft: int | None, payload: bytes | None, up: int,
                      down: int) -> tuple[httpx.Response, int, int]:
         """One verify request (opening the session first if there is none) carrying the ids it lacks."""
         if self.session is None:
             up, down = self._open(up, down)
-        body = pack_request(len(self.held), context[len(self.held):], draft, payload)
+        body = verify_body(self.held, context, draft, payload)
         if self.emulate_link is not None:
             time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
         return self._send("POST", f"/v1/sessions/{self.session}/verify", up, down, content=body,
@@ -176,9 +188,11 @@ class HttpVerifier:
 
     def _open(self, up: int, down: int) -> tuple[int, int]:
         s = self.sampling
-        response, up, down = self._send("POST", "/v1/sessions", up, down,
+        resync = {RESYNC_HEADER: self.resync} if self.resync else {}
+        response, up, down = self._send("POST", "/v1/sessions", up, down, headers=resync,
                                         json={"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed})
         self._check(response)
+        self.resync = None
         try:
             info = response.json()
             session, vocab, model, method = info["session"], info["vocab_size"], info["model"], info["energy_method"]

@@ -9,7 +9,8 @@ Endpoints; all but /health need `Authorization: Bearer $HLM_CLOUD_TOKEN` when th
   DELETE /v1/sessions/{id}
 Each session is a `LocalVerifier` (its own KV cache and RNG, seeded as in process, so tokens match the
 in-process path exactly) over the one shared model. Every model call and every change to session state runs
-on a single worker thread: sessions never race, and torch is not oversubscribed on a small CPU. Errors are
+on a single worker thread: sessions never race, and torch is not oversubscribed on a small CPU. The same app
+fronts a pool of replicas on Ray (`hlm.cloud.pool`): only its `Backend` differs. Errors are
 JSON {"error": message} with a 4xx/5xx status; nothing a client sends can crash the server.
 """
 
@@ -21,15 +22,17 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from hlm.cloud import RESYNC_HEADER, RESYNC_REASONS
 from hlm.config import ConfigError, SamplingConfig
 
 if TYPE_CHECKING:
@@ -54,6 +57,9 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # a replica (`hlm.cloud.pool`) raises it to the ingress
+        return type(self), (self.status, self.message)
 
 
 @dataclass
@@ -90,16 +96,36 @@ class SessionStore:
         self.kv_per_token = kv_bytes_per_token(pair.verifier)
         self.sessions: dict[str, Session] = {}
         self.counts: Counter[str] = Counter()
+        self.busy_s = 0.0  # time in model calls: what a replica's busy fraction is made of
 
     @property
     def kv_tokens(self) -> int:
         return sum(len(s.verifier.held) for s in self.sessions.values())
 
-    def expire(self) -> None:
+    def expire(self) -> list[str]:
+        """Drop the sessions idle longer than the limit; returns their ids (a pool forgets their routes)."""
         cutoff = time.monotonic() - self.limits.idle_s
-        for sid in [sid for sid, s in self.sessions.items() if s.last_used < cutoff]:
+        gone = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
+        for sid in gone:
             del self.sessions[sid]
             self.counts["expired"] += 1
+        return gone
+
+    def facts(self) -> dict[str, Any]:
+        """What a client learns about the model when it opens a session (and /health shows)."""
+        return {"model": getattr(self.pair.verifier, "hlm_name", self.pair.name), "pair": self.pair.name,
+                "vocab_size": self.pair.vocab_size, "max_context": self.pair.max_context,
+                "energy_method": self.meter.method if self.meter else None}
+
+    def usage(self) -> dict[str, Any]:
+        """This store's part of /metrics: its sessions, its KV cache and its model work."""
+        return {"sessions": {"active": len(self.sessions), "max": self.limits.max_sessions,
+                             "idle_expiry_s": self.limits.idle_s,
+                             **{k: self.counts[k] for k in ("opened", "closed", "expired")}},
+                "kv_cache": {"tokens": self.kv_tokens, "bytes_estimate": self.kv_tokens * self.kv_per_token,
+                             "cap_bytes": self.limits.max_kv_bytes},
+                "work": {"sessions": len(self.sessions), "calls": self.counts["calls"],
+                         "busy_s": round(self.busy_s, 4)}}
 
     def open(self, sampling: SamplingConfig) -> str:
         from hlm.verifier import LocalVerifier
@@ -158,11 +184,15 @@ class SessionStore:
     def _step(self, sid: str, call: Callable[..., Any], *args: Any) -> Any:
         """One model call of session `sid`. A failure may leave its cache half-updated, so the session goes
         (the client re-opens on 404)."""
+        t0 = time.perf_counter()
         try:
             result = call(*args)
         except Exception:
             del self.sessions[sid]
             raise
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.counts["calls"] += 1
         self.sessions[sid].last_used = time.monotonic()
         return result
 
@@ -200,19 +230,15 @@ class Metrics:
         self.latency_s.append(latency_s)
         self.compute_s.append(verdict.compute_s)
 
-    def snapshot(self, store: SessionStore) -> dict[str, Any]:
+    def snapshot(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """/metrics: this front's counters beside the backend's `usage` (sessions, KV cache, replicas)."""
         c = self.counts
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
-            **{k: c[k] for k in ("uploads", "accepts", "resamples", "samples")},
+            **{k: c[k] for k in ("uploads", "accepts", "resamples", "samples", "resyncs")},
             "bytes_in": c["bytes_in"], "bytes_out": c["bytes_out"], "bytes_counted": "HTTP bodies",
             "latency_ms": _percentiles(self.latency_s), "compute_ms": _percentiles(self.compute_s),
-            "responses": dict(self.status),
-            "sessions": {"active": len(store.sessions), "max": store.limits.max_sessions,
-                         "idle_expiry_s": store.limits.idle_s,
-                         **{k: store.counts[k] for k in ("opened", "closed", "expired")}},
-            "kv_cache": {"tokens": store.kv_tokens, "bytes_estimate": store.kv_tokens * store.kv_per_token,
-                         "cap_bytes": store.limits.max_kv_bytes},
+            "responses": dict(self.status), **usage,
         }
 
 
@@ -261,18 +287,78 @@ def check_bearer(authorization: str, token: str | None) -> None:
         raise HttpError(401, "missing or wrong bearer token")
 
 
-class CloudService:
-    """What each endpoint does. Every `SessionStore` call runs on the one worker thread (`run`), so sessions
-    never race and torch is not oversubscribed; `Metrics` is touched only on the event loop."""
+class Backend(Protocol):
+    """Where sessions live and model calls run: one store in this process (`LocalBackend`) or a pool of replicas
+    (`hlm.cloud.pool.PoolBackend`). Raises `HttpError` for what a client did wrong or must retry."""
+
+    facts: dict[str, Any]  # `SessionStore.facts` of the model(s) behind it
+    replicas: int
+
+    async def open(self, sampling: SamplingConfig) -> str: ...
+    async def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]: ...
+    async def prefill(self, sid: str, body: bytes) -> int: ...
+    async def close(self, sid: str) -> None: ...
+    async def expire(self) -> None: ...
+    async def usage(self) -> dict[str, Any]: ...
+    def active(self) -> int: ...
+    def shutdown(self) -> None: ...
+
+
+def replica_entry(index: int, work: dict[str, Any], uptime_s: float, node: str) -> dict[str, Any]:
+    """One replica's row of /metrics' `replicas`: its sessions, calls and busy seconds, and where it runs."""
+    return {"replica": index, "node": node, "pid": os.getpid(), "uptime_s": round(uptime_s, 1), **work,
+            "busy_fraction": round(work["busy_s"] / uptime_s, 4) if uptime_s > 0 else None}
+
+
+class LocalBackend:
+    """Today's serve-cloud: one `SessionStore` whose every call runs on one worker thread, so sessions never race
+    and torch is not oversubscribed."""
+
+    replicas = 1
 
     def __init__(self, pair: "ModelPair", limits: Limits) -> None:
-        self.pair, self.limits = pair, limits
-        self.store, self.metrics = SessionStore(pair, limits), Metrics()
+        self.store = SessionStore(pair, limits)
+        self.facts = self.store.facts()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
-        self.model = getattr(pair.verifier, "hlm_name", pair.name)
+        self.started = time.monotonic()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def open(self, sampling: SamplingConfig) -> str:
+        return await self.run(self.store.open, sampling)
+
+    async def verify(self, sid: str, body: bytes) -> tuple[bytes, "Verdict"]:
+        return await self.run(self.store.verify, sid, body)
+
+    async def prefill(self, sid: str, body: bytes) -> int:
+        return await self.run(self.store.prefill, sid, body)
+
+    async def close(self, sid: str) -> None:
+        await self.run(self.store.close, sid)
+
+    async def expire(self) -> None:
+        await self.run(self.store.expire)
+
+    async def usage(self) -> dict[str, Any]:
+        usage = self.store.usage()
+        work = usage.pop("work")
+        return {**usage, "replicas": [replica_entry(0, work, time.monotonic() - self.started, "this process")]}
+
+    def active(self) -> int:
+        return len(self.store.sessions)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+class CloudService:
+    """What each endpoint does, over a `Backend` (where the sessions live); `Metrics` is touched only on the event
+    loop."""
+
+    def __init__(self, backend: Backend, limits: Limits) -> None:
+        self.backend, self.limits = backend, limits
+        self.metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: "FastAPI") -> AsyncIterator[None]:
@@ -280,12 +366,13 @@ class CloudService:
         task = asyncio.create_task(self._sweep())
         yield
         task.cancel()
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.backend.shutdown()
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(min(self.limits.idle_s / 4, 10.0))
-            await self.run(self.store.expire)
+            with contextlib.suppress(HttpError):
+                await self.backend.expire()
 
     async def _read(self, request: "Request", cap: int) -> bytes:
         body = await read_body(request, cap, self.limits.body_timeout_s)
@@ -293,34 +380,41 @@ class CloudService:
         return body
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model, "pair": self.pair.name, "vocab_size": self.pair.vocab_size,
-                "sessions": len(self.store.sessions)}
+        f = self.backend.facts
+        return {"status": "ok", "model": f["model"], "pair": f["pair"], "vocab_size": f["vocab_size"],
+                "sessions": self.backend.active(), "replicas": self.backend.replicas}
+
+    async def snapshot(self) -> dict[str, Any]:
+        return self.metrics.snapshot(await self.backend.usage())
 
     async def open_session(self, request: "Request") -> dict[str, Any]:
-        sid = await self.run(self.store.open, parse_open(await self._read(request, CONTROL_BYTES)))
+        """A new session. A client that lost its session says so (`RESYNC_HEADER`): /metrics counts resyncs."""
+        sid = await self.backend.open(parse_open(await self._read(request, CONTROL_BYTES)))
+        if request.headers.get(RESYNC_HEADER) in RESYNC_REASONS:
+            self.metrics.counts["resyncs"] += 1
         self.metrics.status["200"] += 1
-        answer = {"session": sid, "vocab_size": self.pair.vocab_size, "max_context": self.pair.max_context,
-                  "model": self.model, "energy_method": self.store.meter.method if self.store.meter else None}
+        f = self.backend.facts
+        answer = {"session": sid, **{k: f[k] for k in ("vocab_size", "max_context", "model", "energy_method")}}
         self.metrics.counts["bytes_out"] += len(json.dumps(answer, separators=(",", ":")))
         return answer
 
     async def verify(self, sid: str, request: "Request") -> bytes:
-        """The binary verdict; its latency counts from the request's arrival to the verdict."""
+        """The binary verdict; its latency counts from the request's arrival to the verdict (queueing included)."""
         t0 = time.perf_counter()
         body = await self._read(request, self.limits.max_request_bytes)
-        out, verdict = await self.run(self.store.verify, sid, body)
+        out, verdict = await self.backend.verify(sid, body)
         self.metrics.record(verdict, time.perf_counter() - t0)
         self.metrics.counts["bytes_out"] += len(out)
         self.metrics.status["200"] += 1
         return out
 
     async def prefill(self, sid: str, request: "Request") -> dict[str, int]:
-        held = await self.run(self.store.prefill, sid, await self._read(request, self.limits.max_request_bytes))
+        held = await self.backend.prefill(sid, await self._read(request, self.limits.max_request_bytes))
         self.metrics.status["200"] += 1
         return {"held": held}
 
     async def close(self, sid: str) -> dict[str, bool]:
-        await self.run(self.store.close, sid)
+        await self.backend.close(sid)
         self.metrics.status["200"] += 1
         return {"closed": True}
 
@@ -333,9 +427,13 @@ class CloudService:
 
 def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "FastAPI":
     """The service's FastAPI app: JSON errors, /health open, every other route behind the bearer token."""
+    return build_app(CloudService(LocalBackend(pair, limits), limits), token)
+
+
+def build_app(service: CloudService, token: str | None = None) -> "FastAPI":
+    """The FastAPI app over `service`, whatever its backend: the same routes, auth, limits and errors."""
     from fastapi import FastAPI
 
-    service = CloudService(pair, limits)
     app = FastAPI(title="hlm cloud verifier", lifespan=service.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     _add_error_handlers(app, service)
@@ -379,7 +477,7 @@ def _add_routes(app: "FastAPI", service: CloudService, token: str | None) -> Non
 
     @api.get("/metrics")
     async def get_metrics() -> dict[str, Any]:
-        return service.metrics.snapshot(service.store)
+        return await service.snapshot()
 
     @api.post("/v1/sessions")
     async def open_session(request: Request) -> dict[str, Any]:
@@ -407,3 +505,27 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: "FastAPI", host: str = "127.0.0.1", port: int = 0,
+                    timeout_s: float = 120.0) -> Iterator[str]:
+    """`app` on uvicorn on a thread of this process (tests, `fleet` without --cloud); yields its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True, name="hlm-cloud")
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the in-process cloud did not start")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
