@@ -196,10 +196,8 @@ class Runner:
     def run(self, jobs: Sequence[Job]) -> list[tuple[Job, dict]]:
         """Records in job order, failed jobs left out. The bar advances only for new runs (cached ones were counted
         up front)."""
-        records = {}
-        for i, job in enumerate(jobs):
-            if self.path(job).is_file():
-                records[i] = json.loads(self.path(job).read_text(encoding="utf-8"))
+        paths = [self.path(job) for job in jobs]
+        records = {i: json.loads(path.read_text(encoding="utf-8")) for i, path in enumerate(paths) if path.is_file()}
         todo = [(i, job) for i, job in enumerate(jobs) if i not in records]
         for outcome in self.workers.map(run_job, todo, self.bar):
             i, job = outcome.item
@@ -209,7 +207,7 @@ class Runner:
                            file=sys.stderr)
                 continue
             records[i] = {"identity": job.identity(self.models), **outcome.result}
-            write_atomic(self.path(job), records[i])
+            write_atomic(paths[i], records[i])
             if self.after_run is not None:
                 self.after_run(job, records[i])
         return [(job, records[i]) for i, job in enumerate(jobs) if i in records]

@@ -57,14 +57,15 @@ def cached_runs(workers: Workers, runs_dir: Path, jobs: Sequence[tuple[dict[str,
                                         sort_keys=True).encode()).hexdigest()
         return runs_dir / f"{prompt['id']}-{key[:12]}.json"
 
-    todo = [job for job in jobs if not path(job).is_file()]
+    paths = [path(job) for job in jobs]
+    todo = [job for p, job in zip(paths, jobs, strict=True) if not p.is_file()]
     with tqdm(total=len(todo), desc=desc, unit="run", disable=not progress or not todo, file=sys.stderr) as bar:
         for outcome in workers.map(decoded_run, todo, bar):
             if outcome.error is None:
                 path(outcome.item).write_text(json.dumps(outcome.result), encoding="utf-8")
             else:
                 tqdm.write(f"[study] {outcome.item[0]['id']} failed: {outcome.error}", file=sys.stderr)
-    return [json.loads(path(job).read_text(encoding="utf-8")) if path(job).is_file() else None for job in jobs]
+    return [json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None for p in paths]
 
 
 def _seeded(config: RunConfig, seed: int) -> RunConfig:
