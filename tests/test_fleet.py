@@ -143,8 +143,10 @@ def test_fleet_replays_every_upload(tiny, pool, tmp_path, monkeypatch, capsys):
         assert int(r["traces"]) == n  # duration 0: one trace per device
         if int(r["calls"]):
             assert float(r["p50_ms"]) <= float(r["p95_ms"]) <= float(r["p99_ms"])
+            assert float(r["cloud_ms_per_token"]) > 0  # the replicas' busy time over the tokens replayed
     assert data["meta"]["traces"] == dict.fromkeys(["ours", "uhlm", "hlm", "random"], 2)
     assert {c["policy"] for c in data["capacity"]} == set(data["meta"]["traces"])
+    assert all(c["tokens_per_replica_s"] > 0 for c in data["capacity"])
     assert (out / "figures" / "fleet_p95.html").is_file()
     assert "devices within p95" in capsys.readouterr().out
     assert cli_main(args) == 0  # the traces come from the cache the second time

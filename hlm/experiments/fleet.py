@@ -234,6 +234,7 @@ class Cell:
     errors: dict[str, int] = field(default_factory=dict)
     traces: int = 0
     uploads: int = 0  # of the traces replayed
+    tokens: int = 0  # of the traces replayed
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -298,6 +299,7 @@ async def device(client: httpx.AsyncClient, traces: Sequence[Trace], first: int,
         i += 1
         await replay(client, trace, pace, cell)
         tokens, cell.traces, cell.uploads = tokens + trace.tokens, cell.traces + 1, cell.uploads + trace.uploads
+        cell.tokens += trace.tokens
         if time.perf_counter() >= deadline:
             break
     cell.device_tokens_per_s.append(tokens / (time.perf_counter() - t0))
@@ -337,7 +339,7 @@ def cell_row(trace: Trace, n: int, cell: Cell, wall_s: float, busy: dict[int, fl
     pct = {f"p{q}_ms": float(np.percentile(ms, q)) if len(ms) else None for q in PERCENTILES}
     errors = sum(cell.errors.values())
     return {"policy": trace.policy, "label": trace.label, "devices": n, "replicas": len(busy), "traces": cell.traces,
-            "uploads": cell.uploads, "calls": len(ms), "errors": errors,
+            "uploads": cell.uploads, "tokens": cell.tokens, "calls": len(ms), "errors": errors,
             "error_kinds": ";".join(f"{k}:{v}" for k, v in sorted(cell.errors.items())), "wall_s": wall_s,
             "calls_per_s": len(ms) / wall_s if wall_s else None, **pct,
             "mean_ms": float(ms.mean()) if len(ms) else None,
@@ -345,11 +347,16 @@ def cell_row(trace: Trace, n: int, cell: Cell, wall_s: float, busy: dict[int, fl
             "busy_fraction_mean": float(np.mean(list(busy.values()))) if busy else None,
             "busy_fraction_max": max(busy.values(), default=None),
             "busy_by_replica": ";".join(f"{i}:{b:.3f}" for i, b in busy.items()),
+            "busy_s": sum(busy.values()) * wall_s,
+            # the cloud's cost of a device token: what a replica's time buys, whatever pace the devices keep
+            "cloud_ms_per_token": 1000 * sum(busy.values()) * wall_s / cell.tokens if busy and cell.tokens else None,
             "within_budget": bool(errors == 0 and pct["p95_ms"] is not None and pct["p95_ms"] <= budget_ms)}
 
 
 def capacity(rows: Sequence[dict[str, Any]], budget_ms: float) -> list[dict[str, Any]]:
-    """Per policy: the largest N whose p95 stayed within the budget with no refused call, and per replica."""
+    """Per policy: the largest N whose p95 stayed within the budget with no refused call, and per replica; and the
+    device tokens one replica-second of model work serves (over all its cells). The two differ when the policies'
+    devices keep different paces: a device that waits for every verdict (hlm) slows itself and loads the pool less."""
     out = []
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
@@ -358,6 +365,8 @@ def capacity(rows: Sequence[dict[str, Any]], budget_ms: float) -> list[dict[str,
         replicas = max(r["replicas"] for r in mine) or 1
         out.append({"policy": policy, "label": mine[0]["label"], "budget_ms": budget_ms, "max_devices": best,
                     "max_devices_per_replica": best / replicas, "tested": [r["devices"] for r in mine],
+                    "tokens_per_replica_s": sum(r["tokens"] for r in mine) / busy_s
+                    if (busy_s := sum(r["busy_s"] for r in mine)) else None,
                     "bounded": best < max(r["devices"] for r in mine)})
     return out
 
@@ -431,14 +440,15 @@ def format_rows(rows: Sequence[dict[str, Any]], caps: Sequence[dict[str, Any]]) 
         return "-" if v is None else f"{v:.{digits}f}"
 
     head = (f"{'policy':<22} {'N':>4} {'calls/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'busy':>6} "
-            f"{'tok/s':>7} err")
+            f"{'tok/s':>7} {'cloud ms/tok':>12} err")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['label']:<22} {r['devices']:>4} {num(r['calls_per_s'], 2):>8} {num(r['p50_ms']):>8} "
                      f"{num(r['p95_ms']):>8} {num(r['p99_ms']):>8} {num(r['busy_fraction_max'], 2):>6} "
-                     f"{num(r['device_tokens_per_s'], 1):>7} {r['errors']}")
+                     f"{num(r['device_tokens_per_s'], 1):>7} {num(r['cloud_ms_per_token']):>12} {r['errors']}")
     for c in caps:
         more = "" if c["bounded"] else " (or more: the largest N tested was within budget)"
         lines.append(f"{c['label']}: {c['max_devices']} devices within p95 <= {c['budget_ms']:g} ms "
-                     f"({c['max_devices_per_replica']:g} per replica){more}")
+                     f"({c['max_devices_per_replica']:g} per replica){more}; one replica-second of model work "
+                     f"serves {num(c['tokens_per_replica_s'], 1)} device tokens")
     return "\n".join(lines)
