@@ -286,6 +286,7 @@ class Generation:
         self.policy = POLICIES[pol.name]
         est = self.estimator = ESTIMATORS[pol.estimator] if self.policy.uses_estimator else None
         self.passes, self.attention = (est.passes, est.attention) if est else (0, False)
+        self.wants_hidden = bool(est and est.hidden)
         self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
         cfg = pair.draft.config
@@ -296,11 +297,12 @@ class Generation:
         self.pending: list[Draft] = []
         self.logits = torch.empty(0)  # the SLM's logits for the next draft (`prefill` sets them)
         self.attn: Attentions | None = None  # attention weights of the pass that produced `logits`
+        self.hidden: torch.Tensor | None = None  # the final hidden state of that pass, where the estimator reads it
         self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
 
     def prefill(self, progress: prefix.Progress | None) -> None:
         """The SLM reads the prompt (in chunks, `hlm.prefix`): the first draft's logits."""
-        self.logits = self.drafter.prefill(self.context, progress)
+        self.logits, self.attn, self.hidden = self.drafter.prefill(self.context, progress, self.wants_hidden)
 
     @property
     def ready(self) -> bool:
@@ -331,7 +333,7 @@ class Generation:
         est, pol = self.estimator, self.config.policy
         d.stats = draft_stats(self.logits, d.token, unc, self.valid, self.embeddings,
                               prev_attention(self.attn, self.heads) if self.attn else None, self.p_prev,
-                              d.position - self.prompt_len)
+                              d.position - self.prompt_len, self.hidden)
         if not est.passes:
             d.score = est.score(d.stats, self.selection)
             d.threshold = self.selection.scale(est.name).threshold(pol.k, pol.gamma)
@@ -341,7 +343,7 @@ class Generation:
         pass completes gets its importance."""
         pol = self.config.policy
         self.p_prev = d.stats.p_draft
-        self.logits, self.attn = self.drafter.forward([d.token], attention=True)
+        self.logits, self.attn, self.hidden = self.drafter.forward([d.token], attention=True, hidden=self.wants_hidden)
         row = attention_row(self.attn, pol.last_layers)
         for q in self.pending:
             q.passes += 1
@@ -361,7 +363,7 @@ class Generation:
         if resampled or not self.passes:
             if d.stats is not None:
                 self.p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, self.valid)
-            self.logits, self.attn = self.drafter.forward([token], attention=self.attention)
+            self.logits, self.attn, self.hidden = self.drafter.forward([token], self.attention, self.wants_hidden)
 
 
 def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
 
 if TYPE_CHECKING:
     from hlm.config import PolicyConfig
@@ -31,11 +33,6 @@ if TYPE_CHECKING:
 
 WINDOW = 32  # k counts uploads per this many drafts
 RAUQ_ALPHA = 0.2  # RAUQ's weight of the token's own probability in its recurrent confidence
-# Horizon: a draft that the cloud would change costs everything after it, but only while the answer is still
-# the LLM's; that chance decays about geometrically with the position. So the `*-horizon` estimators weigh a
-# score by FLOOR + (1 - FLOOR) exp(-index / TOKENS): early drafts count most; the floor keeps later uploads going.
-HORIZON_TOKENS = 32.0
-HORIZON_FLOOR = 0.2
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,9 @@ class DraftStats:
     prev_attention: attention that the query producing z puts on its previous token, averaged over the pair's
     selected heads (RAUQ: such heads lose focus where outputs go wrong); None when z came from the prompt's prefill;
     p_prev: the SLM's probability (temperature 1) of the previous token, None for the first;
-    index: the draft's position in the answer (0 = the first new token).
+    index: the draft's position in the answer (0 = the first new token);
+    hidden: the drafter's final hidden state at the query that produced z (what its lm-head read), a float vector;
+    present only for the estimators that read it (`Estimator.hidden`), None otherwise.
     """
 
     u: float
@@ -64,10 +63,21 @@ class DraftStats:
     prev_attention: float | None = None
     p_prev: float | None = None
     index: int = 0
+    hidden: Any = None
 
 
-def horizon(index: int) -> float:
-    return HORIZON_FLOOR + (1.0 - HORIZON_FLOOR) * math.exp(-index / HORIZON_TOKENS)
+@dataclass(frozen=True)
+class Horizon:
+    """A draft that the cloud would change costs everything after it, but only while the answer is still the LLM's;
+    that chance decays about geometrically with the position. So the `*-horizon` estimators weigh a score by
+    floor + (1 - floor) exp(-index / tokens): early drafts count most; the floor keeps later uploads going. Chosen
+    per pair on the tuning prompts (`python -m hlm study --fit`); these defaults are the first, hand-set ones."""
+
+    tokens: float = 32.0
+    floor: float = 0.2
+
+    def __call__(self, index: int) -> float:
+        return self.floor + (1.0 - self.floor) * math.exp(-index / self.tokens)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,51 @@ class Probe:
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
+@dataclass(frozen=True, eq=False)
+class Judge:
+    """A small learned model of "the cloud would change this draft" on the drafter's own hidden state and the scalar
+    features: standardised inputs (scalars, then the hidden vector), ReLU layers, a sigmoid out (sklearn's MLP layout;
+    a logistic judge is one layer). Its weights ship per pair as safetensors beside the calibration: no pickle."""
+
+    features: tuple[str, ...]  # the scalar `DraftStats` features, before the hidden vector
+    mean: np.ndarray  # (inputs,) imputes a missing scalar and centres every input
+    scale: np.ndarray  # (inputs,)
+    weights: tuple[np.ndarray, ...]  # (inputs, width), ..., (width, 1)
+    biases: tuple[np.ndarray, ...]
+    note: str = ""
+
+    def __call__(self, stats: DraftStats) -> float:
+        n = len(self.features)
+        x = np.empty(self.mean.shape[0], dtype=np.float32)
+        x[:n] = [self.mean[j] if (v := feature(stats, f)) is None else v for j, f in enumerate(self.features)]
+        x[n:] = np.asarray(stats.hidden, dtype=np.float32).reshape(-1)
+        x = (x - self.mean) / self.scale
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = x @ w + b
+            if j < len(self.weights) - 1:
+                x = np.maximum(x, 0.0)
+        return float(1.0 / (1.0 + np.exp(-np.clip(x[0], -60.0, 60.0))))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"mean": self.mean, "scale": self.scale}
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            tensors[f"weight.{j}"], tensors[f"bias.{j}"] = w, b
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path),
+                  metadata={"features": json.dumps(self.features), "note": self.note})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Judge:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        layers = range(sum(k.startswith("weight.") for k in t))
+        return cls(tuple(json.loads(meta["features"])), t["mean"], t["scale"],
+                   tuple(t[f"weight.{j}"] for j in layers), tuple(t[f"bias.{j}"] for j in layers), meta.get("note", ""))
+
+
 @dataclass(frozen=True)
 class SelectionCalibration:
     """Per model pair, fitted by `python -m hlm study --fit` on the tuning prompts only and shipped with the preset:
@@ -114,6 +169,8 @@ class SelectionCalibration:
     scales: dict[str, ScoreScale] = field(default_factory=dict)
     note: str = ""
     tuned_on: tuple[str, ...] = ()  # `prompt_key` of every prompt it was fitted on: reports must use others
+    horizon: Horizon = Horizon()
+    judge: Judge | None = None  # saved beside the JSON (`judge_path`)
 
     def leaked(self, prompts: list[str]) -> list[str]:
         """The prompts among these that the calibration was fitted on."""
@@ -124,17 +181,28 @@ class SelectionCalibration:
         return self.scales.get(estimator, UNIFORM)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+        data = asdict(replace(self, judge=None))
+        del data["judge"]
+        Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        if self.judge is not None:
+            self.judge.save(judge_path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> SelectionCalibration:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         probe = data.get("probe")
+        judge = Judge.load(judge_path(path)) if judge_path(path).is_file() else None
         return cls(heads=tuple(tuple(h) for h in data.get("heads", ())),  # type: ignore[misc]
                    probe=Probe(**{k: tuple(v) if isinstance(v, list) else v for k, v in probe.items()})
                    if probe else None,
                    scales={k: ScoreScale(tuple(v["quantiles"]), v["std"]) for k, v in data.get("scales", {}).items()},
-                   note=data.get("note", ""), tuned_on=tuple(data.get("tuned_on", ())))
+                   note=data.get("note", ""), tuned_on=tuple(data.get("tuned_on", ())),
+                   horizon=Horizon(**data.get("horizon", {})), judge=judge)
+
+
+def judge_path(calibration: str | Path) -> Path:
+    """The judge's weights beside its calibration: selection-X.json -> selection-X.judge.safetensors."""
+    return Path(calibration).with_suffix(".judge.safetensors")
 
 
 def prompt_key(prompt: str) -> str:
@@ -167,6 +235,7 @@ class Estimator:
     knobs: ClassVar[str] = "k: about k uploads per 32 drafts; gamma: raises the bar by gamma std of the score"
     passes: ClassVar[int] = 0
     attention: ClassVar[bool] = False
+    hidden: ClassVar[bool] = False  # the drafting pass must return the final hidden state (`DraftStats.hidden`)
     uses_u_th: ClassVar[bool] = False
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
@@ -218,7 +287,26 @@ class ProbeHorizon(ProbeEstimator):
                   "still depends on it (early drafts first)"
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
-        return super().score(stats, cal) * horizon(stats.index)
+        return super().score(stats, cal) * cal.horizon(stats.index)
+
+
+class JudgeEstimator(Estimator):
+    name = "judge"
+    description = "a small learned judge of 'the cloud would change this draft' on the drafter's hidden state and " \
+                  "confidence, fitted per pair"
+    hidden = True
+
+    def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
+        return cal.judge(stats) if cal.judge else stats.ubar  # an unfitted pair falls back to ubar
+
+
+class JudgeHorizon(JudgeEstimator):
+    name = "judge-horizon"
+    description = "the judge's chance that the cloud would change the draft, weighted by how much of the answer " \
+                  "still depends on it (early drafts first)"
+
+    def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
+        return super().score(stats, cal) * cal.horizon(stats.index)
 
 
 class UBarHorizon(UBar):
@@ -226,7 +314,7 @@ class UBarHorizon(UBar):
     description = "uncertainty alone (ubar), weighted by how much of the answer still depends on the draft"
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
-        return stats.ubar * horizon(stats.index)
+        return stats.ubar * cal.horizon(stats.index)
 
 
 class PaperRow(Estimator):
@@ -256,6 +344,7 @@ class PaperSelf(PaperRow):
     passes = 1
 
 
-REGISTRY: dict[str, Estimator] = {e.name: e for e in (ProbeHorizon(), ProbeEstimator(), UBarHorizon(), UBar(),
-                                                      Semantic(), Rauq(), PaperLookahead(), PaperSelf())}
+REGISTRY: dict[str, Estimator] = {e.name: e for e in (ProbeHorizon(), ProbeEstimator(), JudgeHorizon(),
+                                                      JudgeEstimator(), UBarHorizon(), UBar(), Semantic(), Rauq(),
+                                                      PaperLookahead(), PaperSelf())}
 NAMES: tuple[str, ...] = tuple(REGISTRY)

@@ -81,14 +81,16 @@ def _watched(model: PreTrainedModel) -> None:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...],
-            progress: Progress | None = None) -> tuple[DynamicCache, torch.Tensor]:
-    """A cache over `ids` and the logits of the next position (raises `Cancelled` inside a set `stopping`)."""
+def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], progress: Progress | None = None,
+            hidden: bool = False) -> tuple[DynamicCache, torch.Tensor, torch.Tensor | None]:
+    """A cache over `ids`, the logits of the next position and, if asked, the final hidden state there (raises
+    `Cancelled` inside a set `stopping`)."""
     cache, held = start(model, ids, head)
     _watched(model)
-    for i in range(held, len(ids), CHUNK):
-        out = model(input_ids=torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache,
-                    use_cache=True, logits_to_keep=1)
+    starts = range(held, len(ids), CHUNK)
+    for i in starts:
+        out = model(input_ids=torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache, use_cache=True,
+                    logits_to_keep=1, output_hidden_states=hidden and i == starts[-1])
         if progress is not None:
             progress(min(i + CHUNK, len(ids)), len(ids))
-    return cache, out.logits[0, -1]
+    return cache, out.logits[0, -1], out.hidden_states[-1][0, -1] if hidden else None

@@ -126,7 +126,7 @@ class LocalVerifier:
     def _sync(self, context: list[int]) -> None:
         """Read the ids of `context` the KV cache lacks (the last verdict token among them) in one pass."""
         if not self._cached:  # the prompt: in chunks (`hlm.prefix`)
-            self.cache, self.last_logits = prefix.prefill(self.model, context, self.head)
+            self.cache, self.last_logits, _ = prefix.prefill(self.model, context, self.head)
         elif len(context) > self._cached:
             ids = torch.tensor([context[self._cached:]], device=self.device)
             out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)

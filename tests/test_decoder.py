@@ -137,8 +137,8 @@ def test_drafter_rollback_matches_recompute(tiny):
     d.forward([66], attention=True)
     d.rollback(2)
     assert d.length == len(ids)
-    cached, _ = d.forward([67])
-    fresh = Drafter(tiny.draft).prefill(ids + [67])
+    cached = d.forward([67]).logits
+    fresh = Drafter(tiny.draft).prefill(ids + [67]).logits
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
@@ -151,12 +151,12 @@ def test_template_head_is_prefilled_once_and_changes_no_token(tiny, monkeypatch)
     prefix._HEADS.clear()
     calls = []
     monkeypatch.setattr(tiny.draft, "forward", lambda *a, _f=tiny.draft.forward, **k: calls.append(1) or _f(*a, **k))
-    cold = Drafter(tiny.draft, head=head).prefill(ids)
+    cold = Drafter(tiny.draft, head=head).prefill(ids).logits
     warm_drafter = Drafter(tiny.draft, head=head)
-    warm = warm_drafter.prefill(ids)
+    warm = warm_drafter.prefill(ids).logits
     assert len(calls) == 3  # the head once, then the rest of the prompt per run
     assert torch.equal(cold, warm) and warm_drafter.length == len(ids)
-    torch.testing.assert_close(warm, Drafter(tiny.draft).prefill(ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(warm, Drafter(tiny.draft).prefill(ids).logits, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     dec = HybridDecoder(tiny)
     runs = [[e.token_id for e in dec.generate(PROMPT, cfg("hlm", n=12, seed=5))] for _ in range(2)]
@@ -169,25 +169,27 @@ class CheckingDrafter(Drafter):
 
     checks = 0
 
-    def prefill(self, ids, progress=None):
-        logits = super().prefill(ids, progress)
+    def prefill(self, ids, progress=None, hidden=False):
+        out = super().prefill(ids, progress, hidden)
         self.shadow = list(ids)
-        self._check(logits)
-        return logits
+        self._check(out)
+        return out
 
-    def _check(self, logits):
+    def _check(self, out):
         with torch.no_grad():
-            fresh = self.model(torch.tensor([self.shadow])).logits[0, -1]
-        torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
+            fresh = self.model(torch.tensor([self.shadow]), output_hidden_states=True)
+        torch.testing.assert_close(out.logits, fresh.logits[0, -1], rtol=1e-4, atol=1e-4)
+        if out.hidden is not None:  # the judge's input is the state the lm-head read, cache or not
+            torch.testing.assert_close(out.hidden, fresh.hidden_states[-1][0, -1], rtol=1e-4, atol=1e-4)
         CheckingDrafter.checks += 1
 
-    def forward(self, ids, attention=False):
+    def forward(self, ids, attention=False, hidden=False):
         if not hasattr(self, "shadow"):
-            return super().forward(ids, attention)
-        logits, row = super().forward(ids, attention)
+            return super().forward(ids, attention, hidden)
+        out = super().forward(ids, attention, hidden)
         self.shadow += ids
-        self._check(logits)
-        return logits, row
+        self._check(out)
+        return out
 
     def rollback(self, n):
         super().rollback(n)
@@ -275,12 +277,13 @@ def test_chunked_prefill_equals_one_pass_and_reports_progress(tiny, monkeypatch)
     from hlm import prefix
 
     ids = tiny.encode_prompt("a longer prompt, read in chunks of three tokens", 8)
-    whole = Drafter(tiny.draft).prefill(ids)
+    whole = Drafter(tiny.draft).prefill(ids, hidden=True)
     monkeypatch.setattr(prefix, "CHUNK", 3)
     seen = []
     chunked = Drafter(tiny.draft)
-    logits = chunked.prefill(ids, progress=lambda done, total: seen.append((done, total)))
-    torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+    out = chunked.prefill(ids, progress=lambda done, total: seen.append((done, total)), hidden=True)
+    torch.testing.assert_close(out.logits, whole.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.hidden, whole.hidden, rtol=1e-5, atol=1e-5)
     assert chunked.length == len(ids)
     assert seen[-1] == (len(ids), len(ids)) and len(seen) == -(-len(ids) // 3)
 

@@ -14,6 +14,7 @@ from hlm.estimators import (
     UNIFORM,
     WINDOW,
     DraftStats,
+    Judge,
     Probe,
     ScoreScale,
     SelectionCalibration,
@@ -120,6 +121,46 @@ def test_probe_matches_a_logistic_model_and_round_trips(tmp_path):
     cal.save(tmp_path / "c.json")
     assert SelectionCalibration.load(tmp_path / "c.json") == cal
     assert cal.leaked(["a", "b"]) == ["a"]
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_judge_matches_its_sklearn_model_and_round_trips_without_pickle(tmp_path, kind):
+    """The judge scores a draft exactly as the sklearn model it was fitted as (standardised scalars + hidden state),
+    imputes a missing scalar by its mean, and ships as safetensors beside the calibration."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    features, width = ("ubar", "one_minus_p", "p_prev"), 8
+    x = rng.normal(size=(400, len(features) + width)).astype(np.float32)
+    y = (x[:, 0] + x[:, 4] - x[:, 7] > 0).astype(int)
+    mean, scale = x.mean(0), x.std(0)
+    z = (x - mean) / scale
+    if kind == "logistic":
+        model = LogisticRegression().fit(z, y)
+        weights, biases = (model.coef_.T,), (model.intercept_,)
+    else:
+        model = MLPClassifier((5,), max_iter=500, random_state=0).fit(z, y)
+        weights, biases = tuple(model.coefs_), tuple(model.intercepts_)
+    judge = Judge(features, mean, scale, tuple(w.astype(np.float32) for w in weights),
+                  tuple(b.astype(np.float32) for b in biases), note="test")
+    for row in x[:20]:
+        s = DraftStats(u=0, ubar=float(row[0]), p_draft=1 - float(row[1]), p_top=1, margin=0, entropy=0, semantic=0,
+                       p_prev=float(row[2]), hidden=torch.tensor(row[3:]))
+        assert judge(s) == pytest.approx(model.predict_proba((row[None] - mean) / scale)[0, 1], abs=1e-5)
+    missing = DraftStats(u=0, ubar=0.1, p_draft=0.5, p_top=1, margin=0, entropy=0, semantic=0, p_prev=None,
+                         hidden=x[0, 3:])
+    assert judge(missing) == pytest.approx(judge(DraftStats(**{**missing.__dict__, "p_prev": float(mean[2])})))
+    cal = SelectionCalibration(note="t", judge=judge)
+    cal.save(tmp_path / "selection-x.json")
+    assert (tmp_path / "selection-x.judge.safetensors").read_bytes()[:8] != b"\x80\x04"  # not a pickle
+    assert "judge" not in (tmp_path / "selection-x.json").read_text()
+    back = SelectionCalibration.load(tmp_path / "selection-x.json").judge
+    assert back is not None and back.features == features and back.note == "test"
+    assert back(missing) == pytest.approx(judge(missing))
+    assert SelectionCalibration.load(tmp_path / "selection-x.json").judge is not None
+    (tmp_path / "selection-x.judge.safetensors").unlink()
+    assert SelectionCalibration.load(tmp_path / "selection-x.json").judge is None
 
 
 def test_paper_literal_rule_needs_uncertainty_and_importance():

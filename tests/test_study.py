@@ -63,7 +63,7 @@ def test_study_command_on_the_tiny_pair_resumes_from_its_cache(tmp_path, capsys)
     q = summary["quality"]["summary"]
     assert q["prompts"] == 3 and 0 <= q["hlm_f1"] <= 1 and q["delta_lo"] <= q["delta"] <= q["delta_hi"]
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
-    assert len(cached) == 6  # greedy + one sampled seed per prompt
+    assert len(cached) == 12  # greedy + one sampled seed per prompt, rows (JSON) and hidden states (.npy)
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == cached
     printed = capsys.readouterr().out
@@ -71,8 +71,9 @@ def test_study_command_on_the_tiny_pair_resumes_from_its_cache(tmp_path, capsys)
 
 
 def test_reports_never_use_the_prompts_the_calibration_was_fitted_on():
-    """The shipped calibration was fitted on exactly the tuning prompts; the held-back set shares none of them."""
-    tune = [p["prompt"] for p in load_prompts(ASSETS / "prompts.jsonl")]
+    """The shipped calibration was fitted on exactly the tuning prompts (both files); the held-back set shares none of
+    them."""
+    tune = [p["prompt"] for f in ("prompts.jsonl", "prompts-tune-more.jsonl") for p in load_prompts(ASSETS / f)]
     held = [p["prompt"] for p in load_prompts(ASSETS / "prompts-heldout.jsonl")]
     assert len(held) >= 64 and not set(tune) & set(held)
     cal = PRESETS["embedded"].selection_calibration()
@@ -89,3 +90,30 @@ def test_study_refuses_to_report_on_tuned_prompts(tmp_path, monkeypatch, tiny):
     monkeypatch.setattr(tiny, "selection", SelectionCalibration(tuned_on=(prompt_key(prompts[0]["prompt"]),)))
     monkeypatch.setattr(presets, "load_pair", lambda *a, **k: tiny)
     assert main(["study", "--models", "tiny", "--limit", "2", "--out", str(tmp_path)]) == 2
+
+
+def test_fit_ships_a_judge_that_the_decoder_scores_with(tmp_path, monkeypatch, tiny):
+    """--fit writes the judge beside the calibration (safetensors, out-of-fold scores in the report); the decoder,
+    given that calibration, scores each draft with the judge on the hidden state of the pass that drafted it."""
+    from conftest import cfg
+
+    from hlm.cli import main
+    from hlm.decoder import HybridDecoder
+    from hlm.estimators import judge_path
+    from hlm.models import presets
+
+    monkeypatch.setattr(tiny, "selection", SelectionCalibration())
+    monkeypatch.setattr(presets, "load_pair", lambda *a, **k: tiny)
+    fit = tmp_path / "selection-tiny.json"
+    assert main(["study", "--models", "tiny", "--limit", "8", "--max-new-tokens", "12", "--out", str(tmp_path),
+                 "--fit", str(fit)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["judge"].startswith("out-of-fold")
+    assert {"judge", "judge-horizon"} <= {r["rule"] for r in summary["rows"]}
+    cal = SelectionCalibration.load(fit)
+    assert cal.judge is not None and judge_path(fit).is_file() and judge_path(fit).stat().st_size < 2 * 2**20
+    assert cal.judge.mean.shape[0] == len(cal.judge.features) + tiny.draft.config.hidden_size
+    monkeypatch.setattr(tiny, "selection", cal)
+    events = list(HybridDecoder(tiny).generate("abc", cfg("ours", n=16, estimator="judge", k=8, gamma=0.0)))
+    assert all(0.0 <= e.score <= 1.0 for e in events) and len({e.score for e in events}) > 1
+    assert any(e.score != pytest.approx(e.ubar) for e in events)  # the judge's, not the unfitted fallback (ubar)

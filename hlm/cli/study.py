@@ -29,9 +29,9 @@ def _subject(args: argparse.Namespace, temperature: float, max_new_tokens: int) 
 
 
 def _calibration(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, str]],
-                 records: list[dict[str, Any]]) -> tuple[SelectionCalibration, list[np.ndarray] | None]:
-    """The pair's selection calibration, or with --fit one fitted on these records (written to --fit), with the
-    probe's out-of-fold scores."""
+                 records: list[dict[str, Any]]) -> tuple[SelectionCalibration, dict[str, list[np.ndarray]] | None]:
+    """The pair's selection calibration, or with --fit one fitted on these records (written to --fit, the judge
+    beside it), with the learned scores' out-of-fold scores."""
     from hlm.experiments.study import fit_calibration
 
     if not args.fit:
@@ -66,7 +66,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = [p for path in args.prompts.split(",") for p in load_prompts(path)][: args.limit]
     workers = open_workers(args)
     try:
         leaked = workers.facts.selection.leaked([p["prompt"] for p in prompts])
@@ -94,7 +94,8 @@ def _study(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, s
     u_th = session.resolve_u_th(args.u_th, workers.facts.calibration)[0]
     result = analyse(records, cal, oof, args.k, args.gamma, u_th)
     result.update({"prompts_file": str(args.prompts), "models": args.models, "max_new_tokens": args.max_new_tokens,
-                   "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration"})
+                   "probe": "out-of-fold (4 folds by prompt)" if oof is not None else "the pair's calibration",
+                   "judge": "out-of-fold (4 folds by prompt)" if oof and "judge" in oof else "the pair's calibration"})
     if args.fit:
         result["decisions"] = choose_defaults(result)
         (out / "decisions.json").write_text(json.dumps(result["decisions"], indent=1) + "\n", encoding="utf-8")
@@ -105,7 +106,7 @@ def _study(args: argparse.Namespace, workers: Workers, prompts: list[dict[str, s
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="token-level selection study: every score vs a coin and an oracle")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt files, comma-separated")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", default="runs/study")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -3,7 +3,8 @@
 Greedy replay: the answer is the LLM's greedy y*, and one SLM prefill over prompt + y* gives every draft's
 statistics; at each divergence two extra SLM steps (from a copy of the cache) give the attention rows a decode
 over the draft would see. Sampled paths: the answer is the SLM's own sample, and one SLM and one LLM prefill give
-every score, beta = max(0, 1 - q(d)/p(d)) and TV(p, q) of every draft.
+every score, beta = max(0, 1 - q(d)/p(d)) and TV(p, q) of every draft. The drafter's final hidden state at each
+draft's query (what its lm-head read) is kept beside the rows, in a .npy file, for the hidden-state judge.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -90,6 +92,7 @@ class _Replay:
     attentions: tuple[torch.Tensor, ...]
     z: torch.Tensor  # the SLM's logits at every position
     q: torch.Tensor  # the LLM's
+    hidden: torch.Tensor  # the SLM's final (normed) hidden state at every position
 
 
 def _replay(pair: ModelPair, prompt_ids: list[int], answer: list[int], temperature: float, seed: int,
@@ -97,11 +100,13 @@ def _replay(pair: ModelPair, prompt_ids: list[int], answer: list[int], temperatu
     full = prompt_ids + answer
     n_layers = pair.draft.config.num_hidden_layers
     cache = DynamicCache()
-    out = pair.draft(input_ids=torch.tensor([full]), cache=cache, use_cache=True, output_attentions=True)
+    out = pair.draft(input_ids=torch.tensor([full]), cache=cache, use_cache=True, output_attentions=True,
+                     output_hidden_states=True)
     q = pair.verifier(input_ids=torch.tensor([full])).logits[0].float()
     return _Replay(pair, full, len(prompt_ids), greedy, SamplingConfig(temperature=temperature),
                    [torch.Generator().manual_seed(seed * 1000 + i) for i in range(U_DRAWS)],
-                   range(n_layers // 3, 2 * n_layers // 3 or 1), cache, out.attentions, out.logits[0].float(), q)
+                   range(n_layers // 3, 2 * n_layers // 3 or 1), cache, out.attentions, out.logits[0].float(), q,
+                   out.hidden_states[-1][0])
 
 
 def _row(rp: _Replay, i: int) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def _row(rp: _Replay, i: int) -> dict[str, Any]:
     head_prev = [] if i == 0 else [[round(float(att[layer][0, h, pos - 1, pos - 2]), 5) for h in range(n_heads)]
                                    for layer in rp.mid]
     return {"g": g, "beta": beta, "tv": tv, "llm_agrees": int(qg == token) if rp.greedy else None,
-            "u": [x.u for x in uncs], **{k: v for k, v in stats.__dict__.items() if k != "u"},
+            "u": [x.u for x in uncs], **{k: v for k, v in stats.__dict__.items() if k not in ("u", "hidden")},
             "head_prev": head_prev,
             "self": row_stats(attention_row(att, LAST_LAYERS, pos), pos, SINKS),
             "look": row_stats(attention_row(att, LAST_LAYERS, pos + 1), pos, SINKS)}
@@ -160,7 +165,8 @@ def _rows(pair: ModelPair, prompt_ids: list[int], answer: list[int], temperature
         rows = [_row(rp, i) for i in range(n)]
         if greedy:
             _rows_at_divergences(rp, rows)
-    return {"tokens": answer[:n], "rows": rows, "heads_layers": list(rp.mid)}
+        hidden = rp.hidden[rp.start - 1: rp.start - 1 + n].to(torch.float16).numpy()  # draft i's query: start+i-1
+    return {"tokens": answer[:n], "rows": rows, "heads_layers": list(rp.mid), "hidden": hidden}
 
 
 @dataclass(frozen=True)
@@ -200,9 +206,16 @@ def collect(workers: Workers, models: str, prompts: Sequence[dict[str, str]], ou
         key = json.dumps([models, workers.facts.numerics, p["prompt"], mode, seed, t, n], sort_keys=True)
         return cache / f"{mode}-{seed}-{p['id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
+    def done(p: dict[str, str], mode: str, seed: int, t: float) -> bool:
+        return path(p, mode, seed, t).is_file() and path(p, mode, seed, t).with_suffix(".npy").is_file()
+
+    def load(path: Path) -> dict[str, Any]:
+        return {**json.loads(path.read_text(encoding="utf-8")),
+                "hidden": np.load(path.with_suffix(".npy"), allow_pickle=False)}
+
     records = []
     for mode, seed, t in modes:
-        todo = [p for p in prompts if not path(p, mode, seed, t).is_file()]
+        todo = [p for p in prompts if not done(p, mode, seed, t)]
         batches = [Batch(mode, seed, t, n, tuple(todo[i:i + batch])) for i in range(0, len(todo), batch)]
         if todo:
             print(f"[study] {mode} seed {seed}: {len(todo)} answers ({n + 1} tokens, batches of {batch})",
@@ -216,7 +229,8 @@ def collect(workers: Workers, models: str, prompts: Sequence[dict[str, str]], ou
                     continue
                 for p, rec in zip(outcome.item.prompts, outcome.result, strict=True):
                     if rec is not None:
-                        path(p, mode, seed, t).write_text(json.dumps(rec), encoding="utf-8")
-        records += [json.loads(path(p, mode, seed, t).read_text(encoding="utf-8"))
-                    for p in prompts if path(p, mode, seed, t).is_file()]
+                        file = path(p, mode, seed, t)
+                        np.save(file.with_suffix(".npy"), rec.pop("hidden"), allow_pickle=False)
+                        file.write_text(json.dumps(rec), encoding="utf-8")
+        records += [load(path(p, mode, seed, t)) for p in prompts if done(p, mode, seed, t)]
     return records

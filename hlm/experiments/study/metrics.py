@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from hlm import importance
 from hlm.config import PolicyConfig
-from hlm.estimators import REGISTRY, WINDOW, DraftStats, Estimator, SelectionCalibration, horizon
+from hlm.estimators import REGISTRY, WINDOW, DraftStats, Estimator, SelectionCalibration
 from hlm.experiments.study.collect import U_DRAWS
 from hlm.experiments.study.score import PAPER, SCORES, layer_heads, record_stats, score_table
 
@@ -181,15 +181,17 @@ def _auroc_rows(mode: str, items: Items) -> list[dict[str, Any]]:
              "auroc": auroc(_pooled(items, name), _pooled(items, "g"))} for name in SCORES]
 
 
-def analyse(records: Sequence[dict[str, Any]], cal: SelectionCalibration, oof_probe: Sequence[np.ndarray] | None,
-            k: int, gamma: float, u_th: float, seed: int = 0) -> dict[str, Any]:
-    """Every metric of the study on these records, per mode; `oof_probe` replaces the probe's scores (out of fold)."""
+def analyse(records: Sequence[dict[str, Any]], cal: SelectionCalibration,
+            oof: dict[str, Sequence[np.ndarray]] | None, k: int, gamma: float, u_th: float,
+            seed: int = 0) -> dict[str, Any]:
+    """Every metric of the study on these records, per mode; `oof` replaces learned scores ("probe", "judge", and
+    their horizon-weighted forms) by their out-of-fold scores."""
     rng = np.random.default_rng(seed)
     table = score_table(records, cal)
-    if oof_probe is not None:
-        for t, s in zip(table, oof_probe, strict=True):  # the probe as if these prompts were unseen
-            t["probe"] = s
-            t["probe-horizon"] = s * np.array([horizon(i) for i in range(len(s))])
+    for name, scores in (oof or {}).items():
+        for t, s in zip(table, scores, strict=True):  # the learned score as if these prompts were unseen
+            t[name] = s
+            t[f"{name}-horizon"] = s * np.array([cal.horizon(i) for i in range(len(s))])
     by_mode = {mode: [(rec, t) for rec, t in zip(records, table, strict=True) if rec["mode"] == mode]
                for mode in MODES}
     rows: list[dict[str, Any]] = []
