@@ -117,6 +117,23 @@ def plain_vs_fast(decoder: HybridDecoder, refs: dict[str, str], n_tokens: int, p
     return rows
 
 
+def judge_overhead(decoder: HybridDecoder, prompt: str, silent: RunConfig,
+                   repeats: int) -> list[tuple[str, float, str]]:
+    """The judge's own cost per draft: the same silent run (no uploads) scored by `judge-horizon` and by
+    `ubar-horizon`, which differ only in the hidden state returned and the judge's arithmetic. Interleaved."""
+    seconds: dict[str, list[float]] = {"judge-horizon": [], "ubar-horizon": []}
+    for est in seconds:
+        _decoder_tps(decoder, prompt, silent.with_policy(estimator=est))  # warm-up
+    for _ in range(repeats):
+        for est, acc in seconds.items():
+            tps, events = _decoder_tps(decoder, prompt, silent.with_policy(estimator=est))
+            acc.append(1 / tps)
+    judge, ubar = (statistics.median(v) for v in seconds.values())
+    return [("(a) draft step with the judge, ms", 1000 * judge, "no uploads"),
+            ("(a) draft step with ubar, ms", 1000 * ubar, "no uploads"),
+            ("(a) overhead of the judge per draft", judge / ubar - 1, "target <= 2 %")]
+
+
 def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> list[tuple[str, float, str]]:
     pair = decoder.pair
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=n_tokens, stop_at_eos=False)
@@ -138,6 +155,8 @@ def bench(decoder: HybridDecoder, n_tokens: int, repeats: int, prompt: str) -> l
     rows += [("(a) SLM transformers generate, tok/s", n_tokens / statistics.median(gen_s), ""),
              (f"(a) {subject}, no uploads, tok/s", n_tokens / statistics.median(ours_s), ""),
              (f"(a) overhead of {subject} vs generate", overhead, "target <= 10 %")]
+
+    rows += judge_overhead(decoder, prompt, silent, repeats)
 
     # (b) verifier time per upload against context length (first upload syncs the prompt: excluded).
     per_upload = {}
