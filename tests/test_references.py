@@ -5,6 +5,7 @@ with its figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def test_assisted_generation_gives_the_llms_greedy_answer_token_for_token(decode
     assert [e.text for e in answer] == [e.text for e in expected]  # the same text, token by token
     assert [e.position for e in answer] == [e.position for e in expected] and heard == answer
     assert all(e.source == "cloud_sampled" and not e.uploaded and not e.energy_j for e in answer)  # no costs
+
+
+def test_every_draft_accepted_still_gives_the_greedy_answer(decoder):
+    """The verifier drafting for itself: blocks are accepted whole, so the answer comes from multi-token passes, and
+    a stop id inside an accepted block ends it there (the tiny drafter rarely agrees with its verifier)."""
+    pair = dataclasses.replace(decoder.pair, draft=decoder.pair.verifier)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=40, stop_at_eos=False)
+    ids = pair.encode_prompt(PROMPTS[1], 40)
+    full = [e.token_id for e in greedy_answer(pair, ids, sampling)]
+    assert full == [e.token_id for e in plain(decoder, PROMPTS[1], sampling)]
+    stopping = dataclasses.replace(pair, stop_ids=frozenset({full[10]}))
+    sampling = dataclasses.replace(sampling, stop_at_eos=True)
+    cut = [e.token_id for e in greedy_answer(stopping, ids, sampling)]
+    assert cut == [e.token_id for e in plain(HybridDecoder(stopping), PROMPTS[1], sampling)]
+    assert cut == full[:full.index(full[10]) + 1]
 
 
 def test_assisted_generation_only_where_it_is_the_greedy_answer_of_a_short_prompt():
