@@ -130,6 +130,16 @@ def test_a_corrupt_or_foreign_store_file_is_ignored_and_rewritten(store, decoder
         assert store.load(key, decoder.pair.vocab_size) == expected  # rewritten, valid
 
 
+def test_the_store_keeps_its_most_recently_used_answers(tmp_path, tiny):
+    store = Store(tmp_path, limit=2)
+    keys = [Store.key(tiny, "tiny", prompt, SamplingConfig(temperature=0.0)) for prompt in PROMPTS]
+    store.save(keys[0], [1])
+    store.save(keys[1], [2])
+    assert store.load(keys[0], tiny.vocab_size) == [1]  # used: kept over the second
+    store.save(keys[2], [3])
+    assert [store.load(k, tiny.vocab_size) for k in keys] == [[1], None, [3]] and len(store.files()) == 2
+
+
 def test_sampled_references_are_decoded_plainly(monkeypatch):
     svc = make_service(None)
     monkeypatch.setattr(service_module, "greedy_answer", lambda *a, **k: pytest.fail("assisted at T > 0"))

@@ -306,6 +306,8 @@ class Service:
         """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat."""
         return {"running_requests": len(self._requests),
                 "reference_cache": {"size": len(self._references), "bound": REFERENCE_CACHE},
+                **({"reference_store": {"size": len(self.store.files()), "bound": self.store.limit}} if self.store
+                   else {}),
                 "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)}}
 
     def begin(self, session: str) -> Request:
