@@ -181,7 +181,8 @@ def test_compare_keeps_a_plain_llm_row_after_an_assisted_reference():
     one measured cloud call per token."""
     svc = make_service(None)
     dash = Dashboard(svc)
-    list(dash.generate("s", "tiny", PROMPTS[0], GREEDY, []))
+    frames = list(dash.generate("s", "tiny", PROMPTS[0], GREEDY, []))
+    assert any("BERTScore on its way" in (f.stats or "") for f in frames)  # the status line
     assisted = svc._cached("tiny", PROMPTS[0], GREEDY.run_config(None).sampling)
     assert assisted is not None and assisted[0] is None  # the assisted answer, no link
     runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
