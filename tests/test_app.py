@@ -47,10 +47,12 @@ def launched_app(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str
     """`python app.py --models MODELS` on a free port (with `env_vars` set); yields its URL once it answers, stops
     it afterwards."""
     port = free_port()
+    cache = tempfile.TemporaryDirectory(prefix="hlm-cache-")
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", **env_vars}
     if models == "tiny":
         env["OMP_NUM_THREADS"] = "1"  # the tiny models are faster on one thread
+        env["HLM_CACHE"] = cache.name  # the examples' references it builds stay out of the user's cache
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "app.py", "--models", models], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -74,6 +76,7 @@ def launched_app(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            cache.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,7 @@ class Dashboard:
         viewer's first token is fast."""
         service = Service.open(models, device, dtype, quant, cloud, emulate_link)
         service.warm_up()
+        service.precompute()  # the examples' references, while the page is served (`Service.build_references`)
         return cls(service)
 
     @staticmethod
@@ -233,12 +234,13 @@ class Dashboard:
             s = run.summary
             done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
             references: list[list[TokenEvent]] = []
+            how = ("the drafter proposes, the LLM keeps its own greedy tokens: the same answer, sooner"
+                   if self.service.assisted(preset, prompt, run.config.sampling) else
+                   "after the run, not beside it: the cores are busy decoding")
             for i, reference in self.service.references(preset, prompt, run.config, request.cancel):
                 references[i:] = [reference]
-                which = "reference" if run.config.sampling.temperature == 0 else \
-                    f"sample {i + 1} of {REFERENCE_SAMPLES}"
-                run.note = (f"{done}BERTScore follows: the LLM-only {which}, {len(reference)}/{limit} tokens "
-                            "(after the run, not beside it: the cores are busy decoding)")
+                which = "answer" if run.config.sampling.temperature == 0 else f"sample {i + 1} of {REFERENCE_SAMPLES}"
+                run.note = f"{done}BERTScore on its way: the LLM's own {which}, {len(reference)}/{limit} tokens ({how})"
                 yield
             if not request.cancel.is_set():
                 run.note = "scoring…"

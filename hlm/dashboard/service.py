@@ -1,5 +1,6 @@
 """What every session of the app shares: the loaded model pairs (one decode at a time: the models and the verifier's
-KV cache are shared), the threaded streamer, the LLM-only reference cache, the quality scorer and the running requests.
+KV cache are shared), the threaded streamer, the LLM-only references (kept in memory, greedy ones also on disk, the
+page's examples built in the background), the quality scorer and the running requests.
 
 Why a worker thread: the decoder runs on its own thread and fills a queue; the page's generator drains it and
 renders on the first token, then at most every `INTERVAL_S` seconds, so rendering never blocks decoding and the
@@ -7,6 +8,7 @@ page updates ~2.5 times a second whatever the token rate. The service hands out 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -15,19 +17,26 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hlm.config import LinkConfig, RunConfig
-from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings
+from hlm.assisted import Answer, assists, greedy_answer
+from hlm.config import LinkConfig, RunConfig, SamplingConfig
+from hlm.dashboard.references import Store
+from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, load_examples
 from hlm.decoder import HybridDecoder
 from hlm.events import PendingDraft, TokenEvent
 from hlm.experiments.quality import get_scorer
+from hlm.models.embedded import cache_dir
 from hlm.models.pairs import ModelError
 from hlm.models.presets import PRESETS
 from hlm.policies import with_role
 from hlm.session import open_decoder
+from hlm.verifier import LocalVerifier
+
+LOG = logging.getLogger(__name__)
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
 
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
+REFERENCE_STORE = "references"  # the folder of stored greedy answers in the user cache (`references.Store`)
 
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 
@@ -48,17 +57,21 @@ class _Note:
 
 
 class Service:
-    """The loaded model pairs (one decode at a time), the LLM-only reference cache, the quality scorer and the
-    sessions' running requests. Shared by every session of the app."""
+    """The loaded model pairs (one decode at a time), the LLM-only references, the quality scorer and the sessions'
+    running requests. Shared by every session of the app. `store` keeps greedy references across restarts."""
 
     def __init__(self, load: Callable[[str], HybridDecoder], start: str, presets: Sequence[str],
-                 cloud: str | None = None) -> None:
-        self._load, self.start, self.presets, self.cloud = load, start, list(presets), cloud
+                 cloud: str | None = None, store: Store | None = None) -> None:
+        self._load, self.start, self.presets, self.cloud, self.store = load, start, list(presets), cloud, store
         self.lock = threading.Lock()
         self._decoders: dict[str, HybridDecoder] = {}
-        self._references: OrderedDict[tuple, tuple[LinkConfig, list[TokenEvent]]] = OrderedDict()
+        # An entry's link is None when its events carry no costs (`hlm.assisted`, or read from the store)
+        self._references: OrderedDict[tuple, tuple[LinkConfig | None, list[TokenEvent]]] = OrderedDict()
+        self._kept = threading.Lock()  # sessions and the background build read and write `_references`
         self._requests: dict[str, Request] = {}
         self._scorer_lock = threading.Lock()
+        # Requests and decodes under way: background work waits until there are none, and each new one stops it
+        self._busy, self._idle, self._background = 0, threading.Condition(), threading.Event()
         self.decoder(start)  # models load once, at start-up
 
     @classmethod
@@ -69,7 +82,8 @@ class Service:
         def load(preset: str) -> HybridDecoder:
             return open_decoder(preset, device, dtype, quant, cloud, LinkConfig() if emulate_link else None)
 
-        return cls(load, models, loadable_presets(models, bool(cloud)), cloud)
+        return cls(load, models, loadable_presets(models, bool(cloud)), cloud,
+                   Store(cache_dir() / REFERENCE_STORE))
 
     def decoder(self, preset: str) -> HybridDecoder:
         if preset not in self.presets:
@@ -104,22 +118,36 @@ class Service:
         INTERVAL_S, and once at the end. `note` hears what a long prefill is doing, `pending` each draft on its
         way to the cloud; a yield follows each. Closing the iterator early cancels the decode."""
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)  # bad prompts fail here, at once
+
+        def work(put: Callable[[object], None]) -> None:
+            def progress(who: str, done: int, total: int) -> None:
+                put(_Note(f"reading the prompt: {done / total:.0%} of {total:,} tokens" if who == "device" else
+                          f"the cloud is reading the prompt ({total:,} tokens)…"))
+
+            for event in decoder.generate(prompt, config, cancel, progress=progress, drafts=True):
+                put(event)
+
+        return self._drain(work, cancel, note, pending)
+
+    def _drain(self, work: Callable[[Callable[[object], None]], None], cancel: threading.Event,
+               note: Callable[[str], None] | None = None,
+               pending: Callable[[PendingDraft], None] | None = None) -> Iterator[list[TokenEvent]]:
+        """Run `work(put)` on a worker thread, holding the models (background work stops and waits: `_hold`), and
+        stream what it puts as `stream` describes."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
 
-        def progress(who: str, done: int, total: int) -> None:
-            inbox.put(_Note(f"reading the prompt: {done / total:.0%} of {total:,} tokens" if who == "device" else
-                            f"the cloud is reading the prompt ({total:,} tokens)…"))
-
-        def work() -> None:
+        def run() -> None:
+            self._hold(1)
             try:
                 with self.lock:
-                    for event in decoder.generate(prompt, config, cancel, progress=progress, drafts=True):
-                        inbox.put(event)
+                    work(inbox.put)
             except Exception as exc:  # noqa: BLE001 - handed to the request, which re-raises it
                 inbox.put(exc)
+            finally:
+                self._hold(-1)
             inbox.put(_END)
 
-        threading.Thread(target=work, name="hlm-decode", daemon=True).start()
+        threading.Thread(target=run, name="hlm-decode", daemon=True).start()
         events: list[TokenEvent] = []
         shown, due, finished = 0, 0.0, False
         try:
@@ -151,22 +179,39 @@ class Service:
             if not finished:
                 cancel.set()
 
+    def assisted(self, preset: str, prompt: str, sampling: SamplingConfig) -> bool:
+        """Whether this run's quality reference is decoded with the drafter assisting (`hlm.assisted`): greedy, a
+        prompt within its limit, and the verifier in this process (a remote cloud's answer is its own)."""
+        decoder = self.decoder(preset)
+        return isinstance(decoder.verifier, LocalVerifier) and \
+            assists(decoder.pair.encode_prompt(prompt, sampling.max_new_tokens), sampling)
+
+    def _answer(self, preset: str, prompt: str, sampling: SamplingConfig, cancel: threading.Event,
+                emit: Callable[[TokenEvent], None] | None = None) -> list[TokenEvent]:
+        pair = self.decoder(preset).pair
+        return greedy_answer(pair, pair.encode_prompt(prompt, sampling.max_new_tokens), sampling, cancel, emit)
+
     def reference(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
                   same_link: bool = False) -> Iterator[list[TokenEvent]]:
-        """The LLM-only run for this prompt and sampling settings, from the cache or generated (streamed).
-        Quality needs only its text; `same_link` also wants its energy figures priced with `config.link`."""
-        key = (preset, prompt, config.sampling)
-        cached = self._references.get(key)
+        """The LLM-only run for this prompt and sampling settings, from the cache (memory, then the store) or
+        decoded (streamed). Quality needs only its tokens: at greedy they come by assisted generation where
+        `assisted` says so. `same_link` wants a run with its figures priced with `config.link`: a plain `llm` decode
+        (Compare shows it as a run)."""
+        cached = self._cached(preset, prompt, config.sampling)
         if cached and (not same_link or cached[0] == config.link):
-            self._references.move_to_end(key)
             yield cached[1]
             return
         llm = config.with_policy(name=with_role("reference"))
-        events: list[TokenEvent] = []
-        for events in self.stream(self.decoder(preset), prompt, llm, cancel):
-            yield events
+        if same_link or not self.assisted(preset, prompt, config.sampling):
+            link, events = config.link, self.stream(self.decoder(preset), prompt, llm, cancel)
+        else:
+            link, events = None, self._drain(
+                lambda put: self._answer(preset, prompt, config.sampling, cancel, put), cancel)
+        answer: list[TokenEvent] = []
+        for answer in events:
+            yield answer
         if not cancel.is_set():
-            self.remember_reference(preset, prompt, llm, events)
+            self._keep(preset, prompt, config.sampling, link, answer)
 
     def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event
                    ) -> Iterator[tuple[int, list[TokenEvent]]]:
@@ -181,26 +226,100 @@ class Service:
                 return
 
     def remember_reference(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent]) -> None:
-        key = (preset, prompt, config.sampling)
-        self._references[key] = (config.link, list(events))
-        self._references.move_to_end(key)
-        while len(self._references) > REFERENCE_CACHE:
-            self._references.popitem(last=False)
+        """A finished plain `llm` run (Generate with the LLM alone): the reference, with its figures."""
+        self._keep(preset, prompt, config.sampling, config.link, events)
+
+    def _cached(self, preset: str, prompt: str, sampling: SamplingConfig
+                ) -> tuple[LinkConfig | None, list[TokenEvent]] | None:
+        """The reference in memory, else (greedy) the store's answer, kept in memory from then on."""
+        key = _key(preset, prompt, sampling)
+        with self._kept:
+            if key in self._references:
+                self._references.move_to_end(key)
+                return self._references[key]
+        if self.store is None or sampling.temperature != 0:
+            return None
+        pair = self.decoder(preset).pair
+        ids = self.store.load(Store.key(pair, preset, prompt, sampling), pair.vocab_size)
+        if ids is None:
+            return None
+        answer = Answer(pair, len(pair.encode_prompt(prompt, sampling.max_new_tokens)), sampling)
+        answer.add(ids)
+        self._keep(preset, prompt, sampling, None, answer.events, store=False)
+        return None, answer.events
+
+    def _keep(self, preset: str, prompt: str, sampling: SamplingConfig, link: LinkConfig | None,
+              events: list[TokenEvent], store: bool = True) -> None:
+        """Keep a reference in memory (`link`: None when its events carry no costs) and, greedy, in the store."""
+        key = _key(preset, prompt, sampling)
+        with self._kept:
+            self._references[key] = (link, list(events))
+            self._references.move_to_end(key)
+            while len(self._references) > REFERENCE_CACHE:
+                self._references.popitem(last=False)
+        if store and self.store is not None and sampling.temperature == 0 and events:
+            pair = self.decoder(preset).pair
+            self.store.save(Store.key(pair, preset, prompt, sampling), [e.token_id for e in events])
+
+    def precompute(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None) -> threading.Thread:
+        """`build_references` on a background thread: the page is served meanwhile, and a viewer's run comes first."""
+        def build() -> None:
+            try:
+                self.build_references(prompts, config)
+            except Exception:  # noqa: BLE001 - a failed build only costs the decode later: the log says why
+                LOG.exception("building the example references failed")
+
+        thread = threading.Thread(target=build, name="hlm-references", daemon=True)
+        thread.start()
+        return thread
+
+    def build_references(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None) -> list[str]:
+        """Decode the greedy references of `prompts` (default: the page's examples) with `config`'s settings
+        (default: the page's) on the start-up pair, for those not cached yet and where `assisted` applies; returns
+        the prompts decoded. Each waits until no request runs; one that begins stops it, and it starts again once
+        the service is idle."""
+        decoder = self.decoder(self.start)
+        config = config or Settings().run_config(decoder.pair.calibration)
+        sampling = config.sampling
+        built = []
+        for prompt in prompts or [e["prompt"] for e in load_examples()]:
+            while self.assisted(self.start, prompt, sampling) and self._cached(self.start, prompt, sampling) is None:
+                with self._idle:
+                    self._idle.wait_for(lambda: not self._busy)
+                    cancel = self._background = threading.Event()
+                with self.lock:
+                    answer = self._answer(self.start, prompt, sampling, cancel)
+                if not cancel.is_set():
+                    self._keep(self.start, prompt, sampling, None, answer)
+                    built.append(prompt)
+        return built
+
+    def _hold(self, n: int) -> None:
+        """A request or decode begins (+1: background work stops) or ends (-1)."""
+        with self._idle:
+            self._busy += n
+            if n > 0:
+                self._background.set()
+            self._idle.notify_all()
 
     def status(self) -> dict[str, Any]:
         """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat."""
         return {"running_requests": len(self._requests),
                 "reference_cache": {"size": len(self._references), "bound": REFERENCE_CACHE},
+                **({"reference_store": {"size": len(self.store.files()), "bound": self.store.limit}} if self.store
+                   else {}),
                 "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)}}
 
     def begin(self, session: str) -> Request:
         request = self._requests[session] = Request()
+        self._hold(1)
         return request
 
     def end(self, session: str, request: Request) -> None:
         request.done.set()
         if self._requests.get(session) is request:
             del self._requests[session]
+        self._hold(-1)
 
     def stop(self, session: str) -> None:
         """Ask the session's decode to stop after its current token and wait until its request has shown the
@@ -209,6 +328,11 @@ class Service:
         if request is not None:
             request.cancel.set()
             request.done.wait(STOP_WAIT_S)
+
+def _key(preset: str, prompt: str, sampling: SamplingConfig) -> tuple:
+    """A reference's cache key: seed and top_p do not change a greedy answer."""
+    return preset, prompt, replace(sampling, seed=0, top_p=1.0) if sampling.temperature == 0 else sampling
+
 
 def loadable_presets(start: str, cloud: bool) -> list[str]:
     """The start-up pair first, then the presets that can load offline here. A remote cloud serves one pair."""

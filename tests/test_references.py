@@ -1,0 +1,204 @@
+"""The LLM-only reference without the wait: assisted generation gives the LLM's greedy answer token for token
+(`hlm.assisted`), answers are reused from memory and from the store on disk (a corrupt file is ignored), the page's
+examples are built in the background without holding up a viewer, and Compare's reference row stays a plain decode
+with its figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ENV
+
+from hlm.assisted import PROMPT_LIMIT, assists, greedy_answer
+from hlm.config import PolicyConfig, RunConfig, SamplingConfig
+from hlm.dashboard import service as service_module
+from hlm.dashboard.flows import Dashboard
+from hlm.dashboard.references import Store
+from hlm.dashboard.service import Service
+from hlm.dashboard.settings import Settings
+from hlm.decoder import HybridDecoder
+from hlm.models import load_pair
+from hlm.policies import with_role
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Say hello.", "Write a function that adds two numbers.", "Why is the sky blue?"]
+
+
+def plain(decoder: HybridDecoder, prompt: str, sampling: SamplingConfig) -> list:
+    """Today's reference: the verifier decoding alone, one token a pass."""
+    return list(decoder.generate(prompt, RunConfig(sampling, PolicyConfig(name=with_role("reference")))))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("stop_at_eos", [True, False])
+def test_assisted_generation_gives_the_llms_greedy_answer_token_for_token(decoder, prompt, stop_at_eos):
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=48, stop_at_eos=stop_at_eos)
+    ids = decoder.pair.encode_prompt(prompt, sampling.max_new_tokens)
+    assert assists(ids, sampling)
+    heard = []
+    answer = greedy_answer(decoder.pair, ids, sampling, emit=heard.append)
+    expected = plain(decoder, prompt, sampling)
+    assert [e.token_id for e in answer] == [e.token_id for e in expected]
+    assert [e.text for e in answer] == [e.text for e in expected]  # the same text, token by token
+    assert [e.position for e in answer] == [e.position for e in expected] and heard == answer
+    assert all(e.source == "cloud_sampled" and not e.uploaded and not e.energy_j for e in answer)  # no costs
+
+
+def test_every_draft_accepted_still_gives_the_greedy_answer(decoder):
+    """The verifier drafting for itself: blocks are accepted whole, so the answer comes from multi-token passes, and
+    a stop id inside an accepted block ends it there (the tiny drafter rarely agrees with its verifier)."""
+    pair = dataclasses.replace(decoder.pair, draft=decoder.pair.verifier)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=40, stop_at_eos=False)
+    ids = pair.encode_prompt(PROMPTS[1], 40)
+    full = [e.token_id for e in greedy_answer(pair, ids, sampling)]
+    assert full == [e.token_id for e in plain(decoder, PROMPTS[1], sampling)]
+    stopping = dataclasses.replace(pair, stop_ids=frozenset({full[10]}))
+    sampling = dataclasses.replace(sampling, stop_at_eos=True)
+    cut = [e.token_id for e in greedy_answer(stopping, ids, sampling)]
+    assert cut == [e.token_id for e in plain(HybridDecoder(stopping), PROMPTS[1], sampling)]
+    assert cut == full[:full.index(full[10]) + 1]
+
+
+def test_assisted_generation_only_where_it_is_the_greedy_answer_of_a_short_prompt():
+    greedy, sampled = SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.7)
+    assert assists([1] * PROMPT_LIMIT, greedy) and not assists([1] * (PROMPT_LIMIT + 1), greedy)
+    assert not assists([1], sampled)
+
+
+def test_assisted_generation_stops_on_cancel(decoder):
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=200, stop_at_eos=False)
+    cancel = threading.Event()
+    answer = greedy_answer(decoder.pair, decoder.pair.encode_prompt(PROMPTS[0], 200), sampling, cancel,
+                           emit=lambda _: cancel.set())
+    assert 1 <= len(answer) < 200
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return Store(tmp_path / "references")
+
+
+def make_service(store: Store | None) -> Service:
+    svc = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"], store=store)
+    svc.score = lambda candidates, references: [0.5] * len(candidates)
+    return svc
+
+
+GREEDY = Settings(temperature=0.0, max_new_tokens=16)
+
+
+def reference_ids(svc: Service, prompt: str, settings: Settings = GREEDY) -> list[int]:
+    events = list(svc.reference("tiny", prompt, settings.run_config(None), threading.Event()))[-1]
+    return [e.token_id for e in events]
+
+
+def forbid_decoding(monkeypatch, svc: Service) -> None:
+    def decode(*args, **kwargs):
+        raise AssertionError("the reference was decoded, not reused")
+
+    monkeypatch.setattr(service_module, "greedy_answer", decode)
+    monkeypatch.setattr(svc.decoder("tiny"), "generate", decode)
+
+
+def test_a_stored_answer_is_reused_without_decoding(store, monkeypatch):
+    first = reference_ids(make_service(store), PROMPTS[1])
+    assert len(list(store.folder.glob("*.json"))) == 1
+    again = make_service(store)  # a restarted app: nothing in memory
+    forbid_decoding(monkeypatch, again)
+    assert reference_ids(again, PROMPTS[1]) == first
+    assert reference_ids(again, PROMPTS[1], Settings(temperature=0.0, max_new_tokens=16, seed=7)) == first
+
+
+def test_a_corrupt_or_foreign_store_file_is_ignored_and_rewritten(store, decoder):
+    svc = make_service(store)
+    sampling = GREEDY.run_config(None).sampling
+    key = Store.key(svc.decoder("tiny").pair, "tiny", PROMPTS[2], sampling)
+    path = store.path(key)
+    expected = [e.token_id for e in greedy_answer(decoder.pair, decoder.pair.encode_prompt(PROMPTS[2], 16), sampling)]
+    for bad in (b"\x80not json", b"[1, 2]", json.dumps({"key": {**key, "prompt": "other"}, "ids": [1]}).encode(),
+                json.dumps({"key": key, "ids": [10**9]}).encode(), json.dumps({"key": key, "ids": [True]}).encode()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bad)
+        assert store.load(key, decoder.pair.vocab_size) is None
+        assert reference_ids(make_service(store), PROMPTS[2]) == expected
+        assert store.load(key, decoder.pair.vocab_size) == expected  # rewritten, valid
+
+
+def test_the_store_keeps_its_most_recently_used_answers(tmp_path, tiny):
+    store = Store(tmp_path, limit=2)
+    keys = [Store.key(tiny, "tiny", prompt, SamplingConfig(temperature=0.0)) for prompt in PROMPTS]
+    store.save(keys[0], [1])
+    store.save(keys[1], [2])
+    assert store.load(keys[0], tiny.vocab_size) == [1]  # used: kept over the second
+    store.save(keys[2], [3])
+    assert [store.load(k, tiny.vocab_size) for k in keys] == [[1], None, [3]] and len(store.files()) == 2
+
+
+def test_sampled_references_are_decoded_plainly(monkeypatch):
+    svc = make_service(None)
+    monkeypatch.setattr(service_module, "greedy_answer", lambda *a, **k: pytest.fail("assisted at T > 0"))
+    assert len(reference_ids(svc, PROMPTS[0], Settings(temperature=0.9, max_new_tokens=8))) == 8
+
+
+def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
+    """The build runs while no request does; a viewer's request stops it at once (the viewer's decode gets the
+    models), and once the viewer is done the build resumes and stores every prompt."""
+    svc = make_service(store)
+    real, started = service_module.greedy_answer, threading.Event()
+
+    def slow_first(pair, ids, sampling, cancel, emit=None):
+        if not started.is_set():  # the first build holds the models until a viewer stops it
+            started.set()
+            assert cancel.wait(30), "a viewer's request should stop the build"
+            return []
+        return real(pair, ids, sampling, cancel, emit)
+
+    monkeypatch.setattr(service_module, "greedy_answer", slow_first)
+    config = GREEDY.run_config(None)
+    thread = svc.precompute(PROMPTS[:2], config)
+    assert started.wait(30)
+    request = svc.begin("viewer")
+    try:
+        viewer = list(svc.stream(svc.decoder("tiny"), PROMPTS[0], Settings(max_new_tokens=8).run_config(None),
+                                 request.cancel))
+        assert len(viewer[-1]) == 8
+        assert svc._cached("tiny", PROMPTS[0], config.sampling) is None  # stopped, not kept
+    finally:
+        svc.end("viewer", request)
+    thread.join(60)
+    assert not thread.is_alive() and len(list(store.folder.glob("*.json"))) == 2
+    assert svc.build_references(PROMPTS[:2], config) == []  # nothing left to build
+
+
+def test_compare_keeps_a_plain_llm_row_after_an_assisted_reference():
+    """Generate's reference carries no costs; Compare shows the LLM alone as a run, so it decodes it plainly, with
+    one measured cloud call per token."""
+    svc = make_service(None)
+    dash = Dashboard(svc)
+    frames = list(dash.generate("s", "tiny", PROMPTS[0], GREEDY, []))
+    assert any("BERTScore on its way" in (f.stats or "") for f in frames)  # the status line
+    assisted = svc._cached("tiny", PROMPTS[0], GREEDY.run_config(None).sampling)
+    assert assisted is not None and assisted[0] is None  # the assisted answer, no link
+    runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
+    s = runs[0]["summary"]
+    assert s["llm_calls"] == s["tokens"] and s["cloud_compute_s"] > 0 and s["cloud_energy_j"] > 0
+    assert [t.token_id for t in assisted[1]] == [t.token_id for t in svc._cached(
+        "tiny", PROMPTS[0], GREEDY.run_config(None).sampling)[1]]  # the same answer either way
+
+
+def test_the_references_command_builds_the_examples_into_the_cache(tmp_path):
+    env = {**ENV, "HLM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "hlm", "references", "--models", "tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    examples = json.loads((ROOT / "hlm" / "assets" / "examples.json").read_text())
+    assert len(list((tmp_path / "references").glob("*.json"))) == len(examples)
+    again = subprocess.run([sys.executable, "-m", "hlm", "references", "--models", "tiny"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert "0 reference(s) decoded" in again.stderr
