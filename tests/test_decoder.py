@@ -133,8 +133,8 @@ def test_drafter_rollback_matches_recompute(tiny):
     ids = tiny.encode_prompt(PROMPT, 8)
     d = Drafter(tiny.draft)
     d.prefill(ids)
-    d.forward([65], attention=True)
-    d.forward([66], attention=True)
+    d.forward([65], layers={0, 1})
+    d.forward([66], layers={0, 1})
     d.rollback(2)
     assert d.length == len(ids)
     cached, _ = d.forward([67])
@@ -181,10 +181,10 @@ class CheckingDrafter(Drafter):
         torch.testing.assert_close(logits, fresh, rtol=1e-4, atol=1e-4)
         CheckingDrafter.checks += 1
 
-    def forward(self, ids, attention=False):
+    def forward(self, ids, layers=()):
         if not hasattr(self, "shadow"):
-            return super().forward(ids, attention)
-        logits, row = super().forward(ids, attention)
+            return super().forward(ids, layers)
+        logits, row = super().forward(ids, layers)
         self.shadow += ids
         self._check(logits)
         return logits, row
