@@ -30,8 +30,8 @@ KERNEL = "sdpa+eager-rows"
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, output_attentions: bool = False,
-               attention_layers: Collection[int] | None = None, **kwargs: Any) -> tuple[torch.Tensor,
-                                                                                        torch.Tensor | None]:
+               attention_layers: Collection[int] | None = None,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's attention: eager (weights returned) where the caller asked for this layer's weights (all layers
     when `attention_layers` is None), else SDPA (none)."""
     if not output_attentions or (attention_layers is not None and module.layer_idx not in attention_layers):
@@ -71,7 +71,7 @@ class Drafter:
         """Process `ids` after the cached context; logits for the next position and, when `layers` names any, the
         attention weights of those layers (None for the others)."""
         out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache, use_cache=True,
-                         output_attentions=bool(layers), attention_layers=frozenset(layers), logits_to_keep=1)
+                         output_attentions=bool(layers), attention_layers=layers, logits_to_keep=1)
         if not layers:
             return out.logits[0, -1], None
         computed = iter(out.attentions)  # the layers that returned weights, in order
