@@ -33,7 +33,7 @@ from hlm.estimators import REGISTRY as ESTIMATORS
 from hlm.estimators import DraftStats
 from hlm.events import PendingDraft, Source, Spend, TokenEvent
 from hlm.features import default_heads, draft_stats, prev_attention
-from hlm.importance import Importance, attention_row, score
+from hlm.importance import Importance, attention_row, row_layers, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
 from hlm.models.pairs import ModelPair
@@ -285,20 +285,29 @@ class Generation:
         self.config, self.drafter, self.device = config, drafter, pair.draft.device
         self.policy = POLICIES[pol.name]
         est = self.estimator = ESTIMATORS[pol.estimator] if self.policy.uses_estimator else None
-        self.passes, self.attention = (est.passes, est.attention) if est else (0, False)
+        self.passes = est.passes if est else 0
         self.wants_hidden = bool(est and est.hidden)
         self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
         cfg = pair.draft.config
         self.heads = pair.selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
+        self.layers = self._read_layers(est.attention if est else "", cfg.num_hidden_layers)
         self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
         self.coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
         self.context, self.prompt_len = list(prompt_ids), len(prompt_ids)
         self.pending: list[Draft] = []
         self.logits = torch.empty(0)  # the SLM's logits for the next draft (`prefill` sets them)
-        self.attn: Attentions | None = None  # attention weights of the pass that produced `logits`
+        self.attn: Attentions | None = None  # attention weights (`layers`) of the pass that produced `logits`
         self.hidden: torch.Tensor | None = None  # the final hidden state of that pass, where the estimator reads it
         self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
+
+    def _read_layers(self, attention: str, n_layers: int) -> frozenset[int]:
+        """The layers whose attention weights the estimator reads: its passes compute weights on these alone."""
+        if attention == "heads":
+            return frozenset(layer for layer, _ in self.heads)
+        if attention == "rows":
+            return frozenset(row_layers(n_layers, self.config.policy.last_layers))
+        return frozenset()
 
     def prefill(self, progress: prefix.Progress | None) -> None:
         """The SLM reads the prompt (in chunks, `hlm.prefix`): the first draft's logits."""
@@ -331,8 +340,8 @@ class Generation:
     def _score(self, d: Draft, unc: Uncertainty | None) -> None:
         """The draft's statistics for its estimator, and its score and bar where they exist already."""
         est, pol = self.estimator, self.config.policy
-        d.stats = draft_stats(self.logits, d.token, unc, self.valid, self.embeddings,
-                              prev_attention(self.attn, self.heads) if self.attn else None, self.p_prev,
+        prev = prev_attention(self.attn, self.heads) if self.attn and est.attention == "heads" else None
+        d.stats = draft_stats(self.logits, d.token, unc, self.valid, self.embeddings, prev, self.p_prev,
                               d.position - self.prompt_len, self.hidden)
         if not est.passes:
             d.score = est.score(d.stats, self.selection)
@@ -343,7 +352,7 @@ class Generation:
         pass completes gets its importance."""
         pol = self.config.policy
         self.p_prev = d.stats.p_draft
-        self.logits, self.attn, self.hidden = self.drafter.forward([d.token], attention=True, hidden=self.wants_hidden)
+        self.logits, self.attn, self.hidden = self.drafter.forward([d.token], self.layers, self.wants_hidden)
         row = attention_row(self.attn, pol.last_layers)
         for q in self.pending:
             q.passes += 1
@@ -363,7 +372,7 @@ class Generation:
         if resampled or not self.passes:
             if d.stats is not None:
                 self.p_prev = d.stats.p_draft if token == d.token else _probability(d.logits, token, self.valid)
-            self.logits, self.attn, self.hidden = self.drafter.forward([token], self.attention, self.wants_hidden)
+            self.logits, self.attn, self.hidden = self.drafter.forward([token], self.layers, self.wants_hidden)
 
 
 def _cost(link: LinkConfig, bits_up: int, verdict: Verdict | None) -> UploadCost:

@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -46,7 +46,8 @@ class DraftStats:
     semantic: expected output-embedding distance (1 - cosine) from d to the other top-16 candidates, weighted by
     their probability: how much the meaning would change if the cloud picked another token;
     prev_attention: attention that the query producing z puts on its previous token, averaged over the pair's
-    selected heads (RAUQ: such heads lose focus where outputs go wrong); None when z came from the prompt's prefill;
+    selected heads (RAUQ: such heads lose focus where outputs go wrong); None when z came from the prompt's prefill
+    (which computes no attention weights) or the estimator reads no heads;
     p_prev: the SLM's probability (temperature 1) of the previous token, None for the first;
     index: the draft's position in the answer (0 = the first new token);
     hidden: the drafter's final hidden state at the query that produced z (what its lm-head read), a float vector;
@@ -228,13 +229,15 @@ def rauq(stats: DraftStats) -> float:
 
 class Estimator:
     """One way of choosing drafts. `passes`: SLM passes after drafting d before it can be decided (the attention
-    row of the pass over d, or over the next draft); `attention`: the drafting pass must return attention weights."""
+    row of the pass over d, or over the next draft); `attention`: which attention weights its passes must return
+    (only those layers are computed eagerly, `hlm.drafter`): none, the previous-token weight of the pair's selected
+    heads (`prev_attention`), or the importance rows of the last layers (`hlm.importance`)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     knobs: ClassVar[str] = "k: about k uploads per 32 drafts; gamma: raises the bar by gamma std of the score"
     passes: ClassVar[int] = 0
-    attention: ClassVar[bool] = False
+    attention: ClassVar[Literal["", "heads", "rows"]] = ""
     hidden: ClassVar[bool] = False  # the drafting pass must return the final hidden state (`DraftStats.hidden`)
     uses_u_th: ClassVar[bool] = False
 
@@ -265,7 +268,7 @@ class Semantic(Estimator):
 class Rauq(Estimator):
     name = "rauq"
     description = "attention-drop risk (RAUQ): low confidence where the selected heads lose the previous token"
-    attention = True
+    attention = "heads"
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
         return rauq(stats)
@@ -275,7 +278,7 @@ class ProbeEstimator(Estimator):
     name = "probe"
     description = "a logistic probe of 'the cloud would change this draft', fitted per pair on uncertainty, " \
                   "confidence, meaning and attention features"
-    attention = True
+    attention = "heads"
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
         return cal.probe(stats) if cal.probe else stats.ubar  # an unfitted pair falls back to ubar
@@ -321,7 +324,7 @@ class PaperRow(Estimator):
     """The paper-literal reconstruction (`hlm.importance`): uncertain and important in one attention row."""
 
     knobs = "k: rank bound in the attention row; gamma: row threshold mean + gamma*std; and u > u_th"
-    attention = True
+    attention = "rows"
     uses_u_th = True
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:

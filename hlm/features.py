@@ -41,8 +41,11 @@ def default_heads(n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
     return tuple((layer, h) for layer in range(n_layers // 3, 2 * n_layers // 3 or 1) for h in range(n_heads))
 
 
-def prev_attention(attentions: Sequence[torch.Tensor], heads: Sequence[tuple[int, int]], query: int = -1) -> float:
-    """Mean weight that `query` puts on the position before it, over the given (layer, head) pairs."""
-    q = query if query >= 0 else attentions[0].shape[2] + query
-    kv = attentions[0].shape[3] - attentions[0].shape[2] + q  # the query's own column in the key axis
+def prev_attention(attentions: Sequence[torch.Tensor | None], heads: Sequence[tuple[int, int]],
+                   query: int = -1) -> float:
+    """Mean weight that `query` puts on the position before it, over the given (layer, head) pairs (only their
+    layers need weights: the others may be None)."""
+    first = attentions[heads[0][0]]
+    q = query if query >= 0 else first.shape[2] + query
+    kv = first.shape[3] - first.shape[2] + q  # the query's own column in the key axis
     return float(torch.stack([attentions[layer][0, h, q, kv - 1].to(torch.float32) for layer, h in heads]).mean())

@@ -27,12 +27,17 @@ class Importance:
     important: bool
 
 
-def attention_row(attentions: Sequence[torch.Tensor], last_layers: int, query: int = -1) -> torch.Tensor:
-    """Mean over heads (and the last `last_layers` layers; 0 = all) of one query's attention row (default: the
+def row_layers(n_layers: int, last_layers: int) -> range:
+    """The layers an attention row averages: the last `last_layers` (0 = all)."""
+    return range(max(n_layers - last_layers, 0) if last_layers else 0, n_layers)
+
+
+def attention_row(attentions: Sequence[torch.Tensor | None], last_layers: int, query: int = -1) -> torch.Tensor:
+    """Mean over heads (and `row_layers`; the others may be None) of one query's attention row (default: the
     newest), cut at the query's own key so that a teacher-forced prefill gives the row a decode step would."""
-    layers = attentions[-last_layers:] if last_layers else attentions
-    q = query if query >= 0 else attentions[0].shape[2] + query
-    kv = attentions[0].shape[3] - attentions[0].shape[2] + q + 1
+    layers = [attentions[i] for i in row_layers(len(attentions), last_layers)]
+    q = query if query >= 0 else layers[0].shape[2] + query
+    kv = layers[0].shape[3] - layers[0].shape[2] + q + 1
     return torch.stack([a[0, :, q, :kv].to(torch.float32).mean(0) for a in layers]).mean(0)
 
 

@@ -6,8 +6,9 @@ token. So each model keeps the head's KV and every run starts from a copy of it.
 as its own pass, warm or not, so a run's numbers never depend on what ran before (same seed, same tokens).
 
 The rest goes in chunks of CHUNK tokens: memory is then the KV cache plus one chunk's attention, not attention
-over the whole prompt (the drafter's eager attention would need 10 GB for a 25,000-token prompt in one pass), and
-each decoder layer checks the caller's cancel event, so Stop cuts even a long prefill within one layer's work.
+over the whole prompt (eager attention wanted 10 GB for a 25,000-token prompt in one pass; a prefill asks for no
+attention weights, so both models run SDPA here, `hlm.drafter`), and each decoder layer checks the caller's cancel
+event, so Stop cuts even a long prefill within one layer's work.
 """
 
 from __future__ import annotations

@@ -133,8 +133,8 @@ def test_drafter_rollback_matches_recompute(tiny):
     ids = tiny.encode_prompt(PROMPT, 8)
     d = Drafter(tiny.draft)
     d.prefill(ids)
-    d.forward([65], attention=True)
-    d.forward([66], attention=True)
+    d.forward([65], layers={0, 1})
+    d.forward([66], layers={0, 1})
     d.rollback(2)
     assert d.length == len(ids)
     cached = d.forward([67]).logits
@@ -183,10 +183,10 @@ class CheckingDrafter(Drafter):
             torch.testing.assert_close(out.hidden, fresh.hidden_states[-1][0, -1], rtol=1e-4, atol=1e-4)
         CheckingDrafter.checks += 1
 
-    def forward(self, ids, attention=False, hidden=False):
+    def forward(self, ids, layers=(), hidden=False):
         if not hasattr(self, "shadow"):
-            return super().forward(ids, attention, hidden)
-        out = super().forward(ids, attention, hidden)
+            return super().forward(ids, layers, hidden)
+        out = super().forward(ids, layers, hidden)
         self.shadow += ids
         self._check(out)
         return out

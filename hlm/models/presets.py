@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm import ASSETS
+from hlm.drafter import KERNEL
 from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
@@ -158,12 +159,13 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
         draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=progress))
     tokenizer = _load_tokenizer(draft_ref)
     verifier_tokenizer = _load_tokenizer(verifier_ref)
-    # The drafter needs attention weights (eager); the verifier does not, so it uses the faster SDPA kernel.
-    draft = load_model(draft_ref, dev, torch_dtype, "eager")
+    # The verifier never returns attention weights: SDPA. The drafter's passes return them only for an estimator
+    # that reads them, and only on the layers it reads: SDPA elsewhere, eager there (`hlm.drafter.KERNEL`).
+    draft = load_model(draft_ref, dev, torch_dtype, KERNEL)
     verifier = load_model(verifier_ref, dev, torch_dtype, "sdpa")
     pair = make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
     passed = preset.fast if preset else ("none", "none")
-    for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), ("eager", "sdpa"),
+    for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), (KERNEL, "sdpa"),
                                            passed, strict=True):
         try:
             pair.quant[role] = fast_path(getattr(pair, role), quant, guard)

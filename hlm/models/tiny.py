@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from hlm.drafter import KERNEL
 from hlm.models.pairs import ModelPair, make_pair
 from hlm.quant import quantize
 
@@ -33,11 +34,12 @@ def tiny_tokenizer(specials: tuple[str, ...] = SPECIALS) -> PreTrainedTokenizerF
     return fast
 
 
-def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = VOCAB_SIZE) -> PreTrainedModel:
+def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = VOCAB_SIZE,
+               attention: str = "eager") -> PreTrainedModel:
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024, initializer_range=0.3, tie_word_embeddings=True,
-                         attn_implementation="eager", eos_token_id=258, bos_token_id=None, pad_token_id=256)
+                         attn_implementation=attention, eos_token_id=258, bos_token_id=None, pad_token_id=256)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     model.hlm_name = f"tiny-{hidden}x{layers}-seed{seed}"
@@ -47,7 +49,7 @@ def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = V
 def tiny_pair(device: torch.device | None = None, quant: str = "auto") -> ModelPair:
     """`quant`: auto and none keep fp32 (the tests' exact reference); int8/int4 exercise the fast path."""
     device = device or torch.device("cpu")
-    draft = tiny_model(seed=1, hidden=64, layers=2).to(device)
+    draft = tiny_model(seed=1, hidden=64, layers=2, attention=KERNEL).to(device)  # as `load_pair` loads a drafter
     verifier = tiny_model(seed=2, hidden=96, layers=3).to(device)
     pair = make_pair("tiny", draft, verifier, tiny_tokenizer(), tiny_tokenizer())
     if quant not in ("auto", "none"):
