@@ -1,4 +1,4 @@
-"""`python -m hlm`: generate, calibrate, bench, sweep, study, serve-cloud and fleet, one module each in this package.
+"""`python -m hlm`: generate, calibrate, bench, sweep, study, eval, serve-cloud and fleet, one module each here.
 
 The argparse side of every command lives in this package, one module a command (`register` adds its parser,
 `cmd_*` turns the flags into plain values for the library). Bad input (`hlm.errors.UserError`) exits with status 2
@@ -11,10 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hlm.cli import bench, calibrate, fleet, generate, serve, study, sweep
+from hlm.cli import bench, calibrate, evaluate, fleet, generate, serve, study, sweep
 from hlm.errors import UserError
 
-COMMANDS = (generate, calibrate, bench, sweep, study, serve, fleet)  # in the order `--help` lists them
+COMMANDS = (generate, calibrate, bench, sweep, study, evaluate, serve, fleet)  # in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
