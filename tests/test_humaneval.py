@@ -42,9 +42,10 @@ def test_an_infinite_loop_times_out():
 
 
 def test_a_memory_hog_is_stopped_by_the_limit():
-    hog = "    x = bytearray(1536 * 2**20)\n    return len(x) > 0\n"  # 1.5 GiB (calloc: untouched pages)
-    assert not check(TOY, hog, memory_mb=1024)["passed"]
-    assert check(TOY, hog, memory_mb=4096)["passed"]  # the same code passes with room: the limit stopped it
+    assert not check(TOY, "    x = bytearray(1536 * 2**20)\n    return True\n", memory_mb=1024)["passed"]
+    hit = "    try:\n        bytearray({} * 2**20)\n    except MemoryError:\n        return False\n    return True\n"
+    assert not check(TOY, hit.format(1536), memory_mb=1024)["passed"]  # 1.5 GiB: refused by the limit
+    assert check(TOY, hit.format(64), memory_mb=1024)["passed"]  # 64 MiB: room to work
 
 
 def test_the_child_carries_no_credentials(monkeypatch):

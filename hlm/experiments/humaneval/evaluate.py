@@ -126,7 +126,7 @@ def evaluate(workers: Workers, spec: EvalSpec, after_run: Callable[[Job, dict], 
     table = format_table(summary, differences, meta)
     figures = save_figures({"curve": curve(summary, meta["problems"])}, out / "figures", spec.png)
     meta["figures"] = figures
-    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    pd.DataFrame(rows).astype({"k": "Int64"}).to_csv(out / "results.csv", index=False)  # k stays whole beside blanks
     write_atomic(out / "results.json", {"meta": meta, "summary": summary, "paired": differences, "rows": rows})
     (out / "table.txt").write_text(table + "\n", encoding="utf-8")
     (out / "completions.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
