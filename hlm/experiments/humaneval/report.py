@@ -122,8 +122,8 @@ def _errors(rows: Rows) -> dict[str, Any]:
 
 def curve(summary: Rows, problems: int) -> go.Figure:
     """pass@1 against realised upload rate: the subject over its settings (a line per estimator), the control at
-    each setting joined to the subject's point, policies that never upload as horizontal lines (floor, ceiling),
-    and any other policy as a point."""
+    each setting joined to the subject's point, policies that never upload as horizontal lines (the floor and the
+    ceiling), and any other policy as a point."""
     fig = go.Figure()
     subject = [r for r in summary if role_of(r["policy"]) == "subject"]
     for estimator in dict.fromkeys(r["estimator"] for r in subject):
@@ -148,17 +148,19 @@ def curve(summary: Rows, problems: int) -> go.Figure:
                 ys += [100 * r["pass_at_1"], 100 * c["pass_at_1"], None]
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="same setting", hoverinfo="skip",
                                  line={"color": "#bbbbbb", "dash": "dot", "width": 1}))
+    xmax = max([100 * r["upload_rate"] for r in summary] + [1.0])
     for r in summary:
         policy = REGISTRY[r["policy"]]
         if policy.role in ("subject", "control"):
             continue
-        label = f"{policy.name}: {_interval(r, 'pass_at_1', 'pass_lo', 'pass_hi')}"
-        if not policy.uploads:
-            fig.add_hline(y=100 * r["pass_at_1"], line_dash="dash", line_color=policy.colour, annotation_text=label)
+        label = f"{policy.name}: {100 * r['pass_at_1']:.1f} % [{100 * r['pass_lo']:.1f}, {100 * r['pass_hi']:.1f}]"
+        if not policy.uploads:  # a line across the plot, named in the legend (floor and ceiling may coincide)
+            fig.add_trace(go.Scatter(name=label, mode="lines", x=[0, xmax], y=[100 * r["pass_at_1"]] * 2,
+                                     line={"color": policy.colour, "dash": "dash"}))
         else:
             fig.add_trace(go.Scatter(name=label, mode="markers", x=[100 * r["upload_rate"]],
                                      marker={"color": policy.colour, "symbol": "diamond", "size": 9}, **_errors([r])))
     fig.update_layout(title=f"HumanEval pass@1 against realised upload rate ({problems} problems, greedy; "
-                      "95 % Wilson intervals)", xaxis_title="uploads (% of drafts)", yaxis_title="pass@1 (%)",
-                      template="plotly_white")
+                      "95 % Wilson intervals)", xaxis={"title": "uploads (% of drafts)", "rangemode": "tozero"},
+                      yaxis={"title": "pass@1 (%)", "range": [-2, 102]}, template="plotly_white")
     return fig
