@@ -12,8 +12,10 @@ corrected prefix (the verifier never caches drafts). `HybridDecoder._hybrid` is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import re
 import statistics
 import threading
 import time
@@ -120,12 +122,21 @@ class HybridDecoder:
             "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
         }
 
-    def run(self, prompt: str, config: RunConfig, **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
-        """Generate to the end; (text, events, summary dict) as the CLI's --json prints them."""
-        events = list(self.generate(prompt, config, **kwargs))
+    def run(self, prompt: str, config: RunConfig, stop: str | None = None,
+            **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
+        """Generate to the end, or with `stop` (a regular expression) to the token with which the text first matches
+        it (a benchmark's answer ends at its closed code block: what follows costs tokens and changes no verdict);
+        (text, events, summary dict) as the CLI's --json prints them."""
+        events, text = [], ""
+        with contextlib.closing(self.generate(prompt, config, **kwargs)) as stream:
+            for e in stream:
+                events.append(e)
+                text += e.text
+                if stop is not None and re.search(stop, text):
+                    break
         summary = summarize(events, config, self.pair.vocab_size, self.energy_methods(config.link, config.device),
                             self.call_s)
-        return "".join(e.text for e in events), events, summary.to_dict()
+        return text, events, summary.to_dict()
 
     @overload
     def generate(self, prompt: str, config: RunConfig, cancel: threading.Event | None = None,

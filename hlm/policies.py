@@ -98,6 +98,15 @@ def with_role(role: Role) -> str:
     return names[0]
 
 
+def floor() -> str:
+    """The one policy that drafts and never uploads (`slm`): what the device achieves alone, the floor a hybrid
+    policy is measured up from (the reference is the ceiling)."""
+    names = [p.name for p in REGISTRY.values() if p.drafts and not p.uploads]
+    if len(names) != 1:
+        raise LookupError(f"{len(names)} registered policies draft and never upload; an experiment needs exactly one")
+    return names[0]
+
+
 def role_of(name: str) -> Role:
     """`name`'s role in an experiment."""
     return REGISTRY[name].role

@@ -104,6 +104,18 @@ def test_the_commands_take_ray_flags(local_ray, tmp_path, capsys):
     assert exc.value.code == 2 and "give local, auto or ray://HOST:PORT" in capsys.readouterr().err
 
 
+def test_humaneval_runs_its_jobs_on_ray(local_ray, tmp_path):
+    """The decoding goes to the actors; the tests of each completion run here, on the driver."""
+    from hlm.cli import main
+
+    argv = ["eval", "humaneval", "--models", "tiny", "--limit", "1", "--max-new-tokens", "4", "--policies",
+            "slm,ours,random", "--ks", "4", "--estimators", "ubar", "--no-png", "--out", str(tmp_path)]
+    assert main([*argv, "--ray", "local", "--workers", "2", "--worker-cpus", "0.5"]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["workers"] == 2 and len(saved["rows"]) == 3
+    assert len(list((tmp_path / "checks").glob("*.json"))) >= 1
+
+
 def test_the_study_replay_on_ray_equals_serial(local_ray, tmp_path):
     from hlm.decoder import HybridDecoder
     from hlm.experiments.study import collect

@@ -1,4 +1,5 @@
-"""`python -m hlm`: generate, calibrate, bench, sweep, study, serve-cloud, fleet and references (one module each).
+"""`python -m hlm`: generate, calibrate, bench, sweep, study, eval, serve-cloud, fleet and references, one module
+each here.
 
 The argparse side of every command lives in this package, one module a command (`register` adds its parser,
 `cmd_*` turns the flags into plain values for the library). Bad input (`hlm.errors.UserError`) exits with status 2
@@ -11,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hlm.cli import bench, calibrate, fleet, generate, references, serve, study, sweep
+from hlm.cli import bench, calibrate, evaluate, fleet, generate, references, serve, study, sweep
 from hlm.errors import UserError
 
-COMMANDS = (generate, calibrate, bench, sweep, study, serve, fleet, references)  # in the order `--help` lists them
+COMMANDS = (generate, calibrate, bench, sweep, study, evaluate, serve, fleet, references)  # the order `--help` lists
 
 
 def build_parser() -> argparse.ArgumentParser:

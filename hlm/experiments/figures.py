@@ -175,13 +175,10 @@ def export_png(figs: Sequence[go.Figure], paths: Sequence[Path], width: int, hei
     return None
 
 
-def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None, out_dir: Path,
-                  png: bool = True) -> dict[str, Any]:
-    """Write NAME.html (plotly.min.js once beside them, so the folder works offline) and NAME.png.
+def save_figures(figs: dict[str, go.Figure], out_dir: Path, png: bool = True) -> dict[str, Any]:
+    """Write NAME.html per figure (plotly.min.js once beside them, so the folder works offline) and NAME.png.
     Returns the paths written and, if PNG export failed, why."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = {"pareto": pareto(summary, decisions), "upload_heatmap": upload_heatmap(summary),
-            "throughput": throughput(summary), "energy_breakdown": energy_breakdown(summary)}
     html = []
     for name, fig in figs.items():
         path = out_dir / f"{name}.html"
@@ -193,3 +190,11 @@ def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] |
         result["png_error"] = export_png(list(figs.values()), paths, **SIZE)
         result["png"] = [] if result["png_error"] else [str(p) for p in paths]
     return result
+
+
+def write_figures(summary: Sequence[dict[str, Any]], decisions: dict[str, Any] | None, out_dir: Path,
+                  png: bool = True) -> dict[str, Any]:
+    """The sweep's four figures (`save_figures`)."""
+    return save_figures({"pareto": pareto(summary, decisions), "upload_heatmap": upload_heatmap(summary),
+                         "throughput": throughput(summary), "energy_breakdown": energy_breakdown(summary)},
+                        out_dir, png)

@@ -401,7 +401,7 @@ def fleet(decoder: HybridDecoder, spec: FleetSpec) -> Result:
     (rows, capacity, meta) and figures/fleet_p95.html (and .png where a Chrome is available)."""
     import pandas as pd
 
-    from hlm.experiments.figures import SIZE, export_png
+    from hlm.experiments.figures import save_figures
 
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     traces = record_all(decoder, spec)
@@ -417,13 +417,7 @@ def fleet(decoder: HybridDecoder, spec: FleetSpec) -> Result:
     title = (f"p95 verify latency vs devices ({rows[0]['replicas'] if rows else '?'} replica(s); device "
              f"{base.device.name}, link {base.link_preset})")
     fig = p95_figure(rows, spec.budget_ms, title)
-    figures_dir = spec.out_dir / "figures"
-    figures_dir.mkdir(exist_ok=True)
-    fig.write_html(figures_dir / "fleet_p95.html", include_plotlyjs="directory")
-    figures: dict[str, Any] = {"html": [str(figures_dir / "fleet_p95.html")], "png": [], "png_error": None}
-    if spec.png:
-        figures["png_error"] = export_png([fig], [figures_dir / "fleet_p95.png"], **SIZE)
-        figures["png"] = [] if figures["png_error"] else [str(figures_dir / "fleet_p95.png")]
+    figures = save_figures({"fleet_p95": fig}, spec.out_dir / "figures", spec.png)
     pd.DataFrame(rows).to_csv(spec.out_dir / "fleet.csv", index=False)
     meta = {**spec.meta, "models": spec.models, "url": spec.url, "prompts": len(spec.prompts),
             "devices": list(spec.devices), "duration_s": spec.duration_s, "budget_ms": spec.budget_ms,

@@ -66,11 +66,12 @@ class Job:
     prompt: dict[str, str]  # id, category, prompt
     config: RunConfig
     matched_to: str = ""  # the control: the subject setting whose upload rate it matches
+    stop: str = ""  # the run ends where its text first matches this regular expression (`HybridDecoder.run`)
 
     def identity(self, models: str) -> dict[str, Any]:
         return {"models": models, "prompt_id": self.prompt["id"],
                 "prompt_sha256": hashlib.sha256(self.prompt["prompt"].encode()).hexdigest(),
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), **({"stop": self.stop} if self.stop else {})}
 
     @property
     def policy(self) -> Policy:
@@ -131,23 +132,28 @@ class Grid:
     def control_count(self, prompts: Sequence[dict[str, str]]) -> int:
         return len(prompts) * len(self.seeds) * len(self.settings) if with_role("control") in self.policies else 0
 
-    def control_jobs(self, first: Sequence[tuple[Job, dict]]) -> list[Job]:
-        """The control for each subject setting, at the skip rate that matches its pooled upload rate."""
+    def control_jobs(self, first: Sequence[tuple[Job, dict]], per_prompt: bool = False) -> list[Job]:
+        """The control for each subject run, at the skip rate that matches the upload rate of its setting pooled
+        over the prompts, or with `per_prompt` of the subject's own run on that prompt (and seed)."""
         control = with_role("control")
         if control not in self.policies:
             return []
         subject = [(job, record, job.policy.setting(job.config.policy)) for job, record in first
                    if job.policy.role == "subject"]
-        pooled: dict[str, list[int]] = {}
-        for _, record, setting in subject:
-            tally = pooled.setdefault(setting, [0, 0])
+
+        def key(job: Job, setting: str) -> tuple:
+            return (setting, job.prompt["id"], job.config.sampling.seed) if per_prompt else (setting,)
+
+        pooled: dict[tuple, list[int]] = {}
+        for job, record, setting in subject:
+            tally = pooled.setdefault(key(job, setting), [0, 0])
             tally[0] += record["summary"]["uploads"]
             tally[1] += record["summary"]["tokens"]
         jobs = []
         for job, _, setting in subject:
-            up, tokens = pooled[setting]
+            up, tokens = pooled[key(job, setting)]
             skip = round(1.0 - up / tokens, 4) if tokens else 1.0
-            jobs.append(Job(job.prompt, job.config.with_policy(name=control, skip_rate=skip), setting))
+            jobs.append(replace(job, config=job.config.with_policy(name=control, skip_rate=skip), matched_to=setting))
         return jobs
 
 
@@ -172,7 +178,7 @@ def write_atomic(path: Path, data: Any) -> None:
 def run_job(decoder: HybridDecoder, item: tuple[int, Job]) -> dict[str, Any]:
     """A `Workers` task: the run of (position, job), as its run file keeps it (less the identity: the driver's)."""
     job = item[1]
-    text, events, summary = decoder.run(job.prompt["prompt"], job.config)
+    text, events, summary = decoder.run(job.prompt["prompt"], job.config, stop=job.stop or None)
     return {"text": text, "summary": summary, "tokens": [minimal_token(e) for e in events]}
 
 
@@ -234,16 +240,24 @@ class SweepSpec:
 
 def execute(workers: Workers, spec: SweepSpec,
             after_run: Callable[[Job, dict], None] | None = None) -> tuple[list[tuple[Job, dict]], list[dict]]:
-    """Run (or load) every job of the sweep; returns (job, record) pairs, the controls last, and the failed jobs.
-    A prompt with a failed job is left out whole (its rows would have no reference or no counterfactual)."""
-    grid = spec.grid
-    first = grid.first_jobs(spec.prompts, spec.base)
-    with tqdm(total=len(first) + grid.control_count(spec.prompts), unit="run", desc="sweep",
-              disable=not spec.progress, dynamic_ncols=True, file=sys.stderr) as bar:
-        runner = Runner(workers, spec.models, spec.out_dir / "runs", bar, after_run)
+    """Run (or load) every job of the sweep (`run_matched`), each control matched to its setting's pooled rate."""
+    return run_matched(workers, spec.models, spec.out_dir / "runs", spec.grid,
+                       spec.grid.first_jobs(spec.prompts, spec.base), progress=spec.progress, after_run=after_run)
+
+
+def run_matched(workers: Workers, models: str, runs_dir: Path, grid: Grid, first: Sequence[Job], *,
+                per_prompt: bool = False, desc: str = "sweep", progress: bool = True,
+                after_run: Callable[[Job, dict], None] | None = None) -> tuple[list[tuple[Job, dict]], list[dict]]:
+    """Run (or load) `first`, then the grid's controls matched to its subject runs (`Grid.control_jobs`); returns
+    (job, record) pairs, the controls last, and the failed jobs. A prompt with a failed job is left out whole (its
+    rows would lack a run they are compared with)."""
+    matched = sum(j.policy.role == "subject" for j in first) if with_role("control") in grid.policies else 0
+    with tqdm(total=len(first) + matched, unit="run", desc=desc, disable=not progress, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        runner = Runner(workers, models, runs_dir, bar, after_run)
         bar.update(runner.cached(first))
         done = [(j, r) for j, r in runner.run(first) if j.prompt["id"] not in runner.failed_prompts()]
-        second = grid.control_jobs(done)
+        second = grid.control_jobs(done, per_prompt)
         bar.update(runner.cached(second))
         done += runner.run(second)
     failed = [{"prompt_id": job.prompt["id"], "policy": job.config.policy.name,
@@ -258,7 +272,7 @@ def _per_token(value: float | None, tokens: int) -> float | None:
     return value / tokens if value is not None and tokens else None
 
 
-def _row(job: Job, record: dict, counterfactual: dict | None) -> dict[str, Any]:
+def run_row(job: Job, record: dict, counterfactual: dict | None) -> dict[str, Any]:
     """One run's row: its settings (the knobs its policy reads), every Summary figure, per-token energy, and its
     energy saving against the counterfactual's run of the same prompt and seed (`counterfactual`: that summary)."""
     pol, policy, s = job.config.policy, job.policy, record["summary"]
@@ -282,7 +296,7 @@ def _row(job: Job, record: dict, counterfactual: dict | None) -> dict[str, Any]:
 
 
 def tabulate(done: Sequence[tuple[Job, dict]], scorer: QualityScorer) -> list[dict[str, Any]]:
-    """One tidy row per run (`_row`) with its BERTScore F1 against the reference's output for the same prompt and
+    """One tidy row per run (`run_row`) with its BERTScore F1 against the reference's output for the same prompt and
     seed (scored in one batch by the one loaded scorer)."""
     def key(job: Job) -> tuple[str, int]:
         return job.prompt["id"], job.config.sampling.seed
@@ -295,7 +309,7 @@ def tabulate(done: Sequence[tuple[Job, dict]], scorer: QualityScorer) -> list[di
     f1s = iter(scorer.f1([r["text"] for _, r in scored], [by_role["reference"][key(j)]["text"] for j, _ in scored]))
     rows = []
     for job, record in done:
-        row = _row(job, record, by_role["counterfactual"].get(key(job), {}).get("summary"))
+        row = run_row(job, record, by_role["counterfactual"].get(key(job), {}).get("summary"))
         row["bertscore_f1"] = next(f1s) if job.policy.role != "reference" else None
         rows.append(row)
     return rows

