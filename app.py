@@ -230,7 +230,7 @@ def _views(dash: Dashboard) -> dict[str, gr.components.Component]:
                                        "the estimator's, against the bar it had to reach to be uploaded")
         with gr.Tab("Hardware", id="hardware"):
             hardware = gr.HTML(dash.hardware(dash.start))
-        with gr.Tab("Evidence", id="evidence"):
+        with gr.Tab("Evidence", id="evidence", elem_id="hlm-evidence"):
             _evidence(dash)
     return {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
             "table": table, "compare": compare, "tab": tabs, "hardware": hardware}

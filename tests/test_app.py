@@ -521,7 +521,7 @@ def test_the_evidence_tab_reads_the_committed_study():
     study = json.loads((RESULTS / STUDY).read_text(encoding="utf-8"))
     ours = next(r for r in study["rows"] if r["mode"] == "greedy" and r["rule"] == Settings.estimator
                 and r["budget"] == 0.3)
-    assert f"| 30.0% | ours: {Settings.estimator} (ships) | {ours['first_divergence_recall']:.3f} [" in e.capture_table
+    assert f"| 30.0% | {Settings.estimator} (ours) | {ours['first_divergence_recall']:.3f} [" in e.capture_table
     confirm = study["confirm"]["summary"]["prefix"]
     assert f"| faithful prefix | {confirm['ours']:.3f} | {confirm['coin']:.3f} | {confirm['delta']:+.3f} [" in \
         e.end_to_end

@@ -30,9 +30,14 @@ MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
 RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
 DEFAULT_LABEL = f"ours k={Settings.k} γ={Settings.gamma:g}"
-# every plotly chart laid out no wider than its box (a chart updated in a hidden tab keeps a stale width)
-FITTED = ("() => [...document.querySelectorAll('.js-plotly-plot')].every("
-          "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
+
+
+def fitted(scope: str = "") -> str:
+    """Every plotly chart (under the CSS selector `scope`) laid out no wider than its box (a chart updated in a
+    hidden tab keeps a stale width)."""
+    return (f"() => [...document.querySelectorAll('{scope} .js-plotly-plot')].every("
+            "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
+
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
 
@@ -134,7 +139,7 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     assert page.locator(".hlm-status.done").inner_text().startswith(f"{DEFAULT_LABEL}:")
     # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
     page.get_by_role("tab", name="Output").click()
-    page.wait_for_function(FITTED, timeout=5_000)
+    page.wait_for_function(fitted(), timeout=5_000)
     # ... and end at ours' final token (they were cut off half way once)
     drawn = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].filter(e => e.data.length)"
                           ".map(e => Math.max(...e.data.flatMap(t => t.x || []).filter(v => v !== null)))")
@@ -243,7 +248,7 @@ def test_evidence_tab_shows_the_capture_curve(browser, url, tmp_path):
     names = page.evaluate("() => document.querySelector('#hlm-capture .js-plotly-plot').data.map(t => t.name)")
     for rule in ("ours: ", "uncertainty alone", "paper-literal", "coin", "oracle"):
         assert any(n.startswith(rule) for n in names), (rule, names)
-    page.wait_for_function(FITTED, timeout=5_000)  # laid out in its own tab, at its own width
+    page.wait_for_function(fitted("#hlm-evidence"), timeout=5_000)  # laid out in its own tab, at its own width
     text = page.locator("body").inner_text()
     assert "End to end against the matched coin" in text and "HumanEval pass@1" in text
     assert "python -m hlm study --prompts" in text  # each result says how it was made

@@ -138,7 +138,7 @@ def capture_figure(lines: Sequence[CaptureLine], metric: str, title: str, y: str
     interval and the setting of each point."""
     layout = _layout(title, "uploads (% of drafts)", y, hovermode="closest", height=420)
     layout["margin"]["b"] = 130  # room for the legend's seven rules
-    layout["yaxis"]["range"], layout["xaxis"]["range"] = [0, 1.04], [0, 100]
+    layout["yaxis"]["range"] = [0, 1.04]
     data = []
     for line in lines:
         rows = sorted((r for r in line.rows if r.get(metric) is not None), key=lambda r: r["upload_rate"])

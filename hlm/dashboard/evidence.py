@@ -86,7 +86,7 @@ def _readable(what: str, path: Path, command: str, build: Callable[..., str], *a
 def _made_by(data: dict[str, Any] | None, path: Path, default: str) -> str:
     meta = (data or {}).get("meta")
     command = meta.get("command") if isinstance(meta, dict) and meta.get("command") else default
-    return f"`{_shown(path)}`, made by `{command}`"
+    return f"From `{_shown(path)}`, made by `{command}`"
 
 
 def _shown(path: Path) -> str:
@@ -116,30 +116,35 @@ def _capture_text(study: dict[str, Any]) -> str:
     return (f"### Which drafts to upload: {study['prompts']} held-back prompts\n"
             f"Greedy replay on the {study.get('models', '')} pair: {study['tokens']['greedy']:,} drafts, "
             f"{study['divergences']:,} of which the cloud would change. Each rule uploads the drafts it scores "
-            "highest, from 5 to 50 % of them. Left: how often the answer's first changed draft was uploaded (the "
-            "first one missed ends the LLM's answer); right: how much of the LLM's answer the device then kept word "
-            "for word. The coin uploads at random, the oracle knows the cloud's answer; the paper-literal rule has no "
-            "budget, so its points are its k, γ settings. Hover a point for its 95 % interval. The rules and knobs "
-            "were chosen on other prompts (the tuning half), so these numbers are a test, not a fit.")
+            "highest, from 5 to 50 % of them. The first chart: how often the answer's first changed draft was "
+            "uploaded (the first one missed ends the LLM's answer); the second: how much of the LLM's answer the "
+            "device then kept word for word. The coin uploads at random, the oracle knows the cloud's answer; the "
+            "paper-literal rule has no budget, so its points are its k, γ settings. Hover a point for its 95 % "
+            "interval. The rules and knobs were chosen on other prompts (the tuning half), so these numbers are a "
+            "test, not a fit.")
 
 
 def _capture_table(rows: Sequence[dict[str, Any]], study: dict[str, Any], path: Path) -> str:
     """Every rule at each of BUDGETS, then at their own knobs: ours at the shipped ones, the paper-literal rule at
     its settings nearest to each budget."""
     auroc = {r["rule"]: r["auroc"] for r in study["rows"] if r.get("mode") == "greedy" and r.get("auroc") is not None}
-    lines = ["| uploads | rule | first changed draft uploaded | faithful prefix | captured divergences | AUROC |",
+    lines = ["Changes caught: the share of all changed drafts uploaded; AUROC: how well the score ranks the drafts the "
+             "cloud changes above the rest.\n",
+             "| uploads | rule | first change uploaded | faithful prefix | changes caught | AUROC |",
              "|---|---|---|---|---|---|"]
-    labels = {rule: label for rule, label, *_ in RULES}
-    at_budgets = [r for budget in BUDGETS for rule in labels for r in rows
+    at_budgets = [r for budget in BUDGETS for rule, *_ in RULES for r in rows
                   if r["rule"] == rule and r["budget"] == budget]
     paper = [r for r in rows if r["rule"] == PAPER]
     own = [r for r in rows if r["rule"] == SHIPPED and r["setting"] == SHIPPED_SETTING]
     own += list({id(r): r for budget in BUDGETS
                  for r in sorted(paper, key=lambda r: abs(r["upload_rate"] - budget))[:1]}.values())
-    lines += [_row(r, labels[r["rule"]], auroc.get(r["rule"])) for r in at_budgets]
-    lines += [_row(r, f"{r['rule']} at its {r['setting']}" + (" (ships)" if r["rule"] == SHIPPED else ""),
-                   auroc.get(r["rule"])) for r in own]
-    return "\n".join(lines) + f"\n\nFrom {_made_by(study, path, STUDY_COMMAND)}."
+    lines += [_row(r, _name(r), auroc.get(r["rule"])) for r in at_budgets]
+    lines += [_row(r, f"{_name(r)}, {r['setting']}", auroc.get(r["rule"])) for r in own]
+    return "\n".join(lines) + f"\n\n{_made_by(study, path, STUDY_COMMAND)}"
+
+
+def _name(r: dict[str, Any]) -> str:
+    return f"{r['rule']} (ours)" if r["rule"] == SHIPPED else r["rule"]
 
 
 def _row(r: dict[str, Any], label: str, auroc: float | None) -> str:
@@ -175,7 +180,7 @@ def _end_to_end(study: dict[str, Any], path: Path) -> str:
             "| | ours | coin, matched | ours − coin [95 %] | p |\n|---|---|---|---|---|")
     rows = [f"| {label} | {m['ours']:.3f} | {m['coin']:.3f} | {m['delta']:+.3f} [{m['delta_lo']:+.3f}, "
             f"{m['delta_hi']:+.3f}] | {m['wilcoxon_p']:.2g} |" for key, label in E2E if (m := s.get(key))]
-    return "\n".join([head, *rows]) + f"\n\nFrom {_made_by(study, path, STUDY_COMMAND)}."
+    return "\n".join([head, *rows]) + f"\n\n{_made_by(study, path, STUDY_COMMAND)}"
 
 
 def _humaneval(results: Path) -> str:
@@ -190,4 +195,4 @@ def _humaneval(results: Path) -> str:
             "uploads.\n\n")
     if not table:
         return head + _missing("HumanEval", path, HUMANEVAL_COMMAND)
-    return f"{head}```\n{table}\n```\n\nFrom {_made_by(_json(results / HUMANEVAL_RESULTS), path, HUMANEVAL_COMMAND)}."
+    return f"{head}```\n{table}\n```\n\n{_made_by(_json(results / HUMANEVAL_RESULTS), path, HUMANEVAL_COMMAND)}"
