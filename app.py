@@ -43,9 +43,10 @@ SESSIONS_MAX = int(os.environ.get("HLM_SESSIONS_MAX", "256"))
 os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "500")
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
-          'Only tokens that are both <span class="hl">uncertain</span> and <span class="hl">important</span> are '
-          'uploaded for the large cloud model to verify, which saves radio energy. Colours show where each token '
-          'came from.</p></div>')
+          'The device uploads only the drafts the large cloud model is <span class="hl">most likely to change</span>, '
+          '<span class="hl">earliest first</span>; the cloud verifies those, and every other draft stays as it is, '
+          'which saves radio energy. Colours show where each token came from; the Evidence tab shows how well '
+          'this choice works across many prompts.</p></div>')
 COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference), then HLM (every token uploaded), "
                 "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
@@ -208,8 +209,8 @@ def _advanced(dash: Dashboard) -> tuple[dict[str, gr.components.Component], Risk
 
 
 def _views(dash: Dashboard) -> dict[str, gr.components.Component]:
-    """The right column: the headline cards over the Output, Compare, Token details and Hardware tabs; keyed by
-    the `Frame` field each shows."""
+    """The right column: the headline cards over the Output, Compare, Token details, Hardware and Evidence tabs;
+    keyed by the `Frame` field each shows (Evidence is fixed: no frame changes it)."""
     blank = dash.blank()
     stats = gr.HTML(blank.stats)
     with gr.Tabs(selected="output") as tabs:
@@ -225,11 +226,26 @@ def _views(dash: Dashboard) -> dict[str, gr.components.Component]:
             compare = gr.HTML(blank.compare)
         with gr.Tab("Token details", id="details"):
             table = gr.Dataframe(headers=Frame.HEADERS, interactive=False, max_height=480,
-                                 label="Every token of the last run (hovering a token shows the same)")
+                                 label="Every token of the last run (after Compare or Show me: ours). Score: "
+                                       "the estimator's, against the bar it had to reach to be uploaded")
         with gr.Tab("Hardware", id="hardware"):
             hardware = gr.HTML(dash.hardware(dash.start))
+        with gr.Tab("Evidence", id="evidence", elem_id="hlm-evidence"):
+            _evidence(dash)
     return {"stats": stats, "tokens": tokens, "energy": energy, "uploads": uploads, "quality": quality,
             "table": table, "compare": compare, "tab": tabs, "hardware": hardware}
+
+
+def _evidence(dash: Dashboard) -> None:
+    """The Evidence tab: values read from the committed result files when the page is built; no event fills it,
+    so loading the page computes nothing."""
+    e = dash.evidence()
+    gr.Markdown(e.capture)
+    gr.Plot(_plot(e.recall), show_label=False, elem_id="hlm-capture")
+    gr.Plot(_plot(e.prefix), show_label=False)
+    gr.Markdown(e.capture_table, elem_classes="hlm-note")
+    gr.Markdown(e.end_to_end)
+    gr.Markdown(e.humaneval)
 
 
 def _streamed(action: Callable[..., Iterator[Frame]]) -> Callable[..., Iterator[list[Any]]]:

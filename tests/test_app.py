@@ -25,8 +25,9 @@ from conftest import free_port
 
 from hlm.config import KNOB_HELP, ConfigError
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.evidence import RESULTS, STUDY, evidence
 from hlm.dashboard.flows import Dashboard, Frame
-from hlm.dashboard.render import error_notice, stats_html, token_span, verdict
+from hlm.dashboard.render import error_notice, stats_html, token_rows, token_span, verdict
 from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
 from hlm.dashboard.service import INTERVAL_S, Service
 from hlm.dashboard.settings import KNOBS, REFERENCE_SAMPLES, Settings
@@ -322,6 +323,19 @@ def test_generate_frames_end_with_table_and_history(service):
     assert any(f.energy is not None for f in frames) and frames[1].energy is None  # first token without charts
 
 
+def test_token_details_show_each_drafts_score_and_the_bar_it_was_held_against(service):
+    frames = list(Dashboard(service).generate("s", "tiny", PROMPT, Settings(max_new_tokens=16), []))
+    rows = [dict(zip(Frame.HEADERS, row, strict=True)) for row in frames[-1].table]
+    assert rows and all(r["score"] and r["bar"] for r in rows)  # ours scores every draft
+    for r in rows:  # uploaded iff score >= bar (both rounded alike, so the order survives)
+        uploaded = r["source"] in ("cloud_accepted", "cloud_resampled")
+        assert float(r["score"]) >= float(r["bar"]) if uploaded else float(r["score"]) <= float(r["bar"])
+    e = TokenEvent(index=0, position=0, token_id=1, text="a", source="local", uploaded=False)
+    row = dict(zip(Frame.HEADERS, token_rows([replace(e, score=0.25, score_threshold=0.5), e])[0], strict=True))
+    assert (row["score"], row["bar"]) == ("0.250", "0.500")
+    assert dict(zip(Frame.HEADERS, token_rows([e])[0], strict=True))["score"] == ""  # a policy that scores nothing
+
+
 def test_stop_ends_the_run_with_a_final_frame(service):
     dash = Dashboard(service)
     frames = []
@@ -340,8 +354,9 @@ def test_stop_ends_the_run_with_a_final_frame(service):
     assert "stopped after" in frames[-2].stats and not frames[-1].history  # a stopped run adds no point
 
 
-def test_compare_frames_fill_five_columns_a_table_and_the_verdict(service):
-    frames = list(Dashboard(service).compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
+def test_compare_frames_fill_five_columns_a_table_and_the_verdict_then_show_ours(service):
+    dash = Dashboard(service)
+    frames = list(dash.compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
     assert frames[0].tab == "compare"
     last = frames[-1]
     rows = re.findall(r"<tr[^>]*><td>([^<]*)</td>", last.compare)
@@ -350,6 +365,14 @@ def test_compare_frames_fill_five_columns_a_table_and_the_verdict(service):
     assert '<tr class="ours"><td>ours k=' in last.compare  # the method's row stands out, not whichever ran last
     assert last.compare.count('class="col"') == 5 and len(last.history) == 4
     assert 'class="hlm-verdict"' in last.compare and "a coin sending as many" in last.compare
+    # the cards followed the runs to the last one, the coin; the comparison ends on ours, everywhere
+    assert '<div class="hlm-status done">random skip=' in frames[-2].stats
+    tokens, rate = re.search(r'<tr class="ours"><td>[^<]*</td><td>(\d+)</td><td>([^<]*)</td>', last.compare).groups()
+    assert f'<div class="hlm-status done">{rows[3]}: done' in last.stats
+    assert re.search(r'<div class="value">([^<]*)</div><div class="name">upload rate', last.stats)[1] == rate
+    assert len(last.table) == last.tokens.count('class="tok ') == int(tokens)
+    assert last.uploads["data"][0]["x"][-1] == int(tokens)
+    assert dash.replay("s", 32, 0.0).stats is not None  # the what-if replay re-decides ours
 
 
 def test_show_me_fills_an_empty_prompt_and_runs_the_three(service):
@@ -488,3 +511,51 @@ def test_sampled_runs_are_scored_against_several_llm_samples_with_a_noise_band(s
     run.update(list(decoder.generate(PROMPT, config)))
     run.faithful = (3, 4)
     assert "faithful prefix 3 of 4 tokens" in stats_html(run)
+
+
+# ---------------------------------------------------------------------------------------------- the Evidence tab
+
+
+def test_the_evidence_tab_reads_the_committed_study():
+    e = evidence()
+    rules = [t["name"] for t in e.recall["data"]]
+    for rule in ("ours: probe-horizon", "uncertainty alone", "paper-literal", "coin", "oracle"):
+        assert any(name.startswith(rule) for name in rules), (rule, rules)
+    study = json.loads((RESULTS / STUDY).read_text(encoding="utf-8"))
+    ours = next(r for r in study["rows"] if r["mode"] == "greedy" and r["rule"] == Settings.estimator
+                and r["budget"] == 0.3)
+    assert f"| 30.0% | {Settings.estimator} (ours) | {ours['first_divergence_recall']:.3f} [" in e.capture_table
+    confirm = study["confirm"]["summary"]["prefix"]
+    assert f"| faithful prefix | {confirm['ours']:.3f} | {confirm['coin']:.3f} | {confirm['delta']:+.3f} [" in \
+        e.end_to_end
+    for section in (e.capture_table, e.end_to_end):  # each says which file and which command
+        assert "`docs/results/study/summary.json`, made by `python -m hlm study --prompts" in section
+    for fig in (e.recall, e.prefix):
+        go.Figure(data=fig["data"], layout=fig["layout"])
+        json.dumps(fig)
+
+
+def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):
+    e = evidence(tmp_path)  # no result files at all
+    assert "not measured yet" in e.capture and "not measured yet" in e.end_to_end and e.recall["data"] == []
+    assert "**HumanEval: not measured yet.**" in e.humaneval and "`python -m hlm eval humaneval " in e.humaneval
+    (tmp_path / "humaneval").mkdir()
+    (tmp_path / "humaneval" / "table.txt").write_text("policy  pass@1\nours    0.600\n", encoding="utf-8")
+    (tmp_path / "humaneval" / "results.json").write_text(json.dumps({"meta": {"command": "hlm eval --limit 2"}}))
+    evidence.cache_clear()
+    shown = evidence(tmp_path).humaneval
+    assert "```\npolicy  pass@1\nours    0.600\n```" in shown and "made by `hlm eval --limit 2`" in shown
+    assert "not measured yet" not in shown
+
+
+def test_the_evidence_tab_is_filled_when_the_page_is_built(service):
+    """Its values are in the page as built: no event (a page load included) computes or fills them."""
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    config = app.build(Dashboard(service)).get_config_file()
+    plot = next(c for c in config["components"] if c["props"].get("elem_id") == "hlm-capture")
+    assert json.loads(plot["props"]["value"]["plot"])["data"][0]["name"].startswith("ours: ")
+    assert not any(plot["id"] in d["outputs"] for d in config["dependencies"])
+    texts = [c["props"].get("value") for c in config["components"] if c["type"] == "markdown"]
+    assert any(isinstance(t, str) and t.startswith("### End to end against the matched coin") for t in texts)

@@ -1,10 +1,11 @@
 """The dashboard in a real browser: headless Debian chromium driven by Playwright against `app.py` on the tiny pair.
 
 Load the page, enter a prompt, Generate, wait for coloured tokens and a chart; change k and γ, run again, then
-the policy, and check that the displayed upload rate changed; Compare fills its table. Screenshots at 1280x800
-and phone width (390x844) go to $HLM_SCREENSHOTS when set, else to the test's temporary folder. The shots in
-docs/screenshots come from `HLM_SCREENSHOTS=docs/screenshots HLM_APP_MODELS=embedded`; HLM_APP_URL points the test
-at an app that is already running.
+the policy, and check that the displayed upload rate changed; Compare fills its table and ends on ours; the Evidence
+tab draws the capture curve from the committed results. Screenshots at 1280x800 and phone width (390x844) go to
+$HLM_SCREENSHOTS when set, else to the test's temporary folder. The shots in docs/screenshots come from
+`HLM_SCREENSHOTS=docs/screenshots HLM_APP_MODELS=embedded`; HLM_APP_URL points the test at an app that is already
+running.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ MODELS = os.environ.get("HLM_APP_MODELS", "tiny")
 PROMPT = "Write a Python function that merges two sorted lists into one sorted list."
 RUN_TIMEOUT_MS = 600_000 if MODELS != "tiny" else 60_000
 DEFAULT_LABEL = f"ours k={Settings.k} γ={Settings.gamma:g}"
-# every plotly chart laid out no wider than its box (a chart updated in a hidden tab keeps a stale width)
-FITTED = ("() => [...document.querySelectorAll('.js-plotly-plot')].every("
-          "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
+
+
+def fitted(scope: str = "") -> str:
+    """Every plotly chart (under the CSS selector `scope`) laid out no wider than its box (a chart updated in a
+    hidden tab keeps a stale width)."""
+    return (f"() => [...document.querySelectorAll('{scope} .js-plotly-plot')].every("
+            "e => e._fullLayout && e._fullLayout.width <= e.parentElement.clientWidth + 1)")
+
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian chromium at {CHROMIUM}")
 
@@ -126,14 +132,18 @@ def test_compare_fills_the_table(browser, url, tmp_path):
     assert "a coin sending as many" in page.locator(".hlm-verdict").inner_text()
     page.locator(".hlm-compare").scroll_into_view_if_needed()
     page.screenshot(path=str(shots(tmp_path) / "compare-1280.png"), full_page=True)
+    # the comparison ends on ours: its row's upload rate on the card, its tokens on the charts
+    ours = page.locator(".hlm-compare-summary tbody tr.ours td")
+    ours_tokens, ours_rate = int(ours.nth(1).inner_text()), ours.nth(2).inner_text()
+    assert page.locator(".hlm-stats .card").first.locator(".value").inner_text() == ours_rate
+    assert page.locator(".hlm-status.done").inner_text().startswith(f"{DEFAULT_LABEL}:")
     # the live charts were drawn while their tab was hidden: back on Output they fit their boxes again
-    last_tokens = int(page.locator(".hlm-compare-summary tbody tr").last.locator("td").nth(1).inner_text())
     page.get_by_role("tab", name="Output").click()
-    page.wait_for_function(FITTED, timeout=5_000)
-    # ... and end at the last run's final token (they were cut off half way once)
+    page.wait_for_function(fitted(), timeout=5_000)
+    # ... and end at ours' final token (they were cut off half way once)
     drawn = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].filter(e => e.data.length)"
                           ".map(e => Math.max(...e.data.flatMap(t => t.x || []).filter(v => v !== null)))")
-    assert drawn[:2] == [last_tokens, last_tokens]  # the energy and upload-rate charts
+    assert drawn[:2] == [ours_tokens, ours_tokens]  # the energy and upload-rate charts
     page.close()
 
 
@@ -226,4 +236,21 @@ def test_what_if_replay_answers_a_slider_move_without_a_run(browser, url):
     assert "what-if replay at k=32" in page.locator(".hlm-status").inner_text()
     assert page.locator(".hlm-status.replay").count() == 1  # no run started: the status is the replay's
     assert page.locator(".prose.hlm-tokens .tok").count() == tokens  # the same drafts, re-decided
+    page.close()
+
+
+def test_evidence_tab_shows_the_capture_curve(browser, url, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.get_by_role("tab", name="Evidence").click()
+    page.locator("#hlm-capture .js-plotly-plot .scatterlayer .trace").first.wait_for(state="attached",
+                                                                                     timeout=10_000)
+    names = page.evaluate("() => document.querySelector('#hlm-capture .js-plotly-plot').data.map(t => t.name)")
+    for rule in ("ours: ", "uncertainty alone", "paper-literal", "coin", "oracle"):
+        assert any(n.startswith(rule) for n in names), (rule, names)
+    page.wait_for_function(fitted("#hlm-evidence"), timeout=5_000)  # laid out in its own tab, at its own width
+    text = page.locator("body").inner_text()
+    assert "End to end against the matched coin" in text and "HumanEval pass@1" in text
+    assert "python -m hlm study --prompts" in text  # each result says how it was made
+    page.screenshot(path=str(shots(tmp_path) / "evidence-1280.png"), full_page=True)
     page.close()

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 250
+SHORT_DESCRIPTION_MAX = 60  # the Hub's limit for a Space card's short_description
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -84,6 +85,9 @@ def test_readme_is_a_front_door() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; the manual in docs/ takes the rest"
     assert lines[0] == "---", "README.md opens with the Hugging Face Space card's front matter"
+    card = lines[1:lines.index("---", 1)]
+    short = next(line.split(":", 1)[1].strip() for line in card if line.startswith("short_description:"))
+    assert len(short) <= SHORT_DESCRIPTION_MAX, f"the Hub refuses a short_description over 60 characters: {short!r}"
 
 
 def test_the_checker_can_fail(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ update would tax the decoding thread through the GIL."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from hlm.dashboard.render import PART_COLOURS, PART_LABELS
 from hlm.dashboard.runs import Replay
@@ -120,3 +120,44 @@ def history_figure(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
         layout["xaxis"]["range"][0] = min(layout["xaxis"]["range"][0], *(h["band"][0] - 0.08 for h in banded))
     return _figure(data, layout)
 
+
+
+class CaptureLine(NamedTuple):
+    """One rule on the capture chart: its study rows (each with `upload_rate`, the metric and its interval), drawn
+    as a line through its matched budgets, or as points where it has none (a rule set by its k and γ)."""
+
+    label: str
+    colour: str
+    rows: Sequence[dict[str, Any]]
+    dash: str = "solid"
+    symbol: str = "circle"
+
+
+def capture_figure(lines: Sequence[CaptureLine], metric: str, title: str, y: str) -> dict[str, Any]:
+    """The held-back capture curve: each rule's `metric` against its share of drafts uploaded; hover gives the 95 %
+    interval and the setting of each point."""
+    layout = _layout(title, "uploads (% of drafts)", y, hovermode="closest", height=420)
+    layout["margin"]["b"] = 130  # room for the legend's seven rules
+    layout["yaxis"]["range"] = [0, 1.04]
+    data = []
+    for line in lines:
+        rows = sorted((r for r in line.rows if r.get(metric) is not None), key=lambda r: r["upload_rate"])
+        if not rows:
+            continue
+        curve = all(r.get("budget") is not None for r in rows)
+        data.append({
+            "type": "scatter", "mode": "lines+markers" if curve else "markers", "name": line.label,
+            "x": [r["upload_rate"] * 100 for r in rows], "y": [r[metric] for r in rows],
+            "line": {"color": line.colour, "width": 2, "dash": line.dash},
+            "marker": {"color": line.colour, "symbol": line.symbol, "size": 7 if curve else 11},
+            "customdata": [[r["setting"], _interval(r, metric)] for r in rows],
+            "hovertemplate": f"{line.label}, %{{customdata[0]}}<br>%{{y:.3f}} %{{customdata[1]}} at %{{x:.1f}}% "
+                             "uploads<extra></extra>"})
+    if not data:
+        return _empty(layout, "not measured yet")
+    return _figure(data, layout)
+
+
+def _interval(row: dict[str, Any], metric: str) -> str:
+    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+    return "" if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from hlm.config import DEVICE_PROFILES, LINK_PRESETS, MAX_PROMPT_CHARS, ConfigError, RunConfig
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
+from hlm.dashboard.evidence import Evidence, evidence
 from hlm.dashboard.render import (
     TOKEN_HEADERS,
     USER_ERRORS,
@@ -115,6 +116,11 @@ def match_control(control: RunView, runs: Sequence[RunView]) -> None:
         control.label = f"{run_label(control.config)} (matched to {subject.config.policy.name})"
 
 
+def subject(runs: Sequence[RunView]) -> RunView | None:
+    """The finished subject (ours) of a comparison; None when it has no result (the comparison was cut short)."""
+    return next((r for r in runs if r.role == "subject" and r.phase == "done" and r.summary), None)
+
+
 class Dashboard:
     """The page's actions on top of a `Service`: each is a generator of `Frame`s (or API payloads)."""
 
@@ -153,6 +159,11 @@ class Dashboard:
     @staticmethod
     def legend() -> str:
         return legend_html()
+
+    @staticmethod
+    def evidence() -> Evidence:
+        """The Evidence tab, read from the committed result files once per process (`hlm.dashboard.evidence`)."""
+        return evidence()
 
     @property
     def start(self) -> str:
@@ -283,15 +294,20 @@ class Dashboard:
             for frame in live_frames(run, self._decode(preset, prompt, run, request)):
                 if run.phase == "reference" and not table_shown:  # the result first; its BERTScore when ready
                     frame.table, table_shown = token_rows(run.events), True
-                if replayable(run):  # before the page shows "done", so a slider moved at once replays
-                    self._last[session] = (preset, run)
-                    while len(self._last) > REPLAYS:
-                        self._last.popitem(last=False)
+                self._remember(session, preset, run)  # before the page shows "done": a slider moved at once replays
                 yield frame
             history = add_history(history, history_point(run, prompt, preset))
             yield Frame(table=token_rows(run.events), history=history, quality=history_figure(history))
         finally:
             self.service.end(session, request)
+
+    def _remember(self, session: str, preset: str, run: RunView) -> None:
+        """`run`, once replayable, as the session's run the what-if replay re-decides (for the REPLAYS most recent
+        sessions)."""
+        if replayable(run):
+            self._last[session] = (preset, run)
+            while len(self._last) > REPLAYS:
+                self._last.popitem(last=False)
 
     def replay(self, session: str, k: Any, gamma: Any, u_th: Any = None) -> Frame:
         """A knob move after a run of an estimator policy (k, γ) or an uncertainty one (u_th): outline the drafts
@@ -361,7 +377,8 @@ class Dashboard:
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
                 history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
         """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
-        charts following the one running, and the verdict once every run is scored."""
+        charts following the one running, and the verdict once every run is scored; then the cards, charts, Output
+        and token table show ours (the subject), which the what-if replay then re-decides."""
         base = self._prepare(preset, prompt, settings)
         request = self.service.begin(session)
         self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
@@ -375,8 +392,13 @@ class Dashboard:
                     frame.tokens, frame.compare = None, compare_html(runs)
                     yield frame
             history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
-            yield Frame(compare=compare_html(runs), history=history,
-                        quality=history_figure(history))
+            final = Frame(compare=compare_html(runs), history=history, quality=history_figure(history))
+            ours = None if request.cancel.is_set() else subject(runs)
+            if ours is not None:  # the cards and charts followed the runs to the last, the coin: ours now, everywhere
+                final.stats, final.tokens, final.table = stats_html(ours), tokens_html(ours), token_rows(ours.events)
+                final.energy, final.uploads = energy_figure(ours.points), upload_figure(ours.points)
+                self._remember(session, preset, ours)
+            yield final
         finally:
             self.service.end(session, request)
 

@@ -253,8 +253,8 @@ def _method(label: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- tables
 
-TOKEN_HEADERS = ["#", "token", "source", "u", "importance", "τ", "rank", "p(draft)", "q(draft)", "accept",
-                 "bits up"]
+TOKEN_HEADERS = ["#", "token", "source", "u", "score", "bar", "importance", "τ", "rank", "p(draft)", "q(draft)",
+                 "accept", "bits up"]
 COMPARE_HEADERS = ["policy", "tokens", "upload rate", "LLM calls", "device energy (J)", "saved vs HLM", "tokens/s",
                    "tokens/s, modelled link", "BERTScore F1"]
 
@@ -264,7 +264,10 @@ def _fmt(x: float | int | None, spec: str) -> str:
 
 
 def token_rows(events: Sequence[TokenEvent]) -> list[list[str]]:
-    return [[str(e.index), repr(e.text), e.source, _fmt(e.u, ".2f"), _fmt(e.importance, ".4f"),
+    """One row per token under TOKEN_HEADERS; score and bar: the estimator's score and the threshold it was held
+    against (uploaded iff score >= bar), blank where the policy scores nothing."""
+    return [[str(e.index), repr(e.text), e.source, _fmt(e.u, ".2f"), _fmt(e.score, ".3f"),
+             _fmt(e.score_threshold, ".3f"), _fmt(e.importance, ".4f"),
              _fmt(e.importance_threshold, ".4f"), _fmt(None if e.importance_rank is None else e.importance_rank + 1,
                                                         "d"),
              _fmt(e.p_draft, ".3f"), _fmt(e.q_draft, ".3f"), _fmt(e.accept_prob, ".3f"), _fmt(e.bits_up, ",")]
