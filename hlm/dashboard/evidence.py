@@ -30,6 +30,7 @@ PAPER = "paper-lookahead"
 # The capture chart's rules, drawn in this order: (study rule, label, colour, line dash)
 RULES = (
     (SHIPPED, f"ours: {SHIPPED} (ships)", REGISTRY[with_role("subject")].colour, "solid"),
+    ("judge-horizon", "hidden-state judge, early first (judge-horizon)", "#9467bd", "solid"),
     ("ubar-horizon", "uncertainty, early first (ubar-horizon)", "#2ca02c", "solid"),
     ("ubar", "uncertainty alone (ubar)", "#ff7f0e", "solid"),
     (PAPER, "paper-literal: uncertain and attended (k, γ grid)", "#e377c2", "solid"),

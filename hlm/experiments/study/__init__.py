@@ -20,7 +20,8 @@ One module per job: `collect` (answers and per-draft rows), `score` (scores, cal
 
 from hlm.experiments.study.collect import collect
 from hlm.experiments.study.confirm import confirm, faithful, paired_summary, sampled_quality
-from hlm.experiments.study.metrics import analyse, capture, choose_defaults, coin_outcome, greedy_outcome
+from hlm.experiments.study.metrics import analyse, capture, choose_defaults, coin_outcome
+from hlm.experiments.study.outcome import greedy_outcome
 from hlm.experiments.study.report import print_report, write_outputs
 from hlm.experiments.study.score import fit_calibration
 

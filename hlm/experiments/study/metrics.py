@@ -19,6 +19,7 @@ from hlm import importance
 from hlm.config import PolicyConfig
 from hlm.estimators import REGISTRY, WINDOW, DraftStats, Estimator, SelectionCalibration
 from hlm.experiments.study.collect import U_DRAWS
+from hlm.experiments.study.outcome import greedy_outcome
 from hlm.experiments.study.score import PAPER, SCORES, layer_heads, record_stats, score_table
 
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -29,14 +30,6 @@ BOOT = 1000
 TARGET_RATE = 0.30  # the upload budget the defaults are chosen for (issue: selection at <= 30 % uploads)
 
 Items = Sequence[tuple[dict[str, Any], dict[str, np.ndarray]]]  # one mode's records, each with its score table
-
-
-def greedy_outcome(selected: np.ndarray, g: np.ndarray) -> tuple[float, float | None, int, int]:
-    """(faithful prefix fraction, first divergence caught or None when there is none, divergences caught, total)."""
-    div = np.flatnonzero(g > 0)
-    missed = div[~selected[div]]
-    prefix = (missed[0] if len(missed) else len(g)) / len(g)
-    return float(prefix), (float(selected[div[0]]) if len(div) else None), int(selected[div].sum()), len(div)
 
 
 def coin_outcome(rate: float, g: np.ndarray) -> tuple[float, float | None, float, int]:

@@ -28,6 +28,7 @@ from hlm.estimators import (
     feature,
     prompt_key,
 )
+from hlm.experiments.study.outcome import greedy_outcome
 
 PROBE_FEATURES = ("ubar", "one_minus_p", "entropy", "margin", "semantic", "prev_attention", "p_prev", "rauq")
 JUDGE_FEATURES = ("ubar", "one_minus_p", "entropy", "margin", "semantic", "p_prev")  # none reads attention
@@ -179,8 +180,6 @@ def _fit_horizon(records: Sequence[dict[str, Any]], bases: dict[str, np.ndarray]
     """The horizon that best turns a per-draft chance into an upload order: for each grid point and each base score
     (ubar, and the learned ones out of fold), first-divergence recall + faithful prefix of the greedy answers at
     HORIZON_BUDGETS (each budget's share of drafts with the top weighted scores); the best point of the best base."""
-    from hlm.experiments.study.metrics import greedy_outcome
-
     greedy = [(i, rec) for i, rec in enumerate(records) if rec["mode"] == "greedy"]
     g = [np.array([r["g"] for r in rec["rows"]], dtype=float) for _, rec in greedy]
     best: tuple[float, Horizon, str] = (-1.0, Horizon(), "")
