@@ -110,7 +110,9 @@ def test_a_replica_killed_mid_run(tiny, pool):
                 for p, s in jobs]
     before = metrics(url)
     paused, go, done = threading.Barrier(len(jobs) + 1), threading.Event(), []
-    make = lambda: verifier(url, tiny.vocab_size, backoff_s=0.05, max_backoff_s=0.2)  # noqa: E731
+    # A backoff far shorter than the rest of a run: the next draft after the outage retries at once, however fast
+    # the tiny pair decodes (a backoff longer than the remaining run would leave every later token unverified).
+    make = lambda: verifier(url, tiny.vocab_size, backoff_s=1e-4, max_backoff_s=1e-3)  # noqa: E731
     runner = threading.Thread(target=lambda: done.append(run_all(tiny, jobs, make, 40, paused, go, 10)))
     runner.start()
     paused.wait(timeout=120)  # every run has 10 tokens

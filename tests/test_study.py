@@ -92,9 +92,15 @@ def test_study_refuses_to_report_on_tuned_prompts(tmp_path, monkeypatch, tiny):
     assert main(["study", "--models", "tiny", "--limit", "2", "--out", str(tmp_path)]) == 2
 
 
+NOISE = 0.05
+
+
 def test_fit_ships_a_judge_that_the_decoder_scores_with(tmp_path, monkeypatch, tiny):
     """--fit writes the judge beside the calibration (safetensors, out-of-fold scores in the report); the decoder,
     given that calibration, scores each draft with the judge on the hidden state of the pass that drafted it."""
+    import copy
+
+    import torch
     from conftest import cfg
 
     from hlm.cli import main
@@ -102,6 +108,13 @@ def test_fit_ships_a_judge_that_the_decoder_scores_with(tmp_path, monkeypatch, t
     from hlm.estimators import judge_path
     from hlm.models import presets
 
+    # The tiny pair's two random models disagree on nearly every token: a verifier that is the drafter slightly
+    # perturbed gives both labels, as a real pair does.
+    verifier = copy.deepcopy(tiny.draft)
+    with torch.no_grad():
+        for w in verifier.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * NOISE)
+    monkeypatch.setattr(tiny, "verifier", verifier)
     monkeypatch.setattr(tiny, "selection", SelectionCalibration())
     monkeypatch.setattr(presets, "load_pair", lambda *a, **k: tiny)
     fit = tmp_path / "selection-tiny.json"

@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 STUDY = "study/summary.json"
 HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval/table.txt", "humaneval/results.json"
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
-STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --confirm 32 "
+STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --confirm 64 "
                  "--confirm-limit 32")
 HUMANEVAL_COMMAND = "python -m hlm eval humaneval --policies llm,slm,ours,random --limit 64"
 
