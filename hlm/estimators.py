@@ -284,13 +284,17 @@ class ProbeEstimator(Estimator):
         return cal.probe(stats) if cal.probe else stats.ubar  # an unfitted pair falls back to ubar
 
 
-class ProbeHorizon(ProbeEstimator):
-    name = "probe-horizon"
-    description = "the probe's chance that the cloud would change the draft, weighted by how much of the answer " \
-                  "still depends on it (early drafts first)"
+class HorizonWeighted(Estimator):
+    """Mixed in before a base estimator: its score weighted by the pair's horizon (`Horizon`), early drafts first."""
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
         return super().score(stats, cal) * cal.horizon(stats.index)
+
+
+class ProbeHorizon(HorizonWeighted, ProbeEstimator):
+    name = "probe-horizon"
+    description = "the probe's chance that the cloud would change the draft, weighted by how much of the answer " \
+                  "still depends on it (early drafts first)"
 
 
 class JudgeEstimator(Estimator):
@@ -303,21 +307,15 @@ class JudgeEstimator(Estimator):
         return cal.judge(stats) if cal.judge else stats.ubar  # an unfitted pair falls back to ubar
 
 
-class JudgeHorizon(JudgeEstimator):
+class JudgeHorizon(HorizonWeighted, JudgeEstimator):
     name = "judge-horizon"
     description = "the judge's chance that the cloud would change the draft, weighted by how much of the answer " \
                   "still depends on it (early drafts first)"
 
-    def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
-        return super().score(stats, cal) * cal.horizon(stats.index)
 
-
-class UBarHorizon(UBar):
+class UBarHorizon(HorizonWeighted, UBar):
     name = "ubar-horizon"
     description = "uncertainty alone (ubar), weighted by how much of the answer still depends on the draft"
-
-    def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
-        return stats.ubar * cal.horizon(stats.index)
 
 
 class PaperRow(Estimator):

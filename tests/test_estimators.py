@@ -140,7 +140,7 @@ def test_judge_matches_its_sklearn_model_and_round_trips_without_pickle(tmp_path
         model = LogisticRegression().fit(z, y)
         weights, biases = (model.coef_.T,), (model.intercept_,)
     else:
-        model = MLPClassifier((5,), max_iter=500, random_state=0).fit(z, y)
+        model = MLPClassifier((5,), max_iter=3000, random_state=0).fit(z, y)
         weights, biases = tuple(model.coefs_), tuple(model.intercepts_)
     judge = Judge(features, mean, scale, tuple(w.astype(np.float32) for w in weights),
                   tuple(b.astype(np.float32) for b in biases), note="test")
