@@ -77,7 +77,7 @@ def test_reports_never_use_the_prompts_the_calibration_was_fitted_on():
     held = [p["prompt"] for p in load_prompts(ASSETS / "prompts-heldout.jsonl")]
     assert len(held) >= 64 and not set(tune) & set(held)
     cal = PRESETS["embedded"].selection_calibration()
-    assert cal.probe is not None and len(cal.tuned_on) == len(tune)
+    assert cal.probe is not None and cal.judge is not None and len(cal.tuned_on) == len(tune)  # the judge ships too
     assert cal.leaked(tune) == tune and cal.leaked(held) == []
 
 
