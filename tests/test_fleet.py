@@ -6,6 +6,7 @@ Parity and strict affinity over 2 replicas, a replica killed mid-run, the fleet 
 import csv
 import json
 import threading
+import time
 
 import pytest
 from conftest import TOKEN, cfg
@@ -131,6 +132,9 @@ def test_a_replica_killed_mid_run(tiny, pool):
 
 def test_fleet_replays_every_upload(tiny, pool, tmp_path, monkeypatch, capsys):
     url, _ = pool
+    deadline = time.monotonic() + 120  # a replica killed by an earlier test is back before the load starts
+    while not all(r.get("alive") for r in metrics(url)["replicas"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     monkeypatch.setenv("HLM_CLOUD_TOKEN", TOKEN)
     out = tmp_path / "fleet"
     args = ["fleet", "--models", "tiny", "--cloud", url, "--out", str(out), "--limit", "2", "--max-new-tokens", "12",
