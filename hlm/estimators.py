@@ -119,7 +119,7 @@ class Probe:
 class Judge:
     """A small learned model of "the cloud would change this draft" on the drafter's own hidden state and the scalar
     features: standardised inputs (scalars, then the hidden vector), ReLU layers, a sigmoid out (sklearn's MLP layout;
-    a logistic judge is one layer). Its weights ship per pair as safetensors beside the calibration: no pickle."""
+    a logistic judge is one layer). Its weights ship per pair in the calibration's JSON: no pickle."""
 
     features: tuple[str, ...]  # the scalar `DraftStats` features, before the hidden vector
     mean: np.ndarray  # (inputs,) imputes a missing scalar and centres every input
@@ -140,24 +140,19 @@ class Judge:
                 x = np.maximum(x, 0.0)
         return float(1.0 / (1.0 + np.exp(-np.clip(x[0], -60.0, 60.0))))
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
-
-        tensors = {"mean": self.mean, "scale": self.scale}
-        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            tensors[f"weight.{j}"], tensors[f"bias.{j}"] = w, b
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path),
-                  metadata={"features": json.dumps(self.features), "note": self.note})
+    def to_json(self) -> dict[str, Any]:
+        """Plain numbers for the calibration's JSON: no binary file, no pickle."""
+        return {"features": list(self.features), "mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                "weights": [w.tolist() for w in self.weights], "biases": [b.tolist() for b in self.biases],
+                "note": self.note}
 
     @classmethod
-    def load(cls, path: str | Path) -> Judge:
-        from safetensors import safe_open
+    def from_json(cls, data: dict[str, Any]) -> Judge:
+        def arr(v: Any) -> np.ndarray:
+            return np.asarray(v, dtype=np.float32)
 
-        with safe_open(str(path), framework="numpy") as f:
-            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        layers = range(sum(k.startswith("weight.") for k in t))
-        return cls(tuple(json.loads(meta["features"])), t["mean"], t["scale"],
-                   tuple(t[f"weight.{j}"] for j in layers), tuple(t[f"bias.{j}"] for j in layers), meta.get("note", ""))
+        return cls(tuple(data["features"]), arr(data["mean"]), arr(data["scale"]),
+                   tuple(map(arr, data["weights"])), tuple(map(arr, data["biases"])), data.get("note", ""))
 
 
 @dataclass(frozen=True)
@@ -171,7 +166,7 @@ class SelectionCalibration:
     note: str = ""
     tuned_on: tuple[str, ...] = ()  # `prompt_key` of every prompt it was fitted on: reports must use others
     horizon: Horizon = Horizon()
-    judge: Judge | None = None  # saved beside the JSON (`judge_path`)
+    judge: Judge | None = None
 
     def leaked(self, prompts: list[str]) -> list[str]:
         """The prompts among these that the calibration was fitted on."""
@@ -182,28 +177,20 @@ class SelectionCalibration:
         return self.scales.get(estimator, UNIFORM)
 
     def save(self, path: str | Path) -> None:
-        data = asdict(replace(self, judge=None))
-        del data["judge"]
+        data = {**asdict(replace(self, judge=None)), "judge": self.judge.to_json() if self.judge else None}
         Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        if self.judge is not None:
-            self.judge.save(judge_path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> SelectionCalibration:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         probe = data.get("probe")
-        judge = Judge.load(judge_path(path)) if judge_path(path).is_file() else None
+        judge = Judge.from_json(data["judge"]) if data.get("judge") else None
         return cls(heads=tuple(tuple(h) for h in data.get("heads", ())),  # type: ignore[misc]
                    probe=Probe(**{k: tuple(v) if isinstance(v, list) else v for k, v in probe.items()})
                    if probe else None,
                    scales={k: ScoreScale(tuple(v["quantiles"]), v["std"]) for k, v in data.get("scales", {}).items()},
                    note=data.get("note", ""), tuned_on=tuple(data.get("tuned_on", ())),
                    horizon=Horizon(**data.get("horizon", {})), judge=judge)
-
-
-def judge_path(calibration: str | Path) -> Path:
-    """The judge's weights beside its calibration: selection-X.json -> selection-X.judge.safetensors."""
-    return Path(calibration).with_suffix(".judge.safetensors")
 
 
 def prompt_key(prompt: str) -> str:

@@ -1,5 +1,6 @@
 """Estimators and their decision rule (hlm/estimators.py, hlm/features.py) on the tiny pair and on hand-made stats."""
 
+import json
 import math
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_probe_matches_a_logistic_model_and_round_trips(tmp_path):
 @pytest.mark.parametrize("kind", ["logistic", "mlp"])
 def test_judge_matches_its_sklearn_model_and_round_trips_without_pickle(tmp_path, kind):
     """The judge scores a draft exactly as the sklearn model it was fitted as (standardised scalars + hidden state),
-    imputes a missing scalar by its mean, and ships as safetensors beside the calibration."""
+    imputes a missing scalar by its mean, and ships as plain numbers in the calibration's JSON."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -153,13 +154,12 @@ def test_judge_matches_its_sklearn_model_and_round_trips_without_pickle(tmp_path
     assert judge(missing) == pytest.approx(judge(DraftStats(**{**missing.__dict__, "p_prev": float(mean[2])})))
     cal = SelectionCalibration(note="t", judge=judge)
     cal.save(tmp_path / "selection-x.json")
-    assert (tmp_path / "selection-x.judge.safetensors").read_bytes()[:8] != b"\x80\x04"  # not a pickle
-    assert "judge" not in (tmp_path / "selection-x.json").read_text()
+    assert json.loads((tmp_path / "selection-x.json").read_text())["judge"]["features"] == list(features)
     back = SelectionCalibration.load(tmp_path / "selection-x.json").judge
     assert back is not None and back.features == features and back.note == "test"
     assert back(missing) == pytest.approx(judge(missing))
-    assert SelectionCalibration.load(tmp_path / "selection-x.json").judge is not None
-    (tmp_path / "selection-x.judge.safetensors").unlink()
+    assert list(tmp_path.iterdir()) == [tmp_path / "selection-x.json"]  # no file beside it
+    SelectionCalibration(note="t").save(tmp_path / "selection-x.json")
     assert SelectionCalibration.load(tmp_path / "selection-x.json").judge is None
 
 
