@@ -21,7 +21,7 @@ from hlm.drafter import KERNEL
 from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
-from hlm.models.tiny import tiny_pair
+from hlm.models.tiny import tiny_pair, tiny_role
 from hlm.quant import RECIPES, quantize, step_seconds
 
 
@@ -138,6 +138,30 @@ class _Slower(Exception):
     """The fast path measured slower at load: the model is reloaded without it."""
 
 
+def _refs(spec: str, progress: bool = True) -> tuple[str, str]:
+    """(draft, verifier) as `load_model` takes them, for a preset name or `DRAFT,VERIFIER`."""
+    if spec == "embedded":
+        draft_dir, verifier_dir = ensure_pair_dirs(progress=progress)
+        return str(draft_dir), str(verifier_dir)
+    if spec in PRESETS:
+        return PRESETS[spec].draft, PRESETS[spec].verifier
+    if "," in spec:
+        draft, verifier = (part.strip() for part in spec.split(",", 1))
+        return draft, verifier
+    raise ModelError(f"unknown model pair {spec!r}: use one of {', '.join(PRESETS)} or DRAFT,VERIFIER "
+                     "(hub ids, local folders or .gguf files)")
+
+
+def load_unquantised(spec: str, role: str, device: torch.device, dtype: torch.dtype,
+                     attention: str) -> PreTrainedModel:
+    """One model of a pair (`role`: draft or verifier) as its checkpoint holds it, without the fast path: the
+    bench's plain reference, in whichever dtype it times."""
+    if spec == "tiny":
+        return tiny_role(role, attention).to(device=device, dtype=dtype)
+    draft, verifier = _refs(spec, progress=False)
+    return load_model(draft if role == "draft" else verifier, device, dtype, attention)
+
+
 @functools.lru_cache(maxsize=2)
 def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | None = None,
               progress: bool = True, quant: str = "auto") -> ModelPair:
@@ -148,15 +172,7 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
         return tiny_pair(device=dev, quant=quant)
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
-    if preset is not None:
-        draft_ref, verifier_ref = preset.draft, preset.verifier
-    elif "," in spec:
-        draft_ref, verifier_ref = (part.strip() for part in spec.split(",", 1))
-    else:
-        raise ModelError(f"unknown model pair {spec!r}: use one of {', '.join(PRESETS)} or DRAFT,VERIFIER "
-                         "(hub ids, local folders or .gguf files)")
-    if spec == "embedded":
-        draft_ref, verifier_ref = (str(p) for p in ensure_pair_dirs(progress=progress))
+    draft_ref, verifier_ref = _refs(spec, progress)
     tokenizer = _load_tokenizer(draft_ref)
     verifier_tokenizer = _load_tokenizer(verifier_ref)
     # The verifier never returns attention weights: SDPA. The drafter's passes return them only for an estimator

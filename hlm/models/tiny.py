@@ -46,11 +46,20 @@ def tiny_model(seed: int, hidden: int = 64, layers: int = 2, vocab_size: int = V
     return model
 
 
+TINY_ROLES = {"draft": (1, 64, 2), "verifier": (2, 96, 3)}  # (seed, hidden, layers) of each model
+
+
+def tiny_role(role: str, attention: str) -> PreTrainedModel:
+    """The pair's `role` model, rebuilt identically (the bench's unquantised reference of a quantised tiny pair)."""
+    seed, hidden, layers = TINY_ROLES[role]
+    return tiny_model(seed=seed, hidden=hidden, layers=layers, attention=attention)
+
+
 def tiny_pair(device: torch.device | None = None, quant: str = "auto") -> ModelPair:
     """`quant`: auto and none keep fp32 (the tests' exact reference); int8/int4 exercise the fast path."""
     device = device or torch.device("cpu")
-    draft = tiny_model(seed=1, hidden=64, layers=2, attention=KERNEL).to(device)  # as `load_pair` loads a drafter
-    verifier = tiny_model(seed=2, hidden=96, layers=3).to(device)
+    draft = tiny_role("draft", KERNEL).to(device)  # as `load_pair` loads a drafter
+    verifier = tiny_role("verifier", "eager").to(device)
     pair = make_pair("tiny", draft, verifier, tiny_tokenizer(), tiny_tokenizer())
     if quant not in ("auto", "none"):
         for role in ("draft", "verifier"):
