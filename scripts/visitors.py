@@ -69,6 +69,14 @@ def finished(page: Any, action: str) -> str | None:
     return phase if phase in ("done", "stopped") and line else None
 
 
+def set_max_new_tokens(page: Any, n: int) -> None:
+    """Open "Advanced settings" and type `n` into Max new tokens (shorter runs than the page's default)."""
+    page.locator("#hlm-advanced").click()
+    box = page.locator("#hlm-max-new-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+
+
 def act(page: Any, visitor: int, action: str, rng: random.Random, timeout_s: float) -> Outcome:
     """One action on the page until its end, watching for a queue position while it waits."""
     out, start = Outcome(visitor, action), time.monotonic()
@@ -109,10 +117,7 @@ def visit(url: str, visitor: int, actions: list[str], max_new_tokens: int, seed:
         page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
         page.goto(url)
         page.get_by_label("Prompt").fill(f"Reply with the single word {WORDS[visitor % len(WORDS)]}.")
-        page.locator("#hlm-advanced").click()
-        box = page.locator("#hlm-max-new-tokens input[type=number]")
-        box.fill(str(max_new_tokens))
-        box.press("Enter")
+        set_max_new_tokens(page, max_new_tokens)
         ready.wait()
         for action in actions:
             results.append(act(page, visitor, action, rng, timeout_s))

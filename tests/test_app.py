@@ -47,6 +47,14 @@ PROMPT = "Say hello."
 def launched_app(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str) -> Iterator[str]:
     """`python app.py --models MODELS` on a free port (with `env_vars` set); yields its URL once it answers, stops
     it afterwards."""
+    with launched_process(models, timeout_s, **env_vars) as (url, _):
+        yield url
+
+
+@contextmanager
+def launched_process(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str
+                     ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`launched_app` with the app's process too (for what reads its /proc entry: RSS)."""
     port = free_port()
     cache = tempfile.TemporaryDirectory(prefix="hlm-cache-")
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
@@ -70,7 +78,7 @@ def launched_app(models: str = "tiny", timeout_s: float = 240.0, **env_vars: str
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:

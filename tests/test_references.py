@@ -173,6 +173,8 @@ def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
         svc.end("viewer", request)
     thread.join(60)
     assert not thread.is_alive() and len(list(store.folder.glob("*.json"))) == 2
+    status = svc.status()  # what `/status` says, and `scripts/page_timing.py` waits for
+    assert status["example_references_ready"] == PROMPTS[:2] and not status["example_references_building"]
     assert svc.build_references(PROMPTS[:2], config) == []  # nothing left to build
 
 

@@ -72,6 +72,10 @@ class Service:
         self._scorer_lock = threading.Lock()
         # Requests and decodes under way: background work waits until there are none, and each new one stops it
         self._busy, self._idle, self._background = 0, threading.Condition(), threading.Event()
+        # The prompts whose greedy reference `build_references` found or made (their first run scores at once), and
+        # the background build while it runs: `/status` says whether a page's example is scored from the cache
+        self.prepared: list[str] = []
+        self._build: threading.Thread | None = None
         self.decoder(start)  # models load once, at start-up
 
     @classmethod
@@ -269,7 +273,7 @@ class Service:
             except Exception:  # noqa: BLE001 - a failed build only costs the decode later: the log says why
                 LOG.exception("building the example references failed")
 
-        thread = threading.Thread(target=build, name="hlm-references", daemon=True)
+        thread = self._build = threading.Thread(target=build, name="hlm-references", daemon=True)
         thread.start()
         return thread
 
@@ -292,6 +296,8 @@ class Service:
                 if not cancel.is_set():
                     self._keep(self.start, prompt, sampling, None, answer)
                     built.append(prompt)
+            if prompt not in self.prepared and self._cached(self.start, prompt, sampling) is not None:
+                self.prepared.append(prompt)
         return built
 
     def _hold(self, n: int) -> None:
@@ -303,12 +309,16 @@ class Service:
             self._idle.notify_all()
 
     def status(self) -> dict[str, Any]:
-        """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat."""
+        """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat.
+        Also the example prompts whose reference is ready and whether the build is still going (`page_timing.py`
+        waits for it, so its first run measures the page as a visitor finds it)."""
         return {"running_requests": len(self._requests),
                 "reference_cache": {"size": len(self._references), "bound": REFERENCE_CACHE},
                 **({"reference_store": {"size": len(self.store.files()), "bound": self.store.limit}} if self.store
                    else {}),
-                "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)}}
+                "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)},
+                "example_references_ready": list(self.prepared),
+                "example_references_building": self._build is not None and self._build.is_alive()}
 
     def begin(self, session: str) -> Request:
         request = self._requests[session] = Request()

@@ -1,0 +1,301 @@
+"""The page's own figures (issue 19), timed in a real browser: one headless Chromium (Debian's `chromium`, driven by
+Playwright as `scripts/visitors.py` drives it) with the page's defaults, on the page's first example prompt.
+
+    GRADIO_SERVER_PORT=7862 python app.py --models embedded &
+    python scripts/page_timing.py --url http://127.0.0.1:7862 --pid $!
+
+Each action runs on a fresh page load: click the first example (as a visitor would; `--prompt` types another
+text), press the button, and time in the page's own clock, from the click event to the first animation frame that
+shows each state:
+
+- Generate (`--runs` times): the first token shown (a pending draft, dashed), the first coloured token (a decided
+  one), the decode done (the last frame that added a token) and every card final (the status line is `done`, which
+  `Dashboard._decode` sets only after `judge`, and the BERTScore card shows its F1 and the faithful prefix);
+- Show me, then Compare: the final frame (the one-sentence verdict is out, which needs every run scored, and the
+  cards are back on ours, which only the comparison's last frame does);
+- the app's RSS (VmRSS) and peak (VmHWM) from /proc after the Compare (GB: 10^9 bytes; MiB printed too).
+
+Before the first click it waits until the app's start-up build of the examples' LLM references is over (`/status`:
+`example_references_building`), so the first run meets the page as a visitor would, and says whether the prompt's
+reference was among those built (`example_references_ready`). Prints each figure beside its target ("met" or
+"missed by"); the targets are checked here, by a benchmark, not asserted anywhere. Exits 1 only when a state never
+came (an error on the page, a timeout); `--json OUT` writes the figures. `--max-new-tokens` shortens every run for a
+quick check (the test's, on the tiny pair); the start-up references, made at the page's settings, then do not apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visitors import ARGS, CHROMIUM, POLL_S, set_max_new_tokens
+
+TOKENS = ".prose.hlm-tokens .tok"
+DECIDED = f"{TOKENS}[data-i]"  # a pending draft has no index: it is not a decided (coloured) token yet
+FAILED = ("document.querySelector('[data-testid=\"toast-text\"]') !== null"  # an error message
+          " || document.querySelector('.hlm-status.stopped') !== null")
+# Every card final: the status line is `done` (set after the run is judged) and the BERTScore card has its F1 and,
+# greedy, the faithful prefix (at T > 0: the band of the LLM's samples); `render.quality_note` writes that line
+CARDS_FINAL = """document.querySelector('.hlm-status.done') !== null && (() => {
+    const card = [...document.querySelectorAll('.hlm-stats .card')].find(c => c.querySelector('.name')?.innerText
+                                                                          === 'BERTScore');
+    return card !== undefined && /^\\d/.test(card.querySelector('.value').innerText)
+        && /faithful prefix \\d+ of \\d+|mean F1 vs \\d+ LLM samples/.test(card.querySelector('.sub').innerText);
+})()"""
+# A comparison's final frame: the verdict (every run done and scored) and the cards back on ours (the subject's
+# row is marked `ours` in the table); before that last frame the cards follow the run in progress, the coin last
+COMPARISON_FINAL = """document.querySelector('.hlm-verdict') !== null
+    && document.querySelector('.hlm-compare-summary.done') !== null && (() => {
+    const ours = document.querySelector('.hlm-compare-summary tbody tr.ours td')?.innerText;
+    const status = document.querySelector('.hlm-status.done')?.innerText;
+    return ours !== undefined && status !== undefined && status.startsWith(ours + ':');
+})()"""
+GB = 1e9  # the RSS target's unit, decimal; MiB beside it
+
+
+@dataclass(frozen=True)
+class Row:
+    """A printed figure: its name, its target (None: shown for context) and unit."""
+
+    name: str
+    limit: float | None
+    unit: str  # "s" or "GB"
+
+
+ROWS = {"first_token_s": Row("Generate: first coloured token", 1.0, "s"),
+        "first_shown_s": Row("Generate: first token shown (a pending draft)", None, "s"),
+        "decoded_s": Row("Generate: decode done (last token shown)", None, "s"),
+        "cards_final_s": Row("Generate: every card final", 25.0, "s"),
+        "show_me_s": Row("Show me: click to final", 45.0, "s"),
+        "compare_s": Row("Compare: click to final", 60.0, "s"),
+        "rss_gb": Row("app RSS after Compare (VmRSS)", 4.0, "GB"),
+        "hwm_gb": Row("app peak RSS (VmHWM)", None, "GB")}
+GENERATE_MARKS = {"first_token_s": "first_token", "first_shown_s": "first_shown", "decoded_s": "decoded",
+                  "cards_final_s": "final"}  # a row: the median over the runs of this mark
+
+
+@dataclass
+class Figures:
+    """What one session of the script measured and where the prompt's reference came from (`--json` writes it)."""
+
+    url: str
+    prompt: str = ""
+    example: str | None = None  # the example's label when one was clicked
+    reference: str = ""  # where the prompt's greedy reference came from, in words
+    generate: list[dict[str, float]] = field(default_factory=list)  # one per run: the marks, seconds
+    show_me_s: float | None = None
+    compare_s: float | None = None
+    rss_gb: float | None = None
+    hwm_gb: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def median(self, mark: str) -> float | None:
+        values = [run[mark] for run in self.generate if mark in run]
+        return statistics.median(values) if values else None
+
+    def rows(self) -> dict[str, float | None]:
+        """Every `ROWS` figure (Generate's: the median over the runs)."""
+        return {key: self.median(GENERATE_MARKS[key]) if key in GENERATE_MARKS else getattr(self, key)
+                for key in ROWS}
+
+
+def watch(marks: dict[str, str]) -> str:
+    """In-page script for a button: from its click, every animation frame records the first time (ms after the
+    click) each of `marks` (JS expressions) holds, and when the count of decided tokens last changed ("decoded"),
+    until "final" or "failed" holds. The page's clock: no polling delay, no Playwright round trip."""
+    checks = ", ".join(f"{json.dumps(name)}: () => ({expr})" for name, expr in {**marks, "failed": FAILED}.items())
+    return f"""button => {{
+        const w = window.hlmTiming = {{t0: null, at: {{}}, tokens: 0}};
+        const checks = {{{checks}}};
+        button.addEventListener('click', () => {{ w.t0 = performance.now(); }}, {{capture: true, once: true}});
+        const tick = () => {{
+            if (w.t0 !== null) {{
+                const now = performance.now() - w.t0;
+                const n = document.querySelectorAll('{DECIDED}').length;
+                if (n !== w.tokens) {{ w.tokens = n; w.at.decoded = now; }}
+                for (const [name, holds] of Object.entries(checks)) if (!(name in w.at) && holds()) w.at[name] = now;
+            }}
+            if (!('final' in w.at) && !('failed' in w.at)) requestAnimationFrame(tick);
+        }};
+        requestAnimationFrame(tick);
+    }}"""
+
+
+def fill_prompt(page: Any, prompt: str | None) -> tuple[str, str | None]:
+    """The page's first example clicked (None) or `prompt` typed; (the prompt in the box, the example's label)."""
+    box = page.get_by_label("Prompt")
+    if prompt is not None:
+        box.fill(prompt)
+        return prompt, None
+    example = page.locator("button.gallery-item").first  # gr.Examples' first: also what Show me runs on its own
+    label = example.inner_text().strip()
+    example.click()
+    deadline = time.monotonic() + 30
+    while not box.input_value().strip() and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return box.input_value(), label
+
+
+@dataclass(frozen=True)
+class Visit:
+    """What every action's fresh page gets: the app, the prompt (None: the first example), Max new tokens (None:
+    the page's) and how long an action may take."""
+
+    url: str
+    prompt: str | None
+    max_new_tokens: int | None
+    timeout_s: float
+
+
+def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str]) -> tuple[dict[str, float], str, str | None]:
+    """One action on a fresh page load: the marks' seconds after the click (with "decoded"), the prompt and the
+    example's label. Raises RuntimeError when the page shows an error or "final" never comes."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(visit.url)
+        text, label = fill_prompt(page, visit.prompt)
+        if visit.max_new_tokens is not None:
+            set_max_new_tokens(page, visit.max_new_tokens)
+        target = page.get_by_role("button", name=button, exact=True)
+        target.evaluate(watch(marks))
+        target.click()
+        page.wait_for_function("() => 'final' in window.hlmTiming.at || 'failed' in window.hlmTiming.at",
+                               timeout=visit.timeout_s * 1000, polling=POLL_S * 1000)
+        at = page.evaluate("window.hlmTiming.at")
+        if "failed" in at:
+            said = page.locator('[data-testid="toast-text"], .hlm-status').first.inner_text()
+            raise RuntimeError(f"{button}: the page said {said[:200]!r}")
+        return {name: ms / 1000 for name, ms in at.items()}, text, label
+    finally:
+        page.close()
+
+
+def references(url: str, wait_s: float) -> tuple[list[str] | None, bool]:
+    """Wait (up to `wait_s`) until the app's start-up build of the examples' references is over; (the prompts whose
+    reference it prepared, None when the app does not say; whether it was still building when the wait ended)."""
+    from gradio_client import Client
+
+    client, deadline = Client(url, verbose=False), time.monotonic() + wait_s
+    while True:
+        status = client.predict(api_name="/status")
+        if "example_references_ready" not in status:
+            return None, False
+        building = bool(status["example_references_building"])
+        if not building or time.monotonic() > deadline:
+            return list(status["example_references_ready"]), building
+        time.sleep(2.0)
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """The process's resident set and its peak (VmRSS, VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def verdict(value: float | None, row: Row) -> str:
+    if row.limit is None:
+        return ""
+    if value is None:
+        return "not measured"
+    return "met" if value <= row.limit else f"missed by {value - row.limit:.2f} {row.unit}"
+
+
+def table(f: Figures) -> list[str]:
+    """The figures beside their targets, "met" or "missed by" (Generate: the median over the runs)."""
+    n = len(f.generate)
+    out = [f"{'figure' + (f' (Generate: median of {n})' if n > 1 else ''):<50} {'measured':>10}  {'target':<10} "
+           "verdict"]
+    for key, value in f.rows().items():
+        row = ROWS[key]
+        measured = "-" if value is None else f"{value:.2f} {row.unit}"
+        bound = "-" if row.limit is None else f"<= {row.limit:g} {row.unit}"
+        out.append(f"{row.name:<50} {measured:>10}  {bound:<10} {verdict(value, row)}".rstrip())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", required=True, help="a running dashboard, e.g. http://127.0.0.1:7862")
+    ap.add_argument("--pid", type=int, default=None, help="the app's process id (its RSS after the Compare)")
+    ap.add_argument("--runs", type=int, default=1, help="Generate runs, each on a fresh page load")
+    ap.add_argument("--prompt", default=None, help="type this prompt instead of clicking the first example")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="set Max new tokens (default: the page's); shorter runs for a quick check, and then the "
+                         "start-up build's references (made at the page's settings) do not apply")
+    ap.add_argument("--timeout-s", type=float, default=900.0, help="per action")
+    ap.add_argument("--wait-references-s", type=float, default=1800.0,
+                    help="how long to wait for the app's start-up build of the examples' references")
+    args = ap.parse_args(argv)
+    f, visit = Figures(args.url), Visit(args.url, args.prompt, args.max_new_tokens, args.timeout_s)
+    ready, building = references(args.url, args.wait_references_s)
+    generate_marks = {"first_shown": f"document.querySelector('{TOKENS}') !== null",
+                      "first_token": f"document.querySelector('{DECIDED}') !== null", "final": CARDS_FINAL}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            for run in range(args.runs):
+                marks, f.prompt, f.example = timed(browser, visit, "Generate", generate_marks)
+                f.generate.append(marks)
+                print(f"Generate run {run + 1}: first token shown {seconds(marks.get('first_shown'))}, first "
+                      f"coloured {seconds(marks.get('first_token'))}, decode done {seconds(marks.get('decoded'))}, "
+                      f"every card final {seconds(marks['final'])}", flush=True)
+            f.show_me_s = timed(browser, visit, "Show me", {"final": COMPARISON_FINAL})[0]["final"]
+            print(f"Show me: final {seconds(f.show_me_s)}", flush=True)
+            f.compare_s = timed(browser, visit, "Compare", {"final": COMPARISON_FINAL})[0]["final"]
+            print(f"Compare: final {seconds(f.compare_s)}", flush=True)
+        except (RuntimeError, PlaywrightError) as exc:  # a state that never came: reported, the rest still printed
+            f.problems.append(str(exc).splitlines()[0])
+        finally:
+            browser.close()
+    if args.pid is not None:
+        rss, hwm = memory(args.pid)
+        f.rss_gb, f.hwm_gb = rss / GB, hwm / GB
+        print(f"app RSS after Compare: {rss / 2**20:,.0f} MiB (VmRSS), peak {hwm / 2**20:,.0f} MiB (VmHWM)")
+    f.reference = reference_source(f.prompt, ready, building, args.runs, args.max_new_tokens is None)
+    example = f' (the first example, "{f.example}", clicked)' if f.example else " (typed)"
+    print(f"\npage timing at {args.url} on {f.prompt!r}{example}")
+    print(f"greedy reference: {f.reference}")
+    if f.show_me_s is not None:
+        print("Compare ran after Show me on the same prompt: its LLM-alone row is the plain run Show me decoded, "
+              "from the cache")
+    print("\n".join(table(f)))
+    for problem in f.problems:
+        print(f"PROBLEM: {problem}")
+    if args.json:
+        out = {**asdict(f), "figures": f.rows(), "rows": {key: asdict(row) for key, row in ROWS.items()}}
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return 1 if f.problems else 0
+
+
+def reference_source(prompt: str, ready: list[str] | None, building: bool, runs: int, page_settings: bool) -> str:
+    """Where Generate's first run got the prompt's greedy reference (the quality figures), from what /status said
+    before the first click (the build makes them at the page's settings only)."""
+    later = "; later runs reuse it from memory" if runs > 1 else ""
+    if ready is None:
+        return "unknown (this app's /status does not report its example references)"
+    if not page_settings:
+        return f"decoded after the first run (--max-new-tokens: not the settings the start-up build used){later}"
+    if prompt in ready:
+        return f"precomputed by the app's start-up build (/status example_references_ready){later}"
+    why = "the start-up build was still running when the wait ended" if building else \
+        "not among the references the app's start-up build prepared"
+    return f"decoded after the first run ({why}){later}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
