@@ -5,9 +5,10 @@ stream) and bad input, and watch the process: RSS, threads, open files and the a
     python app.py --models embedded & python scripts/soak.py --url http://127.0.0.1:7860 --pid $! --runs 100
 
 Prints a line every `--every` runs and a verdict: the RSS after the last run within 5 % of the RSS after the
-first tenth of the runs (the caches have filled by then), threads and open files no higher than then, and no
-error but the bad inputs' own messages. Exits 1 when a criterion fails. Visitors come and go: a new API client
-(a new session) every 25 runs.
+first tenth of the runs (the caches have filled by then), thread and open-file counts flat from then on (no
+higher ceiling in the second half of the samples than in the first), and no error but the bad inputs' own
+messages. Exits 1 when a criterion fails. Visitors come and go: a new API client (a new session) every 25 runs
+(`--visitor-every`).
 """
 
 from __future__ import annotations
@@ -79,14 +80,18 @@ def one_run(client: Any, rng: random.Random, max_new_tokens: int) -> str:
     return "generate"
 
 
-def verdict(first: Sample, last: Sample, errors: list[str]) -> list[str]:
-    problems = []
+def verdict(first: Sample, samples: list[Sample], errors: list[str]) -> list[str]:
+    """RSS: the last sample against `first` (the caches have filled by then). Threads and files: flat means no rising
+    maximum, the second half's highest count no higher than the first half's (worker pools grow and shrink with the
+    load from sample to sample; a leak raises the ceiling)."""
+    last, problems = samples[-1], []
     if last.rss_mib > first.rss_mib * (1 + RSS_TOLERANCE):
         problems.append(f"RSS grew {first.rss_mib:.0f} -> {last.rss_mib:.0f} MiB (> {RSS_TOLERANCE:.0%})")
-    if last.threads > first.threads:
-        problems.append(f"threads grew {first.threads} -> {last.threads}")
-    if last.files > first.files:
-        problems.append(f"open files grew {first.files} -> {last.files}")
+    half = len(samples) // 2
+    for name in ("threads", "files"):
+        early, late = (max(getattr(s, name) for s in part) for part in (samples[:max(half, 1)], samples[half:]))
+        if late > early:
+            problems.append(f"{name} grew: at most {early} in the first half of the samples, {late} in the second")
     problems += [f"unexpected error: {e}" for e in errors]
     return problems
 
@@ -101,17 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="stop after this long instead")
     ap.add_argument("--every", type=int, default=100, help="print a line every this many runs")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--visitor-every", type=int, default=25, help="a new API client (a new session) every N runs")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng, start = random.Random(args.seed), time.monotonic()
     client, kinds, errors = Client(args.url, verbose=False), {}, []
     baseline_at = max(1, args.runs // 10)
     first = last = sample(args.pid, 0, start, client)
+    samples: list[Sample] = []  # from the first tenth on
     print(f"{'runs':>6} {'s':>7} {'RSS MiB':>8} {'threads':>7} {'files':>5}  caches")
     for n in range(1, args.runs + 1):
         if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
             break
-        if n % 25 == 0:
+        if n % args.visitor_every == 0:
             client = Client(args.url, verbose=False)  # another visitor
         try:
             kind = one_run(client, rng, args.max_new_tokens)
@@ -121,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if n == baseline_at or n % args.every == 0 or n == args.runs:
             last = sample(args.pid, n, start, client)
             first = last if n == baseline_at else first
+            samples += [last] if n >= baseline_at else []
             print(f"{n:>6} {last.seconds:>7.0f} {last.rss_mib:>8.1f} {last.threads:>7} {last.files:>5}  "
                   f"{last.caches}", flush=True)
-    problems = verdict(first, last, errors)
+    problems = verdict(first, samples or [last], errors)
     print(f"{last.runs} runs in {last.seconds:.0f} s: {kinds}; after run {first.runs}: RSS {first.rss_mib:.1f} MiB, "
           f"{first.threads} threads, {first.files} files; after run {last.runs}: RSS {last.rss_mib:.1f} MiB "
           f"({last.rss_mib / first.rss_mib - 1:+.1%}), {last.threads} threads, {last.files} files; "

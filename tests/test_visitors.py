@@ -4,6 +4,7 @@ says its bound (`/status`). Stop, closed tabs and isolation between visitors in 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,25 @@ def test_browser_visitors_at_once_each_see_their_own_runs(capped):
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "6 actions by 2 visitors" in out.stdout and "a closed tab freed the worker in " in out.stdout
+
+
+def _soak() -> object:
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
+    module = sys.modules["soak"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_verdict_tells_a_leak_from_a_pool_that_breathes() -> None:
+    """`scripts/soak.py`'s criteria: RSS within 5 % of the baseline; threads and files flat, i.e. no higher ceiling in
+    the second half of the samples than in the first (a pool growing and shrinking is fine, a rising count is not)."""
+    soak = _soak()
+
+    def samples(rss: list[float], threads: list[int]) -> list:
+        return [soak.Sample(i, 0.0, r, t, 20, {}) for i, (r, t) in enumerate(zip(rss, threads, strict=True))]
+
+    breathing = samples([600, 610, 615, 620], [10, 11, 10, 11])
+    assert soak.verdict(breathing[0], breathing, []) == []
+    leaking = samples([600, 610, 620, 640], [10, 10, 11, 12])
+    problems = soak.verdict(leaking[0], leaking, ["run 7: RuntimeError: boom"])
+    assert [p.split(" ")[0] for p in problems] == ["RSS", "threads", "unexpected"]
