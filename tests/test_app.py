@@ -280,7 +280,10 @@ def test_history_points_are_numbered_and_the_coin_is_marked():
     assert fig["data"][1]["name"] == "random (coin)" and fig["data"][1]["marker"]["symbol"] == "x"
 
 
-def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatch):
+@pytest.mark.parametrize("policy", ["slm", "hlm"])
+def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatch, policy):
+    """Tokens, and with `hlm` (every draft uploaded) a pending draft before each verdict as well: one clock for both,
+    so a fast cloud cannot flood the page with a redraw per upload."""
     decoder = service.decoder("tiny")
     generate = decoder.generate
 
@@ -290,17 +293,21 @@ def test_stream_shows_the_first_token_at_once_then_throttles(service, monkeypatc
             yield event
 
     monkeypatch.setattr(decoder, "generate", paced)
-    config = Settings(max_new_tokens=256, policy="slm").run_config(None)
+    config = Settings(max_new_tokens=256, policy=policy).run_config(None)
     config = replace(config, sampling=replace(config.sampling, stop_at_eos=False))
     cancel = threading.Event()
     start = time.monotonic()
-    sizes, times = [], []
-    for events in service.stream(decoder, PROMPT, config, cancel):
+    sizes, times, drafts = [], [], []
+    for events in service.stream(decoder, PROMPT, config, cancel, pending=drafts.append):
         sizes.append(len(events))
         times.append(time.monotonic() - start)
+    first = next(i for i, n in enumerate(sizes) if n)  # `hlm` first shows its first draft on its way, at once
+    assert first == (1 if policy == "hlm" else 0)
+    sizes, times = sizes[first:], times[first:]
     assert sizes[0] == 1 and sizes[-1] == 256 and len(sizes) >= 3
     gaps = [b - a for a, b in zip(times[:-2], times[1:-1], strict=True)]  # the last one comes when the run ends
     assert all(g >= INTERVAL_S * 0.9 for g in gaps)
+    assert len(drafts) == (256 if policy == "hlm" else 0)  # every pending draft reached the view, drawn or not
     assert not cancel.is_set()
 
 

@@ -120,7 +120,8 @@ class Service:
                pending: Callable[[PendingDraft], None] | None = None) -> Iterator[list[TokenEvent]]:
         """Decode on a worker thread; yield the growing event list on the first token, then at most every
         INTERVAL_S, and once at the end. `note` hears what a long prefill is doing, `pending` each draft on its
-        way to the cloud; a yield follows each. Closing the iterator early cancels the decode."""
+        way to the cloud; they are drawn on the same clock as the tokens (a frame per upload would flood the page
+        with redraws on a fast cloud). Closing the iterator early cancels the decode."""
         decoder.pair.encode_prompt(prompt, config.sampling.max_new_tokens)  # bad prompts fail here, at once
 
         def work(put: Callable[[object], None]) -> None:
@@ -153,12 +154,11 @@ class Service:
 
         threading.Thread(target=run, name="hlm-decode", daemon=True).start()
         events: list[TokenEvent] = []
-        shown, due, finished = 0, 0.0, False
+        unshown, due, finished = False, 0.0, False  # unshown: something arrived that the page has not drawn yet
         try:
             while True:
-                waiting = len(events) > shown
                 try:
-                    item = inbox.get(timeout=max(0.0, due - time.monotonic()) if waiting else None)
+                    item = inbox.get(timeout=max(0.0, due - time.monotonic()) if unshown else None)
                 except queue.Empty:
                     item = None
                 if item is _END:
@@ -172,12 +172,13 @@ class Service:
                     listener = note if isinstance(item, _Note) else pending
                     if listener is not None:
                         listener(item.text if isinstance(item, _Note) else item)
-                        yield events
-                    continue
-                if item is not None:
+                        unshown = True
+                elif item is not None:
                     events.append(item)
-                if len(events) > shown and time.monotonic() >= due:
-                    shown, due = len(events), time.monotonic() + INTERVAL_S
+                    unshown = True
+                first = item is not None and len(events) == 1 and not isinstance(item, _Note | PendingDraft)
+                if unshown and (first or time.monotonic() >= due):  # the first token at once, then throttled
+                    unshown, due = False, time.monotonic() + INTERVAL_S
                     yield events
         finally:
             if not finished:
