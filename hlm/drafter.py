@@ -78,10 +78,10 @@ class Drafter:
     def forward(self, ids: list[int], layers: Collection[int] = (), hidden: bool = False) -> Pass:
         """Process `ids` after the cached context: the next position's logits, the attention weights of the `layers`
         named (None for the others; none at all when no layer is named) and, if asked, the final hidden state."""
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache, use_cache=True,
-                         output_attentions=bool(layers), attention_layers=layers, output_hidden_states=hidden,
-                         logits_to_keep=1)
-        state = out.hidden_states[-1][0, -1] if hidden else None
+        with prefix.reading_head(self.model, hidden) as read:
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache, use_cache=True,
+                             output_attentions=bool(layers), attention_layers=layers, logits_to_keep=1)
+        state = read[-1][0, -1] if hidden else None
         if not layers:
             return Pass(out.logits[0, -1], None, state)
         computed = iter(out.attentions)  # the layers that returned weights, in order
