@@ -95,12 +95,13 @@ class Frame:
     prompt: str | None = None
 
 
-def live_frames(run: RunView, updates: Iterator[Any]) -> Iterator[Frame]:
-    """A frame per update of `run`: stats and tokens always; the charts only when their points changed, and not
-    with the first token (a plotly redraw costs the browser far more than text, so the first token shows at once)."""
+def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True) -> Iterator[Frame]:
+    """A frame per update of `run`: stats and (unless `tokens` is off: Compare shows a table instead) tokens always;
+    the charts only when their points changed, and not with the first token (a plotly redraw costs the browser far
+    more than text, so the first token shows at once)."""
     drawn = 0
     for n, _ in enumerate(updates):
-        frame = Frame(stats=stats_html(run), tokens=tokens_html(run))
+        frame = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None)
         if len(run.points) != drawn and (n > 0 or run.phase != "decoding"):
             drawn = len(run.points)
             frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
@@ -388,8 +389,8 @@ class Dashboard:
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base))
             for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
-                for frame in live_frames(run, updates):
-                    frame.tokens, frame.compare = None, compare_html(runs)
+                for frame in live_frames(run, updates, tokens=False):
+                    frame.compare = compare_html(runs)
                     yield frame
             history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
             final = Frame(compare=compare_html(runs), history=history, quality=history_figure(history))
