@@ -22,7 +22,7 @@ HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval/table.txt", "humaneval/results.j
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
 STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --confirm 64 "
                  "--confirm-limit 32")
-HUMANEVAL_COMMAND = "python -m hlm eval humaneval --policies llm,slm,ours,random --limit 64"
+HUMANEVAL_COMMAND = "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 9,24 --limit 64"
 
 SHIPPED = Settings.estimator  # the study names a rule by its estimator; ours ships this one at Settings' k and γ
 SHIPPED_SETTING = f"k={Settings.k} γ={Settings.gamma:g}"
