@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -30,6 +31,19 @@ def cfg(policy: str = "hlm", n: int = 16, seed: int = 0, temperature: float = 1.
     """A run of exactly `n` tokens (no stop at EOS), so token counts are what a test asks for."""
     return RunConfig(SamplingConfig(temperature=temperature, max_new_tokens=n, seed=seed, stop_at_eos=False),
                      PolicyConfig(name=policy, **policy_kw), LinkConfig(bits_per_prob=bits, topk=topk))
+
+
+class Interrupted(Exception):
+    """What `interrupt_after`'s callback raises: a long command stopped part-way, as Ctrl-C would stop it."""
+
+
+def interrupt_after(n: int, seen: list) -> Callable[..., None]:
+    """An `after_run(job, record)` callback that records each job in `seen` and raises Interrupted after the n-th."""
+    def after_run(job, record) -> None:  # noqa: ARG001 - the after_run signature
+        seen.append(job)
+        if len(seen) == n:
+            raise Interrupted
+    return after_run
 
 
 def free_port() -> int:

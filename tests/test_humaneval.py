@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import Interrupted, interrupt_after
 
 from hlm.experiments.humaneval import harness
 from hlm.experiments.humaneval.harness import HarnessError, check, completion, problems, prompt_of, self_check
@@ -143,10 +144,6 @@ def test_a_rerun_is_served_from_the_cache(command):
     assert read_csv(command / "results.csv") == before
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_an_interrupted_run_resumes(tiny, tmp_path):
     from hlm.config import RunConfig, SamplingConfig
     from hlm.decoder import HybridDecoder
@@ -159,14 +156,8 @@ def test_an_interrupted_run_resumes(tiny, tmp_path):
     spec = EvalSpec("tiny", problems(2), grid, RunConfig(SamplingConfig(temperature=0.0, max_new_tokens=4)), tmp_path,
                     png=False, progress=False)
     seen = []
-
-    def stop_after_two(job, record):
-        seen.append(job)
-        if len(seen) == 2:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        evaluate(workers, spec, after_run=stop_after_two)
+        evaluate(workers, spec, after_run=interrupt_after(2, seen))
     seen.clear()
     result = evaluate(workers, spec, after_run=lambda job, record: seen.append(job))
     assert len(seen) == 2 * 3 - 2 and len(result.rows) == 2 * 3

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import Interrupted, interrupt_after
 
 from hlm.cli.sweep import apply_preset, register
 from hlm.config import ConfigError, RunConfig, SamplingConfig
@@ -22,10 +23,6 @@ GRID = Grid(policies=("ours", "uhlm", "hlm", "slm", "random"), ks=(2, 8), gammas
 BASE = RunConfig(SamplingConfig(max_new_tokens=4))
 FIGURES = ("pareto", "upload_heatmap", "throughput", "energy_breakdown")
 RUNS = 3 * (4 + 2 + 2)  # per prompt: llm, hlm, slm, uhlm, two ours settings, their two random controls
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +98,9 @@ def test_figures_written(full):
 def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
     workers, scorer = tools
     seen = []
-
-    def stop_after_five(job, record):
-        seen.append(job)
-        if len(seen) == 5:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
         sweep(workers, scorer, SweepSpec("tiny", PROMPTS, GRID, BASE, tmp_path, png=False, progress=False),
-              after_run=stop_after_five)
+              after_run=interrupt_after(5, seen))
     assert len(list((tmp_path / "runs").glob("*.json"))) == 5
     assert not list((tmp_path / "runs").glob("*.tmp"))
     seen.clear()
