@@ -168,6 +168,7 @@ class Service:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
+                first = False  # the first token is drawn at once, the rest on the clock
                 if isinstance(item, _Note | PendingDraft):
                     listener = note if isinstance(item, _Note) else pending
                     if listener is not None:
@@ -175,9 +176,8 @@ class Service:
                         unshown = True
                 elif item is not None:
                     events.append(item)
-                    unshown = True
-                first = item is not None and len(events) == 1 and not isinstance(item, _Note | PendingDraft)
-                if unshown and (first or time.monotonic() >= due):  # the first token at once, then throttled
+                    unshown, first = True, len(events) == 1
+                if unshown and (first or time.monotonic() >= due):
                     unshown, due = False, time.monotonic() + INTERVAL_S
                     yield events
         finally:
