@@ -6,7 +6,8 @@ Playwright: what a public Space meets when people press Generate, Compare, Show 
 
 Each visitor asks for its own word ("Reply with the single word APPLE."...) and runs a shuffled mix of Generate,
 Compare, Show me and Generate-then-Stop. Checked, per action: it ends done, or stopped by that visitor's own Stop
-(a Stop pressed while queued cancels it before it starts); a visitor that had to wait saw its queue position; and
+(a Stop pressed while queued cancels it before it starts), trying again when the page says the app is busy
+(the queue's cap refused it); a visitor that had to wait saw its queue position; and
 (on a real pair, `--words`) no visitor's output shows another visitor's word. Then one visitor closes its tab in
 the middle of a Compare, and the time until the app holds no running request is measured. Prints one line per
 action and a summary; exits 1 when a check fails.
@@ -29,6 +30,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 WORDS = ("APPLE", "BANANA", "CHERRY", "DAMSON", "ELDER", "FIG")
 ACTIONS = ("Generate", "Compare", "Show me", "Stop")
 QUEUE = re.compile(r"queue: (\d+)/(\d+)")
+BUSY = "currently busy"  # Gradio's toast for a request refused by the queue's cap ("... Please try again.")
+RETRY_S = 1.0
 POLL_S = 0.1
 
 
@@ -40,6 +43,7 @@ class Outcome:
     seconds: float = 0.0
     waited: bool = False  # the visitor's request sat in the queue behind others
     saw_queue: str = ""  # the first queue position the page showed, e.g. "queue: 2/3"
+    refused: int = 0  # times the page said the app was busy (the queue's cap), after which the visitor tried again
     output: str = ""
     problems: list[str] = field(default_factory=list)
 
@@ -77,11 +81,19 @@ def set_max_new_tokens(page: Any, n: int) -> None:
     box.press("Enter")
 
 
+def busy_toasts(page: Any) -> int:
+    return page.get_by_text(BUSY).count()
+
+
 def act(page: Any, visitor: int, action: str, rng: random.Random, timeout_s: float) -> Outcome:
-    """One action on the page until its end, watching for a queue position while it waits."""
+    """One action on the page until its end, watching for a queue position while it waits. Refused because the
+    queue was full (several visitors pressed at once: Gradio counts a request as waiting until its worker takes it),
+    the visitor does what the page says: tries again a moment later."""
     out, start = Outcome(visitor, action), time.monotonic()
     clear_status(page)
-    page.get_by_role("button", name="Generate" if action == "Stop" else action, exact=True).click()
+    button = page.get_by_role("button", name="Generate" if action == "Stop" else action, exact=True)
+    busy = busy_toasts(page)
+    button.click()
     stopping = action == "Stop"  # pressed once the run has started, or (one time in two) while it is queued
     stop_queued = stopping and rng.random() < 0.5
     stopped_at = 0.0
@@ -97,6 +109,12 @@ def act(page: Any, visitor: int, action: str, rng: random.Random, timeout_s: flo
         if ended:
             out.phase = ended
             break
+        if phase == "cleared" and busy_toasts(page) > busy:
+            out.refused += 1
+            time.sleep(RETRY_S)
+            busy = busy_toasts(page)
+            button.click()
+            continue
         if stopped_at and phase == "cleared" and not queued and time.monotonic() - stopped_at > 3.0:
             out.phase = "cancelled-in-queue"  # Stop removed it from the queue: no frame ever came
             break
@@ -192,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
     for t in threads:
         t.join()
-    for o in sorted(results, key=lambda o: (o.visitor, o.seconds)):
+    for o in sorted(results, key=lambda o: o.visitor):  # each visitor's actions in the order it took them
         print(f"visitor {o.visitor} {o.action:<8} {o.phase:<18} {o.seconds:6.1f} s  "
-              f"{o.saw_queue or ('waited' if o.waited else '-'):<14} {o.output[:50]!r}")
+              f"{o.saw_queue or ('waited' if o.waited else '-'):<14} {f'busy x{o.refused}' if o.refused else '-':<8} "
+              f"{o.output[:50]!r}")
     freed = closed_tab_frees_the_worker(args.url, args.max_new_tokens, args.timeout_s)
     problems = check(results, args.words, args.visitors)
     if len(results) != args.visitors * args.actions:
@@ -205,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(results)} actions by {args.visitors} visitors in {time.monotonic() - start:.0f} s: "
           f"{sum(o.phase == 'done' for o in results)} done, "
           f"{sum(o.phase in ('stopped', 'cancelled-in-queue') for o in results)} stopped by their own visitor, "
-          f"{len(waited)} waited in the queue ({sum(bool(o.saw_queue) for o in waited)} saw their position); "
+          f"{len(waited)} waited in the queue ({sum(bool(o.saw_queue) for o in waited)} saw their position), "
+          f"{sum(o.refused for o in results)} refusals as busy (retried); "
           f"a closed tab freed the worker in {freed if freed is None else f'{freed:.2f} s'}")
     for p in problems:
         print(f"PROBLEM: {p}")
