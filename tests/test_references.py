@@ -194,6 +194,50 @@ def test_compare_keeps_a_plain_llm_row_after_an_assisted_reference():
         "tiny", PROMPTS[0], GREEDY.run_config(None).sampling)[1]]  # the same answer either way
 
 
+def decoded_policies(svc: Service, monkeypatch) -> list[str]:
+    """The policies `svc` decodes from now on (every run on the page goes through `Service.stream`)."""
+    names, real = [], svc.stream
+
+    def stream(decoder, prompt, config, *args, **kwargs):
+        names.append(config.policy.name)
+        return real(decoder, prompt, config, *args, **kwargs)
+
+    monkeypatch.setattr(svc, "stream", stream)
+    return names
+
+
+def test_show_me_scores_against_the_answer_without_decoding_the_llm_alone(monkeypatch):
+    """Show me's verdict needs the LLM's answer, not its figures: it takes the assisted (or cached) answer and
+    shows it without figures, where Compare decodes the LLM alone as a run with its own."""
+    svc = make_service(None)
+    dash = Dashboard(svc)
+    decoded = decoded_policies(svc, monkeypatch)
+    last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
+    assert with_role("reference") not in decoded and len(decoded) == 3  # HLM, ours and the coin
+    assert "no time or energy figures" in last.compare and "hlm-verdict" in last.compare
+    assert "(reference)</td>" not in last.compare  # no row of figures for the LLM alone
+    decoded.clear()
+    last = list(dash.compare("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
+    assert decoded[0] == with_role("reference") and "(reference)</td>" in last.compare
+    decoded.clear()
+    last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]  # the measured run is cached now: shown
+    assert with_role("reference") not in decoded and "(reference)</td>" in last.compare
+
+
+def test_the_app_start_up_build_keeps_measured_llm_runs_for_compare(monkeypatch):
+    """`measured`: the examples' LLM-alone runs with their figures, so Compare on an example decodes only the
+    policies it compares."""
+    svc = make_service(None)
+    config = GREEDY.run_config(None)
+    assert svc.build_references(PROMPTS[:1], config, measured=True) == PROMPTS[:1]
+    link, events = svc._cached("tiny", PROMPTS[0], config.sampling)
+    assert link == config.link and len(events) == 16 and all(e.source == "cloud_sampled" for e in events)
+    assert [e.token_id for e in events] == reference_ids(make_service(None), PROMPTS[0])  # the assisted answer
+    decoded = decoded_policies(svc, monkeypatch)
+    runs = list(Dashboard(svc).api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
+    assert with_role("reference") not in decoded and runs[0]["summary"]["llm_calls"] == 16
+
+
 def test_the_references_command_builds_the_examples_into_the_cache(tmp_path):
     env = {**ENV, "HLM_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "hlm", "references", "--models", "tiny"], cwd=ROOT, env=env,

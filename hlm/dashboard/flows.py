@@ -140,7 +140,7 @@ class Dashboard:
         viewer's first token is fast."""
         service = Service.open(models, device, dtype, quant, cloud, emulate_link)
         service.warm_up()
-        service.precompute()  # the examples' references, while the page is served (`Service.build_references`)
+        service.precompute(measured=True)  # the examples' LLM-alone runs while the page is served (`build_references`)
         return cls(service)
 
     @staticmethod
@@ -333,32 +333,40 @@ class Dashboard:
                      tokens="".join(token_span(e, policy, up) for e, up in zip(run.events, r.uploads, strict=True)),
                      energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
 
-    def _compare(self, preset: str, prompt: str, base: RunConfig, request: Request, policies: Sequence[str] = COMPARED
-                 ) -> Iterator[tuple[list[RunView], RunView]]:
+    def _compare(self, preset: str, prompt: str, base: RunConfig, request: Request, policies: Sequence[str] = COMPARED,
+                 measured: bool = True) -> Iterator[tuple[list[RunView], RunView]]:
         """The reference (the LLM alone), then `policies` with the same settings, each scored against the reference
         (at T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `judge`); the control
-        (after the subject) gets its coin matched to the subject's upload rate (`match_control`). Yields (all runs,
-        the one running) after every change."""
+        (after the subject) gets its coin matched to the subject's upload rate (`match_control`). `measured`: the
+        LLM alone is a run with its own time and energy (Compare shows it beside the others); else (Show me, whose
+        verdict needs only its answer) the answer comes as `Service.references` gives it, from the cache or by
+        assisted generation, its figures shown only where they came with it. Yields (all runs, the one running)
+        after every change."""
         llm = base.with_policy(name=with_role("reference"))
         runs = [self._new_run(preset, f"{run_label(llm)} (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
                   for n in policies)]
         reference = runs[0]
         reference.phase = "decoding"
+        reference.priced = measured or self.service.priced(preset, prompt, llm)
         yield runs, reference
-        for events in self.service.reference(preset, prompt, llm, request.cancel, same_link=True):
-            reference.update(events)
-            reference.note = f"decoding… {len(events)} tokens"
-            yield runs, reference
-        if request.cancel.is_set():
-            reference.phase, reference.note = "stopped", "stopped"
-            return
+        if measured:
+            for events in self.service.reference(preset, prompt, llm, request.cancel, same_link=True):
+                reference.update(events)
+                reference.note = f"decoding… {len(events)} tokens"
+                yield runs, reference
+            if request.cancel.is_set():
+                reference.phase, reference.note = "stopped", "stopped"
+                return
         samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
         for i, events in self.service.references(preset, prompt, llm, request.cancel):
             samples[i:] = [events]
             if i:
                 reference.note = f"LLM sample {i + 1} of {REFERENCE_SAMPLES} for the noise band: {len(events)} tokens"
-                yield runs, reference
+            else:
+                reference.update(events)
+                reference.note = f"the LLM's answer… {len(events)} tokens"
+            yield runs, reference
         if request.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"
             return
@@ -376,15 +384,17 @@ class Dashboard:
             yield runs, run
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
-                history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED) -> Iterator[Frame]:
-        """The Compare button (and "Show me", with `SHOW_ME`): the runs side by side, the headline figures and
-        charts following the one running, and the verdict once every run is scored; then the cards, charts, Output
-        and token table show ours (the subject), which the what-if replay then re-decides."""
+                history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED,
+                measured: bool = True) -> Iterator[Frame]:
+        """The Compare button (and "Show me", with `SHOW_ME` and the LLM's answer not `measured`: `_compare`): the
+        runs side by side, the headline figures and charts following the one running, and the verdict once every
+        run is scored; then the cards, charts, Output and token table show ours (the subject), which the what-if
+        replay then re-decides."""
         base = self._prepare(preset, prompt, settings)
         request = self.service.begin(session)
         self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
         try:
-            steps = self._compare(preset, prompt, base, request, policies)
+            steps = self._compare(preset, prompt, base, request, policies, measured)
             runs, _ = next(steps)
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base))
@@ -410,7 +420,7 @@ class Dashboard:
         if not prompt.strip():
             prompt = load_examples()[0]["prompt"]
             yield Frame(prompt=prompt)
-        yield from self.compare(session, preset, prompt, settings, history, SHOW_ME)
+        yield from self.compare(session, preset, prompt, settings, history, SHOW_ME, measured=False)
 
     def api_generate(self, preset: str, prompt: str, settings: Settings, quality: bool) -> Iterator[dict[str, Any]]:
         config = self._prepare(preset, prompt, settings)

@@ -204,9 +204,10 @@ def compare_html(runs: Sequence[RunView]) -> str:
     cols = []
     for run in runs:
         s = run.summary
-        facts = "waiting…" if s is None else (
+        facts = ("the answer only (assisted generation or the cache): no time or energy figures" if not run.priced
+                 else "waiting…" if s is None else (
             f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
-            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
+            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}"))
         cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
                     f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(token_spans(run))}</div></div>')
     said = verdict(runs)

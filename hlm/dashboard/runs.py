@@ -43,13 +43,16 @@ class RunView:
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
         self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
+        # False for an answer whose events carry no time or energy (the LLM's, by assisted generation or from the
+        # cache's ids): its tokens show, its figures do not (no summary, so no zeros that read as measured)
+        self.priced = True
 
     def update(self, events: list[TokenEvent]) -> None:
         if self.pending is not None and len(events) > self.pending.index:
             self.pending = None
         self.events = events
         done = self.points[-1].tokens if self.points else 0
-        if len(events) > done:
+        if self.priced and len(events) > done:
             step = max(1, math.ceil((len(events) - done) / POINTS_PER_UPDATE))
             for n in [*range(done + step, len(events), step), len(events)]:
                 self.points.append(summarize(events[:n], self.config, self.vocab_size, self.methods,

@@ -218,6 +218,12 @@ class Service:
         if not cancel.is_set():
             self._keep(preset, prompt, config.sampling, link, answer)
 
+    def priced(self, preset: str, prompt: str, config: RunConfig) -> bool:
+        """Whether `reference` without `same_link` gives a run priced with `config.link`: a cached one that is, or
+        one it will decode plainly (not assisted)."""
+        cached = self._cached(preset, prompt, config.sampling)
+        return cached[0] == config.link if cached else not self.assisted(preset, prompt, config.sampling)
+
     def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event
                    ) -> Iterator[tuple[int, list[TokenEvent]]]:
         """What a run is scored against: the LLM's answer at greedy, else REFERENCE_SAMPLES LLM samples (seeds
@@ -266,11 +272,12 @@ class Service:
             pair = self.decoder(preset).pair
             self.store.save(Store.key(pair, preset, prompt, sampling), [e.token_id for e in events])
 
-    def precompute(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None) -> threading.Thread:
+    def precompute(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None,
+                   measured: bool = False) -> threading.Thread:
         """`build_references` on a background thread: the page is served meanwhile, and a viewer's run comes first."""
         def build() -> None:
             try:
-                self.build_references(prompts, config)
+                self.build_references(prompts, config, measured)
             except Exception:  # noqa: BLE001 - a failed build only costs the decode later: the log says why
                 LOG.exception("building the example references failed")
 
@@ -278,24 +285,34 @@ class Service:
         thread.start()
         return thread
 
-    def build_references(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None) -> list[str]:
+    def build_references(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None,
+                         measured: bool = False) -> list[str]:
         """Decode the greedy references of `prompts` (default: the page's examples) with `config`'s settings
         (default: the page's) on the start-up pair, for those not cached yet and where `assisted` applies; returns
-        the prompts decoded. Each waits until no request runs; one that begins stops it, and it starts again once
-        the service is idle."""
+        the prompts decoded. By assisted generation (the answer's ids, which the store keeps), or `measured`: as
+        the LLM alone, a run with its time and energy at `config.link`, which Compare then shows without decoding
+        it again (the app's start-up build; only its ids outlive the process). Each waits until no request runs;
+        one that begins stops it, and it starts again once the service is idle."""
         decoder = self.decoder(self.start)
         config = config or Settings().run_config(decoder.pair.calibration)
-        sampling = config.sampling
+        sampling, llm = config.sampling, config.with_policy(name=with_role("reference"))
+
+        def wanted(prompt: str) -> bool:
+            cached = self._cached(self.start, prompt, sampling)
+            return self.assisted(self.start, prompt, sampling) and (
+                cached is None or (measured and cached[0] != config.link))
+
         built = []
         for prompt in prompts or [e["prompt"] for e in load_examples()]:
-            while self.assisted(self.start, prompt, sampling) and self._cached(self.start, prompt, sampling) is None:
+            while wanted(prompt):
                 with self._idle:
                     self._idle.wait_for(lambda: not self._busy)
                     cancel = self._background = threading.Event()
                 with self.lock:
-                    answer = self._answer(self.start, prompt, sampling, cancel)
+                    answer = list(decoder.generate(prompt, llm, cancel)) if measured else \
+                        self._answer(self.start, prompt, sampling, cancel)
                 if not cancel.is_set():
-                    self._keep(self.start, prompt, sampling, None, answer)
+                    self._keep(self.start, prompt, sampling, config.link if measured else None, answer)
                     built.append(prompt)
             if prompt not in self.prepared and self._cached(self.start, prompt, sampling) is not None:
                 self.prepared.append(prompt)
