@@ -24,9 +24,10 @@ import pytest
 from conftest import free_port
 
 from hlm.config import KNOB_HELP, ConfigError
+from hlm.dashboard import flows
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
 from hlm.dashboard.evidence import RESULTS, STUDY, evidence
-from hlm.dashboard.flows import Dashboard, Frame
+from hlm.dashboard.flows import Dashboard, Frame, live_frames
 from hlm.dashboard.render import error_notice, stats_html, token_rows, token_span, verdict
 from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
 from hlm.dashboard.service import INTERVAL_S, Service
@@ -388,6 +389,28 @@ def test_compare_frames_fill_five_columns_a_table_and_the_verdict_then_show_ours
     assert len(last.table) == last.tokens.count('class="tok ') == int(tokens)
     assert last.uploads["data"][0]["x"][-1] == int(tokens)
     assert dash.replay("s", 32, 0.0).stats is not None  # the what-if replay re-decides ours
+
+
+def test_charts_follow_a_decoding_run_on_their_own_clock_and_end_on_its_last_point(monkeypatch):
+    """Text every update; the charts while decoding at most every CHART_INTERVAL_S (not with the first token),
+    and the last points always drawn (a frame of their own when the interval held them back)."""
+    config = Settings().run_config(None)
+    run = RunView("ours", config, 10, {})
+    run.phase = "decoding"
+    events = [TokenEvent(index=i, position=i, token_id=1, text="a", source="local", uploaded=False,
+                         energy_j={"device_compute": 1.0}) for i in range(6)]
+    clock = iter([0.0, 0.5, 1.0, 2.5, 3.0, 3.2, 3.4, 3.6])  # the interval's start, then one reading a frame
+
+    def updates():
+        for i in range(1, 7):
+            run.update(events[:i])
+            yield
+
+    monkeypatch.setattr(flows.time, "monotonic", lambda: next(clock))
+    frames = list(live_frames(run, updates()))
+    assert [f.tokens is not None for f in frames] == [True] * 6 + [False]
+    drawn = [f.uploads["data"][0]["x"][-1] if f.uploads else None for f in frames]
+    assert drawn == [None, None, 3, None, None, None, 6] and flows.CHART_INTERVAL_S == 2.0
 
 
 def test_show_me_fills_an_empty_prompt_and_runs_the_three(service):

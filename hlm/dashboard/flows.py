@@ -4,6 +4,7 @@ generator of `Frame`s (one update of the page) or API payloads, on top of a shar
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +48,9 @@ from hlm.models.presets import PRESETS
 from hlm.policies import REGISTRY, Role, with_role
 
 REPLAYS = 64  # sessions whose last replayable run the what-if replay keeps
+# While a run decodes, its charts are redrawn at most this often (a Compare sent two plotly redraws every 0.4 s;
+# the browser then took a third of a core from the decode on 2 cores)
+CHART_INTERVAL_S = 2.0
 
 # The Compare action runs, after the reference, every policy that drafts and uploads, in this order of roles: the
 # control comes after the subject, whose realised upload rate its coin is matched to
@@ -97,15 +101,18 @@ class Frame:
 
 def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True) -> Iterator[Frame]:
     """A frame per update of `run`: stats and (unless `tokens` is off: Compare shows a table instead) tokens always;
-    the charts only when their points changed, and not with the first token (a plotly redraw costs the browser far
-    more than text, so the first token shows at once)."""
-    drawn = 0
-    for n, _ in enumerate(updates):
+    the charts, where their points changed, at most every CHART_INTERVAL_S while the run decodes (not with the
+    first token) and at once after: a plotly redraw costs the browser far more than text, and on a machine that
+    also decodes, the browser's work slows the decode."""
+    drawn, due = 0, time.monotonic() + CHART_INTERVAL_S
+    for _ in updates:
         frame = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None)
-        if len(run.points) != drawn and (n > 0 or run.phase != "decoding"):
-            drawn = len(run.points)
+        if len(run.points) != drawn and (run.phase != "decoding" or time.monotonic() >= due):
+            drawn, due = len(run.points), time.monotonic() + CHART_INTERVAL_S
             frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
         yield frame
+    if len(run.points) != drawn:  # the run's last points, held back by the interval
+        yield Frame(energy=energy_figure(run.points), uploads=upload_figure(run.points))
 
 
 def match_control(control: RunView, runs: Sequence[RunView]) -> None:
