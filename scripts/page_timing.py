@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npage timing at {args.url} on {f.prompt!r}{example}")
     print(f"greedy reference: {f.reference}")
     if f.show_me_s is not None:
-        print("Compare ran after Show me on the same prompt: its LLM-alone row is the plain run Show me decoded, "
-              "from the cache")
+        print("Show me scores against that answer (it decodes no LLM-alone run); Compare shows the LLM alone from the "
+              "start-up build's plain run where it has one for the prompt, else decodes it")
     print("\n".join(table(f)))
     for problem in f.problems:
         print(f"PROBLEM: {problem}")
