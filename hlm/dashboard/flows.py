@@ -357,22 +357,15 @@ class Dashboard:
         reference.phase = "decoding"
         reference.priced = measured or self.service.priced(preset, prompt, llm)
         yield runs, reference
-        if measured:
-            for events in self.service.reference(preset, prompt, llm, request.cancel, same_link=True):
-                reference.update(events)
-                reference.note = f"decoding… {len(events)} tokens"
-                yield runs, reference
-            if request.cancel.is_set():
-                reference.phase, reference.note = "stopped", "stopped"
-                return
+        doing = "decoding" if measured else "the LLM's answer"
         samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
-        for i, events in self.service.references(preset, prompt, llm, request.cancel):
+        for i, events in self.service.references(preset, prompt, llm, request.cancel, same_link=measured):
             samples[i:] = [events]
             if i:
                 reference.note = f"LLM sample {i + 1} of {REFERENCE_SAMPLES} for the noise band: {len(events)} tokens"
             else:
                 reference.update(events)
-                reference.note = f"the LLM's answer… {len(events)} tokens"
+                reference.note = f"{doing}… {len(events)} tokens"
             yield runs, reference
         if request.cancel.is_set():
             reference.phase, reference.note = "stopped", "stopped"

@@ -224,14 +224,16 @@ class Service:
         cached = self._cached(preset, prompt, config.sampling)
         return cached[0] == config.link if cached else not self.assisted(preset, prompt, config.sampling)
 
-    def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event
-                   ) -> Iterator[tuple[int, list[TokenEvent]]]:
+    def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
+                   same_link: bool = False) -> Iterator[tuple[int, list[TokenEvent]]]:
         """What a run is scored against: the LLM's answer at greedy, else REFERENCE_SAMPLES LLM samples (seeds
-        seed, seed + 1, ...), each cached or generated. Yields (which sample, its events so far)."""
+        seed, seed + 1, ...), each cached or generated; `same_link`: the first as `reference` gives it with that
+        flag (a run with its figures). Yields (which sample, its events so far)."""
         n = 1 if config.sampling.temperature == 0 else REFERENCE_SAMPLES
         for i in range(n):
             sampling = replace(config.sampling, seed=config.sampling.seed + i)
-            for events in self.reference(preset, prompt, replace(config, sampling=sampling), cancel):
+            for events in self.reference(preset, prompt, replace(config, sampling=sampling), cancel,
+                                         same_link and i == 0):
                 yield i, events
             if cancel.is_set():
                 return
