@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
              cloud_stop.get("stop_s", float("inf")), STOP_S, "s"),
             ("peak RSS of the process (VmHWM)", hwm, RSS_GB, "GB")]
     for name, value, limit, unit in rows:
-        print(f"{name}: {value:.3f} {unit} (target <= {limit:g} {unit}: {verdict(value, limit)})")
+        if value == float("inf"):
+            print(f"{name}: none (the run ended before it; a shorter --stop-after-s)")
+        else:
+            print(f"{name}: {value:.3f} {unit} (target <= {limit:g} {unit}: {verdict(value, limit)})")
     print(f"RSS now {rss:.2f} GB")
     return 0
 
