@@ -17,12 +17,15 @@ Timings: run it alone on the machine (two torch jobs at once each run several ti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from page_timing import Row, memory, verdict  # noqa: E402  (this folder's page script: its rows and verdicts)
 
 from hlm.config import MAX_PROMPT_CHARS  # noqa: E402
 from hlm.dashboard.settings import Settings  # noqa: E402
@@ -31,7 +34,7 @@ from hlm.policies import with_role  # noqa: E402
 from hlm.session import open_decoder  # noqa: E402
 
 QUESTION = "\n\nWhich file failed to compile in the build log above, and why? Answer in one sentence."
-FIRST_TOKEN_S, RSS_GB, STOP_S = 300.0, 10.0, 1.0
+FIRST_TOKEN_S, RSS_GB, STOP_S = 300.0, 10.0, 1.0  # the issue's targets
 
 
 PARTS = ("network", "storage", "parser", "render", "audio", "cache", "scheduler", "logging", "crypto", "index")
@@ -55,18 +58,6 @@ def build_log(chars: int) -> str:
     return "\n".join(lines)[:budget] + QUESTION
 
 
-def vm(field: str) -> float:
-    """A /proc/self/status field in GB (10^9 bytes)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return float("nan")
-
-
-def verdict(value: float, limit: float) -> str:
-    return "met" if value <= limit else f"missed by {value - limit:.1f}"
-
-
 def timed_run(decoder, prompt: str, config, stop_after_s: float | None = None, cloud: bool = False) -> dict:
     """One run; the moments that matter in seconds from its start. With `stop_after_s`, Stop is pressed that long
     into the device's prefill (or, `cloud`, after the cloud began reading) and the seconds until the run ends are
@@ -81,31 +72,26 @@ def timed_run(decoder, prompt: str, config, stop_after_s: float | None = None, c
     def progress(who: str, done: int, total: int) -> None:
         nonlocal timer
         now = time.monotonic() - start
-        if who == "device":
-            marks.setdefault("device_prefill_begun", now)
-            if done == total:
-                marks["device_prefill_s"] = now
-        else:
-            marks.setdefault("cloud_prefill_begun", now)
+        if who == "device" and done == total:
+            marks["device_prefill_s"] = now
         if stop_after_s is not None and timer is None and (who == "cloud") == cloud:
             timer = threading.Timer(stop_after_s, stop)
             timer.start()
 
-    first_text = ""
+    text = ""
     for event in decoder.generate(prompt, config, cancel, progress=progress, drafts=True):
         now = time.monotonic() - start
         if isinstance(event, PendingDraft):
             marks.setdefault("first_draft_shown_s", now)
         else:
-            marks.setdefault("first_shown_s", now)
             marks.setdefault("first_token_s", now)
-            first_text += event.text
+            text += event.text
     marks["end_s"] = time.monotonic() - start
     if timer is not None:
         timer.cancel()
     if "stop_pressed" in marks:
         marks["stop_s"] = marks["end_s"] - marks["stop_pressed"]
-    marks["text"] = first_text
+    marks["text"] = text
     return marks
 
 
@@ -130,23 +116,20 @@ def main(argv: list[str] | None = None) -> int:
           f"first draft shown (pending) {full.get('first_draft_shown_s', float('nan')):.1f} s; first decided token "
           f"{full.get('first_token_s', float('nan')):.1f} s; end {full['end_s']:.1f} s; answer {full['text']!r}",
           flush=True)
-    shown = min(full.get("first_draft_shown_s", float("inf")), full.get("first_token_s", float("inf")))
+    shown = min((full[k] for k in ("first_draft_shown_s", "first_token_s") if k in full), default=None)
     device_stop = timed_run(decoder, prompt, ours, args.stop_after_s)
     cloud_stop = timed_run(decoder, prompt, llm, args.stop_after_s, cloud=True)
-    rss, hwm = vm("VmRSS"), vm("VmHWM")
-    rows = [("first token shown (a pending draft or a decided token)", shown, FIRST_TOKEN_S, "s"),
-            ("first decided token", full.get("first_token_s", float("inf")), FIRST_TOKEN_S, "s"),
-            (f"Stop {args.stop_after_s:.0f} s into the device's prefill: until the run ended",
-             device_stop.get("stop_s", float("inf")), STOP_S, "s"),
-            (f"Stop {args.stop_after_s:.0f} s into the cloud's prefill (`llm`): until the run ended",
-             cloud_stop.get("stop_s", float("inf")), STOP_S, "s"),
-            ("peak RSS of the process (VmHWM)", hwm, RSS_GB, "GB")]
-    for name, value, limit, unit in rows:
-        if value == float("inf"):
-            print(f"{name}: none (the run ended before it; a shorter --stop-after-s)")
-        else:
-            print(f"{name}: {value:.3f} {unit} (target <= {limit:g} {unit}: {verdict(value, limit)})")
-    print(f"RSS now {rss:.2f} GB")
+    rss, hwm = memory(os.getpid())
+    stop = f"Stop {args.stop_after_s:g} s into the"
+    rows = [(Row("first token shown (a pending draft or a decided token)", FIRST_TOKEN_S, "s"), shown),
+            (Row("first decided token", FIRST_TOKEN_S, "s"), full.get("first_token_s")),
+            (Row(f"{stop} device's prefill: until the run ended", STOP_S, "s"), device_stop.get("stop_s")),
+            (Row(f"{stop} cloud's prefill (`llm`): until the run ended", STOP_S, "s"), cloud_stop.get("stop_s")),
+            (Row("peak RSS of the process (VmHWM)", RSS_GB, "GB"), hwm / 1e9)]
+    for row, value in rows:  # not measured: the run ended first (a Stop: a shorter --stop-after-s)
+        measured = "-" if value is None else f"{value:.3f} {row.unit}"
+        print(f"{row.name}: {measured} (target <= {row.limit:g} {row.unit}: {verdict(value, row)})")
+    print(f"RSS now {rss / 1e9:.2f} GB")
     return 0
 
 

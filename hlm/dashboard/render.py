@@ -201,15 +201,8 @@ def compare_html(runs: Sequence[RunView]) -> str:
     done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
     table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'
              f'<tbody>{body}</tbody></table></div>' if body else "")
-    cols = []
-    for run in runs:
-        s = run.summary
-        facts = ("the answer only (assisted generation or the cache): no time or energy figures" if not run.priced
-                 else "waiting…" if s is None else (
-            f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
-            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}"))
-        cols.append(f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b>'
-                    f'<span>{facts}</span></div><div class="hlm-col-tokens">{"".join(token_spans(run))}</div></div>')
+    cols = [f'<div class="col"><div class="head"><b>{html.escape(run.label)}</b><span>{_column_facts(run)}</span>'
+            f'</div><div class="hlm-col-tokens">{"".join(token_spans(run))}</div></div>' for run in runs]
     said = verdict(runs)
     lead = f'<p class="hlm-verdict">{html.escape(said)}</p>' if said else ""
     band = next((r.band for r in runs if r.band), None)
@@ -218,6 +211,17 @@ def compare_html(runs: Sequence[RunView]) -> str:
                  f"samples score {band[0]:.3f}–{band[1]:.3f} against each other, so differences inside that band "
                  "are sampling noise (HLM samples the LLM's distribution exactly).</p>")
     return f'{lead}{table}<div class="hlm-compare">{"".join(cols)}</div>'
+
+
+def _column_facts(run: RunView) -> str:
+    """The line under a run's name in Compare: its figures, or why it has none (yet)."""
+    s = run.summary
+    if not run.priced:
+        return "the answer only (assisted generation or the cache): no time or energy figures"
+    if s is None:
+        return "waiting…"
+    return (f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
+            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
 
 
 def hardware_html(decoder: HybridDecoder, config: RunConfig, cloud: str | None, quality_method: str) -> str:
