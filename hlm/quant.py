@@ -7,6 +7,11 @@ softmax or the attention changes) and both on kernels that ship in torch itself:
 - `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`); the output layer stays int8.
   The embedded draft's GGUF weights are 5- and 8-bit blocks (its 896-wide rows do not fit K-quant blocks), so 4
   bits lose real precision: selectable, but no preset takes it.
+- `q4k`: the layers a GGUF file stores as Q4_K run on those very 4-bit codes, on the same int4 kernel: Q4_K's
+  sub-blocks of 32 weights, each `scale * code - offset`, are the kernel's groups, so nothing is re-quantised (the
+  float weights were dequantised from these codes in the first place); only the group's scale and zero are
+  rounded to the activations' dtype. Layers stored otherwise (Q6_K, Q8_0, ...) stay as loaded. The codes come
+  from the GGUF, or for the embedded pair from `q4k.FILE` beside its converted weights (`hlm.models.embedded`).
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
 real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
 both; docs/speed.md says which recipe each model of the embedded pair runs and why).
@@ -16,15 +21,23 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hlm import q4k
 from hlm.config import QUANT_RECIPES as RECIPES
+from hlm.errors import UserError
 
-INT4_GROUP = 32
+INT4_GROUP = q4k.GROUP
 INT4_INNER_K_TILES = 2
+
+
+class QuantError(UserError, ValueError):
+    """A recipe cannot apply to this model."""
 
 
 # From this many rows on (prompt chunks), dequantise and use the float GEMM: the int8 kernel is a matrix-vector
@@ -63,28 +76,51 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W in 4-bit codes q (0..15) per group of 32 inputs: w = (q - 8) * scale + zero."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
         super().__init__()
+        n, k = codes.shape
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32), INT4_INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = k, n
+
+    @classmethod
+    def fitted(cls, linear: nn.Linear) -> Int4Linear:
+        """Codes fitted to the float weights: each group's range in 16 even steps."""
         w = linear.weight.detach().float()
         n, k = w.shape
         groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * scale
-        dtype = linear.weight.dtype
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q, INT4_INNER_K_TILES))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(dtype))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.in_features, self.out_features = k, n
+        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(n, k)
+        return cls(q, scale, lo + 8 * scale, linear.bias, linear.weight.dtype)
+
+    @classmethod
+    def q4k(cls, linear: nn.Linear, blocks: np.ndarray) -> Int4Linear:
+        """The layer's own Q4_K codes: w = scale * q - offset is (q - 8) * scale + (8 * scale - offset)."""
+        codes, scale, offset = q4k.decode(blocks, linear.out_features, linear.in_features)
+        return cls(codes, scale, 8 * scale - offset, linear.bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype),
                                                        self.weight_int4, INT4_GROUP, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def q4k_blocks(model: nn.Module) -> dict[str, np.ndarray]:
+    """The Q4_K blocks of `model`'s layers, from where it was loaded: a GGUF file, or a folder with `q4k.FILE`."""
+    source = getattr(model, "hlm_source", None)
+    if source is not None and source.suffix == ".gguf":
+        return q4k.from_gguf(model, source)
+    if source is not None and (source / q4k.FILE).is_file():
+        from safetensors.numpy import load_file
+
+        return load_file(source / q4k.FILE)
+    return {}
 
 
 def _fits_int4(linear: nn.Linear) -> bool:
@@ -98,18 +134,53 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
         raise ValueError(f"unknown quantisation {recipe!r}: use one of {', '.join(RECIPES)}")
     if recipe == "none":
         return model
+    if recipe == "q4k":
+        return use_q4k(model, q4k_blocks(model))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             four = recipe == "int4" and _fits_int4(child) and not any(s in name for s in int8_only)
-            setattr(parent, name, Int4Linear(child) if four else Int8Linear(child))
+            setattr(parent, name, Int4Linear.fitted(child) if four else Int8Linear(child))
     # What stays (embedding, norms) may still be views of the memory-mapped checkpoint, which would keep every
     # page of it that quantising read counted in the process's memory: give them storage of their own.
     for param in model.parameters():
         param.data = param.data.clone()
     model.hlm_quant = recipe
     return model
+
+
+def use_q4k(model: nn.Module, blocks: dict[str, np.ndarray]) -> nn.Module:
+    """Each layer named in `blocks` (`q4k_blocks`) runs on them. Their float weights are never read, so pages of a
+    memory-mapped checkpoint that held them never become resident; the rest stays as loaded."""
+    if not blocks:
+        raise QuantError(f"--quant q4k needs the model's Q4_K blocks: a .gguf file, or a converted folder with "
+                         f"{q4k.FILE} (the embedded pair); {getattr(model, 'hlm_name', 'this model')} has none")
+    for name, data in blocks.items():
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, child, Int4Linear.q4k(getattr(holder, child), data))
+    model.hlm_quant = "q4k"
+    return model
+
+
+def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 20) -> tuple[float, float]:
+    """(float, int4) median seconds of one row through an n x k layer, on random weights: what `q4k` changes in a
+    decode step, measured without reading the model's own weights."""
+    x, w = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    int4 = Int4Linear(torch.randint(0, 16, (n, k)), torch.rand(n, k // INT4_GROUP), torch.rand(n, k // INT4_GROUP),
+                      None, dtype)
+
+    def median(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    with torch.inference_mode():
+        return median(lambda: F.linear(x, w)), median(lambda: int4(x))
 
 
 @torch.inference_mode()

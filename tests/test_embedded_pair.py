@@ -37,3 +37,24 @@ def test_embedded_pair_generates_code(embedded, policy):
     else:
         assert all(e.score is not None and e.uploaded == (e.score >= e.score_threshold) for e in events)
         assert summary["uploads"] <= 12
+
+
+def test_embedded_verifier_runs_its_own_q4k_blocks(embedded):
+    """Where the int4 kernel measures faster (the load says which), the verifier's 168 Q4_K layers run on their
+    GGUF codes: each computes what its converted bf16 weight does, to the rounding of the group scales."""
+    from safetensors import safe_open
+
+    from hlm.models import embedded as files
+    from hlm.quant import Int4Linear
+
+    verifier = embedded.pair.verifier
+    if getattr(verifier, "hlm_quant", "none") != "q4k":
+        assert embedded.pair.quant["verifier"].startswith("none (auto: q4k")  # measured slower on this CPU
+        pytest.skip(embedded.pair.quant["verifier"])
+    assert sum(isinstance(m, Int4Linear) for m in verifier.modules()) == 168
+    layer = verifier.model.layers[3].mlp.up_proj
+    with safe_open(files.model_dir(files.VERIFIER) / "model.safetensors", "pt") as f:
+        weight = f.get_tensor("model.layers.3.mlp.up_proj.weight").float()
+    x = torch.randn(2, weight.shape[1])
+    err = (layer(x.bfloat16()).float() - x @ weight.T).norm() / (x @ weight.T).norm()
+    assert err < 0.02

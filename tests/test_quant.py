@@ -3,10 +3,15 @@ and the verifier's distribution stays exact on a quantised pair (`test_decoder`)
 
 import copy
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
 
-from hlm.quant import Int4Linear, Int8Linear, quality, quantize
+from hlm import q4k
+from hlm.quant import Int4Linear, Int8Linear, QuantError, quality, quantize
 
 
 def test_int8_linear_is_the_matmul_of_its_dequantised_weight():
@@ -25,7 +30,7 @@ def test_int4_linear_is_close_to_the_float_layer():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=False)
     x = torch.randn(3, 64)
-    err = (Int4Linear(lin)(x) - lin(x)).norm() / lin(x).norm()
+    err = (Int4Linear.fitted(lin)(x) - lin(x)).norm() / lin(x).norm()
     assert 0 < err < 0.15  # 4 bits in groups of 32: close, not exact
 
 
@@ -46,3 +51,77 @@ def test_quality_guard_passes_int8_and_fails_a_different_model(tiny):
 def test_unknown_recipe_is_refused(tiny):
     with pytest.raises(ValueError, match="unknown quantisation"):
         quantize(copy.deepcopy(tiny.draft), "int3")
+
+
+def _q4k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random Q4_K blocks (d and dmin small positive halves, any 6-bit scales and 4-bit codes), rows x cols/256."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows * cols // 256, q4k.BLOCK_BYTES), dtype=np.uint8)
+    blocks[:, 0:4] = rng.uniform(1e-4, 1e-2, (len(blocks), 2)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_q4k_codes_decode_exactly_as_gguf_dequantises():
+    blocks = _q4k_blocks(64, 512)
+    codes, scale, offset = q4k.decode(blocks, 64, 512)
+    assert codes.min() >= 0 and codes.max() <= 15
+    w = (codes.reshape(64, -1, 32) * scale[..., None] - offset[..., None]).reshape(64, 512)
+    expected = dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(64, 512)
+    assert torch.equal(w, torch.from_numpy(expected))
+
+
+def test_q4k_linear_computes_with_its_own_codes():
+    blocks = _q4k_blocks(128, 256, seed=1)
+    w = torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(128, 256))
+    lin = torch.nn.Linear(256, 128)
+    x = torch.randn(3, 256)
+    # float32 scales: the same weights, so the same products to float rounding
+    torch.testing.assert_close(Int4Linear.q4k(lin, blocks)(x), x @ w.T + lin.bias.detach(), rtol=1e-4, atol=1e-4)
+    lin = lin.to(torch.bfloat16)  # bf16 scales and zeros: within a few bf16 steps of each weight's group scale
+    err = (Int4Linear.q4k(lin, blocks)(x.bfloat16()).float() - x @ w.T - lin.bias.float()).norm() / (x @ w.T).norm()
+    assert err < 0.02
+
+
+def _small_qwen2() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+
+
+def test_q4k_takes_only_layers_the_gguf_holds_exactly(tmp_path):
+    model = _small_qwen2()
+    mlp = model.model.layers[0].mlp
+    up, gate = _q4k_blocks(512, 256, seed=2), _q4k_blocks(512, 256, seed=3)
+    with torch.no_grad():  # up_proj holds exactly what its blocks decode to; gate_proj is one step off somewhere
+        mlp.up_proj.weight.copy_(torch.from_numpy(dequantize(up, gguf.GGMLQuantizationType.Q4_K).reshape(512, 256)))
+        mlp.gate_proj.weight.copy_(torch.from_numpy(dequantize(gate, gguf.GGMLQuantizationType.Q4_K)
+                                                    .reshape(512, 256)))
+        mlp.gate_proj.weight[0, 0] += 1e-3
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    for name, blocks in (("blk.0.ffn_up.weight", up), ("blk.0.ffn_gate.weight", gate)):
+        writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.add_tensor("blk.0.ffn_down.weight", mlp.down_proj.weight.detach().numpy())  # F32: not Q4_K
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    blocks = q4k.from_gguf(model, path)
+    assert set(blocks) == {"model.layers.0.mlp.up_proj"}
+    folder = tmp_path / "converted"  # as the embedded pair keeps them: beside the converted weights
+    folder.mkdir()
+    save_file(blocks, folder / q4k.FILE)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    before = model(input_ids=ids).logits
+    with pytest.raises(QuantError, match="needs the model's Q4_K blocks"):
+        quantize(model, "q4k")  # where it came from is unknown
+    for source in (path, folder):
+        fast = copy.deepcopy(model)
+        fast.hlm_source = source
+        quantize(fast, "q4k")
+        layers = fast.model.layers[0].mlp
+        assert isinstance(layers.up_proj, Int4Linear) and isinstance(layers.gate_proj, torch.nn.Linear)
+        torch.testing.assert_close(fast(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)

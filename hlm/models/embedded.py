@@ -201,10 +201,13 @@ def model_dir(model: EmbeddedModel) -> Path:
 
 
 def is_ready(model: EmbeddedModel) -> bool:
-    """The folder is complete: its marker, written last, holds this model's sha256."""
+    """The folder is complete: its marker, written last, holds this model's sha256 (and, since `--quant q4k`, it has
+    the Q4_K blocks: an older folder is built again)."""
+    from hlm import q4k
+
     marker = model_dir(model) / MARKER
     try:
-        return marker.read_text().strip() == model.sha256
+        return marker.read_text().strip() == model.sha256 and (model_dir(model) / q4k.FILE).is_file()
     except OSError:
         return False
 
@@ -259,7 +262,10 @@ def _require_converter() -> None:
 def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
     """Dequantise a GGUF to a bf16 safetensors model + tokenizer in `out_dir` (slow: ~1 min, ~1.5x RAM)."""
     import torch
+    from safetensors.numpy import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from hlm import q4k
 
     with _offline():
         start = time.monotonic()
@@ -278,6 +284,8 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
             del model.config.quantization_config
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+        # The layers the GGUF stores as Q4_K keep their 4-bit blocks beside the bf16 weights (`--quant q4k`).
+        save_file(q4k.from_gguf(model, gguf), out_dir / q4k.FILE)
 
 
 def ensure_model_dir(model: EmbeddedModel, progress: bool = True, keep_gguf: bool = False) -> Path:

@@ -1,0 +1,72 @@
+"""The verifier's quality guard against its source: the embedded GGUF's own weights, dequantised and computed in
+float32, beside the bf16 copy the project converts them to and the `q4k` path (the GGUF's Q4_K codes on the int4
+kernel). Teacher-forced top-1 agreement and mean KL(p_source || p) over the tuning prompts' bf16 greedy answers,
+as `hlm bench`'s guard (docs/speed.md, "Quality guard").
+
+    python scripts/guard_source.py --prompts 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import gguf
+import torch
+from gguf.quants import dequantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hlm.experiments.bench import _guard_sequences  # noqa: E402
+from hlm.models import embedded  # noqa: E402
+from hlm.models.presets import load_model, load_pair  # noqa: E402
+from hlm.quant import quality, quantize  # noqa: E402
+
+
+@torch.no_grad()
+def source_model(folder: Path, gguf_path: Path) -> torch.nn.Module:
+    """The converted model in float32 with every weight the GGUF holds replaced by its float32 dequantisation
+    (each checked to round to the converted bf16 weight)."""
+    model = load_model(str(folder), torch.device("cpu"), torch.float32, "sdpa")
+    reader = gguf.GGUFReader(gguf_path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, model.config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, param in model.named_parameters():
+        stem, _, kind = name.rpartition(".")
+        tensor = tensors.get(f"{names.get_name(stem)}.{kind}")
+        if tensor is None:
+            raise SystemExit(f"no GGUF tensor for {name}")
+        exact = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(param.shape).copy())
+        if not torch.equal(exact.to(torch.bfloat16), param.to(torch.bfloat16)):
+            raise SystemExit(f"{name}: the GGUF does not round to the converted weight")
+        param.copy_(exact)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    pair = load_pair("embedded", quant="none")
+    folder = embedded.model_dir(embedded.VERIFIER)
+    sequences = _guard_sequences(pair, args.prompts, args.tokens, pair.verifier)
+    print(f"{sum(len(s) - start for s, start in zip(*sequences, strict=True))} positions, {args.prompts} prompts x "
+          f"{args.tokens} tokens (the bf16 verifier's greedy answers)", flush=True)
+    fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), "q4k")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = embedded.join_gguf(embedded.VERIFIER, Path(tmp) / embedded.VERIFIER.filename, progress=False)
+        source = source_model(folder, path)
+    rows = [("q4k vs bf16", pair.verifier, fast), ("bf16 vs source (GGUF weights, float32)", source, pair.verifier),
+            ("q4k vs source (GGUF weights, float32)", source, fast)]
+    for label, reference, model in rows:
+        top1, kl = quality(reference, model, *sequences)
+        print(f"{label:42s} top-1 {100 * top1:6.2f} %   KL {kl:.5f} nats", flush=True)
+
+
+if __name__ == "__main__":
+    main()
