@@ -104,9 +104,10 @@ def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], progr
     cache, held = start(model, ids, head)
     _watched(model)
     with reading_head(model, hidden) as read:
-        for i in range(held, len(ids), CHUNK):
-            out = model(input_ids=torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache, use_cache=True,
+        chunk = getattr(model, "hlm_prefill_chunk", CHUNK)  # a fast path may want longer chunks (`hlm.quant.use_q4k`)
+        for i in range(held, len(ids), chunk):
+            out = model(input_ids=torch.tensor([ids[i:i + chunk]], device=model.device), cache=cache, use_cache=True,
                         logits_to_keep=1)
             if progress is not None:
-                progress(min(i + CHUNK, len(ids)), len(ids))
+                progress(min(i + chunk, len(ids)), len(ids))
     return cache, out.logits[0, -1], read[-1][0, -1] if hidden else None

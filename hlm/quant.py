@@ -34,6 +34,11 @@ from hlm.errors import UserError
 
 INT4_GROUP = q4k.GROUP
 INT4_INNER_K_TILES = 2
+INT4_ROW_BLOCK = 64  # rows the CPU kernel packs together
+# The int4 kernel's time grows with the rows (8,960 x 1,536: 0.35 ms for one, 43 ms for 256), dequantising a
+# layer costs about what 100 rows do (17 ms) and then the float GEMM is cheap: from this many rows, dequantise.
+INT4_PREFILL_ROWS = 128
+Q4K_PREFILL_CHUNK = 1024  # prompt tokens a `q4k` model prefills at once (`hlm.prefix`)
 
 
 class QuantError(UserError, ValueError):
@@ -86,6 +91,24 @@ class Int4Linear(nn.Module):
                              .to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.in_features, self.out_features = k, n
+        # The float GEMM on dequantised weights for a prompt chunk needs the kernel's packing, which is torch's own
+        # (blocks of 64 rows, row j and j + 32 in one byte): checked on the first block, else the kernel does all.
+        self.unpacks = n % INT4_ROW_BLOCK == 0 and torch.equal(self._codes(INT4_ROW_BLOCK), codes[:INT4_ROW_BLOCK])
+
+    def _codes(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows' codes, unpacked from the kernel's layout."""
+        half = INT4_ROW_BLOCK // 2  # one byte holds row j of a block in its low nibble, row j + half in its high one
+        blocks = self.weight_int4.reshape(-1)[:rows * self.in_features // 2].view(-1, self.in_features, half)
+        return torch.stack([blocks & 15, blocks >> 4], 1).transpose(2, 3).reshape(rows, self.in_features)
+
+    def dequantised(self) -> torch.Tensor:
+        """W in the activations' dtype, w = q * scale + (zero - 8 * scale)."""
+        n, k = self.out_features, self.in_features
+        dtype = self.scales_and_zeros.dtype
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # [k / 32, n] each
+        offset = (zero - 8 * scale).T.contiguous().unsqueeze(-1).to(dtype)
+        codes = self._codes(n).view(n, k // INT4_GROUP, INT4_GROUP).to(dtype)
+        return torch.addcmul(offset, codes, scale.T.contiguous().unsqueeze(-1).to(dtype)).view(n, k)
 
     @classmethod
     def fitted(cls, linear: nn.Linear) -> Int4Linear:
@@ -105,8 +128,11 @@ class Int4Linear(nn.Module):
         return cls(codes, scale, 8 * scale - offset, linear.bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype),
-                                                       self.weight_int4, INT4_GROUP, self.scales_and_zeros)
+        rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        if self.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise once, float GEMM
+            y = F.linear(rows, self.dequantised())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -161,6 +187,9 @@ def use_q4k(model: nn.Module, blocks: dict[str, np.ndarray]) -> nn.Module:
         holder = model.get_submodule(parent)
         setattr(holder, child, Int4Linear.q4k(getattr(holder, child), data))
     model.hlm_quant = "q4k"
+    # Each prompt chunk dequantises every layer once (about 1.6 s for the 1.5B here), so longer chunks pay it less
+    # often: a 99,000-character prompt in 24 chunks, not 93
+    model.hlm_prefill_chunk = Q4K_PREFILL_CHUNK
     return model
 
 

@@ -11,7 +11,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
 from hlm import q4k
-from hlm.quant import Int4Linear, Int8Linear, QuantError, quality, quantize
+from hlm.quant import INT4_PREFILL_ROWS, Q4K_PREFILL_CHUNK, Int4Linear, Int8Linear, QuantError, quality, quantize
 
 
 def test_int8_linear_is_the_matmul_of_its_dequantised_weight():
@@ -32,6 +32,21 @@ def test_int4_linear_is_close_to_the_float_layer():
     x = torch.randn(3, 64)
     err = (Int4Linear.fitted(lin)(x) - lin(x)).norm() / lin(x).norm()
     assert 0 < err < 0.15  # 4 bits in groups of 32: close, not exact
+
+
+def test_int4_prompt_chunks_run_on_the_dequantised_weights():
+    """From INT4_PREFILL_ROWS rows a layer dequantises once and takes the float GEMM; fewer take the kernel. Both
+    compute with the same weights, unpacked from the kernel's own packing."""
+    torch.manual_seed(0)
+    n, k = 128, 256
+    codes, scale, zero = torch.randint(0, 16, (n, k)), torch.rand(n, k // 32) / 100, torch.rand(n, k // 32) / 100
+    layer = Int4Linear(codes, scale, zero, None, torch.float32)
+    w = ((codes.view(n, -1, 32) - 8) * scale[..., None] + zero[..., None]).view(n, k)
+    assert layer.unpacks
+    torch.testing.assert_close(layer.dequantised(), w, rtol=1e-6, atol=1e-6)
+    x = torch.randn(INT4_PREFILL_ROWS, k)
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x[:3]), x[:3] @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def _sequences(pair):
@@ -124,4 +139,5 @@ def test_q4k_takes_only_layers_the_gguf_holds_exactly(tmp_path):
         quantize(fast, "q4k")
         layers = fast.model.layers[0].mlp
         assert isinstance(layers.up_proj, Int4Linear) and isinstance(layers.gate_proj, torch.nn.Linear)
+        assert fast.hlm_prefill_chunk == Q4K_PREFILL_CHUNK  # prompts in longer chunks: fewer dequantisations
         torch.testing.assert_close(fast(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
