@@ -49,7 +49,9 @@ def start(model: PreTrainedModel, ids: list[int], head: tuple[int, ...]) -> tupl
         return copy.deepcopy(entry[1]), n
 
 
-CHUNK = 256
+# Fewer, longer chunks: each pass copies the growing KV cache, and a quantised layer dequantises once per chunk
+# (`hlm.quant`): 6,000 tokens into the int8 draft took 9.1 s in chunks of 1,024 against 12.0 s in chunks of 256.
+CHUNK = 1024
 Progress = Callable[[int, int], None]  # (prompt tokens read, prompt tokens) after each chunk
 _STOP = threading.local()  # this thread's cancel event while it prefills (models are shared between threads)
 
@@ -104,10 +106,9 @@ def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], progr
     cache, held = start(model, ids, head)
     _watched(model)
     with reading_head(model, hidden) as read:
-        chunk = getattr(model, "hlm_prefill_chunk", CHUNK)  # a fast path may want longer chunks (`hlm.quant.use_q4k`)
-        for i in range(held, len(ids), chunk):
-            out = model(input_ids=torch.tensor([ids[i:i + chunk]], device=model.device), cache=cache, use_cache=True,
+        for i in range(held, len(ids), CHUNK):
+            out = model(input_ids=torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache, use_cache=True,
                         logits_to_keep=1)
             if progress is not None:
-                progress(min(i + chunk, len(ids)), len(ids))
+                progress(min(i + CHUNK, len(ids)), len(ids))
     return cache, out.logits[0, -1], read[-1][0, -1] if hidden else None

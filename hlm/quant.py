@@ -1,8 +1,8 @@
 """Weight-only quantisation for CPU decoding: the fast path.
 
 Decoding one token is a pass over every weight, so on a CPU its time is memory traffic: fewer bytes per weight
-is the speed-up. Two recipes, both weight-only (activations stay in the model's dtype, so nothing about the
-softmax or the attention changes) and both on kernels that ship in torch itself:
+is the speed-up. Three recipes, all weight-only (activations stay in the model's dtype, so nothing about the
+softmax or the attention changes) and all on kernels that ship in torch itself:
 - `int8`: per-output-channel symmetric int8 (`aten._weight_int8pack_mm`);
 - `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`); the output layer stays int8.
   The embedded draft's GGUF weights are 5- and 8-bit blocks (its 896-wide rows do not fit K-quant blocks), so 4
@@ -38,7 +38,6 @@ INT4_ROW_BLOCK = 64  # rows the CPU kernel packs together
 # The int4 kernel's time grows with the rows (8,960 x 1,536: 0.35 ms for one, 43 ms for 256), dequantising a
 # layer costs about what 100 rows do (17 ms) and then the float GEMM is cheap: from this many rows, dequantise.
 INT4_PREFILL_ROWS = 128
-Q4K_PREFILL_CHUNK = 1024  # prompt tokens a `q4k` model prefills at once (`hlm.prefix`)
 
 
 class QuantError(UserError, ValueError):
@@ -187,9 +186,6 @@ def use_q4k(model: nn.Module, blocks: dict[str, np.ndarray]) -> nn.Module:
         holder = model.get_submodule(parent)
         setattr(holder, child, Int4Linear.q4k(getattr(holder, child), data))
     model.hlm_quant = "q4k"
-    # Each prompt chunk dequantises every layer once (about 1.6 s for the 1.5B here), so longer chunks pay it less
-    # often: a 99,000-character prompt in 24 chunks, not 93
-    model.hlm_prefill_chunk = Q4K_PREFILL_CHUNK
     return model
 
 
