@@ -195,17 +195,19 @@ def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 20) ->
     x, w = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     int4 = Int4Linear(torch.randint(0, 16, (n, k)), torch.rand(n, k // INT4_GROUP), torch.rand(n, k // INT4_GROUP),
                       None, dtype)
-
-    def median(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
     with torch.inference_mode():
-        return median(lambda: F.linear(x, w)), median(lambda: int4(x))
+        return _median_seconds(lambda: F.linear(x, w), repeats), _median_seconds(lambda: int4(x), repeats)
+
+
+def _median_seconds(op: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of `op`, after one untimed call (first-call costs: allocation, caches)."""
+    op()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -216,12 +218,13 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
     device = next(model.parameters()).device
     cache, ids = DynamicCache(), torch.arange(1, context + 1, device=device)[None]
     model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+    positions = iter(range(steps + 1))
+
+    def step() -> None:
+        i = next(positions)
         model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True, logits_to_keep=1)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+
+    return _median_seconds(step, steps)
 
 
 @torch.inference_mode()
