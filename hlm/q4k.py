@@ -37,11 +37,9 @@ def from_gguf(model: torch.nn.Module, path: Path) -> dict[str, np.ndarray]:
     """The raw blocks of each Linear layer the GGUF at `path` stores as Q4_K and `model` holds exactly as they
     decode (checked weight for weight, which also catches a layout the loader changed, e.g. permuted rows)."""
     reader = gguf.GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    archs = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
-    if arch not in archs:
+    names = tensor_names(reader, model)
+    if names is None:
         return {}
-    names = gguf.get_tensor_name_map(archs[arch], model.config.get_text_config().num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
     found = {}
     for name, module in model.named_modules():
@@ -54,3 +52,13 @@ def from_gguf(model: torch.nn.Module, path: Path) -> dict[str, np.ndarray]:
         if torch.equal(exact.to(module.weight.dtype), module.weight.detach()):
             found[name] = blocks
     return found
+
+
+def tensor_names(reader: gguf.GGUFReader, model: torch.nn.Module) -> gguf.TensorNameMap | None:
+    """gguf's own map from `model`'s module names to the GGUF's tensor names, for the file's architecture (None
+    where gguf does not know it)."""
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    archs = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in archs:
+        return None
+    return gguf.get_tensor_name_map(archs[arch], model.config.get_text_config().num_hidden_layers)

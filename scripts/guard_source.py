@@ -19,6 +19,7 @@ import torch
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hlm import q4k  # noqa: E402
 from hlm.experiments.bench import _guard_sequences  # noqa: E402
 from hlm.models import embedded  # noqa: E402
 from hlm.models.presets import load_model, load_pair  # noqa: E402
@@ -31,7 +32,7 @@ def source_model(folder: Path, gguf_path: Path) -> torch.nn.Module:
     (each checked to round to the converted bf16 weight)."""
     model = load_model(str(folder), torch.device("cpu"), torch.float32, "sdpa")
     reader = gguf.GGUFReader(gguf_path)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, model.config.num_hidden_layers)
+    names = q4k.tensor_names(reader, model)
     tensors = {t.name: t for t in reader.tensors}
     for name, param in model.named_parameters():
         stem, _, kind = name.rpartition(".")
