@@ -37,3 +37,12 @@ def test_empty_pairs_mixed_with_real_ones_keep_their_places(scorer):
     assert scorer.f1([], []) == []
     with pytest.raises(ValueError):
         scorer.f1(["a"], [])
+
+
+def test_the_backbone_is_read_into_memory_not_left_mapped(scorer):
+    """A mapped checkpoint's pages come in as tokens first use them: the app's RSS would creep for hours."""
+    from hlm.experiments.quality import offline_backbone
+
+    weights = str(offline_backbone() / "model.safetensors")
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if line.rstrip().endswith(weights)]
