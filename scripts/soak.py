@@ -5,10 +5,10 @@ stream) and bad input, and watch the process: RSS, threads, open files and the a
     python app.py --models embedded & python scripts/soak.py --url http://127.0.0.1:7860 --pid $! --runs 100
 
 Prints a line every `--every` runs and a verdict: the RSS after the last run within 5 % of the RSS after the
-first tenth of the runs (the caches have filled by then), thread and open-file counts flat from then on (no
-higher ceiling in the second half of the samples than in the first), and no error but the bad inputs' own
-messages. Exits 1 when a criterion fails. Visitors come and go: a new API client (a new session) every 25 runs
-(`--visitor-every`).
+first tenth of the runs (the caches have filled by then), thread and open-file counts (as the process settles:
+`sample`) flat from then on (no higher ceiling in the second half of the samples than in the first), and no
+error but the bad inputs' own messages. Exits 1 when a criterion fails. Visitors come and go: a new API client (a
+new session) every 25 runs (`--visitor-every`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BAD = (({"prompt": "   "}, "the prompt is empty"), ({"k": 0}, "k must be"), ({"g
        ({"u_th": 2.0}, "u_th"), ({"policy": "greedy"}, "unknown policy"), ({"pair": "nonexistent"}, "not offered"),
        ({"prompt": "x" * 100_001}, "characters"))
 RSS_TOLERANCE = 0.05
+SETTLE_READS, SETTLE_S = 5, 0.2
 
 
 @dataclass
@@ -34,18 +35,27 @@ class Sample:
     runs: int
     seconds: float
     rss_mib: float
+    file_mib: float  # of which pages of mapped files (libraries, weights): clean, bounded by the files' sizes
     threads: int
     files: int
     caches: dict[str, Any]
 
 
 def sample(pid: int, runs: int, start: float, client: Any) -> Sample:
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
+    """The process as it settles after a run: threads and open files are the fewest of SETTLE_READS readings
+    SETTLE_S apart, since a stopped run's decode thread and a client's connection close a moment after the run
+    returns (a leaked thread or file never does, so it still raises the count)."""
+    counts = []
+    for i in range(SETTLE_READS):
+        time.sleep(SETTLE_S if i else 0.0)
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        counts.append((int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))))
     caches = {k: v["size"] for k, v in client.predict(api_name="/status").items() if isinstance(v, dict)
               and "size" in v}
-    return Sample(runs, time.monotonic() - start, int(fields["VmRSS"].split()[0]) / 1024,
-                  int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd")), caches)
+    mib = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssFile")}
+    return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(t for t, _ in counts),
+                  min(n for _, n in counts), caches)
 
 
 def one_run(client: Any, rng: random.Random, max_new_tokens: int) -> str:
@@ -114,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     baseline_at = max(1, args.runs // 10)
     first = last = sample(args.pid, 0, start, client)
     samples: list[Sample] = []  # from the first tenth on
-    print(f"{'runs':>6} {'s':>7} {'RSS MiB':>8} {'threads':>7} {'files':>5}  caches")
+    print(f"{'runs':>6} {'s':>7} {'RSS MiB':>8} {'of it file':>10} {'threads':>7} {'files':>5}  caches")
     for n in range(1, args.runs + 1):
         if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
             break
         if n % args.visitor_every == 0:
+            client.close()  # the visitor leaves: its heartbeat stream ends (else its connection stays open)
             client = Client(args.url, verbose=False)  # another visitor
         try:
             kind = one_run(client, rng, args.max_new_tokens)
@@ -129,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             last = sample(args.pid, n, start, client)
             first = last if n == baseline_at else first
             samples += [last] if n >= baseline_at else []
-            print(f"{n:>6} {last.seconds:>7.0f} {last.rss_mib:>8.1f} {last.threads:>7} {last.files:>5}  "
-                  f"{last.caches}", flush=True)
+            print(f"{n:>6} {last.seconds:>7.0f} {last.rss_mib:>8.1f} {last.file_mib:>10.1f} {last.threads:>7} "
+                  f"{last.files:>5}  {last.caches}", flush=True)
+    client.close()
     problems = verdict(first, samples or [last], errors)
     print(f"{last.runs} runs in {last.seconds:.0f} s: {kinds}; after run {first.runs}: RSS {first.rss_mib:.1f} MiB, "
           f"{first.threads} threads, {first.files} files; after run {last.runs}: RSS {last.rss_mib:.1f} MiB "
-          f"({last.rss_mib / first.rss_mib - 1:+.1%}), {last.threads} threads, {last.files} files; "
+          f"({last.rss_mib / first.rss_mib - 1:+.1%}; mapped files {first.file_mib:.1f} -> {last.file_mib:.1f} MiB), "
+          f"{last.threads} threads, {last.files} files; "
           f"{len(errors)} unexpected errors")
     if problems:
         print("\n".join(f"PROBLEM: {p}" for p in problems))

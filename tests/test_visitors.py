@@ -80,7 +80,7 @@ def test_soak_verdict_tells_a_leak_from_a_pool_that_breathes() -> None:
     soak = _soak()
 
     def samples(rss: list[float], threads: list[int]) -> list:
-        return [soak.Sample(i, 0.0, r, t, 20, {}) for i, (r, t) in enumerate(zip(rss, threads, strict=True))]
+        return [soak.Sample(i, 0.0, r, 0.0, t, 20, {}) for i, (r, t) in enumerate(zip(rss, threads, strict=True))]
 
     breathing = samples([600, 610, 615, 620], [10, 11, 10, 11])
     assert soak.verdict(breathing[0], breathing, []) == []
