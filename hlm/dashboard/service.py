@@ -24,6 +24,7 @@ from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, load_examples
 from hlm.decoder import HybridDecoder
 from hlm.events import PendingDraft, TokenEvent
 from hlm.experiments.quality import get_scorer
+from hlm.memory import return_large_buffers
 from hlm.models.embedded import cache_dir
 from hlm.models.pairs import ModelError
 from hlm.models.presets import PRESETS
@@ -86,6 +87,7 @@ class Service:
         def load(preset: str) -> HybridDecoder:
             return open_decoder(preset, device, dtype, quant, cloud, LinkConfig() if emulate_link else None)
 
+        return_large_buffers()  # the app serves for hours: freed large buffers leave the process (before any load)
         return cls(load, models, loadable_presets(models, bool(cloud)), cloud,
                    Store(cache_dir() / REFERENCE_STORE))
 
