@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 PROMPTS = ("Write a Python function that reverses a string.", "What is a hash table?",
@@ -28,6 +30,8 @@ BAD = (({"prompt": "   "}, "the prompt is empty"), ({"k": 0}, "k must be"), ({"g
        ({"prompt": "x" * 100_001}, "characters"))
 RSS_TOLERANCE = 0.05
 SETTLE_READS, SETTLE_S = 5, 0.2
+HEARTBEAT_S = 15  # Gradio's default heartbeat interval (GRADIO_HEARTBEAT_INTERVAL)
+TCP_STATES = {"01": "established", "06": "time-wait", "08": "close-wait", "0A": "listen"}
 
 
 @dataclass
@@ -39,23 +43,55 @@ class Sample:
     threads: int
     files: int
     caches: dict[str, Any]
+    open_files: Counter[str] = field(default_factory=Counter)  # at the reading with the fewest: what each one is
 
 
-def sample(pid: int, runs: int, start: float, client: Any) -> Sample:
+def sample(pid: int, runs: int, start: float, client: Any, gone: list[Any]) -> Sample:
     """The process as it settles after a run: threads and open files are the fewest of SETTLE_READS readings
     SETTLE_S apart, since a stopped run's decode thread and a client's connection close a moment after the run
-    returns (a leaked thread or file never does, so it still raises the count)."""
-    counts = []
+    returns (a leaked thread or file never does, so it still raises the count). First the visitors that left since the
+    last sample are let go: a closed gradio_client ends its heartbeat stream, and with it its connection, only at the
+    server's next heartbeat (every 15 s), where a closed browser tab drops it at once."""
+    while gone:
+        gone.pop().heartbeat.join(timeout=HEARTBEAT_S + 5)
+    threads, files = [], []
     for i in range(SETTLE_READS):
         time.sleep(SETTLE_S if i else 0.0)
         with open(f"/proc/{pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f)
-        counts.append((int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))))
+        threads.append(int(fields["Threads"]))
+        files.append(open_files(pid))
     caches = {k: v["size"] for k, v in client.predict(api_name="/status").items() if isinstance(v, dict)
               and "size" in v}
     mib = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssFile")}
-    return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(t for t, _ in counts),
-                  min(n for _, n in counts), caches)
+    fewest = min(files, key=lambda c: c.total())
+    return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(threads), fewest.total(), caches,
+                  fewest)
+
+
+def open_files(pid: int) -> Counter[str]:
+    """What the process has open, by kind: a path, or for a TCP socket its state and local/remote port (so a connection
+    that outlives its client can be told from a listening socket or the app's own files)."""
+    rows = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            rows += [row.split() for row in list(f)[1:]]
+    port = {row[9]: [int(address.rsplit(":", 1)[1], 16) for address in row[1:3]] for row in rows}
+    listening = {port[row[9]][0] for row in rows if row[3] == "0A"}
+    tcp = {}
+    for row in rows:
+        (local, remote), state = port[row[9]], TCP_STATES.get(row[3], row[3])
+        tcp[row[9]] = (f"tcp listen :{local}" if row[3] == "0A" else f"tcp {state}, a client of :{local}"
+                       if local in listening else f"tcp {state} to :{remote}")
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed between listing and reading
+            continue
+        inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+        kinds[tcp.get(inode, "socket (not TCP)") if inode else re.sub(r":\[\d+\]$", "", target)] += 1
+    return kinds
 
 
 def one_run(client: Any, rng: random.Random, max_new_tokens: int) -> str:
@@ -120,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng, start = random.Random(args.seed), time.monotonic()
-    client, kinds, errors = Client(args.url, verbose=False), {}, []
+    client, kinds, errors, gone = Client(args.url, verbose=False), {}, [], []
     baseline_at = max(1, args.runs // 10)
-    first = last = sample(args.pid, 0, start, client)
+    first = last = sample(args.pid, 0, start, client, gone)
     samples: list[Sample] = []  # from the first tenth on
     print(f"{'runs':>6} {'s':>7} {'RSS MiB':>8} {'of it file':>10} {'threads':>7} {'files':>5}  caches")
     for n in range(1, args.runs + 1):
@@ -130,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         if n % args.visitor_every == 0:
             client.close()  # the visitor leaves: its heartbeat stream ends (else its connection stays open)
+            gone.append(client)
             client = Client(args.url, verbose=False)  # another visitor
         try:
             kind = one_run(client, rng, args.max_new_tokens)
@@ -137,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
             errors.append(f"run {n}: {type(exc).__name__}: {str(exc)[:200]}")
         if n == baseline_at or n % args.every == 0 or n == args.runs:
-            last = sample(args.pid, n, start, client)
+            last = sample(args.pid, n, start, client, gone)
             first = last if n == baseline_at else first
             samples += [last] if n >= baseline_at else []
             print(f"{n:>6} {last.seconds:>7.0f} {last.rss_mib:>8.1f} {last.file_mib:>10.1f} {last.threads:>7} "
@@ -151,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(errors)} unexpected errors")
     if problems:
         print("\n".join(f"PROBLEM: {p}" for p in problems))
+    if last.files != first.files:
+        changed = {k: f"{first.open_files[k]} -> {last.open_files[k]}" for k in first.open_files | last.open_files
+                   if first.open_files[k] != last.open_files[k]}
+        print(f"open files that changed, after run {first.runs} -> after run {last.runs}: {changed}")
     return int(bool(problems))
 
 

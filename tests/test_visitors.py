@@ -5,6 +5,8 @@ says its bound (`/status`). Stop, closed tabs and isolation between visitors in 
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +89,19 @@ def test_soak_verdict_tells_a_leak_from_a_pool_that_breathes() -> None:
     leaking = samples([600, 610, 620, 640], [10, 10, 11, 12])
     problems = soak.verdict(leaking[0], leaking, ["run 7: RuntimeError: boom"])
     assert [p.split(" ")[0] for p in problems] == ["RSS", "threads", "unexpected"]
+
+
+def test_soak_names_each_open_file_so_a_lingering_connection_shows_as_one() -> None:
+    """The soak says what an extra open file is: a connection from a client to one of the process's listening ports
+    is counted as such (that is how a closed client's heartbeat stream that outlived it was found)."""
+    soak = _soak()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    before = soak.open_files(os.getpid())
+    with socket.create_connection(("127.0.0.1", port)), server.accept()[0]:
+        during = soak.open_files(os.getpid())
+        assert during[f"tcp listen :{port}"] == 1 and during[f"tcp established, a client of :{port}"] == 1
+        assert during[f"tcp established to :{port}"] == 1, "our own end of it, as a client"
+    server.close()
+    assert soak.open_files(os.getpid())[f"tcp established, a client of :{port}"] == 0
+    assert before[f"tcp listen :{port}"] == 1
