@@ -1,5 +1,5 @@
-"""Memory of a process that serves for hours (the dashboard's `Service`): large buffers go back to the system
-when freed."""
+"""Memory of a process that serves for hours (the dashboard's `Service`, `serve-cloud` and its replicas): large
+buffers go back to the system when freed."""
 
 from __future__ import annotations
 

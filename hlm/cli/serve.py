@@ -38,10 +38,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_pool(args, limits, token)
     import torch
 
+    from hlm.memory import return_large_buffers
     from hlm.models.presets import load_pair
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    return_large_buffers()  # a server runs for hours: freed large buffers leave the process (`hlm.memory`)
     pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
     _serve(create_app(pair, limits, token), args, f"verifier {getattr(pair.verifier, 'hlm_name', pair.name)} "
            f"(pair {pair.name})", token)

@@ -62,9 +62,11 @@ class Replica:
     def __init__(self, index: int, spec: PoolSpec, limits: Limits) -> None:
         import torch
 
+        from hlm.memory import return_large_buffers
         from hlm.models.presets import load_pair
 
         torch.set_num_threads(spec.threads or max(1, int(spec.cpus)))
+        return_large_buffers()  # each replica serves for hours (`hlm.memory`)
         self.index, self.started = index, time.monotonic()
         self.store = SessionStore(load_pair(spec.models, device=spec.device, dtype=spec.dtype, quant=spec.quant),
                                   limits)
