@@ -321,8 +321,41 @@ def test_closing_the_stream_cancels_the_decode(service):
     next(stream)
     stream.close()
     assert cancel.is_set()
-    assert service.lock.acquire(timeout=10), "the worker should stop after its current token"
-    service.lock.release()
+    service.models.submit(lambda: None).result(timeout=10)  # the model thread is free: the decode stopped
+
+
+def test_every_model_call_runs_on_the_model_thread(tiny):
+    """Loads, decodes, references and scoring, asked for from other threads (as Gradio's handlers and the start-up
+    build ask), all run on the service's one model thread: a second thread running torch kernels makes libgomp
+    stop spinning, and every kernel slower (`hlm.worker`)."""
+    from hlm.experiments.quality import get_scorer
+
+    service = Service(lambda preset: HybridDecoder(load_pair(preset)), "tiny", ["tiny"])
+    pair = service.decoder("tiny").pair
+    callers: set[str] = set()
+    modules = (pair.draft, pair.verifier, service.models.call(lambda: get_scorer().scorer._model))
+    hooks = [m.register_forward_pre_hook(lambda *_: callers.add(threading.current_thread().name)) for m in modules]
+    try:
+        dashboard = Dashboard(service)
+        list(dashboard.generate("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
+        list(dashboard.compare("s", "tiny", PROMPT, Settings(max_new_tokens=8), []))
+        service.precompute([PROMPT + " Again."], measured=True).join(timeout=120)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert callers == {"hlm-models_0"}
+
+
+def test_model_thread_runs_calls_in_order_and_calls_from_itself_at_once():
+    from hlm.worker import ModelThread
+
+    models, order = ModelThread(), []
+    first = models.submit(lambda: (time.sleep(0.2), order.append(1)))
+    assert models.call(lambda: order.append(2) or models.call(lambda: threading.current_thread().name)) == \
+        "hlm-models_0"  # a nested call runs at once instead of waiting behind itself
+    assert first.done() and order == [1, 2]
+    with pytest.raises(ZeroDivisionError):
+        models.call(lambda: 1 / 0)
 
 
 def test_bad_prompt_fails_before_any_model_work(service):

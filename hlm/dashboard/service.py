@@ -31,6 +31,7 @@ from hlm.models.presets import PRESETS
 from hlm.policies import with_role
 from hlm.session import open_decoder
 from hlm.verifier import LocalVerifier
+from hlm.worker import ModelThread
 
 LOG = logging.getLogger(__name__)
 
@@ -64,13 +65,12 @@ class Service:
     def __init__(self, load: Callable[[str], HybridDecoder], start: str, presets: Sequence[str],
                  cloud: str | None = None, store: Store | None = None) -> None:
         self._load, self.start, self.presets, self.cloud, self.store = load, start, list(presets), cloud, store
-        self.lock = threading.Lock()
+        self.models = ModelThread()  # every load, decode and score runs there, one at a time (`hlm.worker`)
         self._decoders: dict[str, HybridDecoder] = {}
         # An entry's link is None when its events carry no costs (`hlm.assisted`, or read from the store)
         self._references: OrderedDict[tuple, tuple[LinkConfig | None, list[TokenEvent]]] = OrderedDict()
         self._kept = threading.Lock()  # sessions and the background build read and write `_references`
         self._requests: dict[str, Request] = {}
-        self._scorer_lock = threading.Lock()
         # Requests and decodes under way: background work waits until there are none, and each new one stops it
         self._busy, self._idle, self._background = 0, threading.Condition(), threading.Event()
         # The prompts whose greedy reference `build_references` found or made (their first run scores at once), and
@@ -94,10 +94,9 @@ class Service:
     def decoder(self, preset: str) -> HybridDecoder:
         if preset not in self.presets:
             raise ModelError(f"model pair {preset!r} is not offered here; choose one of {', '.join(self.presets)}")
-        if preset not in self._decoders:
-            with self.lock:  # a load must not race a decode for memory
-                if preset not in self._decoders:
-                    self._decoders[preset] = self._load(preset)
+        if preset not in self._decoders:  # loaded on the model thread, so a load never races a decode for memory
+            self.models.call(lambda: self._decoders.get(preset) or self._decoders.setdefault(preset,
+                                                                                            self._load(preset)))
         return self._decoders[preset]
 
     def warm_up(self) -> None:
@@ -110,12 +109,11 @@ class Service:
         self.score(["warm up"], ["warm up"])
 
     def score(self, candidates: list[str], references: list[str]) -> list[float]:
-        with self._scorer_lock:
-            return get_scorer().f1(candidates, references)
+        return self.models.call(lambda: get_scorer().f1(candidates, references))
 
     @property
     def quality_method(self) -> str:
-        return get_scorer().method
+        return self.models.call(lambda: get_scorer().method)
 
     def stream(self, decoder: HybridDecoder, prompt: str, config: RunConfig, cancel: threading.Event,
                note: Callable[[str], None] | None = None,
@@ -139,22 +137,21 @@ class Service:
     def _drain(self, work: Callable[[Callable[[object], None]], None], cancel: threading.Event,
                note: Callable[[str], None] | None = None,
                pending: Callable[[PendingDraft], None] | None = None) -> Iterator[list[TokenEvent]]:
-        """Run `work(put)` on a worker thread, holding the models (background work stops and waits: `_hold`), and
-        stream what it puts as `stream` describes."""
+        """Run `work(put)` on the model thread, after what is queued there (background work stops at once: `_hold`),
+        and stream what it puts as `stream` describes."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
 
         def run() -> None:
-            self._hold(1)
             try:
-                with self.lock:
-                    work(inbox.put)
+                work(inbox.put)
             except Exception as exc:  # noqa: BLE001 - handed to the request, which re-raises it
                 inbox.put(exc)
             finally:
                 self._hold(-1)
             inbox.put(_END)
 
-        threading.Thread(target=run, name="hlm-decode", daemon=True).start()
+        self._hold(1)
+        self.models.submit(run)
         events: list[TokenEvent] = []
         unshown, due, finished = False, 0.0, False  # unshown: something arrived that the page has not drawn yet
         try:
@@ -312,9 +309,9 @@ class Service:
                 with self._idle:
                     self._idle.wait_for(lambda: not self._busy)
                     cancel = self._background = threading.Event()
-                with self.lock:
-                    answer = list(decoder.generate(prompt, llm, cancel)) if measured else \
-                        self._answer(self.start, prompt, sampling, cancel)
+                answer = self.models.call(
+                    lambda: list(decoder.generate(prompt, llm, cancel)) if measured  # noqa: B023 - called at once
+                    else self._answer(self.start, prompt, sampling, cancel))  # noqa: B023
                 if not cancel.is_set():
                     self._keep(self.start, prompt, sampling, config.link if measured else None, answer)
                     built.append(prompt)
