@@ -24,16 +24,17 @@ class ModelThread:
     deadlock when a model call makes another)."""
 
     def __init__(self, name: str = "hlm-models") -> None:
-        self._ident: int | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._mark)
-
-    def _mark(self) -> None:
-        self._ident = threading.get_ident()
+        # The thread holds its initializer: one that held `self` would keep the pool, and the thread with its
+        # OpenMP team, alive after the owner is gone (a test suite makes many services).
+        self._idents: list[int] = []
+        idents = self._idents
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name,
+                                        initializer=lambda: idents.append(threading.get_ident()))
 
     @property
     def here(self) -> bool:
         """Whether the caller is the model thread."""
-        return threading.get_ident() == self._ident
+        return threading.get_ident() in self._idents
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Queue `fn` behind what the thread is doing; its future."""

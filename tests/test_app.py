@@ -4,6 +4,7 @@ error)."""
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -356,6 +357,11 @@ def test_model_thread_runs_calls_in_order_and_calls_from_itself_at_once():
     assert first.done() and order == [1, 2]
     with pytest.raises(ZeroDivisionError):
         models.call(lambda: 1 / 0)
+    thread = models.call(threading.current_thread)
+    models = first = None
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the thread (and its OpenMP team) ends with its owner"
 
 
 def test_bad_prompt_fails_before_any_model_work(service):

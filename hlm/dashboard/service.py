@@ -8,6 +8,7 @@ page updates ~2.5 times a second whatever the token rate. The service hands out 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -94,9 +95,12 @@ class Service:
     def decoder(self, preset: str) -> HybridDecoder:
         if preset not in self.presets:
             raise ModelError(f"model pair {preset!r} is not offered here; choose one of {', '.join(self.presets)}")
-        if preset not in self._decoders:  # loaded on the model thread, so a load never races a decode for memory
-            self.models.call(lambda: self._decoders.get(preset) or self._decoders.setdefault(preset,
-                                                                                            self._load(preset)))
+        def load() -> None:  # on the model thread, so a load never races a decode for memory
+            if preset not in self._decoders:
+                self._decoders[preset] = self._load(preset)
+
+        if preset not in self._decoders:
+            self.models.call(load)
         return self._decoders[preset]
 
     def warm_up(self) -> None:
@@ -309,15 +313,19 @@ class Service:
                 with self._idle:
                     self._idle.wait_for(lambda: not self._busy)
                     cancel = self._background = threading.Event()
-                answer = self.models.call(
-                    lambda: list(decoder.generate(prompt, llm, cancel)) if measured  # noqa: B023 - called at once
-                    else self._answer(self.start, prompt, sampling, cancel))  # noqa: B023
+                answer = self.models.call(functools.partial(self._build_one, prompt, llm, cancel, measured))
                 if not cancel.is_set():
                     self._keep(self.start, prompt, sampling, config.link if measured else None, answer)
                     built.append(prompt)
             if prompt not in self.prepared and self._cached(self.start, prompt, sampling) is not None:
                 self.prepared.append(prompt)
         return built
+
+    def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event, measured: bool) -> list[TokenEvent]:
+        """One prompt's reference for `build_references`: the LLM alone (`measured`), else its assisted answer."""
+        if measured:
+            return list(self.decoder(self.start).generate(prompt, llm, cancel))
+        return self._answer(self.start, prompt, llm.sampling, cancel)
 
     def _hold(self, n: int) -> None:
         """A request or decode begins (+1: background work stops) or ends (-1)."""
