@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hlm import prefix
 from hlm.config import DeviceProfile, LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
-from hlm.energy import Window, measure, open_meter
+from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.estimators import REGISTRY as ESTIMATORS
 from hlm.estimators import DraftStats
 from hlm.events import PendingDraft, Source, Spend, TokenEvent
@@ -191,8 +191,10 @@ class HybridDecoder:
         meter = None if config.device.modelled else self.meter
         spent = Window(0.0, 0.0 if meter else None)  # device compute since the last emitted token
         with measure(self.device, meter) as w:
-            gen.prefill(progress and functools.partial(progress, "device"))
+            gen.prefill(progress and functools.partial(progress, "device"), meter)
         _add(spent, w)
+        if gen.drafter.remembered is not None:  # a prompt read before is charged what it cost then (`hlm.prefix.read`)
+            _add(spent, gen.drafter.remembered)
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
@@ -320,9 +322,9 @@ class Generation:
             return frozenset(row_layers(n_layers, self.config.policy.last_layers))
         return frozenset()
 
-    def prefill(self, progress: prefix.Progress | None) -> None:
+    def prefill(self, progress: prefix.Progress | None, meter: EnergyMeter | None) -> None:
         """The SLM reads the prompt (in chunks, `hlm.prefix`): the first draft's logits."""
-        self.logits, self.attn, self.hidden = self.drafter.prefill(self.context, progress, self.wants_hidden)
+        self.logits, self.attn, self.hidden = self.drafter.prefill(self.context, progress, self.wants_hidden, meter)
 
     @property
     def ready(self) -> bool:

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hlm import prefix
+from hlm.energy import EnergyMeter, Window
 
 Attentions = tuple[torch.Tensor | None, ...]  # per layer; None where the pass did not compute it
 KERNEL = "sdpa+eager-rows"
@@ -68,6 +69,7 @@ class Drafter:
         self.head = head  # the chat template's fixed head, prefilled once per model (`hlm.prefix`)
         self.device = model.device
         self.cache = DynamicCache()
+        self.remembered: Window | None = None  # `prefill`'s prompt read, when it was not run now: its cost then
 
     @property
     def length(self) -> int:
@@ -88,11 +90,16 @@ class Drafter:
         return Pass(out.logits[0, -1], tuple(next(computed) if i in layers else None
                                              for i in range(self.model.config.num_hidden_layers)), state)
 
-    def prefill(self, ids: list[int], progress: prefix.Progress | None = None, hidden: bool = False) -> Pass:
-        """Fill the cache with the prompt (in chunks: `hlm.prefix`); what the first draft reads. The prefill never
-        returns attention: the first draft has no previous token to attend to."""
-        self.cache, logits, state = prefix.prefill(self.model, ids, self.head, progress, hidden)
-        return Pass(logits, None, state)
+    def prefill(self, ids: list[int], progress: prefix.Progress | None = None, hidden: bool = False,
+                meter: EnergyMeter | None = None) -> Pass:
+        """Fill the cache with the prompt (in chunks, or as this process read it before: `hlm.prefix.read`); what the
+        first draft reads. The prefill never returns attention: the first draft has no previous token to attend to.
+        `remembered` is then the cost of a read not run now (what it took when it was), else None."""
+        # The hidden state is kept whether asked or not (the lm-head's input, computed anyway), so one read serves
+        # every estimator.
+        read = prefix.read(self.model, ids, self.head, meter, progress, hidden=True)
+        self.cache, self.remembered = read.cache, read.cost if read.remembered else None
+        return Pass(read.logits, None, read.hidden if hidden else None)
 
     def rollback(self, n_tokens: int) -> None:
         """Drop the newest `n_tokens` from the cache. transformers 5.24's `crop` takes minus the count to

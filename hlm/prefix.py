@@ -9,6 +9,9 @@ The rest goes in chunks of CHUNK tokens: memory is then the KV cache plus one ch
 over the whole prompt (eager attention wanted 10 GB for a 25,000-token prompt in one pass; a prefill asks for no
 attention weights, so both models run SDPA here, `hlm.drafter`), and each decoder layer checks the caller's cancel
 event, so Stop cuts even a long prefill within one layer's work.
+
+Both models also remember the prompts they read last (`read`): the page runs one prompt through several policies
+(Compare, Show me), and the start-up build reads the examples, so most prompt reads repeat one.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import contextlib
 import copy
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from hlm.energy import EnergyMeter, Window, measure
 
 _HEADS: WeakKeyDictionary[PreTrainedModel, tuple[tuple[int, ...], DynamicCache]] = WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -112,3 +119,47 @@ def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], progr
             if progress is not None:
                 progress(min(i + CHUNK, len(ids)), len(ids))
     return cache, out.logits[0, -1], read[-1][0, -1] if hidden else None
+
+
+# Per model, the most recent prompts' reads, this many tokens in all: the 1.5B verifier's KV is ~28 KB a token, so at
+# most ~115 MB; a longer prompt is not kept.
+READ_TOKENS = 4096
+_READS: WeakKeyDictionary[PreTrainedModel, OrderedDict[tuple[int, ...], Read]] = WeakKeyDictionary()
+
+
+@dataclass
+class Read:
+    """A prompt read: its KV cache (the caller's own copy), the next position's logits and, if asked, final hidden
+    state, and the time and energy the pass took when it was computed. `remembered`: handed out again, not run now."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+    cost: Window
+    remembered: bool = False
+
+
+@torch.inference_mode()
+def read(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], meter: EnergyMeter | None,
+         progress: Progress | None = None, hidden: bool = False) -> Read:
+    """`prefill`, remembered: a prompt this model read before comes back as it was computed then (a copy of its
+    cache, the same logits: the run's tokens cannot tell), with what it cost then, so that a caller can charge every
+    run alike whatever ran before it. Read again when the kept one lacks what is asked (the hidden state, or energy
+    with a meter)."""
+    key = tuple(ids)
+    with _LOCK:
+        kept = _READS.setdefault(model, OrderedDict())
+        entry = kept.get(key)
+        if entry is not None and (entry.hidden is not None or not hidden) and \
+                (entry.cost.joules is not None or meter is None):
+            kept.move_to_end(key)
+            return Read(copy.deepcopy(entry.cache), entry.logits, entry.hidden, entry.cost, remembered=True)
+    with measure(model.device, meter) as cost:
+        cache, logits, state = prefill(model, ids, head, progress, hidden)
+    if len(key) <= READ_TOKENS:
+        with _LOCK:
+            kept[key] = Read(copy.deepcopy(cache), logits, state, cost)
+            kept.move_to_end(key)
+            while sum(map(len, kept)) > READ_TOKENS:
+                kept.popitem(last=False)
+    return Read(cache, logits, state, cost)

@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from hlm import prefix
 from hlm.config import SamplingConfig
-from hlm.energy import EnergyMeter, measure, open_meter
+from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.payload import decode
 from hlm.sampling import distribution, rejection_step, sample
 
@@ -100,6 +100,10 @@ class LocalVerifier:
     def _read_now(self, context: list[int]) -> None:
         with measure(self.device, self.meter) as window:
             self._sync(context)
+        self._charge(window)
+
+    def _charge(self, window: Window) -> None:
+        """Work done outside a verify's own window, charged to the next verify."""
         s, j = self._read
         self._read = (s + window.seconds, None if window.joules is None else (j or 0.0) + window.joules)
 
@@ -125,8 +129,11 @@ class LocalVerifier:
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> None:
         """Read the ids of `context` the KV cache lacks (the last verdict token among them) in one pass."""
-        if not self._cached:  # the prompt: in chunks (`hlm.prefix`)
-            self.cache, self.last_logits, _ = prefix.prefill(self.model, context, self.head)
+        if not self._cached:  # the prompt: in chunks, or as this process read it before (`hlm.prefix.read`)
+            read = prefix.read(self.model, context, self.head, self.meter)
+            self.cache, self.last_logits = read.cache, read.logits
+            if read.remembered:  # charged what reading it cost, so no run's figures depend on what ran before it
+                self._charge(read.cost)
         elif len(context) > self._cached:
             ids = torch.tensor([context[self._cached:]], device=self.device)
             out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)

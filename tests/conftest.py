@@ -108,3 +108,12 @@ class CloudProcess:
     def request(self, method: str, path: str, auth: bool = True, **kwargs) -> httpx.Response:
         headers = {"authorization": f"Bearer {TOKEN}"} if auth else {}
         return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def fresh_prompt_reads():
+    """Each test reads its prompts itself: `hlm.prefix.read` remembers them for the process, which would let one
+    test's read stand in for the pass another test means to run."""
+    from hlm import prefix
+
+    prefix._READS.clear()

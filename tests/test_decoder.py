@@ -7,7 +7,7 @@ from conftest import cfg
 from scipy.stats import chisquare
 
 from hlm import decoder as decoder_module
-from hlm.config import ESTIMATORS, SamplingConfig
+from hlm.config import ESTIMATORS, PolicyConfig, RunConfig, SamplingConfig
 from hlm.decoder import HybridDecoder
 from hlm.drafter import Drafter
 from hlm.payload import decode, encode
@@ -149,18 +149,22 @@ def test_template_head_is_prefilled_once_and_changes_no_token(tiny, monkeypatch)
     head = tiny.template_head
     assert 0 < len(head) < len(ids) and tuple(ids[: len(head)]) == head
     prefix._HEADS.clear()
+    prefix._READS.clear()
     calls = []
     monkeypatch.setattr(tiny.draft, "forward", lambda *a, _f=tiny.draft.forward, **k: calls.append(1) or _f(*a, **k))
     cold = Drafter(tiny.draft, head=head).prefill(ids).logits
+    prefix._READS.clear()  # this test is about the head: each run reads the rest of the prompt
     warm_drafter = Drafter(tiny.draft, head=head)
     warm = warm_drafter.prefill(ids).logits
     assert len(calls) == 3  # the head once, then the rest of the prompt per run
     assert torch.equal(cold, warm) and warm_drafter.length == len(ids)
+    prefix._READS.clear()
     torch.testing.assert_close(warm, Drafter(tiny.draft).prefill(ids).logits, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     dec = HybridDecoder(tiny)
     runs = [[e.token_id for e in dec.generate(PROMPT, cfg("hlm", n=12, seed=5))] for _ in range(2)]
     prefix._HEADS.clear()
+    prefix._READS.clear()
     assert [e.token_id for e in dec.generate(PROMPT, cfg("hlm", n=12, seed=5))] == runs[0] == runs[1]
 
 
@@ -169,8 +173,8 @@ class CheckingDrafter(Drafter):
 
     checks = 0
 
-    def prefill(self, ids, progress=None, hidden=False):
-        out = super().prefill(ids, progress, hidden)
+    def prefill(self, ids, progress=None, hidden=False, meter=None):
+        out = super().prefill(ids, progress, hidden, meter)
         self.shadow = list(ids)
         self._check(out)
         return out
@@ -279,6 +283,7 @@ def test_chunked_prefill_equals_one_pass_and_reports_progress(tiny, monkeypatch)
     ids = tiny.encode_prompt("a longer prompt, read in chunks of three tokens", 8)
     whole = Drafter(tiny.draft).prefill(ids, hidden=True)
     monkeypatch.setattr(prefix, "CHUNK", 3)
+    prefix._READS.clear()  # read the prompt again, in chunks
     seen = []
     chunked = Drafter(tiny.draft)
     out = chunked.prefill(ids, progress=lambda done, total: seen.append((done, total)), hidden=True)
@@ -372,3 +377,36 @@ def test_closing_stops_an_early_prefill(tiny, monkeypatch):
     assert started.wait(5)
     early.close()
     assert early._reader is None and early.cache is None
+
+
+def test_a_prompt_read_before_is_not_read_again_and_charged_alike(tiny):
+    """`hlm.prefix.read`: the second run of a prompt takes both models' prompt KV as the first run computed it. Its
+    tokens are the same, neither model reads the prompt again, and the first token is charged the passes' measured
+    time (the draft's to its device compute, the verifier's to its first verify), so neither run's figures depend on
+    which ran first."""
+    from hlm import prefix
+
+    decoder = HybridDecoder(tiny)
+    config = RunConfig(SamplingConfig(max_new_tokens=12, seed=3, stop_at_eos=False), PolicyConfig(name="hlm"))
+    prompt = "A prompt read twice."
+    passes: dict[str, list[int]] = {"draft": [], "verifier": []}
+    hooks = [getattr(tiny, name).register_forward_pre_hook(
+        lambda _m, _args, kwargs, seen=seen: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        for name, seen in passes.items()]
+    try:
+        _, first, _ = decoder.run(prompt, config)
+        longest = {name: max(seen) for name, seen in passes.items()}
+        for seen in passes.values():
+            seen.clear()
+        _, second, _ = decoder.run(prompt, config)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [e.token_id for e in second] == [e.token_id for e in first]
+    assert min(longest.values()) > 1, "the first run read the prompt"
+    assert max(passes["draft"] + passes["verifier"]) == 1, "the second read nothing but one token at a time"
+    assert len(passes["verifier"]) == len(second) - 1  # one pass per upload after the first, which needed none
+    key = tuple(tiny.encode_prompt(prompt, 12))
+    recorded = {name: prefix._READS[getattr(tiny, name)][key].cost.seconds for name in passes}
+    assert second[0].verify_s >= recorded["verifier"] > 0
+    assert second[0].draft_s >= recorded["draft"] > 0
