@@ -323,9 +323,15 @@ class Service:
 
     def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event, measured: bool) -> list[TokenEvent]:
         """One prompt's reference for `build_references`: the LLM alone (`measured`), else its assisted answer."""
-        if measured:
-            return list(self.decoder(self.start).generate(prompt, llm, cancel))
-        return self._answer(self.start, prompt, llm.sampling, cancel)
+        if not measured:
+            return self._answer(self.start, prompt, llm.sampling, cancel)
+        decoder = self.decoder(self.start)
+        events = list(decoder.generate(prompt, llm, cancel))  # the verifier has read the prompt (`hlm.prefix.read`)
+        if not cancel.is_set():  # and so does the device, so a viewer's first run of the example drafts at once
+            pair = decoder.pair
+            decoder.drafter_factory(pair.draft, pair.template_head).prefill(
+                pair.encode_prompt(prompt, llm.sampling.max_new_tokens))
+        return events
 
     def _hold(self, n: int) -> None:
         """A request or decode begins (+1: background work stops) or ends (-1)."""
