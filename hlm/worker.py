@@ -6,7 +6,7 @@ kernels (GOMP_SPINCOUNT's throttled value) and each kernel pays to wake its team
 kernels, so that costs a fifth of the speed: on 2 cores, once a second thread had run torch, the int8 draft's
 matrix-vector kernel took 0.23 ms against 0.12, the int4 one 0.45 against 0.35, and an `hlm` run of 96 tokens on the
 embedded pair 19.8 s against 16.4 s. The dashboard therefore loads, decodes and scores on one long-lived thread, and
-no other thread of the process runs a model.
+`serve-cloud` loads and verifies on one: no other thread of the process runs a model.
 """
 
 from __future__ import annotations
@@ -43,3 +43,7 @@ class ModelThread:
     def call(self, fn: Callable[[], T]) -> T:
         """`fn()` on the thread: its result, or its exception raised here."""
         return fn() if self.here else self._pool.submit(fn).result()
+
+    def shutdown(self) -> None:
+        """Drop what is queued; the thread ends after its current call."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -40,12 +40,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from hlm.memory import return_large_buffers
     from hlm.models.presets import load_pair
+    from hlm.worker import ModelThread
 
     if args.threads:
         torch.set_num_threads(args.threads)
     return_large_buffers()  # a server runs for hours: freed large buffers leave the process (`hlm.memory`)
-    pair = load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant)
-    _serve(create_app(pair, limits, token), args, f"verifier {getattr(pair.verifier, 'hlm_name', pair.name)} "
+    models = ModelThread("verifier")  # loads, then verifies: no other thread runs a kernel (`hlm.worker`)
+    pair = models.call(lambda: load_pair(args.models, device=args.device, dtype=args.dtype, quant=args.quant))
+    _serve(create_app(pair, limits, token, models), args, f"verifier {getattr(pair.verifier, 'hlm_name', pair.name)} "
            f"(pair {pair.name})", token)
     return 0
 

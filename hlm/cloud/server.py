@@ -20,6 +20,7 @@ JSON {"error": message} with a 4xx/5xx status; nothing a client sends can crash 
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -28,12 +29,12 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hlm.cloud import RESYNC_HEADER, RESYNC_REASONS
 from hlm.config import ConfigError, SamplingConfig
+from hlm.worker import ModelThread
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -316,14 +317,15 @@ class LocalBackend:
 
     replicas = 1
 
-    def __init__(self, pair: "ModelPair", limits: Limits) -> None:
+    def __init__(self, pair: "ModelPair", limits: Limits, models: ModelThread | None = None) -> None:
         self.store = SessionStore(pair, limits)
         self.facts = self.store.facts()
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+        # the thread the pair was loaded on, where given: one thread runs every kernel (`hlm.worker`)
+        self.worker = models or ModelThread("verifier")
         self.started = time.monotonic()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        return await asyncio.wrap_future(self.worker.submit(functools.partial(fn, *args)))
 
     async def open(self, sampling: SamplingConfig) -> str:
         return await self.run(self.store.open, sampling)
@@ -349,7 +351,7 @@ class LocalBackend:
         return len(self.store.sessions)
 
     def shutdown(self) -> None:
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.worker.shutdown()
 
 
 class CloudService:
@@ -425,9 +427,11 @@ class CloudService:
         return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(pair: "ModelPair", limits: Limits, token: str | None = None) -> "FastAPI":
-    """The service's FastAPI app: JSON errors, /health open, every other route behind the bearer token."""
-    return build_app(CloudService(LocalBackend(pair, limits), limits), token)
+def create_app(pair: "ModelPair", limits: Limits, token: str | None = None,
+               models: ModelThread | None = None) -> "FastAPI":
+    """The service's FastAPI app: JSON errors, /health open, every other route behind the bearer token; `models`:
+    the thread the pair was loaded on, which then runs every verify."""
+    return build_app(CloudService(LocalBackend(pair, limits, models), limits), token)
 
 
 def build_app(service: CloudService, token: str | None = None) -> "FastAPI":
