@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hlm import prefix
 from hlm.assisted import Answer, assists, greedy_answer
 from hlm.config import LinkConfig, RunConfig, SamplingConfig
 from hlm.dashboard.references import Store
@@ -130,6 +131,8 @@ class Service:
 
         def work(put: Callable[[object], None]) -> None:
             def progress(who: str, done: int, total: int) -> None:
+                if total <= prefix.CHUNK:  # read in one pass, in well under a second: a frame to say so costs more
+                    return
                 put(_Note(f"reading the prompt: {done / total:.0%} of {total:,} tokens" if who == "device" else
                           f"the cloud is reading the prompt ({total:,} tokens)…"))
 
