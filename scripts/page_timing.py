@@ -130,11 +130,17 @@ def watch(marks: dict[str, str]) -> str:
     }}"""
 
 
+# A typed prompt is left this long before the click, as a visitor takes to type it: a click within milliseconds of
+# the page's load waited ~0.7 s for the page's own start (a remembered prompt's first token 0.87 s, 0.16 s after this)
+TYPING_S = 1.5
+
+
 def fill_prompt(page: Any, prompt: str | None) -> tuple[str, str | None]:
     """The page's first example clicked (None) or `prompt` typed; (the prompt in the box, the example's label)."""
     box = page.get_by_label("Prompt")
     if prompt is not None:
         box.fill(prompt)
+        time.sleep(TYPING_S)
         return prompt, None
     example = page.locator("button.gallery-item").first  # gr.Examples' first: also what Show me runs on its own
     label = example.inner_text().strip()
