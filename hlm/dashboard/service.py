@@ -2,9 +2,10 @@
 KV cache are shared), the threaded streamer, the LLM-only references (kept in memory, greedy ones also on disk, the
 page's examples built in the background), the quality scorer and the running requests.
 
-Why a worker thread: the decoder runs on its own thread and fills a queue; the page's generator drains it and
-renders on the first token, then at most every `INTERVAL_S` seconds, so rendering never blocks decoding and the
-page updates ~2.5 times a second whatever the token rate. The service hands out events; it writes no view state."""
+Why the model thread: every load, decode and score runs on one long-lived thread (`hlm.worker`: a second thread
+running torch kernels slows them all); a decode there fills a queue, and the page's generator drains it and renders
+on the first token, then at most every `INTERVAL_S` seconds, so rendering never blocks decoding and the page
+updates ~2.5 times a second whatever the token rate. The service hands out events; it writes no view state."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class Service:
     def stream(self, decoder: HybridDecoder, prompt: str, config: RunConfig, cancel: threading.Event,
                note: Callable[[str], None] | None = None,
                pending: Callable[[PendingDraft], None] | None = None) -> Iterator[list[TokenEvent]]:
-        """Decode on a worker thread; yield the growing event list on the first token, then at most every
+        """Decode on the model thread; yield the growing event list on the first token, then at most every
         INTERVAL_S, and once at the end. `note` hears what a long prefill is doing, `pending` each draft on its
         way to the cloud; they are drawn on the same clock as the tokens (a frame per upload would flood the page
         with redraws on a fast cloud). Closing the iterator early cancels the decode."""
