@@ -103,9 +103,9 @@ class Figures:
     def rows(self) -> dict[str, float | None]:
         """Every `ROWS` figure (Generate's: the median over the runs). The first run has a row of its own: the models
         remember a prompt they read (`hlm.prefix.read`), so later runs of the same prompt start sooner."""
-        first_run = self.generate[0].get("first_token") if self.generate else None
-        return {key: first_run if key == "first_run_token_s" else self.median(GENERATE_MARKS[key])
-                if key in GENERATE_MARKS else getattr(self, key) for key in ROWS}
+        generate = {key: self.median(mark) for key, mark in GENERATE_MARKS.items()}
+        generate["first_run_token_s"] = self.generate[0].get("first_token") if self.generate else None
+        return {key: generate[key] if key in generate else getattr(self, key) for key in ROWS}
 
 
 def watch(marks: dict[str, str]) -> str:
