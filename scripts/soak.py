@@ -41,9 +41,12 @@ class Sample:
     rss_mib: float
     file_mib: float  # of which pages of mapped files (libraries, weights): clean, bounded by the files' sizes
     threads: int
-    files: int
     caches: dict[str, Any]
     open_files: Counter[str] = field(default_factory=Counter)  # at the reading with the fewest: what each one is
+
+    @property
+    def files(self) -> int:
+        return self.open_files.total()
 
 
 def sample(pid: int, runs: int, start: float, client: Any, gone: list[Any]) -> Sample:
@@ -64,9 +67,8 @@ def sample(pid: int, runs: int, start: float, client: Any, gone: list[Any]) -> S
     caches = {k: v["size"] for k, v in client.predict(api_name="/status").items() if isinstance(v, dict)
               and "size" in v}
     mib = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssFile")}
-    fewest = min(files, key=lambda c: c.total())
-    return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(threads), fewest.total(), caches,
-                  fewest)
+    return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(threads), caches,
+                  min(files, key=lambda c: c.total()))
 
 
 def open_files(pid: int) -> Counter[str]:

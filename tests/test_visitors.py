@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,8 @@ def test_soak_verdict_tells_a_leak_from_a_pool_that_breathes() -> None:
     soak = _soak()
 
     def samples(rss: list[float], threads: list[int]) -> list:
-        return [soak.Sample(i, 0.0, r, 0.0, t, 20, {}) for i, (r, t) in enumerate(zip(rss, threads, strict=True))]
+        return [soak.Sample(i, 0.0, r, 0.0, t, {}, Counter(pipe=20))
+                for i, (r, t) in enumerate(zip(rss, threads, strict=True))]
 
     breathing = samples([600, 610, 615, 620], [10, 11, 10, 11])
     assert soak.verdict(breathing[0], breathing, []) == []
