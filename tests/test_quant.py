@@ -43,10 +43,25 @@ def test_int4_prompt_chunks_run_on_the_dequantised_weights():
     layer = Int4Linear(codes, scale, zero, None, torch.float32)
     w = ((codes.view(n, -1, 32) - 8) * scale[..., None] + zero[..., None]).view(n, k)
     assert layer.unpacks
-    torch.testing.assert_close(layer.dequantised(), w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.dequantised_t(torch.empty(n * k), 0, n).T, w, rtol=1e-6, atol=1e-6)
     x = torch.randn(INT4_PREFILL_ROWS, k)
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer(x[:3]), x[:3] @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_chunks_dequantise_block_by_block(monkeypatch):
+    """A layer larger than the scratch buffer is dequantised a block of output rows at a time: the same product."""
+    from hlm import quant
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(64, 320, bias=False), torch.randn(quant.INT4_PREFILL_ROWS, 64)
+    int8, int4 = Int8Linear(lin), Int4Linear.fitted(lin)
+    whole = int8(x), int4(x)
+    monkeypatch.setattr(quant, "SCRATCH_WEIGHTS", 128 * 64)  # two int4 row blocks, 128 int8 rows
+    monkeypatch.setattr(quant, "_scratch", quant.threading.local())
+    torch.testing.assert_close(int8(x), whole[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(int4(x), whole[1], rtol=1e-5, atol=1e-5)
+    assert quant._scratch.buffers[(x.device, x.dtype)].numel() == 128 * 64
 
 
 def _sequences(pair):
