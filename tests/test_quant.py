@@ -59,7 +59,8 @@ def test_prompt_chunks_dequantise_block_by_block(monkeypatch):
     whole = int8(x), int4(x)
     monkeypatch.setattr(quant, "SCRATCH_WEIGHTS", 128 * 64)  # two int4 row blocks, 128 int8 rows
     monkeypatch.setattr(quant, "_scratch", quant.threading.local())
-    torch.testing.assert_close(int8(x), whole[0], rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the buffer made here serves passes outside inference mode too
+        torch.testing.assert_close(int8(x), whole[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(int4(x), whole[1], rtol=1e-5, atol=1e-5)
     assert quant._scratch.buffers[(x.device, x.dtype)].numel() == 128 * 64
 
