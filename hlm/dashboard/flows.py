@@ -4,6 +4,7 @@ generator of `Frame`s (one update of the page) or API payloads, on top of a shar
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,10 @@ REPLAYS = 64  # sessions whose last replayable run the what-if replay keeps
 # While a run decodes, its charts are redrawn at most this often (a Compare sent two plotly redraws every 0.4 s;
 # the browser then took a third of a core from the decode on 2 cores)
 CHART_INTERVAL_S = 2.0
+# Compare and Show me send a frame at most this often while a run decodes: they show no tokens, only the table's and
+# the cards' figures, and each frame cost the page ~0.1 s of the cores the models decode on (a Compare through the
+# `Dashboard` 61 s, 174 frames; on the page 78 s)
+COMPARE_FRAME_S = 1.0
 
 # The Compare action runs, after the reference, every policy that drafts and uploads, in this order of roles: the
 # control comes after the subject, whose realised upload rate its coin is matched to
@@ -99,20 +104,28 @@ class Frame:
     prompt: str | None = None
 
 
-def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True) -> Iterator[Frame]:
-    """A frame per update of `run`: stats and (unless `tokens` is off: Compare shows a table instead) tokens always;
-    the charts, where their points changed, at most every CHART_INTERVAL_S while the run decodes (not with the
-    first token) and at once after: a plotly redraw costs the browser far more than text, and on a machine that
-    also decodes, the browser's work slows the decode."""
-    drawn, due = 0, time.monotonic() + CHART_INTERVAL_S
+def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every_s: float = 0.0) -> Iterator[Frame]:
+    """A frame per update of `run`, at most every `every_s` while it decodes (the update that ends a phase, and the
+    last, always shown): stats and (unless `tokens` is off: Compare shows a table instead) tokens; the charts, where
+    their points changed, at most every CHART_INTERVAL_S while the run decodes (not with the first token) and at
+    once after. Each frame costs the page (the server's serialising, the browser's re-rendering) CPU that, on a
+    machine that also decodes, slows the decode: a plotly redraw far more than text."""
+    drawn, due, shown, held = 0, time.monotonic() + CHART_INTERVAL_S, -math.inf, False
     for _ in updates:
-        frame = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None)
-        if len(run.points) != drawn and (run.phase != "decoding" or time.monotonic() >= due):
-            drawn, due = len(run.points), time.monotonic() + CHART_INTERVAL_S
+        now = time.monotonic()
+        if run.phase == "decoding" and now < shown + every_s:
+            held = True
+            continue
+        frame, shown, held = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None), now, False
+        if len(run.points) != drawn and (run.phase != "decoding" or now >= due):
+            drawn, due = len(run.points), now + CHART_INTERVAL_S
             frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
         yield frame
+    last = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None) if held else Frame()
     if len(run.points) != drawn:  # the run's last points, held back by the interval
-        yield Frame(energy=energy_figure(run.points), uploads=upload_figure(run.points))
+        last.energy, last.uploads = energy_figure(run.points), upload_figure(run.points)
+    if last != Frame():
+        yield last
 
 
 def match_control(control: RunView, runs: Sequence[RunView]) -> None:
@@ -399,7 +412,7 @@ class Dashboard:
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base))
             for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
-                for frame in live_frames(run, updates, tokens=False):
+                for frame in live_frames(run, updates, tokens=False, every_s=COMPARE_FRAME_S):
                     frame.compare = compare_html(runs)
                     yield frame
             history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
