@@ -117,26 +117,28 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = k, n
         # The float GEMM on dequantised weights for a prompt chunk needs the kernel's packing, which is torch's own
         # (blocks of 64 rows, row j and j + 32 in one byte): checked on the first block, else the kernel does all.
-        self.unpacks = n % INT4_ROW_BLOCK == 0 and torch.equal(self._codes(INT4_ROW_BLOCK), codes[:INT4_ROW_BLOCK])
+        first = codes[:INT4_ROW_BLOCK].to(torch.int32)
+        self.unpacks = n % INT4_ROW_BLOCK == 0 and torch.equal(
+            self._codes_t(torch.empty_like(first), 0, INT4_ROW_BLOCK).T, first)
 
-    def _codes(self, rows: int) -> torch.Tensor:
-        """The first `rows` rows' codes, unpacked from the kernel's layout."""
-        half = INT4_ROW_BLOCK // 2  # one byte holds row j of a block in its low nibble, row j + half in its high one
-        blocks = self.weight_int4.reshape(-1)[:rows * self.in_features // 2].view(-1, self.in_features, half)
-        return torch.stack([blocks & 15, blocks >> 4], 1).transpose(2, 3).reshape(rows, self.in_features)
+    def _codes_t(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The codes of rows start:stop (multiples of INT4_ROW_BLOCK), unpacked from the kernel's layout into `out`,
+        transposed (k x rows), in `out`'s dtype."""
+        k, n, half = self.in_features, stop - start, INT4_ROW_BLOCK // 2
+        # one byte holds row j of a block in its low nibble, row j + half in its high one
+        packed = self.weight_int4.view(-1, k, half)[start // INT4_ROW_BLOCK:stop // INT4_ROW_BLOCK].permute(1, 0, 2)
+        codes = out.view(k, n // INT4_ROW_BLOCK, 2, half)
+        codes[:, :, 0] = packed & 15
+        codes[:, :, 1] = packed >> 4
+        return out.view(k, n)
 
     def dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """W[start:stop]^T (rows multiples of INT4_ROW_BLOCK) in the activations' dtype, w = q * scale + (zero - 8 *
         scale), written into `buffer`. Transposed, so each group's scale is one contiguous row to broadcast: 4x
         faster than building W itself (8,960 x 1,536: 8.4 against 32.7 ms here)."""
-        k, n, half = self.in_features, stop - start, INT4_ROW_BLOCK // 2
-        codes = self.weight_int4.view(-1, k, half)[start // INT4_ROW_BLOCK:stop // INT4_ROW_BLOCK].permute(1, 0, 2)
-        w = buffer.view(k, n // INT4_ROW_BLOCK, 2, half)
-        w[:, :, 0] = codes & 15
-        w[:, :, 1] = codes >> 4
+        k, n, dtype = self.in_features, stop - start, self.scales_and_zeros.dtype
+        w = self._codes_t(buffer, start, stop).view(k // INT4_GROUP, INT4_GROUP, n)
         scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [k / 32, n] each
-        dtype = self.scales_and_zeros.dtype
-        w = w.view(k // INT4_GROUP, INT4_GROUP, n)
         return torch.addcmul((zero - 8 * scale).to(dtype)[:, None], w, scale.to(dtype)[:, None], out=w).view(k, n)
 
     @classmethod
