@@ -259,15 +259,28 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
     return _median_seconds(step, steps)
 
 
+def _decoded_log_probs(model: nn.Module, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Log-probabilities of the tokens from `start` on, computed as decoding computes them: the prompt in one pass,
+    then one token a step on the cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits = [model(input_ids=ids[:, :start], cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]]
+    for t in range(start, ids.shape[1] - 1):
+        logits.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1])
+    return F.log_softmax(torch.stack(logits).float(), -1)
+
+
 @torch.inference_mode()
 def quality(reference: nn.Module, fast: nn.Module, sequences: list[list[int]], start: list[int]) -> tuple[float, float]:
     """(top-1 agreement, mean KL(p_ref || p_fast) in nats) over the positions from `start[i]` on of each sequence,
-    teacher-forced: both models read the same ids, so every position is compared under the same context."""
+    teacher-forced: both models read the same ids, so every position is compared under the same context. Each
+    answer position comes from a one-token step on the cache, as in decoding: one pass over the whole sequence
+    would run a quantised layer's prompt path (dequantised weights, float GEMM) where decoding runs its kernel."""
     agree, kl, n = 0.0, 0.0, 0
     for ids, s in zip(sequences, start, strict=True):
         x = torch.tensor([ids], device=next(reference.parameters()).device)
-        ref = F.log_softmax(reference(input_ids=x).logits[0, s - 1:-1].float(), -1)
-        out = F.log_softmax(fast(input_ids=x).logits[0, s - 1:-1].float(), -1)
+        ref, out = _decoded_log_probs(reference, x, s), _decoded_log_probs(fast, x, s)
         agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
         kl += float((ref.exp() * (ref - out)).sum())
         n += ref.shape[0]

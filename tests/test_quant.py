@@ -79,6 +79,19 @@ def test_quality_guard_passes_int8_and_fails_a_different_model(tiny):
     assert top1 < 0.9 and kl > 0.1
 
 
+def test_quality_guard_scores_the_answer_with_decode_steps(tiny):
+    """The guard reads each prompt in one pass and every answer position in a one-token step on the cache, as
+    decoding does, so a quantised layer runs its decode kernel there, not its prompt path."""
+    fast = quantize(copy.deepcopy(tiny.draft), "int8")
+    layer = next(m for m in fast.modules() if isinstance(m, Int8Linear))
+    rows, forward = [], layer.forward
+    layer.forward = lambda x: rows.append(x.reshape(-1, x.shape[-1]).shape[0]) or forward(x)
+    sequences, start = _sequences(tiny)
+    quality(tiny.draft, fast, sequences, start)
+    expected = [n for ids, s in zip(sequences, start, strict=True) for n in [s] + [1] * (len(ids) - 1 - s)]
+    assert rows == expected
+
+
 def test_unknown_recipe_is_refused(tiny):
     with pytest.raises(ValueError, match="unknown quantisation"):
         quantize(copy.deepcopy(tiny.draft), "int3")
