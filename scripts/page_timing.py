@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visitors import ARGS, CHROMIUM, POLL_S, set_max_new_tokens
+from visitors import ARGS, CHROMIUM, POLL_S, connect, set_max_new_tokens
 
 TOKENS = ".prose.hlm-tokens .tok"
 DECIDED = f"{TOKENS}[data-i]"  # a pending draft has no index: it is not a decided (coloured) token yet
@@ -188,19 +188,9 @@ def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str]) -> tup
 def references(url: str, wait_s: float) -> tuple[list[str] | None, bool]:
     """Wait (up to `wait_s`) until the app answers and its start-up build of the examples' references is over; (the
     prompts whose reference it prepared, None when the app does not say; whether it was still building when the
-    wait ended). An app just started (`python app.py &`) refuses connections while it loads its models."""
-    import httpx
-    from gradio_client import Client
-
+    wait ended)."""
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client = Client(url, verbose=False)
-            break
-        except httpx.ConnectError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
+    client = connect(url, wait_s)
     while True:
         status = client.predict(api_name="/status")
         if "example_references_ready" not in status:

@@ -145,7 +145,7 @@ def verdict(first: Sample, samples: list[Sample], errors: list[str]) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gradio_client import Client
+    from visitors import connect
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng, start = random.Random(args.seed), time.monotonic()
-    client, kinds, errors, gone = Client(args.url, verbose=False), {}, [], []
+    client, kinds, errors, gone = connect(args.url), {}, [], []  # waits for an app still loading
     baseline_at = max(1, args.runs // 10)
     first = last = sample(args.pid, 0, start, client, gone)
     samples: list[Sample] = []  # from the first tenth on
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if n % args.visitor_every == 0:
             client.close()  # the visitor leaves: its heartbeat stream ends (else its connection stays open)
             gone.append(client)
-            client = Client(args.url, verbose=False)  # another visitor
+            client = connect(args.url)  # another visitor
         try:
             kind = one_run(client, rng, args.max_new_tokens)
             kinds[kind] = kinds.get(kind, 0) + 1

@@ -48,6 +48,22 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
 
 
+def connect(url: str, wait_s: float = 600.0) -> Any:
+    """A `gradio_client.Client` of the app at `url`, waiting up to `wait_s` for it: an app just started (`python
+    app.py &`) refuses connections while it loads its models."""
+    import httpx
+    from gradio_client import Client
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return Client(url, verbose=False)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def status(page: Any) -> tuple[str, str]:
     """The page's status line: (phase class, text); the phase is 'cleared' until the action's first frame."""
     return page.evaluate("() => { const e = document.querySelector('.hlm-status');"
@@ -145,10 +161,9 @@ def visit(url: str, visitor: int, actions: list[str], max_new_tokens: int, seed:
 
 def closed_tab_frees_the_worker(url: str, max_new_tokens: int, timeout_s: float) -> float | None:
     """Seconds from closing a tab in the middle of its Compare until the app runs no request (None: never)."""
-    from gradio_client import Client
     from playwright.sync_api import sync_playwright
 
-    api = Client(url, verbose=False)
+    api = connect(url)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context()

@@ -107,3 +107,20 @@ def test_soak_names_each_open_file_so_a_lingering_connection_shows_as_one() -> N
     server.close()
     assert soak.open_files(os.getpid())[f"tcp established, a client of :{port}"] == 0
     assert before[f"tcp listen :{port}"] == 1
+
+
+def test_connect_waits_for_an_app_then_gives_up() -> None:
+    """The scripts' one way to reach the app (`visitors.connect`): it retries a refused connection until `wait_s`,
+    then raises the refusal (an app still loading its models refuses; the browser tests cover the wait that ends)."""
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from visitors import connect
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(httpx.ConnectError):
+        connect(f"http://127.0.0.1:{port}/", wait_s=3.0)
