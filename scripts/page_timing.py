@@ -201,11 +201,23 @@ def references(url: str, wait_s: float) -> tuple[list[str] | None, bool]:
         time.sleep(2.0)
 
 
-def memory(pid: int) -> tuple[int, int]:
-    """The process's resident set and its peak (VmRSS, VmHWM), in bytes."""
+def proc_status(pid: int) -> dict[str, int]:
+    """The numeric fields of /proc/PID/status: sizes (VmRSS, VmHWM, RssFile, ...) in bytes, counts (Threads) as
+    they are."""
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    out = {}
+    for key, value in fields.items():
+        words = value.split()
+        if words and words[0].isdigit():
+            out[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    return out
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """The process's resident set and its peak (VmRSS, VmHWM), in bytes."""
+    status = proc_status(pid)
+    return status["VmRSS"], status["VmHWM"]
 
 
 def seconds(value: float | None) -> str:

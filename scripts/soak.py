@@ -55,18 +55,19 @@ def sample(pid: int, runs: int, start: float, client: Any, gone: list[Any]) -> S
     returns (a leaked thread or file never does, so it still raises the count). First the visitors that left since the
     last sample are let go: a closed gradio_client ends its heartbeat stream, and with it its connection, only at the
     server's next heartbeat (every 15 s), where a closed browser tab drops it at once."""
+    from page_timing import proc_status
+
     while gone:
         gone.pop().heartbeat.join(timeout=HEARTBEAT_S + 5)
     threads, files = [], []
     for i in range(SETTLE_READS):
         time.sleep(SETTLE_S if i else 0.0)
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        threads.append(int(fields["Threads"]))
+        fields = proc_status(pid)
+        threads.append(fields["Threads"])
         files.append(open_files(pid))
     caches = {k: v["size"] for k, v in client.predict(api_name="/status").items() if isinstance(v, dict)
               and "size" in v}
-    mib = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssFile")}
+    mib = {k: fields[k] / 2**20 for k in ("VmRSS", "RssFile")}
     return Sample(runs, time.monotonic() - start, mib["VmRSS"], mib["RssFile"], min(threads), caches,
                   min(files, key=lambda c: c.total()))
 
