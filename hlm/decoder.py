@@ -122,6 +122,12 @@ class HybridDecoder:
             "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
         }
 
+    def read_prompt(self, prompt: str, max_new_tokens: int) -> None:
+        """The device reads `prompt` now (`hlm.prefix.read` remembers it), so that a later run of it drafts at once:
+        what a server does while it is idle."""
+        pair = self.pair
+        self.drafter_factory(pair.draft, pair.template_head).prefill(pair.encode_prompt(prompt, max_new_tokens))
+
     def run(self, prompt: str, config: RunConfig, stop: str | None = None,
             **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
         """Generate to the end, or with `stop` (a regular expression) to the token with which the text first matches

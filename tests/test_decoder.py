@@ -410,3 +410,20 @@ def test_a_prompt_read_before_is_not_read_again_and_charged_alike(tiny):
     recorded = {name: prefix._READS[getattr(tiny, name)][key].cost.seconds for name in passes}
     assert second[0].verify_s >= recorded["verifier"] > 0
     assert second[0].draft_s >= recorded["draft"] > 0
+
+
+def test_read_prompt_lets_the_next_run_draft_without_reading_it(tiny):
+    """`HybridDecoder.read_prompt` (the app's idle start-up work): afterwards the draft model reads nothing of that
+    prompt but one token at a time."""
+    decoder = HybridDecoder(tiny)
+    config = RunConfig(SamplingConfig(max_new_tokens=6, seed=0, stop_at_eos=False), PolicyConfig(name="slm"))
+    prompt = "A prompt read while idle."
+    decoder.read_prompt(prompt, config.sampling.max_new_tokens)
+    seen: list[int] = []
+    hook = tiny.draft.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                                with_kwargs=True)
+    try:
+        decoder.run(prompt, config)
+    finally:
+        hook.remove()
+    assert seen and max(seen) == 1

@@ -332,9 +332,7 @@ class Service:
         decoder = self.decoder(self.start)
         events = list(decoder.generate(prompt, llm, cancel))  # the verifier has read the prompt (`hlm.prefix.read`)
         if not cancel.is_set():  # and so does the device, so a viewer's first run of the example drafts at once
-            pair = decoder.pair
-            decoder.drafter_factory(pair.draft, pair.template_head).prefill(
-                pair.encode_prompt(prompt, llm.sampling.max_new_tokens))
+            decoder.read_prompt(prompt, llm.sampling.max_new_tokens)
         return events
 
     def _hold(self, n: int) -> None:
