@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import re
 import statistics
 import threading
@@ -31,8 +32,8 @@ from hlm import prefix
 from hlm.config import DeviceProfile, LinkConfig, RunConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import EnergyMeter, Window, measure, open_meter
+from hlm.estimators import MIN_P, DraftStats
 from hlm.estimators import REGISTRY as ESTIMATORS
-from hlm.estimators import DraftStats
 from hlm.events import PendingDraft, Source, Spend, TokenEvent
 from hlm.features import default_heads, draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, row_layers, score
@@ -319,6 +320,7 @@ class Generation:
         self.attn: Attentions | None = None  # attention weights (`layers`) of the pass that produced `logits`
         self.hidden: torch.Tensor | None = None  # the final hidden state of that pass, where the estimator reads it
         self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
+        self.log_p_drafts = 0.0  # the sum of log p_draft over the drafts decided so far (`DraftStats.log_p_before`)
 
     def _read_layers(self, attention: str, n_layers: int) -> frozenset[int]:
         """The layers whose attention weights the estimator reads: its passes compute weights on these alone."""
@@ -361,7 +363,7 @@ class Generation:
         est, pol = self.estimator, self.config.policy
         prev = prev_attention(self.attn, self.heads) if self.attn and est.attention == "heads" else None
         d.stats = draft_stats(self.logits, d.token, unc, self.valid, self.embeddings, prev, self.p_prev,
-                              d.position - self.prompt_len, self.hidden)
+                              d.position - self.prompt_len, self.hidden, self.log_p_drafts)
         if not est.passes:
             d.score = est.score(d.stats, self.selection)
             d.threshold = self.selection.scale(est.name).threshold(pol.k, pol.gamma)
@@ -385,6 +387,8 @@ class Generation:
     def advance(self, d: Draft, token: int, resampled: bool) -> None:
         """The SLM reads the emitted `token` (already read while drafting ahead, unless resampled); a resample
         drops `d` and the drafts made after it from its cache."""
+        if d.stats is not None:
+            self.log_p_drafts += math.log(max(d.stats.p_draft, MIN_P))
         if resampled and self.passes:
             self.drafter.rollback(len(self.pending) + 1)
             self.pending.clear()

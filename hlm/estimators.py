@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 WINDOW = 32  # k counts uploads per this many drafts
 RAUQ_ALPHA = 0.2  # RAUQ's weight of the token's own probability in its recurrent confidence
+MIN_P = 1e-6  # `DraftStats.log_p_before` counts each draft's probability from here up: one sampled long shot
+# would otherwise end the horizon at once
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class DraftStats:
     (which computes no attention weights) or the estimator reads no heads;
     p_prev: the SLM's probability (temperature 1) of the previous token, None for the first;
     index: the draft's position in the answer (0 = the first new token);
+    log_p_before: the sum of log p_draft over the answer's drafts decided before this one (0 for the first): the
+    SLM's own log-probability that its drafts so far were right, whether or not the cloud saw them;
     hidden: the drafter's final hidden state at the query that produced z (what its lm-head read), a float vector;
     present only for the estimators that read it (`Estimator.hidden`), None otherwise.
     """
@@ -64,21 +68,30 @@ class DraftStats:
     prev_attention: float | None = None
     p_prev: float | None = None
     index: int = 0
+    log_p_before: float = 0.0
     hidden: Any = None
 
 
 @dataclass(frozen=True)
 class Horizon:
-    """A draft that the cloud would change costs everything after it, but only while the answer is still the LLM's;
-    that chance decays about geometrically with the position. So the `*-horizon` estimators weigh a score by
-    floor + (1 - floor) exp(-index / tokens): early drafts count most; the floor keeps later uploads going. Chosen
+    """A draft that the cloud would change costs everything after it, but only while the answer is still the LLM's.
+    That chance falls along the answer, fast where the SLM doubts its drafts and slowly where it copies with
+    confidence (a signature, a docstring). So the `*-horizon` estimators weigh a score by
+    floor + (1 - floor) exp(doubt * log_p_before - index / tokens): the SLM's probability of its drafts so far to the
+    power `doubt`, and a decay with the position (none where tokens = 0); the floor keeps later uploads going. Chosen
     per pair on the tuning prompts (`python -m hlm study --fit`); these defaults are the first, hand-set ones."""
 
     tokens: float = 32.0
     floor: float = 0.2
+    doubt: float = 0.0
 
-    def __call__(self, index: int) -> float:
-        return self.floor + (1.0 - self.floor) * math.exp(-index / self.tokens)
+    def __call__(self, stats: DraftStats) -> float:
+        return float(self.weight(stats.index, stats.log_p_before))
+
+    def weight(self, index: Any, log_p_before: Any) -> Any:
+        """The weight of numbers, or of numpy arrays element-wise (the study weighs whole answers at once)."""
+        decay = self.doubt * log_p_before - (index / self.tokens if self.tokens else 0.0)
+        return self.floor + (1.0 - self.floor) * np.exp(decay)
 
 
 @dataclass(frozen=True)
@@ -275,7 +288,7 @@ class HorizonWeighted(Estimator):
     """Mixed in before a base estimator: its score weighted by the pair's horizon (`Horizon`), early drafts first."""
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
-        return super().score(stats, cal) * cal.horizon(stats.index)
+        return super().score(stats, cal) * cal.horizon(stats)
 
 
 class ProbeHorizon(HorizonWeighted, ProbeEstimator):

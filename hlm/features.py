@@ -18,7 +18,7 @@ ALTERNATIVES = 16  # candidates besides the draft that `semantic` compares it wi
 @torch.no_grad()
 def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor, embeddings: torch.Tensor,
                 prev_attention: float | None = None, p_prev: float | None = None, index: int = 0,
-                hidden: torch.Tensor | None = None) -> DraftStats:
+                hidden: torch.Tensor | None = None, log_p_before: float = 0.0) -> DraftStats:
     """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows); `hidden`:
     the final hidden state of the same pass (kept as float32 on the CPU, where the judge reads it)."""
     z = logits.to(torch.float32).masked_fill(~valid[: logits.shape[-1]], float("-inf"))
@@ -33,7 +33,7 @@ def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch
         u=unc.u, ubar=unc.ubar, p_draft=float(p[draft]), p_top=float(top.values[0]),
         margin=float(top.values[0] - top.values[1]), entropy=float(torch.special.entr(p).sum()),
         semantic=float((w * (1.0 - cos)).sum()), prev_attention=prev_attention, p_prev=p_prev, index=index,
-        hidden=None if hidden is None else hidden.to("cpu", torch.float32))
+        log_p_before=log_p_before, hidden=None if hidden is None else hidden.to("cpu", torch.float32))
 
 
 def default_heads(n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:

@@ -174,3 +174,37 @@ def test_paper_literal_rule_needs_uncertainty_and_importance():
     assert not est.decide(stats(ubar=0.5), no, pol, cal)
     assert not est.decide(stats(ubar=0.1), yes, pol, cal)
     assert est.passes == 2 and REGISTRY["paper-self"].passes == 1
+
+
+def test_horizon_decays_with_the_slms_doubt_and_the_position():
+    """`Horizon`: floor + (1 - floor) exp(doubt * log_p_before - index / tokens). A confidently copied stretch keeps a
+    late draft's weight where a doubted one loses it; tokens = 0 drops the position term; numbers and arrays agree."""
+    from hlm.estimators import Horizon
+
+    h = Horizon(tokens=0.0, floor=0.1, doubt=0.5)
+    copied = DraftStats(**{**stats().__dict__, "index": 60, "log_p_before": 60 * math.log(0.99)})
+    doubted = DraftStats(**{**stats().__dict__, "index": 60, "log_p_before": 60 * math.log(0.7)})
+    assert h(copied) == pytest.approx(0.1 + 0.9 * 0.99 ** 30) and h(copied) > 0.6
+    assert h(doubted) == pytest.approx(0.1 + 0.9 * 0.7 ** 30) and h(doubted) < 0.11
+    assert Horizon(tokens=16.0, floor=0.05)(copied) == pytest.approx(0.05 + 0.95 * math.exp(-60 / 16))
+    both = Horizon(tokens=16.0, floor=0.05, doubt=0.25)
+    weights = both.weight(np.array([0, 60]), np.array([0.0, copied.log_p_before]))
+    assert weights[0] == pytest.approx(1.0) and weights[1] == pytest.approx(both(copied))
+
+
+def test_the_decoder_hands_each_draft_the_log_probability_of_the_drafts_before_it(decoder, monkeypatch):
+    """`DraftStats.log_p_before` in a real run: 0 for the first draft, then the sum of log p_draft over the drafts
+    decided before it (uploaded or not), which the study computes the same way from its rows."""
+    from hlm.estimators import MIN_P, HorizonWeighted
+    from hlm.experiments.study.score import log_p_before
+
+    seen: list[DraftStats] = []
+    score = HorizonWeighted.score
+    monkeypatch.setattr(HorizonWeighted, "score", lambda self, s, cal: (seen.append(s), score(self, s, cal))[1])
+    events = list(decoder.generate("abc", cfg("ours", n=24, estimator="probe-horizon", k=8, gamma=0.0)))
+    seen = list({s.index: s for s in seen}.values())  # each draft is scored for its event and for its decision
+    assert len(seen) == len(events) == 24 and any(e.source != "local" for e in events)
+    expected = np.cumsum([0.0] + [math.log(max(s.p_draft, MIN_P)) for s in seen[:-1]])
+    assert [s.log_p_before for s in seen] == pytest.approx(expected.tolist())
+    assert log_p_before([{"p_draft": s.p_draft} for s in seen]) == pytest.approx(expected)
+    assert seen[-1].log_p_before < 0

@@ -184,7 +184,7 @@ def analyse(records: Sequence[dict[str, Any]], cal: SelectionCalibration,
     for name, scores in (oof or {}).items():
         for t, s in zip(table, scores, strict=True):  # the learned score as if these prompts were unseen
             t[name] = s
-            t[f"{name}-horizon"] = s * np.array([cal.horizon(i) for i in range(len(s))])
+            t[f"{name}-horizon"] = s * cal.horizon.weight(np.arange(len(s)), t["log_p_before"])
     by_mode = {mode: [(rec, t) for rec, t in zip(records, table, strict=True) if rec["mode"] == mode]
                for mode in MODES}
     rows: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neural_network import MLPClassifier
 
 from hlm.estimators import (
+    MIN_P,
     NAMES,
     REGISTRY,
     WINDOW,
@@ -44,25 +45,33 @@ PAPER = tuple(n for n in NAMES if REGISTRY[n].uses_u_th)  # the paper-literal ru
 FOLDS = 4  # the probe's out-of-fold scores: prompts split this many ways
 # The horizon's grid and the upload budgets at which it is judged (greedy: first-divergence recall + faithful prefix)
 # (a floor of 0 would score best on the prefix alone, but would stop uploads late in long answers, where the
-# cloud still corrects tokens: the floor stays > 0)
-HORIZON_GRID = {"tokens": (4.0, 8.0, 16.0, 32.0, 64.0), "floor": (0.05, 0.1, 0.2)}
+# cloud still corrects tokens: the floor stays > 0). tokens = 0 and doubt > 0: the weight falls with the SLM's
+# doubt alone, not with the position.
+HORIZON_GRID = {"tokens": (0.0, 4.0, 8.0, 16.0, 32.0, 64.0), "floor": (0.05, 0.1, 0.2),
+                "doubt": (0.0, 0.125, 0.25, 0.5, 1.0)}  # tokens = 0: no decay by position
 HORIZON_BUDGETS = (0.2, 0.3)
 
 
+def log_p_before(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """`DraftStats.log_p_before` of every row of an answer: the sum of log p_draft over the rows before it."""
+    logp = np.log(np.maximum([r["p_draft"] for r in rows], MIN_P))
+    return np.concatenate([[0.0], np.cumsum(logp)[:-1]])
+
+
 def stats_of(row: dict[str, Any], heads: Sequence[tuple[int, int]], layers: Sequence[int], index: int,
-             draw: int = 0, hidden: np.ndarray | None = None) -> DraftStats:
+             draw: int = 0, hidden: np.ndarray | None = None, before: float = 0.0) -> DraftStats:
     """One row's `DraftStats` as the device would see them, with the u of one of its independent draws."""
     prev = None
     if row["head_prev"]:
         prev = float(np.mean([row["head_prev"][layers.index(layer)][h] for layer, h in heads]))
     return DraftStats(u=row["u"][draw], ubar=row["ubar"], p_draft=row["p_draft"], p_top=row["p_top"],
                       margin=row["margin"], entropy=row["entropy"], semantic=row["semantic"], prev_attention=prev,
-                      p_prev=row["p_prev"], index=index, hidden=hidden)
+                      p_prev=row["p_prev"], index=index, log_p_before=before, hidden=hidden)
 
 
 def record_stats(rec: dict[str, Any], heads: Sequence[tuple[int, int]], draw: int = 0) -> list[DraftStats]:
-    hidden = rec.get("hidden")
-    return [stats_of(r, heads, rec["heads_layers"], i, draw, None if hidden is None else hidden[i])
+    hidden, before = rec.get("hidden"), log_p_before(rec["rows"])
+    return [stats_of(r, heads, rec["heads_layers"], i, draw, None if hidden is None else hidden[i], float(before[i]))
             for i, r in enumerate(rec["rows"])]
 
 
@@ -93,6 +102,7 @@ def score_table(records: Sequence[dict[str, Any]], cal: SelectionCalibration) ->
                   for f in PROBE_FEATURES})
         for key in ("g", "beta", "tv"):
             t[key] = np.array([r[key] for r in rec["rows"]], dtype=float)
+        t["log_p_before"] = np.array([st.log_p_before for st in stats])
         out.append(t)
     return out
 
@@ -182,11 +192,14 @@ def _fit_horizon(records: Sequence[dict[str, Any]], bases: dict[str, np.ndarray]
     HORIZON_BUDGETS (each budget's share of drafts with the top weighted scores); the best point of the best base."""
     greedy = [(i, rec) for i, rec in enumerate(records) if rec["mode"] == "greedy"]
     g = [np.array([r["g"] for r in rec["rows"]], dtype=float) for _, rec in greedy]
+    along = [(np.arange(len(rec["rows"])), log_p_before(rec["rows"])) for _, rec in greedy]
     best: tuple[float, Horizon, str] = (-1.0, Horizon(), "")
-    for tokens, floor in itertools.product(HORIZON_GRID["tokens"], HORIZON_GRID["floor"]):
-        h = Horizon(tokens, floor)
+    for tokens, floor, doubt in itertools.product(*HORIZON_GRID.values()):
+        h = Horizon(tokens, floor, doubt)
+        if not tokens and not doubt:
+            continue  # no horizon at all
         for name, base in bases.items():
-            weighted = [base[i] * np.array([h(j) for j in range(len(rec["rows"]))]) for i, rec in greedy]
+            weighted = [base[i] * h.weight(*a) for (i, _), a in zip(greedy, along, strict=True)]
             pooled, merit = np.concatenate(weighted), 0.0
             for rate in HORIZON_BUDGETS:
                 thr = np.quantile(pooled, 1 - rate)
