@@ -89,7 +89,7 @@ class PolicyConfig:
 
     name: str = "ours"  # `hlm.policies.REGISTRY`
     u_th: float = 0.08
-    k: int = 9  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (docs/selection.md)
+    k: int = 8  # estimator, k and gamma: chosen by `python -m hlm study` on the tuning prompts (docs/selection.md)
     gamma: float = 0.0
     estimator: str = "probe-horizon"
     skip_rate: float = 0.5
