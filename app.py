@@ -44,9 +44,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "500")
 
 HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model on the device drafts every token. '
           'The device uploads only the drafts the large cloud model is <span class="hl">most likely to change</span>, '
-          '<span class="hl">earliest first</span>; the cloud verifies those, and every other draft stays as it is, '
-          'which saves radio energy. Colours show where each token came from; the Evidence tab shows how well '
-          'this choice works across many prompts.</p></div>')
+          '<span class="hl">while the answer is still the large model\'s</span>; the cloud verifies those, and every '
+          'other draft stays as it is, which saves radio energy. Colours show where each token came from; the '
+          'Evidence tab shows how well this choice works across many prompts.</p></div>')
 COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference), then HLM (every token uploaded), "
                 "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "

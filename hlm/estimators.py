@@ -285,7 +285,8 @@ class ProbeEstimator(Estimator):
 
 
 class HorizonWeighted(Estimator):
-    """Mixed in before a base estimator: its score weighted by the pair's horizon (`Horizon`), early drafts first."""
+    """Mixed in before a base estimator: its score weighted by the pair's horizon (`Horizon`), the chance that the
+    answer is still the LLM's."""
 
     def score(self, stats: DraftStats, cal: SelectionCalibration) -> float:
         return super().score(stats, cal) * cal.horizon(stats)
@@ -293,8 +294,8 @@ class HorizonWeighted(Estimator):
 
 class ProbeHorizon(HorizonWeighted, ProbeEstimator):
     name = "probe-horizon"
-    description = "the probe's chance that the cloud would change the draft, weighted by how much of the answer " \
-                  "still depends on it (early drafts first)"
+    description = "the probe's chance that the cloud would change the draft, weighted by the chance that the " \
+                  "answer is still the LLM's (less after drafts the SLM doubted)"
 
 
 class JudgeEstimator(Estimator):
@@ -309,13 +310,13 @@ class JudgeEstimator(Estimator):
 
 class JudgeHorizon(HorizonWeighted, JudgeEstimator):
     name = "judge-horizon"
-    description = "the judge's chance that the cloud would change the draft, weighted by how much of the answer " \
-                  "still depends on it (early drafts first)"
+    description = "the judge's chance that the cloud would change the draft, weighted by the chance that the " \
+                  "answer is still the LLM's (less after drafts the SLM doubted)"
 
 
 class UBarHorizon(HorizonWeighted, UBar):
     name = "ubar-horizon"
-    description = "uncertainty alone (ubar), weighted by how much of the answer still depends on the draft"
+    description = "uncertainty alone (ubar), weighted by the chance that the answer is still the LLM's"
 
 
 class PaperRow(Estimator):

@@ -20,8 +20,8 @@ RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 STUDY = "study/summary.json"
 HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval/table.txt", "humaneval/results.json"
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
-STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --confirm 64 "
-                 "--confirm-limit 32")
+STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study-q4k --seeds \"\" "
+                 "--confirm 64 --confirm-limit 32")
 HUMANEVAL_COMMAND = "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 9,24 --limit 64"
 
 SHIPPED = Settings.estimator  # the study names a rule by its estimator; ours ships this one at Settings' k and γ
@@ -30,8 +30,8 @@ PAPER = "paper-lookahead"
 # The capture chart's rules, drawn in this order: (study rule, label, colour, line dash)
 RULES = (
     (SHIPPED, f"ours: {SHIPPED} (ships)", REGISTRY[with_role("subject")].colour, "solid"),
-    ("judge-horizon", "hidden-state judge, early first (judge-horizon)", "#9467bd", "solid"),
-    ("ubar-horizon", "uncertainty, early first (ubar-horizon)", "#2ca02c", "solid"),
+    ("judge-horizon", "hidden-state judge, with the horizon (judge-horizon)", "#9467bd", "solid"),
+    ("ubar-horizon", "uncertainty, with the horizon (ubar-horizon)", "#2ca02c", "solid"),
     ("ubar", "uncertainty alone (ubar)", "#ff7f0e", "solid"),
     (PAPER, "paper-literal: uncertain and attended (k, γ grid)", "#e377c2", "solid"),
     ("coin", "coin", REGISTRY[with_role("control")].colour, "dot"),
