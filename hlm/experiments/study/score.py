@@ -186,20 +186,22 @@ def _fit_judge(records: Sequence[dict[str, Any]], table: Sequence[dict[str, np.n
     return judge, best["oof"], [{k: v for k, v in t.items() if k != "oof"} for t in tried]
 
 
-def _fit_horizon(records: Sequence[dict[str, Any]], bases: dict[str, np.ndarray]) -> tuple[Horizon, dict[str, Any]]:
+def _fit_horizon(records: Sequence[dict[str, Any]], table: Sequence[dict[str, np.ndarray]],
+                 bases: dict[str, np.ndarray]) -> tuple[Horizon, dict[str, Any]]:
     """The horizon that best turns a per-draft chance into an upload order: for each grid point and each base score
     (ubar, and the learned ones out of fold), first-divergence recall + faithful prefix of the greedy answers at
-    HORIZON_BUDGETS (each budget's share of drafts with the top weighted scores); the best point of the best base."""
-    greedy = [(i, rec) for i, rec in enumerate(records) if rec["mode"] == "greedy"]
-    g = [np.array([r["g"] for r in rec["rows"]], dtype=float) for _, rec in greedy]
-    along = [(np.arange(len(rec["rows"])), log_p_before(rec["rows"])) for _, rec in greedy]
+    HORIZON_BUDGETS (each budget's share of drafts with the top weighted scores); the best point of the best base.
+    `table`: the records' score table (`score_table`), whose labels and `log_p_before` it reads."""
+    greedy = [i for i, rec in enumerate(records) if rec["mode"] == "greedy"]
+    g = [table[i]["g"] for i in greedy]
+    along = [(np.arange(len(table[i]["g"])), table[i]["log_p_before"]) for i in greedy]
     best: tuple[float, Horizon, str] = (-1.0, Horizon(), "")
     for tokens, floor, doubt in itertools.product(*HORIZON_GRID.values()):
         h = Horizon(tokens, floor, doubt)
         if not tokens and not doubt:
             continue  # no horizon at all
         for name, base in bases.items():
-            weighted = [base[i] * h.weight(*a) for (i, _), a in zip(greedy, along, strict=True)]
+            weighted = [base[i] * h.weight(*a) for i, a in zip(greedy, along, strict=True)]
             pooled, merit = np.concatenate(weighted), 0.0
             for rate in HORIZON_BUDGETS:
                 thr = np.quantile(pooled, 1 - rate)
@@ -226,7 +228,7 @@ def fit_calibration(records: Sequence[dict[str, Any]], note: str, tuned_on: Sequ
         note += f"; judge candidates (out-of-fold AUROC, greedy): {json.dumps(tried)}"
     splits = np.cumsum([len(t["g"]) for t in table])[:-1]
     bases = {"ubar": [t["ubar"] for t in table], **{name: np.split(s, splits) for name, s in oof.items()}}
-    horizon, chosen = _fit_horizon(records, bases)
+    horizon, chosen = _fit_horizon(records, table, bases)
     note += f"; horizon (recall + prefix at {list(HORIZON_BUDGETS)}, greedy, out of fold): {json.dumps(chosen)}"
     cal = SelectionCalibration(heads=heads, probe=probe, note=note, tuned_on=tuple(sorted(map(prompt_key, tuned_on))),
                                horizon=horizon, judge=judge)
