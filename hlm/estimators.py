@@ -245,8 +245,12 @@ class Estimator:
         raise NotImplementedError
 
     def decide(self, stats: DraftStats, importance: Importance | None, policy: PolicyConfig,
-               cal: SelectionCalibration) -> bool:
-        return self.score(stats, cal) >= cal.scale(self.name).threshold(policy.k, policy.gamma)
+               cal: SelectionCalibration, score: float | None = None) -> bool:
+        """Upload iff the draft's score reaches the bar; `score`, where given, is that score already computed (the
+        decoder scores each draft once, for its event)."""
+        if score is None:
+            score = self.score(stats, cal)
+        return score >= cal.scale(self.name).threshold(policy.k, policy.gamma)
 
 
 class UBar(Estimator):
@@ -330,7 +334,7 @@ class PaperRow(Estimator):
         return stats.u
 
     def decide(self, stats: DraftStats, importance: Importance | None, policy: PolicyConfig,
-               cal: SelectionCalibration) -> bool:
+               cal: SelectionCalibration, score: float | None = None) -> bool:
         return stats.u > policy.u_th and bool(importance and importance.important)
 
 

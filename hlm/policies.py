@@ -123,8 +123,8 @@ def should_upload(policy: PolicyConfig, u: float | None, coin: float) -> bool:
 
 def decide(config: PolicyConfig, draft: Draft, coin: float, selection: SelectionCalibration) -> bool:
     """Upload `draft` or keep it: the one decision of the loop. A policy that `uses_estimator` hands the draft's
-    statistics to `hlm.estimators.REGISTRY[config.estimator]` (scored against the pair's `selection`); the others
-    apply their own rule to its u and the coin."""
+    statistics to `hlm.estimators.REGISTRY[config.estimator]` (scored against the pair's `selection`, unless the
+    draft carries its score already); the others apply their own rule to its u and the coin."""
     if REGISTRY[config.name].uses_estimator:
-        return ESTIMATORS[config.estimator].decide(draft.stats, draft.importance, config, selection)
+        return ESTIMATORS[config.estimator].decide(draft.stats, draft.importance, config, selection, draft.score)
     return should_upload(config, draft.u, coin)

@@ -43,6 +43,21 @@ def test_score_estimators_on_the_tiny_pair(decoder, estimator):
     assert 0 < sum(e.uploaded for e in events) < 32
 
 
+def test_each_draft_is_scored_once(decoder, monkeypatch):
+    """The decoder scores a draft for its event, and the decision reuses that score rather than scoring again."""
+    estimator = type(REGISTRY["probe-horizon"])
+    calls = []
+
+    def counted(self, stats, cal):
+        calls.append(stats.index)
+        return super(estimator, self).score(stats, cal)
+
+    monkeypatch.setattr(estimator, "score", counted)
+    events = list(decoder.generate("abc", cfg("ours", n=24, estimator="probe-horizon", k=8, gamma=0.0)))
+    assert len(calls) == len(events) == 24
+    assert all(e.uploaded == (e.score >= e.score_threshold) for e in events)
+
+
 @pytest.mark.parametrize("estimator", SCORES)
 def test_upload_rate_is_monotone_in_k_and_gamma(decoder, estimator):
     """Replayed on one run's drafts (the decision is a pure function of the stats): more k, more uploads;

@@ -53,17 +53,17 @@ def test_the_loops_one_decision_hands_ours_to_its_estimator(monkeypatch):
     import hlm.estimators
     from hlm.policies import decide
 
-    draft = SimpleNamespace(u=0.5, stats="stats", importance="importance")
+    draft = SimpleNamespace(u=0.5, stats="stats", importance="importance", score=0.25)
     assert decide(PolicyConfig(name="hlm"), draft, 0.5, None)
     assert not decide(PolicyConfig(name="slm"), draft, 0.5, None)
     assert decide(PolicyConfig(name="random", skip_rate=0.25), draft, 0.5, None)  # the policy's own rule
     asked = []
 
     class Judge:
-        def decide(self, stats, importance, config, selection):
-            asked.append((stats, importance, config.estimator, selection))
+        def decide(self, stats, importance, config, selection, score):
+            asked.append((stats, importance, config.estimator, selection, score))
             return True
 
     monkeypatch.setitem(hlm.estimators.REGISTRY, "ubar", Judge())
     assert decide(PolicyConfig(name="ours", estimator="ubar"), draft, 0.0, "cal")
-    assert asked == [("stats", "importance", "ubar", "cal")]  # the estimator, not the policy, decided
+    assert asked == [("stats", "importance", "ubar", "cal", 0.25)]  # the estimator, not the policy, decided
