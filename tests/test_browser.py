@@ -94,6 +94,7 @@ def test_generate_change_knobs_and_run_again(browser, url, tmp_path):
     token = page.locator(".prose.hlm-tokens .tok").first
     assert "uploaded" in token.get_attribute("title")  # the hover details are there
     assert page.locator(".hlm-legend .item").count() == 5
+    page.evaluate("window.scrollTo(0, 0)")  # the shot shows the page's header, whatever kept focus during the run
     page.screenshot(path=str(out / "dashboard-1280.png"))
 
     set_number(page, "hlm-k", "32")
