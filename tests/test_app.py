@@ -27,7 +27,7 @@ from conftest import free_port
 from hlm.config import KNOB_HELP, ConfigError
 from hlm.dashboard import flows
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
-from hlm.dashboard.evidence import RESULTS, STUDY, evidence
+from hlm.dashboard.evidence import HUMANEVAL_RESULTS, HUMANEVAL_TABLE, RESULTS, STUDY, evidence
 from hlm.dashboard.flows import Dashboard, Frame, live_frames
 from hlm.dashboard.render import error_notice, stats_html, token_rows, token_span, verdict
 from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
@@ -655,9 +655,9 @@ def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):
     e = evidence(tmp_path)  # no result files at all
     assert "not measured yet" in e.capture and "not measured yet" in e.end_to_end and e.recall["data"] == []
     assert "**HumanEval: not measured yet.**" in e.humaneval and "`python -m hlm eval humaneval " in e.humaneval
-    (tmp_path / "humaneval").mkdir()
-    (tmp_path / "humaneval" / "table.txt").write_text("policy  pass@1\nours    0.600\n", encoding="utf-8")
-    (tmp_path / "humaneval" / "results.json").write_text(json.dumps({"meta": {"command": "hlm eval --limit 2"}}))
+    (tmp_path / HUMANEVAL_TABLE).parent.mkdir()
+    (tmp_path / HUMANEVAL_TABLE).write_text("policy  pass@1\nours    0.600\n", encoding="utf-8")
+    (tmp_path / HUMANEVAL_RESULTS).write_text(json.dumps({"meta": {"command": "hlm eval --limit 2"}}))
     evidence.cache_clear()
     shown = evidence(tmp_path).humaneval
     assert "```\npolicy  pass@1\nours    0.600\n```" in shown and "made by `hlm eval --limit 2`" in shown

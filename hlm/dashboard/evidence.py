@@ -18,11 +18,12 @@ from hlm.policies import REGISTRY, with_role
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 STUDY = "study/summary.json"
-HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval/table.txt", "humaneval/results.json"
+HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval-q4k-curve/table.txt", "humaneval-q4k-curve/results.json"
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
 STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study-q4k --seeds \"\" "
                  "--confirm 64 --confirm-limit 32")
-HUMANEVAL_COMMAND = "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 9,24 --limit 64"
+HUMANEVAL_COMMAND = ("python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
+                     "--out runs/humaneval-q4k-curve")
 
 SHIPPED = Settings.estimator  # the study names a rule by its estimator; ours ships this one at Settings' k and γ
 SHIPPED_SETTING = f"k={Settings.k} γ={Settings.gamma:g}"
