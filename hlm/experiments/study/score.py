@@ -48,7 +48,7 @@ FOLDS = 4  # the probe's out-of-fold scores: prompts split this many ways
 # cloud still corrects tokens: the floor stays > 0). tokens = 0 and doubt > 0: the weight falls with the SLM's
 # doubt alone, not with the position.
 HORIZON_GRID = {"tokens": (0.0, 4.0, 8.0, 16.0, 32.0, 64.0), "floor": (0.05, 0.1, 0.2),
-                "doubt": (0.0, 0.125, 0.25, 0.5, 1.0)}  # tokens = 0: no decay by position
+                "doubt": (0.0, 0.125, 0.25, 0.5, 1.0)}
 HORIZON_BUDGETS = (0.2, 0.3)
 
 
