@@ -35,6 +35,7 @@ WINDOW = 32  # k counts uploads per this many drafts
 RAUQ_ALPHA = 0.2  # RAUQ's weight of the token's own probability in its recurrent confidence
 MIN_P = 1e-6  # `DraftStats.log_p_before` counts each draft's probability from here up: one sampled long shot
 # would otherwise end the horizon at once
+LOG_FLOOR = 1e-7  # the log-scale features' floor: about float32's resolution of 1 - p near p = 1
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,15 @@ def prompt_key(prompt: str) -> str:
 
 
 def feature(stats: DraftStats, name: str) -> float | None:
-    """A named feature of the probe: a `DraftStats` field, or one derived from them."""
+    """A named feature of the probe: a `DraftStats` field, or one derived from them. The log-scale ones keep telling
+    confident drafts apart (p = 0.999 from p = 0.99999), where 1 - p, the margin and the entropy all sit at their
+    ends: without them most drafts of a long code answer score alike, and one step of k uploads them all at once."""
     if name == "one_minus_p":
         return 1.0 - stats.p_draft
+    if name == "log_one_minus_p":
+        return math.log(max(1.0 - stats.p_draft, LOG_FLOOR))
+    if name == "log_entropy":
+        return math.log(max(stats.entropy, LOG_FLOOR))
     if name == "rauq":
         return rauq(stats)
     return getattr(stats, name)

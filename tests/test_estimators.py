@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import cfg
 
+import hlm
 from hlm.config import ConfigError, PolicyConfig
 from hlm.estimators import (
     NAMES,
@@ -122,6 +124,24 @@ def test_probe_matches_a_logistic_model_and_round_trips(tmp_path):
     cal.save(tmp_path / "c.json")
     assert SelectionCalibration.load(tmp_path / "c.json") == cal
     assert cal.leaked(["a", "b"]) == ["a"]
+
+
+def test_the_shipped_probe_tells_confident_drafts_apart():
+    """Most drafts of a long code answer have p > 0.999. A probe that saw only 1 - p, the margin and the entropy gave
+    them all about the same score (within 10 % from 1 - p = 1e-2 to 1e-5), so one step of k uploaded them all at
+    once; the log-scale features rank them, so that each decade of doubt at least halves the score."""
+    from hlm.estimators import LOG_FLOOR, feature
+
+    def confident(eps: float) -> DraftStats:
+        p = 1.0 - eps
+        return DraftStats(u=0.0, ubar=eps, p_draft=p, p_top=p, margin=p - eps,
+                          entropy=-p * math.log(p) - eps * math.log(eps), semantic=0.7, p_prev=p)
+
+    cal = SelectionCalibration.load(Path(hlm.__file__).parent / "assets" / "selection-embedded.json")
+    scores = [REGISTRY["probe"].score(confident(eps), cal) for eps in (1e-2, 1e-3, 1e-4, 1e-5)]
+    assert all(a >= 2 * b for a, b in zip(scores[:-1], scores[1:], strict=True)), scores
+    assert feature(stats(p=1.0), "log_one_minus_p") == math.log(LOG_FLOOR)  # floored, not -inf
+    assert feature(confident(1e-3), "log_entropy") == pytest.approx(math.log(confident(1e-3).entropy))
 
 
 @pytest.mark.parametrize("kind", ["logistic", "mlp"])

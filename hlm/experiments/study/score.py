@@ -31,8 +31,9 @@ from hlm.estimators import (
 )
 from hlm.experiments.study.outcome import greedy_outcome
 
-PROBE_FEATURES = ("ubar", "one_minus_p", "entropy", "margin", "semantic", "prev_attention", "p_prev", "rauq")
-JUDGE_FEATURES = ("ubar", "one_minus_p", "entropy", "margin", "semantic", "p_prev")  # none reads attention
+CONFIDENCE = ("ubar", "one_minus_p", "entropy", "margin", "log_one_minus_p", "log_entropy")
+PROBE_FEATURES = (*CONFIDENCE, "semantic", "prev_attention", "p_prev", "rauq")
+JUDGE_FEATURES = (*CONFIDENCE, "semantic", "p_prev")  # none reads attention
 # The judge's candidates, chosen by out-of-fold AUROC on the tuning prompts' greedy drafts: L2 logistic models and
 # one-hidden-layer MLPs, each at a few regularisation strengths (the hidden vector has far more inputs than the
 # tuning set has divergences).
