@@ -27,7 +27,7 @@ from conftest import free_port
 from hlm.config import KNOB_HELP, ConfigError
 from hlm.dashboard import flows
 from hlm.dashboard.charts import energy_figure, history_figure, upload_figure
-from hlm.dashboard.evidence import HUMANEVAL_RESULTS, HUMANEVAL_TABLE, RESULTS, STUDY, evidence
+from hlm.dashboard.evidence import HUMANEVAL, RESULTS, STUDY, evidence
 from hlm.dashboard.flows import Dashboard, Frame, live_frames
 from hlm.dashboard.render import error_notice, stats_html, token_rows, token_span, verdict
 from hlm.dashboard.runs import Replay, RunView, add_history, replay, replay_rule
@@ -646,6 +646,8 @@ def test_the_evidence_tab_reads_the_committed_study():
         e.end_to_end
     for section in (e.capture_table, e.end_to_end):  # each says which file and which command
         assert "`docs/results/study/summary.json`, made by `python -m hlm study --prompts" in section
+    assert "not measured yet" not in e.humaneval  # every HumanEval table named in HUMANEVAL is committed
+    assert all(f"made by `{run.command}`" in e.humaneval for run in HUMANEVAL)
     for fig in (e.recall, e.prefix):
         go.Figure(data=fig["data"], layout=fig["layout"])
         json.dumps(fig)
@@ -654,14 +656,17 @@ def test_the_evidence_tab_reads_the_committed_study():
 def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):
     e = evidence(tmp_path)  # no result files at all
     assert "not measured yet" in e.capture and "not measured yet" in e.end_to_end and e.recall["data"] == []
-    assert "**HumanEval: not measured yet.**" in e.humaneval and "`python -m hlm eval humaneval " in e.humaneval
-    (tmp_path / HUMANEVAL_TABLE).parent.mkdir()
-    (tmp_path / HUMANEVAL_TABLE).write_text("policy  pass@1\nours    0.600\n", encoding="utf-8")
-    (tmp_path / HUMANEVAL_RESULTS).write_text(json.dumps({"meta": {"command": "hlm eval --limit 2"}}))
+    assert e.humaneval.count("**HumanEval: not measured yet.**") == len(HUMANEVAL)
+    assert all(f"`{run.command}` makes it" in e.humaneval for run in HUMANEVAL)
+    first = HUMANEVAL[0]
+    (tmp_path / first.table).parent.mkdir()
+    (tmp_path / first.table).write_text("policy  pass@1\nours    0.600\n", encoding="utf-8")
+    (tmp_path / first.results).write_text(json.dumps({"meta": {"command": "hlm eval --limit 2"}}))
     evidence.cache_clear()
     shown = evidence(tmp_path).humaneval
-    assert "```\npolicy  pass@1\nours    0.600\n```" in shown and "made by `hlm eval --limit 2`" in shown
-    assert "not measured yet" not in shown
+    assert f"**{first.caption}.**\n\n```\npolicy  pass@1\nours    0.600\n```" in shown
+    assert "made by `hlm eval --limit 2`" in shown
+    assert shown.count("not measured yet") == len(HUMANEVAL) - 1  # the other table still says so
 
 
 def test_the_evidence_tab_is_filled_when_the_page_is_built(service):

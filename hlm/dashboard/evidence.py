@@ -18,12 +18,38 @@ from hlm.policies import REGISTRY, with_role
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 STUDY = "study/summary.json"
-HUMANEVAL_TABLE, HUMANEVAL_RESULTS = "humaneval-q4k-curve/table.txt", "humaneval-q4k-curve/results.json"
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
-STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study-q4k --seeds \"\" "
+STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --seeds \"\" "
                  "--confirm 64 --confirm-limit 32")
-HUMANEVAL_COMMAND = ("python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
-                     "--out runs/humaneval-q4k-curve")
+
+
+@dataclass(frozen=True)
+class HumanEvalRun:
+    """One committed `eval humaneval` folder: its table is shown as the command wrote it."""
+
+    folder: str  # under RESULTS, with table.txt and results.json
+    caption: str
+    command: str
+
+    @property
+    def table(self) -> str:
+        return f"{self.folder}/table.txt"
+
+    @property
+    def results(self) -> str:
+        return f"{self.folder}/results.json"
+
+
+# The shipped probe first; then the run that has the LLM's ceiling beside ours, from the probe before its log-scale
+# features (the two runs' slm answers are the same, token for token)
+HUMANEVAL = (
+    HumanEvalRun("humaneval-logfeat", "The probe as it ships",
+                 "python -m hlm eval humaneval --policies slm,ours,random --ks 22 --limit 64 "
+                 "--out runs/humaneval-logfeat"),
+    HumanEvalRun("humaneval-q4k-curve", "With the LLM as the ceiling (the probe before its log-scale features)",
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
+                 "--out runs/humaneval-q4k-curve"),
+)
 
 SHIPPED = Settings.estimator  # the study names a rule by its estimator; ours ships this one at Settings' k and γ
 SHIPPED_SETTING = f"k={Settings.k} γ={Settings.gamma:g}"
@@ -187,15 +213,17 @@ def _end_to_end(study: dict[str, Any], path: Path) -> str:
 
 
 def _humaneval(results: Path) -> str:
-    """The HumanEval table as its command wrote it (`table.txt`, shown verbatim), or "not measured yet"."""
-    path = results / HUMANEVAL_TABLE
+    """Each HumanEval table as its command wrote it (`table.txt`, shown verbatim), or "not measured yet"."""
+    head = ("### HumanEval pass@1: does the code still pass its tests?\nEach problem's prompt through each policy "
+            "(greedy), the completion run against the problem's tests; the coin matched per problem to ours' "
+            "uploads.")
+    return "\n\n".join([head, *(_humaneval_run(results, run) for run in HUMANEVAL)])
+
+
+def _humaneval_run(results: Path, run: HumanEvalRun) -> str:
+    path = results / run.table
     try:
         table = path.read_text(encoding="utf-8").rstrip()
     except OSError:
-        table = ""
-    head = ("### HumanEval pass@1: does the code still pass its tests?\nEach problem's prompt through each policy "
-            "(greedy), the completion run against the problem's tests; the coin matched per problem to ours' "
-            "uploads.\n\n")
-    if not table:
-        return head + _missing("HumanEval", path, HUMANEVAL_COMMAND)
-    return f"{head}```\n{table}\n```\n\n{_made_by(_json(results / HUMANEVAL_RESULTS), path, HUMANEVAL_COMMAND)}"
+        return f"**{run.caption}.** " + _missing("HumanEval", path, run.command)
+    return f"**{run.caption}.**\n\n```\n{table}\n```\n\n{_made_by(_json(results / run.results), path, run.command)}"
