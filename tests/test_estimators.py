@@ -2,16 +2,15 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import cfg
 
-import hlm
 from hlm.config import ConfigError, PolicyConfig
 from hlm.estimators import (
+    LOG_FLOOR,
     NAMES,
     REGISTRY,
     UNIFORM,
@@ -21,9 +20,11 @@ from hlm.estimators import (
     Probe,
     ScoreScale,
     SelectionCalibration,
+    feature,
     prompt_key,
 )
 from hlm.features import default_heads, draft_stats, prev_attention
+from hlm.models import PRESETS
 from hlm.uncertainty import Uncertainty
 
 SCORES = [n for n in NAMES if not REGISTRY[n].uses_u_th]
@@ -130,14 +131,13 @@ def test_the_shipped_probe_tells_confident_drafts_apart():
     """Most drafts of a long code answer have p > 0.999. A probe that saw only 1 - p, the margin and the entropy gave
     them all about the same score (within 10 % from 1 - p = 1e-2 to 1e-5), so one step of k uploaded them all at
     once; the log-scale features rank them, so that each decade of doubt at least halves the score."""
-    from hlm.estimators import LOG_FLOOR, feature
 
     def confident(eps: float) -> DraftStats:
         p = 1.0 - eps
         return DraftStats(u=0.0, ubar=eps, p_draft=p, p_top=p, margin=p - eps,
                           entropy=-p * math.log(p) - eps * math.log(eps), semantic=0.7, p_prev=p)
 
-    cal = SelectionCalibration.load(Path(hlm.__file__).parent / "assets" / "selection-embedded.json")
+    cal = PRESETS["embedded"].selection_calibration()
     scores = [REGISTRY["probe"].score(confident(eps), cal) for eps in (1e-2, 1e-3, 1e-4, 1e-5)]
     assert all(a >= 2 * b for a, b in zip(scores[:-1], scores[1:], strict=True)), scores
     assert feature(stats(p=1.0), "log_one_minus_p") == math.log(LOG_FLOOR)  # floored, not -inf
