@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -190,9 +191,16 @@ class SelectionCalibration:
     def scale(self, estimator: str) -> ScoreScale:
         return self.scales.get(estimator, UNIFORM)
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(replace(self, judge=None)), "judge": self.judge.to_json() if self.judge else None}
+
+    @cached_property
+    def digest(self) -> str:
+        """Names this calibration's content: cached runs of a policy that asks an estimator are keyed by it."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
     def save(self, path: str | Path) -> None:
-        data = {**asdict(replace(self, judge=None)), "judge": self.judge.to_json() if self.judge else None}
-        Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> SelectionCalibration:

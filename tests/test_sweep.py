@@ -7,7 +7,9 @@ import argparse
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import Interrupted, interrupt_after
@@ -108,6 +110,20 @@ def test_resume_after_interruption_gives_the_same_table(tools, full, tmp_path):
           after_run=lambda job, record: seen.append(job))
     assert len(seen) == RUNS - 5  # the five finished runs were not redone
     assert untimed(read_csv(tmp_path / "results.csv")) == untimed(read_csv(full[0] / "results.csv"))
+
+
+def test_runs_that_ask_an_estimator_are_cached_per_selection_calibration(tools, tmp_path):
+    """A refit must not be served the runs of the fit before it; runs that ask no estimator keep their cache."""
+    from hlm.estimators import Horizon
+    from hlm.experiments.sweep import Job, Runner
+
+    workers = tools[0]
+    refit = replace(workers.facts, selection=replace(workers.facts.selection, horizon=Horizon(tokens=4.0)))
+    before, after = (Runner(SimpleNamespace(facts=f), "tiny", tmp_path, None) for f in (workers.facts, refit))
+    for policy, keyed in (("ours", True), ("slm", False), ("random", False)):
+        job = Job(PROMPTS[0], replace(BASE, policy=GRID.config(policy, k=8, gamma=0.0, estimator="ubar")
+                                      if policy == "ours" else GRID.config(policy)))
+        assert (before.path(job) != after.path(job)) is keyed, policy
 
 
 def test_a_newly_registered_policy_runs(tools, tmp_path, monkeypatch):

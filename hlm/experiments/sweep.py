@@ -1,7 +1,8 @@
 """`python -m hlm sweep`: the energy/quality trade-off measured on one model pair, and the defaults chosen from it.
 
 Every (prompt, policy, setting, seed) is one run, cached as DIR/runs/<hash>.json where the hash covers the model
-spec, the prompt and the full RunConfig: an interrupted sweep resumes by skipping the runs already on disk. The
+spec, the prompt, the full RunConfig, the numerics and, for a policy that asks an estimator, the selection
+calibration (`PairFacts.run_key`): an interrupted sweep resumes by skipping the runs already on disk. The
 policies are run by their role (`hlm.policies`): the reference (`llm`) of each (prompt, seed) is always made: it
 is the BERTScore yardstick; the counterfactual and every baseline run once per (prompt, seed); the subject (`ours`)
 at each setting of the grid. The control (`random`) runs last: for each subject setting its skip rate is
@@ -193,7 +194,7 @@ class Runner:
         runs_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, job: Job) -> Path:
-        text = json.dumps([job.identity(self.models), self.workers.facts.numerics], sort_keys=True)
+        text = json.dumps([job.identity(self.models), *self.workers.facts.run_key(job.config)], sort_keys=True)
         return self.runs_dir / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
     def cached(self, jobs: Sequence[Job]) -> int:

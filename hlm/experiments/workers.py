@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from hlm.errors import UserError
+from hlm.policies import REGISTRY as POLICIES
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from hlm.config import DeviceProfile, LinkConfig
+    from hlm.config import DeviceProfile, LinkConfig, RunConfig
     from hlm.decoder import HybridDecoder
     from hlm.estimators import SelectionCalibration
     from hlm.models.pairs import Calibration
@@ -48,6 +49,12 @@ class PairFacts:
     calibration: Calibration | None
     selection: SelectionCalibration
     description: dict[str, Any]
+
+    def run_key(self, config: RunConfig) -> list[str]:
+        """What a cached run of `config` depends on beside its prompt and config: the pair's numerics and, where
+        the policy asks an estimator, the selection calibration it asks (a refit must never be served the runs
+        of the fit before it)."""
+        return [self.numerics, *([self.selection.digest] if POLICIES[config.policy.name].uses_estimator else [])]
 
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:

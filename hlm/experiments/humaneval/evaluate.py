@@ -2,11 +2,12 @@
 completion executed against the problem's tests (`harness`).
 
 The runs are the sweep's (`hlm.experiments.sweep.run_matched`): one job per (problem, policy, setting), cached as
-OUT/runs/<hash>.json (the hash covers the pair, the prompt, the full RunConfig and the stop rule), so a rerun
-resumes where the last one stopped, and `--ray` spreads the jobs over actors. The subject (`ours`) runs at each
-setting of the grid (its k values: the curve); the control (`random`) runs after it at each setting, its coin
-matched per problem to the subject's upload rate on that problem. Verdicts are cached too, as OUT/checks/<hash>.json
-by problem, completion and limits; the generated code runs here, on the driver, never on a worker or the page.
+OUT/runs/<hash>.json (the hash covers the pair, the prompt, the full RunConfig, the stop rule and, for `ours`, the
+selection calibration), so a rerun resumes where the last one stopped, and `--ray` spreads the jobs over actors.
+The subject (`ours`) runs at each setting of the grid (its k values: the curve); the control (`random`) runs after
+it at each setting, its coin matched per problem to the subject's upload rate on that problem. Verdicts are cached
+too, as OUT/checks/<hash>.json by problem, completion and limits; the generated code runs here, on the driver, never
+on a worker or the page.
 """
 
 from __future__ import annotations

@@ -47,13 +47,14 @@ def detokenize(decoder: HybridDecoder, ids: list[list[int]]) -> list[str]:
 
 def cached_runs(workers: Workers, runs_dir: Path, jobs: Sequence[tuple[dict[str, str], RunConfig]], desc: str,
                 progress: bool = True) -> list[dict[str, Any] | None]:
-    """Real decoder runs (text, ids, uploads) in `jobs` order, cached by prompt and full config so a long check
-    resumes; None for a run that failed (reported here: the caller leaves its prompt out)."""
+    """Real decoder runs (text, ids, uploads) in `jobs` order, cached by prompt, full config and
+    `PairFacts.run_key` so a long check resumes; None for a run that failed (reported here: the caller leaves its
+    prompt out)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
 
     def path(job: tuple[dict[str, str], RunConfig]) -> Path:
         prompt, cfg = job
-        key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), workers.facts.numerics],
+        key = hashlib.sha256(json.dumps([prompt["prompt"], cfg.to_dict(), *workers.facts.run_key(cfg)],
                                         sort_keys=True).encode()).hexdigest()
         return runs_dir / f"{prompt['id']}-{key[:12]}.json"
 
