@@ -91,6 +91,17 @@ def test_limit_and_heldout_rows_on_the_tiny_pair():
             "(h) ratio: default ours / plain generate of the verifier"} <= held.keys()
 
 
+def test_overhead_rows_on_the_tiny_pair():
+    decoder = open_decoder("tiny")
+    rows = bench(decoder, functools.partial(load_unquantised, "tiny"), ("overhead",), n_tokens=4, repeats=1,
+                 prompt="Say hi.", guard_prompts=0, n_prompts=1, bandwidth_mib=32)
+    values = {name: value for name, value, _ in rows}
+    assert values["(a) draft step with the judge, ms"] > 0 and values["(a) draft step with ubar, ms"] > 0
+    assert values["(a) overhead of the judge per draft"] == pytest.approx(
+        values["(a) the judge's own work per draft, us"] / 1e6 / (values["(a) draft step with ubar, ms"] / 1e3))
+    assert "(a) overhead as the two runs' difference" in values
+
+
 def test_an_unknown_section_is_refused():
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--models", "tiny", "--sections", "limit,nope"])

@@ -25,7 +25,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         words = name.replace(":", "").split()
-        shown = f"{value:.1%}" if {"overhead", "top-1", "fraction"} & set(words) else \
+        shown = f"{value:.{2 if abs(value) < 0.01 else 1}%}" if {"overhead", "top-1", "fraction"} & set(words) else \
             f"{value:.2f}x" if "ratio" in words else f"{value:.4f}" if "KL" in words else f"{value:.3f}"
         print(f"{name:<{width}}  {shown:>10}  {note}")
     return 0
