@@ -40,13 +40,13 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe first; then the run that has the LLM's ceiling beside ours, from the probe before its log-scale
-# features (the two runs' slm answers are the same, token for token)
+# The shipped probe first (three points of its curve); then the probe before its log-scale features, the one run
+# that met the issue's coin condition (the two runs' slm and llm answers are the same, token for token)
 HUMANEVAL = (
-    HumanEvalRun("humaneval-logfeat", "The probe as it ships",
-                 "python -m hlm eval humaneval --policies slm,ours,random --ks 22 --limit 64 "
+    HumanEvalRun("humaneval-logfeat", "The probe as it ships: the shipped k = 8 and two points near the 30 % budget",
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,22,26 --limit 64 "
                  "--out runs/humaneval-logfeat"),
-    HumanEvalRun("humaneval-q4k-curve", "With the LLM as the ceiling (the probe before its log-scale features)",
+    HumanEvalRun("humaneval-q4k-curve", "The probe before its log-scale features, k = 14",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
                  "--out runs/humaneval-q4k-curve"),
 )
