@@ -40,11 +40,11 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe first (three points of its curve); then the probe before its log-scale features, the one run
+# The shipped probe first (four points of its curve); then the probe before its log-scale features, the one run
 # that met the issue's coin condition (the two runs' slm and llm answers are the same, token for token)
 HUMANEVAL = (
-    HumanEvalRun("humaneval-logfeat", "The probe as it ships: the shipped k = 8 and two points near the 30 % budget",
-                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,22,26 --limit 64 "
+    HumanEvalRun("humaneval-logfeat", "The probe as it ships: four points of its curve, k = 8 the default",
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16,22,26 --limit 64 "
                  "--out runs/humaneval-logfeat"),
     HumanEvalRun("humaneval-q4k-curve", "The probe before its log-scale features, k = 14",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
