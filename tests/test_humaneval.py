@@ -139,7 +139,8 @@ def test_the_command_writes_every_run(command):
     assert all(s["pass_lo"] <= s["pass_at_1"] <= s["pass_hi"] for s in saved["summary"])
     versus = {(d["setting"], d["versus"]) for d in saved["paired"]}
     assert len(versus) == 2 * 3 and {v for _, v in versus} == {"random (matched)", "llm", "slm"}
-    assert "paired by problem" in (command / "table.txt").read_text()
+    table = (command / "table.txt").read_text()
+    assert "on 2 problems (HumanEval/0 to HumanEval/1;" in table and "paired by problem" in table
     assert (command / "figures" / "curve.html").stat().st_size > 1000
     assert len((command / "completions.jsonl").read_text().splitlines()) == RUNS
 

@@ -40,15 +40,16 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe first (four points of its curve); then the probe before its log-scale features, the one run
-# that met the issue's coin condition (the two runs' slm and llm answers are the same, token for token)
+# The shipped probe: k = 16 on all 164 problems, then on the 100 after the first 64 alone (no setting was read from
+# them), then four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-logfeat", "The probe as it ships: four points of its curve, k = 8 the default",
+    HumanEvalRun("humaneval-164", "The probe as it ships at k = 16 on all 164 problems",
+                 "python -m hlm eval humaneval --policies slm,ours,random --ks 16 --out runs/humaneval-164"),
+    HumanEvalRun("humaneval-164-fresh", "The same runs on HumanEval/64-163 alone: problems no setting was read from",
+                 "python -m hlm eval humaneval --policies slm,ours,random --ks 16 --skip 64 --out runs/humaneval-164"),
+    HumanEvalRun("humaneval-logfeat", "The probe as it ships: four points of its curve with llm, first 64 problems",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16,22,26 --limit 64 "
                  "--out runs/humaneval-logfeat"),
-    HumanEvalRun("humaneval-q4k-curve", "The probe before its log-scale features, k = 14",
-                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 14 --limit 64 "
-                 "--out runs/humaneval-q4k-curve"),
 )
 
 SHIPPED = Settings.estimator  # the study names a rule by its estimator; ours ships this one at Settings' k and γ

@@ -93,9 +93,12 @@ def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
     head = (f"{'policy':<8} {'setting':<28} {'pass@1 [95 % Wilson]':<22} {'uploads':>8} {'upload %':>9} "
             f"{'tokens':>7} {'device J':>9} {'link J':>8} {'gap':>6}")
     gap = [r.get("gap_recovered") for r in summary]
-    lines = [f"HumanEval pass@1 on {meta['problems']} problems (greedy, {meta['sampling']['max_new_tokens']} tokens "
-             f"at most, {meta['models']}); energy modelled per problem (device profile {meta['device_profile']['name']}"
-             f", link {meta['link_preset']}); {meta['note']}.", "", head, "-" * len(head)]
+    ids = meta["task_ids"]
+    span = f"{ids[0]} to {ids[-1]}; " if ids else ""
+    lines = [f"HumanEval pass@1 on {meta['problems']} problems ({span}greedy, {meta['sampling']['max_new_tokens']} "
+             f"tokens at most, {meta['models']}); energy modelled per problem (device profile "
+             f"{meta['device_profile']['name']}, link {meta['link_preset']}); {meta['note']}.",
+             "", head, "-" * len(head)]
     for r, g in zip(summary, gap, strict=True):
         lines.append(f"{r['policy']:<8} {r['setting']:<28} {_interval(r, 'pass_at_1', 'pass_lo', 'pass_hi'):<22} "
                      f"{r['uploads']:>8} {100 * r['upload_rate']:>9.1f} {r['tokens_mean']:>7.1f} "
