@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--gamma", type=float, default=PolicyConfig.gamma)
     h.add_argument("--estimators", "--estimator", type=comma_list(str, ESTIMATORS), default=(PolicyConfig.estimator,),
                    help="comma-separated importance estimators (a curve each)")
-    h.add_argument("--limit", type=int, default=None, help="the first N problems (default: all 164)")
+    h.add_argument("--limit", type=int, default=None, help="the first N problems (after --skip; default: all 164)")
     h.add_argument("--skip", type=int, default=0,
                    help="leave out the first N problems (with --limit M: problems N+1 to N+M), e.g. those a "
                    "setting was chosen on")
