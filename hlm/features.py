@@ -33,7 +33,12 @@ def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch
         u=unc.u, ubar=unc.ubar, p_draft=float(p[draft]), p_top=float(top.values[0]),
         margin=float(top.values[0] - top.values[1]), entropy=float(torch.special.entr(p).sum()),
         semantic=float((w * (1.0 - cos)).sum()), prev_attention=prev_attention, p_prev=p_prev, index=index,
-        log_p_before=log_p_before, hidden=None if hidden is None else hidden.to("cpu", torch.float32))
+        log_p_before=log_p_before, hidden=None if hidden is None else judge_input(hidden))
+
+
+def judge_input(hidden: torch.Tensor) -> torch.Tensor:
+    """The hidden state as the judge reads it: float32 on the CPU (the bench times this copy as part of its cost)."""
+    return hidden.to("cpu", torch.float32)
 
 
 def default_heads(n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:

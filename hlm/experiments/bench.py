@@ -38,6 +38,7 @@ from hlm.config import RunConfig, SamplingConfig
 from hlm.estimators import DraftStats
 from hlm.experiments.prompts import load_prompts
 from hlm.experiments.roofline import Bandwidth, decode_bytes, measure_bandwidth
+from hlm.features import judge_input
 from hlm.models.presets import default_dtype
 from hlm.policies import REGISTRY, with_role
 from hlm.quant import quality, step_seconds
@@ -250,7 +251,7 @@ def judge_work_s(decoder: HybridDecoder, calls: int = 2000) -> float:
         estimator = estimators.REGISTRY[name]
         t0 = time.perf_counter()
         for _ in range(calls):
-            state = hidden.to("cpu", torch.float32) if estimator.hidden else None
+            state = judge_input(hidden) if estimator.hidden else None
             estimator.score(replace(stats, hidden=state), pair.selection)
         return (time.perf_counter() - t0) / calls
 
