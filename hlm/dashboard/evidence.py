@@ -43,12 +43,10 @@ class HumanEvalRun:
 # The shipped probe: k = 16 on all 164 problems, then on the 100 after the first 64 alone (no setting was read from
 # them), then with llm on the first 96, then four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-164", "The probe as it ships at k = 16 on all 164 problems",
-                 "python -m hlm eval humaneval --policies slm,ours,random --ks 16 --out runs/humaneval-164"),
+    HumanEvalRun("humaneval-164", "The probe as it ships at k = 16 on all 164 problems, with llm: the share of the gap",
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --out runs/humaneval-164"),
     HumanEvalRun("humaneval-164-fresh", "The same runs on HumanEval/64-163 alone: problems no setting was read from",
-                 "python -m hlm eval humaneval --policies slm,ours,random --ks 16 --skip 64 --out runs/humaneval-164"),
-    HumanEvalRun("humaneval-96", "The same probe and k with llm on the first 96 problems: the share of the gap",
-                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --limit 96 "
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --skip 64 "
                  "--out runs/humaneval-164"),
     HumanEvalRun("humaneval-logfeat", "The probe as it ships: four points of its curve with llm, first 64 problems",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16,22,26 --limit 64 "
