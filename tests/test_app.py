@@ -644,6 +644,9 @@ def test_the_evidence_tab_reads_the_committed_study():
     confirm = study["confirm"]["summary"]["prefix"]
     assert f"| faithful prefix | {confirm['ours']:.3f} | {confirm['coin']:.3f} | {confirm['delta']:+.3f} [" in \
         e.end_to_end
+    ystar = study["confirm"]["summary"]["prefix_ystar"]  # the same runs against the study's batched y*
+    assert f"| faithful prefix against the study's batched y* | {ystar['ours']:.3f} |" in e.end_to_end
+    assert f"reproduces {study['confirm']['summary']['llm_prefix_ystar']:.3f} of y*" in e.end_to_end
     for section in (e.capture_table, e.end_to_end):  # each says which file and which command
         assert "`docs/results/study/summary.json`, made by `python -m hlm study --prompts" in section
     assert "not measured yet" not in e.humaneval  # every HumanEval table named in HUMANEVAL is committed

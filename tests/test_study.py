@@ -59,7 +59,10 @@ def test_study_command_on_the_tiny_pair_resumes_from_its_cache(tmp_path, capsys)
     rules = {r["rule"] for r in summary["rows"]}
     assert {"probe", "ubar", "semantic", "rauq", "paper-lookahead", "paper-self", "coin", "oracle"} <= rules
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "capture.html").stat().st_size > 1000
-    assert summary["confirm"]["summary"]["prompts"] == 3
+    confirm = summary["confirm"]["summary"]
+    assert confirm["prompts"] == 3 and 0 <= confirm["llm_prefix_ystar"] <= 1
+    assert {"prefix", "prefix_ystar", "f1"} <= set(confirm)  # against the LLM alone, and against the batched y*
+    assert len(list((tmp_path / "confirm").glob("*.json"))) == 3 * 4  # per prompt: ours, two coins, the LLM alone
     q = summary["quality"]["summary"]
     assert q["prompts"] == 3 and 0 <= q["hlm_f1"] <= 1 and q["delta_lo"] <= q["delta"] <= q["delta_hi"]
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from hlm.experiments.quality import get_scorer
 from hlm.experiments.study.metrics import BOOT
-from hlm.experiments.workers import call
 from hlm.metrics import faithful_prefix
 from hlm.policies import with_role
 
@@ -25,6 +24,11 @@ if TYPE_CHECKING:
     from hlm.config import RunConfig
     from hlm.decoder import HybridDecoder
     from hlm.experiments.workers import Workers
+
+
+# The paired rows of the end-to-end summary, as the report and the Evidence tab print them
+ROWS = (("upload_rate", "upload rate"), ("prefix", "faithful prefix"), ("f1", "BERTScore F1"),
+        ("prefix_ystar", "faithful prefix against the study's batched y*"))
 
 
 def faithful(ids: Sequence[int], reference: Sequence[int]) -> float:
@@ -38,11 +42,6 @@ def decoded_run(decoder: HybridDecoder, item: tuple[dict[str, str], RunConfig]) 
     text, events, summary = decoder.run(prompt["prompt"], cfg)
     return {"text": text, "ids": [e.token_id for e in events], "uploads": summary["uploads"],
             "tokens": summary["tokens"]}
-
-
-def detokenize(decoder: HybridDecoder, ids: list[list[int]]) -> list[str]:
-    """A `Workers` task: token ids to texts with the pair's tokenizer (the driver holds no pair)."""
-    return [decoder.pair.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
 
 
 def cached_runs(workers: Workers, runs_dir: Path, jobs: Sequence[tuple[dict[str, str], RunConfig]], desc: str,
@@ -132,7 +131,10 @@ def sampled_quality(workers: Workers, prompts: Sequence[dict[str, str]], out: Pa
 def confirm(workers: Workers, prompts: Sequence[dict[str, str]], references: dict[str, list[int]], out: Path,
             config: RunConfig, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
     """Real decoder runs, greedy: the subject (`config`), then per prompt the control matched to its upload count
-    (one run per coin seed). Faithful prefix and BERTScore against the LLM's greedy answer y* (the study's)."""
+    (one run per coin seed) and the reference (the LLM alone). Faithful prefix and BERTScore against the reference's
+    own run: the same verifier, kernels and passes as the cloud a hybrid run calls. The study's y* (`references`)
+    comes from one batched, left-padded generation, which breaks a few near-ties differently; the prefixes against
+    it are kept too (`prefix_ystar`), with how much of y* the LLM alone reproduces (`llm_prefix_ystar`)."""
     runs_dir = out / "confirm"
     subjects = cached_runs(workers, runs_dir, [(p, config) for p in prompts], "confirm: ours", progress)
     kept = [(p, s) for p, s in zip(prompts, subjects, strict=True) if s is not None]
@@ -140,34 +142,41 @@ def confirm(workers: Workers, prompts: Sequence[dict[str, str]], references: dic
                                                         skip_rate=round(1.0 - _upload_rate(s), 4)))
                  for p, s in kept for seed in coin_seeds]
     coins = cached_runs(workers, runs_dir, coin_jobs, "confirm: coins", progress)
-    refs = [references[p["id"]][: config.sampling.max_new_tokens] for p, _ in kept]
-    texts = call(workers, detokenize, refs)
+    llms = cached_runs(workers, runs_dir, [(p, config.with_policy(name=with_role("reference"))) for p, _ in kept],
+                       "confirm: the LLM alone", progress)
     rows, k = [], len(coin_seeds)
     for i, (p, subject) in enumerate(kept):
         mine = coins[i * k:(i + 1) * k]
-        if all(c is not None for c in mine):
-            rows.append({"prompt_id": p["id"], "reference": texts[i], "subject": subject, "coins": mine,
-                         "ref_ids": refs[i]})
+        if llms[i] is not None and all(c is not None for c in mine):
+            rows.append({"prompt_id": p["id"], "llm": llms[i], "subject": subject, "coins": mine,
+                         "ystar": references[p["id"]][: config.sampling.max_new_tokens]})
     scorer = get_scorer()
     texts = [r["subject"]["text"] for r in rows] + [c["text"] for r in rows for c in r["coins"]]
-    refs = [r["reference"] for r in rows] + [r["reference"] for r in rows for _ in r["coins"]]
+    refs = [r["llm"]["text"] for r in rows] + [r["llm"]["text"] for r in rows for _ in r["coins"]]
     f1 = scorer.f1(texts, refs)
     per = []
     for i, r in enumerate(rows):
         coin_f1 = f1[len(rows) + i * k: len(rows) + (i + 1) * k]
+        ref, ystar = r["llm"]["ids"], r["ystar"]
         per.append({"prompt_id": r["prompt_id"], "ours_upload_rate": _upload_rate(r["subject"]),
                     "coin_upload_rate": float(np.mean([_upload_rate(c) for c in r["coins"]])),
-                    "ours_prefix": faithful(r["subject"]["ids"], r["ref_ids"]),
-                    "coin_prefix": float(np.mean([faithful(c["ids"], r["ref_ids"]) for c in r["coins"]])),
+                    "ours_prefix": faithful(r["subject"]["ids"], ref),
+                    "coin_prefix": float(np.mean([faithful(c["ids"], ref) for c in r["coins"]])),
+                    "ours_prefix_ystar": faithful(r["subject"]["ids"], ystar),
+                    "coin_prefix_ystar": float(np.mean([faithful(c["ids"], ystar) for c in r["coins"]])),
+                    "llm_prefix_ystar": faithful(ref, ystar),
                     "ours_f1": f1[i], "coin_f1": float(np.mean(coin_f1))})
-    return {"per_prompt": per, "summary": paired_summary(per), "bertscore": scorer.method}
+    summary = {**paired_summary(per), "llm_prefix_ystar": float(np.mean([r["llm_prefix_ystar"] for r in per]))}
+    return {"per_prompt": per, "summary": summary, "bertscore": scorer.method}
 
 
 def paired_summary(per: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     """Means, per-prompt paired differences (ours - coin) with bootstrap 95 % intervals and Wilcoxon p-values."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"prompts": len(per)}
-    for key in ("upload_rate", "prefix", "f1"):
+    for key, _ in ROWS:
+        if f"ours_{key}" not in per[0]:
+            continue
         arms = {arm: np.array([r[f"{arm}_{key}"] for r in per]) for arm in ("ours", "coin")}  # the files' field names
         d = arms["ours"] - arms["coin"]
         lo, hi = _interval(d, rng)

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from hlm.experiments.figures import export_png
+from hlm.experiments.study.confirm import ROWS
 from hlm.experiments.study.score import SCORES
 
 
@@ -65,11 +66,14 @@ def _ci(r: dict[str, Any], key: str) -> str:
 
 def print_confirm(c: dict[str, Any]) -> None:
     s = c["summary"]
-    print(f"end to end on {s['prompts']} prompts (greedy; ours vs a coin matched per prompt, {c['bertscore']}):")
-    for key, label in (("upload_rate", "upload rate"), ("prefix", "faithful prefix"), ("f1", "BERTScore F1")):
-        m = s[key]
-        print(f"  {label:16} ours {m['ours']:.3f}  coin {m['coin']:.3f}  delta {m['delta']:+.3f} "
-              f"[{m['delta_lo']:+.3f}, {m['delta_hi']:+.3f}]  Wilcoxon p={m['wilcoxon_p']:.2g}")
+    print(f"end to end on {s['prompts']} prompts (greedy; ours vs a coin matched per prompt, against the LLM alone; "
+          f"{c['bertscore']}):")
+    for key, label in ROWS:
+        if m := s.get(key):
+            print(f"  {label:16} ours {m['ours']:.3f}  coin {m['coin']:.3f}  delta {m['delta']:+.3f} "
+                  f"[{m['delta_lo']:+.3f}, {m['delta_hi']:+.3f}]  Wilcoxon p={m['wilcoxon_p']:.2g}")
+    if "llm_prefix_ystar" in s:
+        print(f"  the LLM alone reproduces {s['llm_prefix_ystar']:.3f} of the study's batched y*")
 
 
 def print_report(result: dict[str, Any]) -> None:
