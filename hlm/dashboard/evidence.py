@@ -41,8 +41,8 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe: k = 16 on all 164 problems, then on the 100 after the first 64 alone (no setting was read from
-# them), then with llm on the first 96, then four points of its curve with llm on the first 64
+# The shipped probe: k = 16 with llm on all 164 problems, then on the 100 after the first 64 alone (no setting was read
+# from them), then four points of its curve with llm on the first 64
 HUMANEVAL = (
     HumanEvalRun("humaneval-164", "The probe as it ships at k = 16 on all 164 problems, with llm: the share of the gap",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --out runs/humaneval-164"),

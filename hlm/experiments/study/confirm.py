@@ -132,9 +132,9 @@ def confirm(workers: Workers, prompts: Sequence[dict[str, str]], references: dic
             config: RunConfig, coin_seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
     """Real decoder runs, greedy: the subject (`config`), then per prompt the control matched to its upload count
     (one run per coin seed) and the reference (the LLM alone). Faithful prefix and BERTScore against the reference's
-    own run: the same verifier, kernels and passes as the cloud a hybrid run calls. The study's y* (`references`)
-    comes from one batched, left-padded generation, which breaks a few near-ties differently; the prefixes against
-    it are kept too (`prefix_ystar`), with how much of y* the LLM alone reproduces (`llm_prefix_ystar`)."""
+    own run: the same verifier and kernels as the cloud a hybrid run calls. The study's y* (`references`) comes from
+    one batched, left-padded generation, which breaks a few near-ties differently; the prefixes against it are kept
+    too (`prefix_ystar`), with how much of y* the LLM alone reproduces (`llm_prefix_ystar`)."""
     runs_dir = out / "confirm"
     subjects = cached_runs(workers, runs_dir, [(p, config) for p in prompts], "confirm: ours", progress)
     kept = [(p, s) for p, s in zip(prompts, subjects, strict=True) if s is not None]
