@@ -1,7 +1,9 @@
 """The LLM's greedy answer by assisted generation: transformers' speculative decoding, the pair's drafter proposing
 and the verifier checking a block of drafts in one forward pass. At temperature 0 a draft is kept only where it is
 the verifier's own argmax and the first mismatch is replaced by that argmax, so the answer is the LLM's greedy
-output token for token, in a fraction of the verifier's passes.
+output in a fraction of the verifier's passes: token for token up to a near-tie that a block pass rounds
+differently from a one-token pass (on the embedded pair's q4k verifier, 21 of 32 held-back prompts identical over 64
+tokens, docs/dashboard.md).
 
 Only quality reads this answer (BERTScore and the faithful prefix need its text and ids): its events carry no
 costs, since one verifier pass decides several tokens and the drafter's time is no part of "the LLM alone". A run
