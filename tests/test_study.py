@@ -43,7 +43,8 @@ def test_faithful_prefix_and_paired_summary():
     assert faithful([1, 2, 3, 9], [1, 2, 3, 4]) == 0.75
     assert faithful([1, 2], [1, 2, 3, 4]) == 0.5
     per = [{"ours_upload_rate": 0.3, "coin_upload_rate": 0.3, "ours_prefix": 0.9, "coin_prefix": 0.5,
-            "ours_f1": 0.95, "coin_f1": 0.85 + 0.01 * i} for i in range(10)]
+            "ours_prefix_ystar": 0.8, "coin_prefix_ystar": 0.5, "ours_f1": 0.95, "coin_f1": 0.85 + 0.01 * i}
+           for i in range(10)]
     s = paired_summary(per)
     assert s["prefix"]["delta"] == pytest.approx(0.4) and s["prefix"]["delta_lo"] == pytest.approx(0.4)
     assert 0 < s["f1"]["delta_lo"] < s["f1"]["delta"] < s["f1"]["delta_hi"] and s["f1"]["wilcoxon_p"] < 0.01

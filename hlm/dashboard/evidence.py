@@ -192,8 +192,6 @@ def _ci(r: dict[str, Any], metric: str) -> str:
     return f"{v:.3f} [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else f"{v:.3f}"
 
 
-
-
 def _end_to_end(study: dict[str, Any], path: Path) -> str:
     """Real decoder runs: ours against a coin matched per prompt to ours' upload rate, paired differences."""
     confirm = study.get("confirm") or {}

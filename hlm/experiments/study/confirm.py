@@ -175,8 +175,6 @@ def paired_summary(per: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, An
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"prompts": len(per)}
     for key, _ in ROWS:
-        if f"ours_{key}" not in per[0]:
-            continue
         arms = {arm: np.array([r[f"{arm}_{key}"] for r in per]) for arm in ("ours", "coin")}  # the files' field names
         d = arms["ours"] - arms["coin"]
         lo, hi = _interval(d, rng)
