@@ -50,8 +50,8 @@ HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model o
 COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference), then HLM (every token uploaded), "
                 "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
-                "against the LLM's answer (cached, or by assisted generation: no LLM-alone run, so no figures for "
-                "it) and sums the result up in one sentence.")
+                "against the LLM's answer (the LLM alone is decoded first unless its answer is cached; an answer "
+                "kept on disk from an earlier start has no figures) and sums the result up in one sentence.")
 
 
 def user_errors(fn: Callable) -> Callable:

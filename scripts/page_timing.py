@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npage timing at {args.url} on {f.prompt!r}{example}")
     print(f"greedy reference: {f.reference}")
     if f.show_me_s is not None:
-        print("Show me scores against that answer (it decodes no LLM-alone run); Compare shows the LLM alone from the "
-              "start-up build's plain run where it has one for the prompt, else decodes it")
+        print("Show me and Compare take that run as their reference (Generate decoded it where nothing had); Show me "
+              "shows a stored answer without figures, Compare decodes the LLM alone again for them")
     print("\n".join(table(f)))
     for problem in f.problems:
         print(f"PROBLEM: {problem}")

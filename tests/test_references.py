@@ -1,7 +1,6 @@
-"""The LLM-only reference without the wait: assisted generation gives the LLM's greedy answer token for token
-(`hlm.assisted`), answers are reused from memory and from the store on disk (a corrupt file is ignored), the page's
-examples are built in the background without holding up a viewer, and Compare's reference row stays a plain decode
-with its figures."""
+"""The LLM-only reference without the wait: the plain LLM decode, reused from memory and from the store on disk (a
+corrupt file is ignored, a stored answer read back token for token), the page's examples built in the background
+without holding up a viewer, and Compare's reference row a run with its figures."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ENV
 
-from hlm.assisted import PROMPT_LIMIT, assists, greedy_answer
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
-from hlm.dashboard import service as service_module
 from hlm.dashboard.flows import Dashboard
 from hlm.dashboard.references import Store
 from hlm.dashboard.service import Service
@@ -31,52 +28,8 @@ PROMPTS = ["Say hello.", "Write a function that adds two numbers.", "Why is the 
 
 
 def plain(decoder: HybridDecoder, prompt: str, sampling: SamplingConfig) -> list:
-    """Today's reference: the verifier decoding alone, one token a pass."""
+    """The verifier decoding alone, one token a pass."""
     return list(decoder.generate(prompt, RunConfig(sampling, PolicyConfig(name=with_role("reference")))))
-
-
-@pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("stop_at_eos", [True, False])
-def test_assisted_generation_gives_the_llms_greedy_answer_token_for_token(decoder, prompt, stop_at_eos):
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=48, stop_at_eos=stop_at_eos)
-    ids = decoder.pair.encode_prompt(prompt, sampling.max_new_tokens)
-    assert assists(ids, sampling)
-    heard = []
-    answer = greedy_answer(decoder.pair, ids, sampling, emit=heard.append)
-    expected = plain(decoder, prompt, sampling)
-    assert [e.token_id for e in answer] == [e.token_id for e in expected]
-    assert [e.text for e in answer] == [e.text for e in expected]  # the same text, token by token
-    assert [e.position for e in answer] == [e.position for e in expected] and heard == answer
-    assert all(e.source == "cloud_sampled" and not e.uploaded and not e.energy_j for e in answer)  # no costs
-
-
-def test_every_draft_accepted_still_gives_the_greedy_answer(decoder):
-    """The verifier drafting for itself: blocks are accepted whole, so the answer comes from multi-token passes, and
-    a stop id inside an accepted block ends it there (the tiny drafter rarely agrees with its verifier)."""
-    pair = dataclasses.replace(decoder.pair, draft=decoder.pair.verifier)
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=40, stop_at_eos=False)
-    ids = pair.encode_prompt(PROMPTS[1], 40)
-    full = [e.token_id for e in greedy_answer(pair, ids, sampling)]
-    assert full == [e.token_id for e in plain(decoder, PROMPTS[1], sampling)]
-    stopping = dataclasses.replace(pair, stop_ids=frozenset({full[10]}))
-    sampling = dataclasses.replace(sampling, stop_at_eos=True)
-    cut = [e.token_id for e in greedy_answer(stopping, ids, sampling)]
-    assert cut == [e.token_id for e in plain(HybridDecoder(stopping), PROMPTS[1], sampling)]
-    assert cut == full[:full.index(full[10]) + 1]
-
-
-def test_assisted_generation_only_where_it_is_the_greedy_answer_of_a_short_prompt():
-    greedy, sampled = SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.7)
-    assert assists([1] * PROMPT_LIMIT, greedy) and not assists([1] * (PROMPT_LIMIT + 1), greedy)
-    assert not assists([1], sampled)
-
-
-def test_assisted_generation_stops_on_cancel(decoder):
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=200, stop_at_eos=False)
-    cancel = threading.Event()
-    answer = greedy_answer(decoder.pair, decoder.pair.encode_prompt(PROMPTS[0], 200), sampling, cancel,
-                           emit=lambda _: cancel.set())
-    assert 1 <= len(answer) < 200
 
 
 @pytest.fixture()
@@ -102,7 +55,6 @@ def forbid_decoding(monkeypatch, svc: Service) -> None:
     def decode(*args, **kwargs):
         raise AssertionError("the reference was decoded, not reused")
 
-    monkeypatch.setattr(service_module, "greedy_answer", decode)
     monkeypatch.setattr(svc.decoder("tiny"), "generate", decode)
 
 
@@ -120,7 +72,7 @@ def test_a_corrupt_or_foreign_store_file_is_ignored_and_rewritten(store, decoder
     sampling = GREEDY.run_config(None).sampling
     key = Store.key(svc.decoder("tiny").pair, "tiny", PROMPTS[2], sampling)
     path = store.path(key)
-    expected = [e.token_id for e in greedy_answer(decoder.pair, decoder.pair.encode_prompt(PROMPTS[2], 16), sampling)]
+    expected = [e.token_id for e in plain(decoder, PROMPTS[2], sampling)]
     for bad in (b"\x80not json", b"[1, 2]", json.dumps({"key": {**key, "prompt": "other"}, "ids": [1]}).encode(),
                 json.dumps({"key": key, "ids": [10**9]}).encode(), json.dumps({"key": key, "ids": [True]}).encode()):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,26 +92,44 @@ def test_the_store_keeps_its_most_recently_used_answers(tmp_path, tiny):
     assert [store.load(k, tiny.vocab_size) for k in keys] == [[1], None, [3]] and len(store.files()) == 2
 
 
-def test_sampled_references_are_decoded_plainly(monkeypatch):
-    svc = make_service(None)
-    monkeypatch.setattr(service_module, "greedy_answer", lambda *a, **k: pytest.fail("assisted at T > 0"))
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("stop_at_eos", [True, False])
+def test_the_reference_is_the_plain_llm_decode_and_reads_back_from_the_store(store, decoder, prompt, stop_at_eos):
+    """Greedy: the same tokens and text as the verifier decoding alone, a run with its figures; a restarted app reads
+    the same events back from the store (without figures: its link is None)."""
+    config = GREEDY.run_config(None)
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, stop_at_eos=stop_at_eos))
+    svc = make_service(store)
+    events = list(svc.reference("tiny", prompt, config, threading.Event()))[-1]
+    expected = plain(decoder, prompt, config.sampling)
+    assert [(e.token_id, e.text, e.position) for e in events] == [(e.token_id, e.text, e.position) for e in expected]
+    assert svc._cached("tiny", prompt, config.sampling)[0] == config.link and sum(e.verify_s for e in events) > 0
+    link, stored = make_service(store)._cached("tiny", prompt, config.sampling)
+    assert link is None and [(e.token_id, e.text, e.position) for e in stored] == \
+        [(e.token_id, e.text, e.position) for e in expected]
+    assert all(e.source == "cloud_sampled" and not e.uploaded and not e.energy_j for e in stored)  # no costs
+
+
+def test_a_sampled_reference_is_kept_in_memory_only(store):
+    svc = make_service(store)
     assert len(reference_ids(svc, PROMPTS[0], Settings(temperature=0.9, max_new_tokens=8))) == 8
+    assert not list(store.folder.glob("*.json"))
 
 
 def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
     """The build runs while no request does; a viewer's request stops it at once (the viewer's decode gets the
     models), and once the viewer is done the build resumes and stores every prompt."""
     svc = make_service(store)
-    real, started = service_module.greedy_answer, threading.Event()
+    real, started = svc._build_one, threading.Event()
 
-    def slow_first(pair, ids, sampling, cancel, emit=None):
+    def slow_first(prompt, llm, cancel):
         if not started.is_set():  # the first build holds the models until a viewer stops it
             started.set()
             assert cancel.wait(30), "a viewer's request should stop the build"
             return []
-        return real(pair, ids, sampling, cancel, emit)
+        return real(prompt, llm, cancel)
 
-    monkeypatch.setattr(service_module, "greedy_answer", slow_first)
+    monkeypatch.setattr(svc, "_build_one", slow_first)
     config = GREEDY.run_config(None)
     thread = svc.precompute(PROMPTS[:2], config)
     assert started.wait(30)
@@ -178,20 +148,21 @@ def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
     assert svc.build_references(PROMPTS[:2], config) == []  # nothing left to build
 
 
-def test_compare_keeps_a_plain_llm_row_after_an_assisted_reference():
-    """Generate's reference carries no costs; Compare shows the LLM alone as a run, so it decodes it plainly, with
-    one measured cloud call per token."""
+def test_generates_reference_is_the_run_compare_shows(monkeypatch):
+    """Generate decodes the LLM alone after the run (the status line says so) and keeps it with its figures, so
+    Compare shows that run as its reference row without decoding it again."""
     svc = make_service(None)
     dash = Dashboard(svc)
     frames = list(dash.generate("s", "tiny", PROMPTS[0], GREEDY, []))
     assert any("BERTScore on its way" in (f.stats or "") for f in frames)  # the status line
-    assisted = svc._cached("tiny", PROMPTS[0], GREEDY.run_config(None).sampling)
-    assert assisted is not None and assisted[0] is None  # the assisted answer, no link
+    config = GREEDY.run_config(None)
+    kept = svc._cached("tiny", PROMPTS[0], config.sampling)
+    assert kept is not None and kept[0] == config.link
+    decoded = decoded_policies(svc, monkeypatch)
     runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
     s = runs[0]["summary"]
-    assert s["llm_calls"] == s["tokens"] and s["cloud_compute_s"] > 0 and s["cloud_energy_j"] > 0
-    assert [t.token_id for t in assisted[1]] == [t.token_id for t in svc._cached(
-        "tiny", PROMPTS[0], GREEDY.run_config(None).sampling)[1]]  # the same answer either way
+    assert with_role("reference") not in decoded and s["llm_calls"] == s["tokens"] == len(kept[1])
+    assert s["cloud_compute_s"] > 0 and s["cloud_energy_j"] > 0
 
 
 def decoded_policies(svc: Service, monkeypatch) -> list[str]:
@@ -206,10 +177,12 @@ def decoded_policies(svc: Service, monkeypatch) -> list[str]:
     return names
 
 
-def test_show_me_scores_against_the_answer_without_decoding_the_llm_alone(monkeypatch):
-    """Show me's verdict needs the LLM's answer, not its figures: it takes the assisted (or cached) answer and
-    shows it without figures, where Compare decodes the LLM alone as a run with its own."""
-    svc = make_service(None)
+def test_show_me_takes_a_stored_answer_without_decoding_the_llm_alone(store, monkeypatch):
+    """Show me's verdict needs the LLM's answer, not its figures: a stored answer (a restarted app) is shown without
+    figures and no LLM-alone run is decoded, where Compare decodes the LLM alone as a run with its own; with nothing
+    cached, Show me decodes the LLM alone first and shows its row."""
+    reference_ids(make_service(store), PROMPTS[0])  # an earlier start stored the answer
+    svc = make_service(store)
     dash = Dashboard(svc)
     decoded = decoded_policies(svc, monkeypatch)
     last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
@@ -220,8 +193,8 @@ def test_show_me_scores_against_the_answer_without_decoding_the_llm_alone(monkey
     last = list(dash.compare("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
     assert decoded[0] == with_role("reference") and "(reference)</td>" in last.compare
     decoded.clear()
-    last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]  # the measured run is cached now: shown
-    assert with_role("reference") not in decoded and "(reference)</td>" in last.compare
+    last = list(dash.show_me("s", "tiny", PROMPTS[1], GREEDY, []))[-1]  # nothing cached: the LLM alone first
+    assert decoded[0] == with_role("reference") and "(reference)</td>" in last.compare
 
 
 def test_the_app_start_up_build_keeps_measured_llm_runs_for_compare(monkeypatch):
@@ -232,7 +205,7 @@ def test_the_app_start_up_build_keeps_measured_llm_runs_for_compare(monkeypatch)
     assert svc.build_references(PROMPTS[:1], config, measured=True) == PROMPTS[:1]
     link, events = svc._cached("tiny", PROMPTS[0], config.sampling)
     assert link == config.link and len(events) == 16 and all(e.source == "cloud_sampled" for e in events)
-    assert [e.token_id for e in events] == reference_ids(make_service(None), PROMPTS[0])  # the assisted answer
+    assert [e.token_id for e in events] == reference_ids(make_service(None), PROMPTS[0])
     decoded = decoded_policies(svc, monkeypatch)
     runs = list(Dashboard(svc).api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
     assert with_role("reference") not in decoded and runs[0]["summary"]["llm_calls"] == 16

@@ -266,13 +266,11 @@ class Dashboard:
             s = run.summary
             done = f"done: {s.tokens} tokens in {s.wall_s:.1f} s; " if s else ""
             references: list[list[TokenEvent]] = []
-            how = ("the drafter proposes, the LLM keeps its own greedy tokens: the same answer, sooner"
-                   if self.service.assisted(preset, prompt, run.config.sampling) else
-                   "after the run, not beside it: the cores are busy decoding")
             for i, reference in self.service.references(preset, prompt, run.config, request.cancel):
                 references[i:] = [reference]
                 which = "answer" if run.config.sampling.temperature == 0 else f"sample {i + 1} of {REFERENCE_SAMPLES}"
-                run.note = f"{done}BERTScore on its way: the LLM's own {which}, {len(reference)}/{limit} tokens ({how})"
+                run.note = (f"{done}BERTScore on its way: the LLM's own {which}, {len(reference)}/{limit} tokens "
+                            "(after the run, not beside it: the cores are busy decoding)")
                 yield
             if not request.cancel.is_set():
                 run.note = "scoring…"
@@ -359,8 +357,8 @@ class Dashboard:
         (at T > 0 against REFERENCE_SAMPLES LLM samples, which also give the noise band: `judge`); the control
         (after the subject) gets its coin matched to the subject's upload rate (`match_control`). `measured`: the
         LLM alone is a run with its own time and energy (Compare shows it beside the others); else (Show me, whose
-        verdict needs only its answer) the answer comes as `Service.references` gives it, from the cache or by
-        assisted generation, its figures shown only where they came with it. Yields (all runs, the one running)
+        verdict needs only its answer) the answer comes as `Service.references` gives it, from the cache (a stored
+        answer has no figures) or decoded. Yields (all runs, the one running)
         after every change."""
         llm = base.with_policy(name=with_role("reference"))
         runs = [self._new_run(preset, f"{run_label(llm)} (reference)", llm),

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from hlm.config import SamplingConfig
+from hlm.decoder import TextStream
+from hlm.events import TokenEvent
 from hlm.models.pairs import ModelPair
 
-FORMAT = 1  # bumped when what a file holds changes: older files then miss
+FORMAT = 2  # bumped when what a file holds changes: older files then miss (1: answers by assisted generation)
 LIMIT = 256  # answers kept (a file is the prompt and its ids: about 1 KB for a page example, 100 KB at most)
 
 
@@ -77,3 +79,13 @@ class Store:
                     os.unlink(tmp)
             for old in self.files()[:-self.limit]:
                 old.unlink(missing_ok=True)
+
+
+def answer_events(pair: ModelPair, prompt_len: int, sampling: SamplingConfig, ids: list[int]) -> list[TokenEvent]:
+    """A stored answer as the events quality reads (index, position, id, its text); they carry no costs."""
+    text, events = TextStream(pair.tokenizer), []
+    for index, token in enumerate(ids):
+        last = index == sampling.max_new_tokens - 1 or (sampling.stop_at_eos and token in pair.stop_ids)
+        events.append(TokenEvent(index=index, position=prompt_len + index, token_id=token,
+                                 text=text.push(token, last), source="cloud_sampled", uploaded=False))
+    return events

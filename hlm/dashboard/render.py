@@ -217,7 +217,7 @@ def _column_facts(run: RunView) -> str:
     """The line under a run's name in Compare: its figures, or why it has none (yet)."""
     s = run.summary
     if not run.priced:
-        return "the answer only (assisted generation or the cache): no time or energy figures"
+        return "the answer only (from the cache on disk): no time or energy figures"
     if s is None:
         return "waiting…"
     return (f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "

@@ -43,8 +43,8 @@ class RunView:
         self.phase = "waiting"  # waiting | decoding | reference | done | stopped
         self.note = ""  # what is happening now, for the status line
         self.pending: PendingDraft | None = None  # the draft the cloud is verifying now, shown until decided
-        # False for an answer whose events carry no time or energy (the LLM's, by assisted generation or from the
-        # cache's ids): its tokens show, its figures do not (no summary, so no zeros that read as measured)
+        # False for an answer whose events carry no time or energy (the LLM's, from the stored ids): its tokens
+        # show, its figures do not (no summary, so no zeros that read as measured)
         self.priced = True
 
     def update(self, events: list[TokenEvent]) -> None:

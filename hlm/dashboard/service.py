@@ -20,9 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hlm import prefix
-from hlm.assisted import Answer, assists, greedy_answer
 from hlm.config import LinkConfig, RunConfig, SamplingConfig
-from hlm.dashboard.references import Store
+from hlm.dashboard.references import Store, answer_events
 from hlm.dashboard.settings import REFERENCE_SAMPLES, Settings, load_examples
 from hlm.decoder import HybridDecoder
 from hlm.events import PendingDraft, TokenEvent
@@ -33,7 +32,6 @@ from hlm.models.pairs import ModelError
 from hlm.models.presets import PRESETS
 from hlm.policies import with_role
 from hlm.session import open_decoder
-from hlm.verifier import LocalVerifier
 from hlm.worker import ModelThread
 
 LOG = logging.getLogger(__name__)
@@ -70,7 +68,7 @@ class Service:
         self._load, self.start, self.presets, self.cloud, self.store = load, start, list(presets), cloud, store
         self.models = ModelThread()  # every load, decode and score runs there, one at a time (`hlm.worker`)
         self._decoders: dict[str, HybridDecoder] = {}
-        # An entry's link is None when its events carry no costs (`hlm.assisted`, or read from the store)
+        # An entry's link is None when its events carry no costs (its ids read from the store)
         self._references: OrderedDict[tuple, tuple[LinkConfig | None, list[TokenEvent]]] = OrderedDict()
         self._kept = threading.Lock()  # sessions and the background build read and write `_references`
         self._requests: dict[str, Request] = {}
@@ -191,45 +189,29 @@ class Service:
             if not finished:
                 cancel.set()
 
-    def assisted(self, preset: str, prompt: str, sampling: SamplingConfig) -> bool:
-        """Whether this run's quality reference is decoded with the drafter assisting (`hlm.assisted`): greedy, a
-        prompt within its limit, and the verifier in this process (a remote cloud's answer is its own)."""
-        decoder = self.decoder(preset)
-        return isinstance(decoder.verifier, LocalVerifier) and \
-            assists(decoder.pair.encode_prompt(prompt, sampling.max_new_tokens), sampling)
-
-    def _answer(self, preset: str, prompt: str, sampling: SamplingConfig, cancel: threading.Event,
-                emit: Callable[[TokenEvent], None] | None = None) -> list[TokenEvent]:
-        pair = self.decoder(preset).pair
-        return greedy_answer(pair, pair.encode_prompt(prompt, sampling.max_new_tokens), sampling, cancel, emit)
-
     def reference(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
                   same_link: bool = False) -> Iterator[list[TokenEvent]]:
         """The LLM-only run for this prompt and sampling settings, from the cache (memory, then the store) or
-        decoded (streamed). Quality needs only its tokens: at greedy they come by assisted generation where
-        `assisted` says so. `same_link` wants a run with its figures priced with `config.link`: a plain `llm` decode
-        (Compare shows it as a run)."""
+        decoded plainly (streamed), one verifier pass a token: a pass over a block of drafts (transformers' assisted
+        generation) splits near-ties differently and gave another answer on 11 of 32 held-back prompts
+        (docs/dashboard.md). `same_link` wants a run with its figures priced with `config.link` (Compare shows it
+        as a run): a stored answer, which has none, is then decoded again."""
         cached = self._cached(preset, prompt, config.sampling)
         if cached and (not same_link or cached[0] == config.link):
             yield cached[1]
             return
         llm = config.with_policy(name=with_role("reference"))
-        if same_link or not self.assisted(preset, prompt, config.sampling):
-            link, events = config.link, self.stream(self.decoder(preset), prompt, llm, cancel)
-        else:
-            link, events = None, self._drain(
-                lambda put: self._answer(preset, prompt, config.sampling, cancel, put), cancel)
         answer: list[TokenEvent] = []
-        for answer in events:
+        for answer in self.stream(self.decoder(preset), prompt, llm, cancel):
             yield answer
         if not cancel.is_set():
-            self._keep(preset, prompt, config.sampling, link, answer)
+            self._keep(preset, prompt, config.sampling, config.link, answer)
 
     def priced(self, preset: str, prompt: str, config: RunConfig) -> bool:
         """Whether `reference` without `same_link` gives a run priced with `config.link`: a cached one that is, or
-        one it will decode plainly (not assisted)."""
+        one it will decode."""
         cached = self._cached(preset, prompt, config.sampling)
-        return cached[0] == config.link if cached else not self.assisted(preset, prompt, config.sampling)
+        return cached is None or cached[0] == config.link
 
     def references(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
                    same_link: bool = False) -> Iterator[tuple[int, list[TokenEvent]]]:
@@ -263,10 +245,9 @@ class Service:
         ids = self.store.load(Store.key(pair, preset, prompt, sampling), pair.vocab_size)
         if ids is None:
             return None
-        answer = Answer(pair, len(pair.encode_prompt(prompt, sampling.max_new_tokens)), sampling)
-        answer.add(ids)
-        self._keep(preset, prompt, sampling, None, answer.events, store=False)
-        return None, answer.events
+        events = answer_events(pair, len(pair.encode_prompt(prompt, sampling.max_new_tokens)), sampling, ids)
+        self._keep(preset, prompt, sampling, None, events, store=False)
+        return None, events
 
     def _keep(self, preset: str, prompt: str, sampling: SamplingConfig, link: LinkConfig | None,
               events: list[TokenEvent], store: bool = True) -> None:
@@ -296,20 +277,19 @@ class Service:
 
     def build_references(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None,
                          measured: bool = False) -> list[str]:
-        """Decode the greedy references of `prompts` (default: the page's examples) with `config`'s settings
-        (default: the page's) on the start-up pair, for those not cached yet and where `assisted` applies; returns
-        the prompts decoded. By assisted generation (the answer's ids, which the store keeps), or `measured`: as
-        the LLM alone, a run with its time and energy at `config.link`, which Compare then shows without decoding
-        it again (the app's start-up build; only its ids outlive the process). Each waits until no request runs;
-        one that begins stops it, and it starts again once the service is idle."""
+        """Decode the LLM-alone references of `prompts` (default: the page's examples) with `config`'s settings
+        (default: the page's) on the start-up pair, for those not cached yet; returns the prompts decoded. Each is
+        a plain `llm` run with its time and energy at `config.link`, which Compare then shows without decoding it
+        again; only its ids outlive the process (the store). `measured` (the app's start-up build) also decodes a
+        stored answer again, for those figures; without it (`python -m hlm references`) a stored answer is enough.
+        Each waits until no request runs; one that begins stops it, and it starts again once the service is idle."""
         decoder = self.decoder(self.start)
         config = config or Settings().run_config(decoder.pair.calibration)
         sampling, llm = config.sampling, config.with_policy(name=with_role("reference"))
 
         def wanted(prompt: str) -> bool:
             cached = self._cached(self.start, prompt, sampling)
-            return self.assisted(self.start, prompt, sampling) and (
-                cached is None or (measured and cached[0] != config.link))
+            return cached is None or (measured and cached[0] != config.link)
 
         built = []
         for prompt in prompts or [e["prompt"] for e in load_examples()]:
@@ -317,18 +297,16 @@ class Service:
                 with self._idle:
                     self._idle.wait_for(lambda: not self._busy)
                     cancel = self._background = threading.Event()
-                answer = self.models.call(functools.partial(self._build_one, prompt, llm, cancel, measured))
+                answer = self.models.call(functools.partial(self._build_one, prompt, llm, cancel))
                 if not cancel.is_set():
-                    self._keep(self.start, prompt, sampling, config.link if measured else None, answer)
+                    self._keep(self.start, prompt, sampling, config.link, answer)
                     built.append(prompt)
             if prompt not in self.prepared and self._cached(self.start, prompt, sampling) is not None:
                 self.prepared.append(prompt)
         return built
 
-    def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event, measured: bool) -> list[TokenEvent]:
-        """One prompt's reference for `build_references`: the LLM alone (`measured`), else its assisted answer."""
-        if not measured:
-            return self._answer(self.start, prompt, llm.sampling, cancel)
+    def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event) -> list[TokenEvent]:
+        """One prompt's reference for `build_references`, on the model thread."""
         decoder = self.decoder(self.start)
         events = list(decoder.generate(prompt, llm, cancel))  # the verifier has read the prompt (`hlm.prefix.read`)
         if not cancel.is_set():  # and so does the device, so a viewer's first run of the example drafts at once
