@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from hlm import prefix
+from hlm import prefix, rows
 from hlm.config import SamplingConfig
 from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.payload import decode
@@ -77,10 +77,11 @@ class LocalVerifier:
         self.meter = meter if meter is not None else open_meter(self.device)
         self.cache: DynamicCache | None = None
         self.held: list[int] = []
+        self.prompt: list[int] = []  # from `open`: read as every run reads it, before the kept drafts after it
         self._cached = 0  # how many of `held` the KV cache has read (a verdict token waits for the next pass)
 
     def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None:
-        self.sampling = sampling
+        self.sampling, self.prompt = sampling, list(prompt)
         self.generator = torch.Generator(self.device).manual_seed(sampling.seed ^ VERIFIER_SEED_SALT)
         self.cache, self.held, self._cached, self._read = DynamicCache(), [], 0, (0.0, None)
         if self.early and prompt:
@@ -128,14 +129,17 @@ class LocalVerifier:
 
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> None:
-        """Read the ids of `context` the KV cache lacks (the last verdict token among them) in one pass."""
+        """Read the ids of `context` the KV cache lacks (the last verdict token among them): the prompt as every run
+        reads it, then the rest in passes of at most `rows.EXACT_ROWS`, where each row is computed as a one-token
+        pass computes it (`hlm.rows`), so that greedy HLM gives the LLM alone's tokens."""
         if not self._cached:  # the prompt: in chunks, or as this process read it before (`hlm.prefix.read`)
-            read = prefix.read(self.model, context, self.head, self.meter)
-            self.cache, self.last_logits = read.cache, read.logits
+            n = len(self.prompt) if self.prompt and context[:len(self.prompt)] == self.prompt else len(context)
+            read = prefix.read(self.model, context[:n], self.head, self.meter)
+            self.cache, self.last_logits, self._cached = read.cache, read.logits, n
             if read.remembered:  # charged what reading it cost, so no run's figures depend on what ran before it
                 self._charge(read.cost)
-        elif len(context) > self._cached:
-            ids = torch.tensor([context[self._cached:]], device=self.device)
+        for i in range(self._cached, len(context), rows.EXACT_ROWS):
+            ids = torch.tensor([context[i:i + rows.EXACT_ROWS]], device=self.device)
             out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
             self.last_logits = out.logits[0, -1]
         self.held.extend(context[len(self.held):])

@@ -93,9 +93,11 @@ class ModelPair:
 
     @property
     def numerics(self) -> str:
-        """The models' dtype and fast path in one line: cached study and sweep results are keyed by it."""
+        """The models' dtype, fast path and verifier attention in one line: cached study and sweep results are keyed
+        by it (the verifier's `hlm.rows` kernel changed its greedy answers' numerics)."""
         recipes = ", ".join(f"{role} {why.split(' ')[0]}" for role, why in sorted(self.quant.items()))
-        return f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}"
+        return (f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}; "
+                f"verifier {self.verifier.config._attn_implementation}")
 
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS
+from hlm import ASSETS, rows
 from hlm.drafter import KERNEL
 from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
@@ -197,13 +197,14 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     draft_ref, verifier_ref = _refs(spec, progress)
     tokenizer = _load_tokenizer(draft_ref)
     verifier_tokenizer = _load_tokenizer(verifier_ref)
-    # The verifier never returns attention weights: SDPA. The drafter's passes return them only for an estimator
-    # that reads them, and only on the layers it reads: SDPA elsewhere, eager there (`hlm.drafter.KERNEL`).
+    # The verifier never returns attention weights: SDPA, its short passes row by row (`hlm.rows`). The drafter's
+    # passes return them only for an estimator that reads them, and only on the layers it reads: SDPA elsewhere,
+    # eager there (`hlm.drafter.KERNEL`).
     draft = load_model(draft_ref, dev, torch_dtype, KERNEL)
-    verifier = load_model(verifier_ref, dev, torch_dtype, "sdpa")
+    verifier = load_model(verifier_ref, dev, torch_dtype, rows.KERNEL)
     pair = make_pair(spec, draft, verifier, tokenizer, verifier_tokenizer, preset.calibration if preset else None)
     passed = preset.fast if preset else ("none", "none")
-    for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), (KERNEL, "sdpa"),
+    for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), (KERNEL, rows.KERNEL),
                                            passed, strict=True):
         try:
             pair.quant[role] = fast_path(getattr(pair, role), quant, guard)
@@ -211,6 +212,7 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
             setattr(pair, role, load_model(ref, dev, torch_dtype, attention))
             pair.quant[role] = f"none (auto: {slower})"
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
+    rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from hlm import rows
 from hlm.drafter import KERNEL
 from hlm.models.pairs import ModelPair, make_pair
 from hlm.quant import quantize
@@ -59,10 +60,11 @@ def tiny_pair(device: torch.device | None = None, quant: str = "auto") -> ModelP
     """`quant`: auto and none keep fp32 (the tests' exact reference); int8/int4 exercise the fast path."""
     device = device or torch.device("cpu")
     draft = tiny_role("draft", KERNEL).to(device)  # as `load_pair` loads a drafter
-    verifier = tiny_role("verifier", "eager").to(device)
+    verifier = tiny_role("verifier", rows.KERNEL).to(device)  # as `load_pair` loads a verifier
     pair = make_pair("tiny", draft, verifier, tiny_tokenizer(), tiny_tokenizer())
     if quant not in ("auto", "none"):
         for role in ("draft", "verifier"):
             quantize(getattr(pair, role), quant)
             pair.quant[role] = f"{quant} (as requested)"
+    rows.exact_rows(verifier)
     return pair

@@ -1,0 +1,79 @@
+"""The verifier's short passes, each row computed exactly as a one-row pass computes it.
+
+The LLM alone reads one token a pass; the hybrid's verifier reads the drafts the device kept in one pass (a sync,
+`hlm.verifier`). Greedy HLM promises the LLM's own tokens, so a row must not depend on the rows beside it. On CPU two
+kernels break that: SDPA over a masked block of query rows sums in another order than over one row, and a float
+GEMM's blocking (oneDNN) depends on its row count. On the embedded pair's q4k verifier a sync's logits differed by
+up to 0.19 from one-row passes over the same tokens, enough to flip a near-tie: 8 of the 28 prompts on which `ours`
+left the LLM alone in the held-back end-to-end check left it at a token the verifier chose (docs/selection.md).
+
+So the verifier loads with KERNEL, whose attention runs a pass of a few rows one query row at a time (each over the
+keys up to its own, as a one-row step sees them), and its float layers become `BlockLinear`, which multiplies rows in
+zero-padded blocks of BLOCK: a row's product is then the same in any block. The int8 and int4 kernels (`hlm.quant`)
+already compute row by row below their prefill thresholds, so every layer is exact up to EXACT_ROWS rows, and the
+verifier syncs at most that many rows a pass. Prompt chunks, read the same way by every run, keep the fast paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS
+
+KERNEL = "sdpa+exact-rows"
+EXACT_ROWS = min(PREFILL_ROWS, INT4_PREFILL_ROWS) - 1  # the int8 kernel's last row count before it dequantises
+BLOCK = 4  # rows per float GEMM: a one-row step costs no more than a one-row product here (docs/speed.md)
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA; for one sequence of 2 to EXACT_ROWS query rows (the verifier's syncs: no padding, so its mask is the
+    causal one this slicing gives), one row at a time over the keys up to its own. A padded batch (the study's
+    batched answers) keeps SDPA with its mask."""
+    q, k = query.shape[2], key.shape[2]
+    if query.shape[0] != 1 or not 1 < q <= EXACT_ROWS:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = [sdpa_attention_forward(module, query[:, :, i:i + 1], key[:, :, :k - q + i + 1],
+                                   value[:, :, :k - q + i + 1], None, **kwargs)[0] for i in range(q)]
+    return torch.cat(rows, 1), None
+
+
+AttentionInterface.register(KERNEL, _attention)
+AttentionMaskInterface.register(KERNEL, sdpa_mask)
+
+
+class BlockLinear(nn.Module):
+    """A float Linear whose passes of up to EXACT_ROWS rows multiply in zero-padded blocks of BLOCK rows; longer
+    ones (prompt chunks) in one GEMM. Holds the layer's own weight (no copy; a tied lm-head stays tied)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        n = rows.shape[0]
+        if n > EXACT_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        padded = torch.cat([rows, rows.new_zeros(-n % BLOCK, self.in_features)])
+        y = torch.cat([F.linear(padded[i:i + BLOCK], self.weight, self.bias) for i in range(0, len(padded), BLOCK)])
+        return y[:n].reshape(*x.shape[:-1], self.out_features)
+
+
+def exact_rows(model: nn.Module) -> nn.Module:
+    """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention)."""
+    if model.config._attn_implementation != KERNEL:
+        raise ValueError(f"exact rows need the {KERNEL!r} attention, not {model.config._attn_implementation!r}")
+    for holder in list(model.modules()):
+        for name, child in list(holder.named_children()):
+            if type(child) is nn.Linear:
+                setattr(holder, name, BlockLinear(child))
+    return model
