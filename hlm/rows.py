@@ -9,9 +9,11 @@ left the LLM alone in the held-back end-to-end check left it at a token the veri
 
 So the verifier loads with KERNEL, whose attention runs a pass of a few rows one query row at a time (each over the
 keys up to its own, as a one-row step sees them), and its float layers become `BlockLinear`, which multiplies rows in
-zero-padded blocks of BLOCK: a row's product is then the same in any block. The int8 and int4 kernels (`hlm.quant`)
-already compute row by row below their prefill thresholds, so every layer is exact up to EXACT_ROWS rows, and the
-verifier syncs at most that many rows a pass. Prompt chunks, read the same way by every run, keep the fast paths.
+zero-padded blocks of BLOCK: a row's product is then the same in any block (measured with oneDNN on this CPU
+kind; `tests/test_rows.py` and `tests/test_embedded_pair.py` check it where they run). The int8 and int4 kernels
+(`hlm.quant`) already compute row by row below their prefill thresholds, so every layer is exact up to EXACT_ROWS
+rows, and the verifier syncs at most that many rows a pass. Prompt chunks, read the same way by every run, keep the
+fast paths.
 """
 
 from __future__ import annotations

@@ -358,8 +358,7 @@ class Dashboard:
         (after the subject) gets its coin matched to the subject's upload rate (`match_control`). `measured`: the
         LLM alone is a run with its own time and energy (Compare shows it beside the others); else (Show me, whose
         verdict needs only its answer) the answer comes as `Service.references` gives it, from the cache (a stored
-        answer has no figures) or decoded. Yields (all runs, the one running)
-        after every change."""
+        answer has no figures) or decoded. Yields (all runs, the one running) after every change."""
         llm = base.with_policy(name=with_role("reference"))
         runs = [self._new_run(preset, f"{run_label(llm)} (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))

@@ -192,10 +192,9 @@ class Service:
     def reference(self, preset: str, prompt: str, config: RunConfig, cancel: threading.Event,
                   same_link: bool = False) -> Iterator[list[TokenEvent]]:
         """The LLM-only run for this prompt and sampling settings, from the cache (memory, then the store) or
-        decoded plainly (streamed), one verifier pass a token: a pass over a block of drafts (transformers' assisted
-        generation) splits near-ties differently and gave another answer on 11 of 32 held-back prompts
-        (docs/dashboard.md). `same_link` wants a run with its figures priced with `config.link` (Compare shows it
-        as a run): a stored answer, which has none, is then decoded again."""
+        decoded as the `llm` policy's run (streamed), the answer HLM reproduces token for token. `same_link` wants a
+        run with its figures priced with `config.link` (Compare shows it as a run): a stored answer, which has
+        none, is then decoded again."""
         cached = self._cached(preset, prompt, config.sampling)
         if cached and (not same_link or cached[0] == config.link):
             yield cached[1]
