@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hlm import ASSETS, estimators
+from hlm import ASSETS, estimators, rows
 from hlm.config import BENCH_SECTIONS as SECTIONS
 from hlm.config import RunConfig, SamplingConfig
 from hlm.estimators import DraftStats
@@ -110,11 +110,13 @@ def _plain_dtypes(pair: ModelPair) -> list[torch.dtype]:
 def _plain(pair: ModelPair, load: Loader, role: str, dtype: torch.dtype) -> PreTrainedModel:
     """`role`'s model unquantised in `dtype`: the pair's own where it is just that (no second copy in memory), else
     loaded with the same attention kernel as the pair's (eager and SDPA alone move bf16 near-ties: measured top-1
-    98.3 % int8-eager vs bf16-SDPA, which the guard must not charge to the quantisation)."""
+    98.3 % int8-eager vs bf16-SDPA, which the guard must not charge to the quantisation). The verifier's exact rows
+    (`hlm.rows`) are this project's, not plain: its plain model is SDPA, which they run for one-token steps."""
     model = getattr(pair, role)
-    if getattr(model, "hlm_quant", "none") == "none" and model.dtype == dtype:
+    exact = model.config._attn_implementation == rows.KERNEL
+    if getattr(model, "hlm_quant", "none") == "none" and model.dtype == dtype and not exact:
         return model
-    return load(role, model.device, dtype, model.config._attn_implementation)
+    return load(role, model.device, dtype, "sdpa" if exact else model.config._attn_implementation)
 
 
 def spread(prompts: Sequence[dict[str, str]], n: int) -> list[dict[str, str]]:
