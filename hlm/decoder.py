@@ -21,7 +21,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm import prefix
-from hlm.config import DeviceProfile, LinkConfig, RunConfig
+from hlm.config import DeviceProfile, LinkConfig, RunConfig, SamplingConfig
 from hlm.drafter import Attentions, Drafter
 from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.estimators import MIN_P, DraftStats
@@ -65,6 +65,11 @@ class Draft:
     score: float | None = None  # the estimator's score and the threshold it was held against
     threshold: float | None = None
     payload: bytes | None = None  # the upload built before drafting: token was sampled from its decoded form
+
+
+def ends(sampling: SamplingConfig, index: int, token: int, stop_ids: Collection[int]) -> bool:
+    """Whether the run's `index`-th token is its last: the token limit, or a stop id where the run stops at EOS."""
+    return index == sampling.max_new_tokens - 1 or (sampling.stop_at_eos and token in stop_ids)
 
 
 class TextStream:
@@ -230,7 +235,7 @@ class HybridDecoder:
             # 6. Advance the SLM over the emitted token; on a resample drop d and the drafts made after it.
             with measure(self.device, meter) as w:
                 gen.advance(d, token, resampled=source == "cloud_resampled")
-            last = index == s.max_new_tokens - 1 or (s.stop_at_eos and token in self.pair.stop_ids)
+            last = ends(s, index, token, self.pair.stop_ids)
             cost = _cost(link, bits_up, verdict)
             yield TokenEvent.of(index=index, position=len(gen.context) - 1, text=text.push(token, last),
                                 source=source, draft=d, verdict=verdict, cost=cost, synced_ids=n_sync,
@@ -266,7 +271,7 @@ class HybridDecoder:
             held = len(context) + 1
             context.append(verdict.token)
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
-            last = index == s.max_new_tokens - 1 or (s.stop_at_eos and verdict.token in self.pair.stop_ids)
+            last = ends(s, index, verdict.token, self.pair.stop_ids)
             cost = _cost(link, bits_up, verdict)
             yield TokenEvent.of(index=index, position=len(context) - 1, text=text.push(verdict.token, last),
                                 source="cloud_sampled", draft=None, verdict=verdict, cost=cost, synced_ids=n_sync,

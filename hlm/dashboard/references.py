@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hlm.config import SamplingConfig
-from hlm.decoder import TextStream
+from hlm.decoder import TextStream, ends
 from hlm.events import TokenEvent
 from hlm.models.pairs import ModelPair
 
@@ -85,7 +85,7 @@ def answer_events(pair: ModelPair, prompt_len: int, sampling: SamplingConfig, id
     """A stored answer as the events quality reads (index, position, id, its text); they carry no costs."""
     text, events = TextStream(pair.tokenizer), []
     for index, token in enumerate(ids):
-        last = index == sampling.max_new_tokens - 1 or (sampling.stop_at_eos and token in pair.stop_ids)
+        last = ends(sampling, index, token, pair.stop_ids)
         events.append(TokenEvent(index=index, position=prompt_len + index, token_id=token,
                                  text=text.push(token, last), source="cloud_sampled", uploaded=False))
     return events
