@@ -184,6 +184,14 @@ def _fits_int4(linear: nn.Linear) -> bool:
     return linear.in_features % INT4_GROUP == 0 and linear.in_features % (INT4_INNER_K_TILES * 16) == 0
 
 
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Replace each Linear layer of `model`, in place, with `make(its name in its parent, the layer)`."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(name, child))
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace the model's Linear layers in place with the recipe's; `int8_only` names stay int8 under int4."""
@@ -193,12 +201,11 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
         return model
     if recipe == "q4k":
         return use_q4k(model, q4k_blocks(model))
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            four = recipe == "int4" and _fits_int4(child) and not any(s in name for s in int8_only)
-            setattr(parent, name, Int4Linear.fitted(child) if four else Int8Linear(child))
+    def fast(name: str, child: nn.Linear) -> nn.Module:
+        four = recipe == "int4" and _fits_int4(child) and not any(s in name for s in int8_only)
+        return Int4Linear.fitted(child) if four else Int8Linear(child)
+
+    swap_linears(model, fast)
     # What stays (embedding, norms) may still be views of the memory-mapped checkpoint, which would keep every
     # page of it that quantising read counted in the process's memory: give them storage of their own.
     for param in model.parameters():

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS
+from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS, swap_linears
 
 KERNEL = "sdpa+exact-rows"
 EXACT_ROWS = min(PREFILL_ROWS, INT4_PREFILL_ROWS) - 1  # the int8 kernel's last row count before it dequantises
@@ -74,8 +74,5 @@ def exact_rows(model: nn.Module) -> nn.Module:
     """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention)."""
     if model.config._attn_implementation != KERNEL:
         raise ValueError(f"exact rows need the {KERNEL!r} attention, not {model.config._attn_implementation!r}")
-    for holder in list(model.modules()):
-        for name, child in list(holder.named_children()):
-            if type(child) is nn.Linear:
-                setattr(holder, name, BlockLinear(child))
+    swap_linears(model, lambda _name, linear: BlockLinear(linear))
     return model
