@@ -226,6 +226,25 @@ def test_the_cloud_reads_the_prompt_while_the_device_drafts(tiny, cloud):
     assert good.json() == {"held": len(prompt)}
 
 
+def test_a_new_session_reads_the_prompt_alone_first(tiny, cloud):
+    """When the server has lost the session (restart, idle expiry), the new one reads the prompt alone and the ids
+    after it as the in-process verifier does, row for row: q(draft) is bitwise the local one (the ids read in one
+    pass with the prompt move it by about 1e-5 on this pair)."""
+    prompt = tiny.encode_prompt(PROMPT, 4)
+    context = [*prompt, *range(65, 75)]
+    uniform = encode(tiny.valid.float() / tiny.valid.sum(), 16)
+    local = LocalVerifier(tiny.verifier, tiny.valid, head=tiny.template_head)
+    local.open(SamplingConfig(seed=5), prompt)
+    expected = local.verify(context, 66, uniform)
+    remote = cloud.verifier(tiny.vocab_size)
+    remote.open(SamplingConfig(seed=5), prompt)
+    remote._join()
+    assert cloud.request("DELETE", f"/v1/sessions/{remote.session}").status_code < 300  # the server loses it
+    verdict = remote.verify(context, 66, uniform)
+    assert (verdict.token, verdict.q_draft) == (expected.token, expected.q_draft)
+    remote.close()
+
+
 def test_a_port_in_use_is_one_line_before_any_model_loads(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

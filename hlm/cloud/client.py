@@ -7,7 +7,8 @@ generation: a network error, timeout or 5xx raises `CloudUnavailable` (the decod
 `unverified`) and starts an exponential backoff during which `verify` fails at once, without touching the
 network, so local generation runs at full speed. When the server has lost the session (restart, idle expiry:
 404) or holds another context (it decided a verify whose answer was lost: 409), the transport opens a new
-session and re-sends the whole committed context: the decoder needs no resync logic of its own.
+session, has it read the prompt and re-sends the rest of the committed context: the decoder needs no resync logic
+of its own.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class HttpVerifier:
         self.sampling: SamplingConfig | None = None
         self.session: str | None = None
         self.held: list[int] = []  # the ids the server's session holds (its verifier's `held`)
+        self.prompt: list[int] = []  # from `open`: a new session reads it alone first (`_read_prompt`)
         self.failures, self.retry_at = 0, 0.0
         self.resync: str | None = None  # why the last session was dropped mid-run: said on the next open
         self._reader: threading.Thread | None = None  # the early prefill (`open`)
@@ -87,7 +89,7 @@ class HttpVerifier:
         device drafts (best effort: if that fails, the first verify opens the session and sends the prompt)."""
         self._join()
         self.sampling, self.session, self.held, self._early_bytes = sampling, None, [], (0, 0)
-        self.resync = None
+        self.prompt, self.resync = list(prompt), None
         if prompt and time.monotonic() >= self.retry_at:
             self._reader = threading.Thread(target=self._prefill, args=(list(prompt),), name="hlm-cloud-prefill",
                                             daemon=True)
@@ -95,18 +97,24 @@ class HttpVerifier:
 
     def _prefill(self, prompt: list[int]) -> None:
         try:
-            up, down = self._open(0, 0)
-            body = pack_request(0, prompt, None, None)
-            if self.emulate_link is not None:
-                time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
-            response, up, down = self._send("POST", f"/v1/sessions/{self.session}/prefill", up, down, content=body,
-                                            headers={"content-type": "application/octet-stream"})
-            self._check(response)
-            if response.json().get("held") != len(prompt):
-                raise CloudUnavailable("the cloud read a different prompt length")
-            self.held, self._early_bytes = prompt, (up, down)
+            self._early_bytes = self._read_prompt(prompt, *self._open(0, 0))
         except (CloudUnavailable, CloudRejected, ValueError, AttributeError):
-            self.held = []  # the first verify re-opens and sends everything
+            self.session, self.held = None, []  # the first verify opens a session of its own
+
+    def _read_prompt(self, prompt: list[int], up: int, down: int) -> tuple[int, int]:
+        """Have a new session read the prompt alone, as the in-process verifier reads it before the drafts after it:
+        the server then reads those in passes of at most `hlm.rows.EXACT_ROWS`, each row as a one-token pass
+        computes it (read in one pass with the prompt, their logits would differ from the LLM alone's)."""
+        body = pack_request(0, prompt, None, None)
+        if self.emulate_link is not None:
+            time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
+        response, up, down = self._send("POST", f"/v1/sessions/{self.session}/prefill", up, down, content=body,
+                                        headers={"content-type": "application/octet-stream"})
+        self._check(response)
+        if response.json().get("held") != len(prompt):
+            raise CloudUnavailable("the cloud read a different prompt length")
+        self.held = prompt
+        return up, down
 
     def _join(self) -> None:
         if self._reader is not None:
@@ -180,6 +188,8 @@ class HttpVerifier:
         """One verify request (opening the session first if there is none) carrying the ids it lacks."""
         if self.session is None:
             up, down = self._open(up, down)
+            if self.prompt and context[:len(self.prompt)] == self.prompt:
+                up, down = self._read_prompt(self.prompt, up, down)
         body = verify_body(self.held, context, draft, payload)
         if self.emulate_link is not None:
             time.sleep(upload_cost(self.emulate_link, 8 * len(body), 0.0).uplink_s)
