@@ -41,15 +41,21 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe: k = 16 with llm on all 164 problems, then on the 100 after the first 64 alone (no setting was read
-# from them), then four points of its curve with llm on the first 64
+# The shipped probe: its default and k = 16 on the first 64 problems after exact rows; then, before them, k = 16 with
+# llm on all 164 problems, on the 100 after the first 64 alone (no setting was read from them), and four points of its
+# curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-164", "The probe as it ships at k = 16 on all 164 problems, with llm: the share of the gap",
+    HumanEvalRun("humaneval-exact", "The probe as it ships, after exact rows: the default k = 8 and k = 16 with llm, "
+                 "first 64 problems",
+                 "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16 --limit 64 "
+                 "--out runs/humaneval-exact"),
+    HumanEvalRun("humaneval-164", "Before exact rows: the probe at k = 16 on all 164 problems, with llm: the share of "
+                 "the gap",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --out runs/humaneval-164"),
     HumanEvalRun("humaneval-164-fresh", "The same runs on HumanEval/64-163 alone: problems no setting was read from",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --skip 64 "
                  "--out runs/humaneval-164"),
-    HumanEvalRun("humaneval-logfeat", "The probe as it ships: four points of its curve with llm, first 64 problems",
+    HumanEvalRun("humaneval-logfeat", "Before exact rows: four points of the probe's curve with llm, first 64 problems",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16,22,26 --limit 64 "
                  "--out runs/humaneval-logfeat"),
 )
