@@ -99,7 +99,7 @@ class HttpVerifier:
         try:
             self._early_bytes = self._read_prompt(prompt, *self._open(0, 0))
         except (CloudUnavailable, CloudRejected, ValueError, AttributeError):
-            self.session, self.held = None, []  # the first verify opens a session of its own
+            self.session, self.held = None, []  # the first verify opens its own (the server expires an idle one)
 
     def _read_prompt(self, prompt: list[int], up: int, down: int) -> tuple[int, int]:
         """Have a new session read the prompt alone, as the in-process verifier reads it before the drafts after it:
