@@ -183,3 +183,47 @@ def test_an_interrupted_run_resumes(tiny, tmp_path):
     seen.clear()
     result = evaluate(workers, spec, after_run=lambda job, record: seen.append(job))
     assert len(seen) == 2 * 3 - 2 and len(result.rows) == 2 * 3
+
+
+def test_parts_merge_into_one_report(command, tmp_path, capsys):
+    from hlm.cli import main
+
+    part = tmp_path / "part"  # HumanEval/2 for ours and its coin at k = 8 alone
+    assert main(["eval", "humaneval", "--models", "tiny", "--skip", "2", "--limit", "1", "--max-new-tokens", "6",
+                 "--ks", "8", "--policies", "ours,random", "--no-png", "--out", str(part)]) == 0
+    merged = tmp_path / "merged"
+    assert main(["eval", "merge", str(command), str(part), "--out", str(merged), "--no-png"]) == 0
+    saved = json.loads((merged / "results.json").read_text())
+    assert saved["meta"]["task_ids"] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert len(read_csv(merged / "results.csv")) == RUNS + 2
+    assert len((merged / "completions.jsonl").read_text().splitlines()) == RUNS + 2
+    summary = {(s["policy"], s["k"]): s for s in saved["summary"]}
+    assert summary["ours", 8]["problems"] == 3 and summary["llm", None]["problems"] == 2
+    versus = {(d["setting"], d["versus"]): d["problems"] for d in saved["paired"]}
+    k8 = summary["ours", 8]["setting"]
+    assert versus[k8, "random (matched)"] == 3 and versus[k8, "llm"] == 2  # paired on the problems both ran
+    assert "ours" in (merged / "table.txt").read_text() and "3 problems" in (merged / "table.txt").read_text()
+
+    capsys.readouterr()
+    assert main(["eval", "merge", str(command), str(merged), "--out", str(tmp_path / "again")]) == 2
+    assert "in more than one folder" in capsys.readouterr().err
+    results = json.loads((part / "results.json").read_text())
+    results["meta"]["sampling"]["max_new_tokens"] = 7
+    (part / "results.json").write_text(json.dumps(results))
+    assert main(["eval", "merge", str(command), str(part), "--out", str(tmp_path / "again")]) == 2
+    assert "not the same setup: sampling differ" in capsys.readouterr().err
+
+
+def test_the_gap_is_read_only_where_floor_and_ceiling_ran_the_same_problems():
+    from hlm.experiments.humaneval.report import summarise
+
+    def row(pid: int, policy: str, setting: str, passed: bool) -> dict:
+        return {"prompt_id": f"HumanEval/{pid}", "policy": policy, "setting": setting, "passed": passed,
+                "estimator": "", "k": None, "gamma": None, "matched_to": "", "tokens": 10, "uploads": 1,
+                "device_energy_j": 1.0, "link_energy_j": 0.1}
+
+    rows = [row(0, "llm", "-", True), row(1, "llm", "-", True), row(0, "slm", "-", False), row(1, "slm", "-", False),
+            row(0, "ours", "a", True), row(1, "ours", "a", False),
+            row(0, "ours", "b", True), row(1, "ours", "b", False), row(2, "ours", "b", True)]
+    gap = {r["setting"]: r.get("gap_recovered") for r in summarise(rows) if r["policy"] == "ours"}
+    assert gap == {"a": 0.5, "b": None}

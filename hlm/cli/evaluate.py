@@ -1,5 +1,5 @@
 """`python -m hlm eval BENCHMARK`: task benchmarks that judge a policy by whether its answer works. One today:
-`humaneval` (pass@1, `hlm.experiments.humaneval`; docs/humaneval.md)."""
+`humaneval` (pass@1, `hlm.experiments.humaneval`; docs/humaneval.md), and `merge` to report its parts as one."""
 
 from __future__ import annotations
 
@@ -52,6 +52,19 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hlm.experiments.humaneval.evaluate import merge
+
+    if len(args.folders) < 2:
+        raise UsageError("name at least two folders to merge")
+    if Path(args.out).resolve() in {Path(f).resolve() for f in args.folders}:
+        raise UsageError("--out must be a new folder, not one of the parts")
+    result = merge([Path(f) for f in args.folders], Path(args.out), png=not args.no_png)
+    print(result.table)
+    report_outputs(result.figures, f"{args.out}/results.csv, results.json, table.txt, completions.jsonl and figures/")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="task benchmarks: does the answer still work (HumanEval pass@1)",
                        description=__doc__.splitlines()[0])
@@ -88,3 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--no-png", action="store_true", help="write the HTML figure only (PNG export needs a Chrome)")
     add_cluster_args(h)
     h.set_defaults(func=cmd_humaneval)
+    m = benchmarks.add_parser(
+        "merge", help="several `eval humaneval` folders of one setup reported as one (runs nothing)",
+        description="HumanEval results split into parts (by --skip/--limit, or run on other machines or days) "
+        "reported as one: the rows joined and every number computed again. Parts must share the pair, its numerics, "
+        "the calibration, prompt, sampling, energy model and test limits, and no job may be in two of them.")
+    m.add_argument("folders", nargs="+", metavar="FOLDER", help="`eval humaneval` output folders")
+    m.add_argument("--out", required=True, help="a new output folder for the joined report")
+    m.add_argument("--no-png", action="store_true", help="write the HTML figure only (PNG export needs a Chrome)")
+    m.set_defaults(func=cmd_merge)

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from hlm.config import link_label
+from hlm.errors import UserError
 from hlm.experiments.figures import save_figures
+from hlm.experiments.humaneval import harness
 from hlm.experiments.humaneval.harness import INSTRUCTION, MEMORY_MB, STOP, TIMEOUT_S, check, completion, prompt_of
 from hlm.experiments.humaneval.report import curve, format_table, paired, summarise
 from hlm.experiments.sweep import Grid, Job, run_matched, run_row, write_atomic
@@ -40,6 +43,10 @@ if TYPE_CHECKING:
 
 CHECKERS = min(4, os.cpu_count() or 1)  # tests run at once (each in its own interpreter)
 EVALUATION_ONLY = "HumanEval is evaluation only: no default, knob or estimator is chosen on it"
+# What `merge` requires its parts to share: everything in results.json's meta that a run's answer or verdict depends
+# on (the pair and its numerics, the prompt, stop rule, sampling, calibration, energy model and test limits).
+SAME_SETUP = ("benchmark", "models", "numerics", "u_th_source", "instruction", "stop", "sampling", "device_profile",
+              "link_preset", "link", "harness")
 
 
 @dataclass(frozen=True)
@@ -121,17 +128,53 @@ def evaluate(workers: Workers, spec: EvalSpec, after_run: Callable[[Job, dict], 
         rows.append(row)
         texts.append({k: row[k] for k in ("prompt_id", "policy", "setting", "passed", "result")}
                      | {"answer": record["text"], "completion": verdict["completion"]})
+    return _write(out, rows, texts, _meta(workers, spec, rows, failed), spec.png)
+
+
+def _write(out: Path, rows: list[dict[str, Any]], texts: list[dict[str, Any]], meta: dict[str, Any],
+           png: bool) -> Result:
+    """The tables and the curve from the rows, and every output file."""
     summary = summarise(rows)
     differences = paired(rows)
-    meta = _meta(workers, spec, rows, failed)
     table = format_table(summary, differences, meta)
-    figures = save_figures({"curve": curve(summary, meta["problems"])}, out / "figures", spec.png)
+    figures = save_figures({"curve": curve(summary, meta["problems"])}, out / "figures", png)
     meta["figures"] = figures
     pd.DataFrame(rows).astype({"k": "Int64"}).to_csv(out / "results.csv", index=False)  # k stays whole beside blanks
     write_atomic(out / "results.json", {"meta": meta, "summary": summary, "paired": differences, "rows": rows})
     (out / "table.txt").write_text(table + "\n", encoding="utf-8")
     (out / "completions.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
-    return Result(rows, summary, differences, table, figures, failed)
+    return Result(rows, summary, differences, table, figures, meta["failed_jobs"])
+
+
+def merge(folders: Sequence[Path], out: Path, png: bool = True) -> Result:
+    """Evaluations of one setup reported as one: parts split by --skip/--limit, or run on other machines or days.
+    Their rows are joined and every number computed again; parts that differ in anything a run's result depends on
+    (SAME_SETUP), or that ran the same job twice, are refused."""
+    parts, texts = [], []
+    for folder in folders:
+        try:
+            parts.append(json.loads((folder / "results.json").read_text(encoding="utf-8")))
+            lines = (folder / "completions.jsonl").read_text(encoding="utf-8").splitlines()
+            texts += [json.loads(line) for line in lines]
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{folder}: not a finished `eval humaneval` folder ({exc})") from exc
+    first = parts[0]["meta"]
+    for folder, part in zip(folders[1:], parts[1:], strict=True):
+        differ = [key for key in SAME_SETUP if part["meta"].get(key) != first.get(key)]
+        if differ:
+            raise UserError(f"{folder} and {folders[0]} are not the same setup: {', '.join(differ)} differ")
+    rows = [row for part in parts for row in part["rows"]]
+    twice = [key for key, n in Counter((r["prompt_id"], r["policy"], r["setting"]) for r in rows).items() if n > 1]
+    if twice:
+        raise UserError(f"{len(twice)} jobs are in more than one folder, e.g. {' '.join(twice[0])}")
+    order = {p["task_id"]: i for i, p in enumerate(harness.problems())}
+    task_ids = sorted({r["prompt_id"] for r in rows}, key=order.__getitem__)
+    meta = {**first, "problems": len(task_ids), "task_ids": task_ids,
+            "grid": [part["meta"]["grid"] for part in parts], "workers": [part["meta"]["workers"] for part in parts],
+            "failed_jobs": [f for part in parts for f in part["meta"]["failed_jobs"]],
+            "merged_from": [str(folder) for folder in folders]}
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(out, rows, texts, meta, png)
 
 
 def _meta(workers: Workers, spec: EvalSpec, rows: Sequence[dict[str, Any]],

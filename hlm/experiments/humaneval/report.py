@@ -33,9 +33,10 @@ def _groups(rows: Rows) -> dict[tuple[str, str], list[dict[str, Any]]]:
 def summarise(rows: Rows) -> list[dict[str, Any]]:
     """One row per (policy, setting): pass@1 and its Wilson 95 % interval over problems, uploads (the realised rate
     pooled over the problems' drafts), mean tokens and mean modelled device and link energy per problem; the
-    subject's rows add the share of the floor-to-ceiling gap they recover."""
+    subject's rows add the share of the floor-to-ceiling gap they recover (where all three ran the same problems)."""
     out = []
-    for (policy, setting), g in _groups(rows).items():
+    groups = _groups(rows)
+    for (policy, setting), g in groups.items():
         n, passed = len(g), sum(bool(r["passed"]) for r in g)
         ci = binomtest(passed, n).proportion_ci(0.95, method="wilson")
         tokens, uploads = sum(r["tokens"] for r in g), sum(r["uploads"] for r in g)
@@ -45,12 +46,18 @@ def summarise(rows: Rows) -> list[dict[str, Any]]:
                     "uploads": uploads, "upload_rate": uploads / tokens if tokens else 0.0, "tokens_mean": tokens / n,
                     "device_energy_j_mean": sum(r["device_energy_j"] for r in g) / n,
                     "link_energy_j_mean": sum(r["link_energy_j"] for r in g) / n})
-    by_policy = {r["policy"]: r["pass_at_1"] for r in out if r["setting"] == "-"}
+    by_policy = {r["policy"]: r for r in out if r["setting"] == "-"}
     low, high = by_policy.get(floor()), by_policy.get(with_role("reference"))
+
+    def ran(r: dict[str, Any]) -> set[str]:
+        return {row["prompt_id"] for row in groups[r["policy"], r["setting"]]}
+
     for r in out:
         if role_of(r["policy"]) == "subject":
-            r["gap_recovered"] = ((r["pass_at_1"] - low) / (high - low)
-                                  if low is not None and high is not None and high != low else None)
+            comparable = (low is not None and high is not None and high["pass_at_1"] != low["pass_at_1"]
+                          and ran(low) == ran(high) == ran(r))
+            r["gap_recovered"] = ((r["pass_at_1"] - low["pass_at_1"]) / (high["pass_at_1"] - low["pass_at_1"])
+                                  if comparable else None)
     return out
 
 
@@ -90,8 +97,8 @@ def _interval(r: dict[str, Any], key: str, lo: str, hi: str, signed: bool = Fals
 
 def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
     """The plain-text report: pass@1 per policy and setting, then the paired differences."""
-    head = (f"{'policy':<8} {'setting':<28} {'pass@1 [95 % Wilson]':<22} {'uploads':>8} {'upload %':>9} "
-            f"{'tokens':>7} {'device J':>9} {'link J':>8} {'gap':>6}")
+    head = (f"{'policy':<8} {'setting':<28} {'problems':>8} {'pass@1 [95 % Wilson]':<22} {'uploads':>8} "
+            f"{'upload %':>9} {'tokens':>7} {'device J':>9} {'link J':>8} {'gap':>6}")
     gap = [r.get("gap_recovered") for r in summary]
     ids = meta["task_ids"]
     span = f"{ids[0]} to {ids[-1]}; " if ids else ""
@@ -100,15 +107,18 @@ def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
              f"{meta['device_profile']['name']}, link {meta['link_preset']}); {meta['note']}.",
              "", head, "-" * len(head)]
     for r, g in zip(summary, gap, strict=True):
-        lines.append(f"{r['policy']:<8} {r['setting']:<28} {_interval(r, 'pass_at_1', 'pass_lo', 'pass_hi'):<22} "
+        lines.append(f"{r['policy']:<8} {r['setting']:<28} {r['problems']:>8} "
+                     f"{_interval(r, 'pass_at_1', 'pass_lo', 'pass_hi'):<22} "
                      f"{r['uploads']:>8} {100 * r['upload_rate']:>9.1f} {r['tokens_mean']:>7.1f} "
                      f"{r['device_energy_j_mean']:>9.3f} {r['link_energy_j_mean']:>8.3f} "
                      f"{'' if g is None else f'{100 * g:.0f} %':>6}")
     if any(g is not None for g in gap):
-        lines.append(f"gap: the share of the pass@1 gap from {floor()} to {with_role('reference')} recovered")
+        lines.append(f"gap: the share of the pass@1 gap from {floor()} to {with_role('reference')} recovered (shown "
+                     "where all three ran the same problems)")
     if differences:
-        lines += ["", "paired by problem (bootstrap 95 % interval; discordant problems; exact McNemar p):"]
-        lines += [f"  {d['subject']} {d['setting']} - {d['versus']}: "
+        lines += ["", "paired by problem, on the problems both ran (bootstrap 95 % interval; discordant problems; "
+                  "exact McNemar p):"]
+        lines += [f"  {d['subject']} {d['setting']} - {d['versus']}, {d['problems']} problems: "
                   f"{_interval(d, 'delta', 'delta_lo', 'delta_hi', signed=True)}; {d['subject']} alone passes "
                   f"{d['only_subject']}, {d['versus']} alone {d['only_other']}; p = {d['mcnemar_p']:.3g}"
                   for d in differences]
