@@ -1,9 +1,10 @@
-"""The verifier's quality guard against its source: the embedded GGUF's own weights, dequantised and computed in
-float32, beside the bf16 copy the project converts them to and the `q4k` path (the GGUF's Q4_K codes on the int4
-kernel). Teacher-forced top-1 agreement and mean KL(p_source || p) over the tuning prompts' bf16 greedy answers,
-as `hlm bench`'s guard (docs/speed.md, "Quality guard").
+"""A model's quality guard against its source: the embedded GGUF's own weights, dequantised and computed in
+float32, beside the bf16 copy the project converts them to and the fast path it ships (the verifier's `q4k`: the
+GGUF's Q4_K codes on the int4 kernel; the draft's `int8`). Top-1 agreement and mean KL(p_source || p) over the
+tuning prompts' bf16 greedy answers, as `hlm bench`'s guard computes them (docs/speed.md, "Quality guard").
 
     python scripts/guard_source.py --prompts 32
+    python scripts/guard_source.py --model draft --prompts 16
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hlm.experiments.bench import _guard_sequences  # noqa: E402
 from hlm.models import embedded  # noqa: E402
 from hlm.models.presets import load_model, load_pair  # noqa: E402
 from hlm.quant import quality, quantize  # noqa: E402
+
+RECIPES = {"verifier": (embedded.VERIFIER, "q4k"), "draft": (embedded.DRAFT, "int8")}  # the fast path each ships
 
 
 @torch.no_grad()
@@ -50,20 +53,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--model", choices=tuple(RECIPES), default="verifier")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     pair = load_pair("embedded", quant="none")
-    folder = embedded.model_dir(embedded.VERIFIER)
-    sequences = _guard_sequences(pair, args.prompts, args.tokens, pair.verifier)
+    spec, recipe = RECIPES[args.model]
+    bf16 = getattr(pair, args.model)
+    folder = embedded.model_dir(spec)
+    sequences = _guard_sequences(pair, args.prompts, args.tokens, bf16)
     print(f"{sum(len(s) - start for s, start in zip(*sequences, strict=True))} positions, {args.prompts} prompts x "
-          f"{args.tokens} tokens (the bf16 verifier's greedy answers)", flush=True)
-    fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), "q4k")
+          f"{args.tokens} tokens (the bf16 {args.model}'s greedy answers)", flush=True)
+    fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), recipe)
     with tempfile.TemporaryDirectory() as tmp:
-        path = embedded.join_gguf(embedded.VERIFIER, Path(tmp) / embedded.VERIFIER.filename, progress=False)
-        source = source_model(folder, path)
-    rows = [("q4k vs bf16", pair.verifier, fast), ("bf16 vs source (GGUF weights, float32)", source, pair.verifier),
-            ("q4k vs source (GGUF weights, float32)", source, fast)]
+        source = source_model(folder, embedded.join_gguf(spec, Path(tmp) / spec.filename, progress=False))
+    rows = [(f"{recipe} vs bf16", bf16, fast), ("bf16 vs source (GGUF weights, float32)", source, bf16),
+            (f"{recipe} vs source (GGUF weights, float32)", source, fast)]
     for label, reference, model in rows:
         top1, kl = quality(reference, model, *sequences)
         print(f"{label:42s} top-1 {100 * top1:6.2f} %   KL {kl:.5f} nats", flush=True)
