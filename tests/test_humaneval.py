@@ -203,6 +203,7 @@ def test_parts_merge_into_one_report(command, tmp_path, capsys):
     k8 = summary["ours", 8]["setting"]
     assert versus[k8, "random (matched)"] == 3 and versus[k8, "llm"] == 2  # paired on the problems both ran
     assert "ours" in (merged / "table.txt").read_text() and "3 problems" in (merged / "table.txt").read_text()
+    assert "(3 problems)" in (merged / "figures" / "curve.html").read_text()  # the curve says what each trace is on
 
     capsys.readouterr()
     assert main(["eval", "merge", str(command), str(merged), "--out", str(tmp_path / "again")]) == 2

@@ -41,14 +41,16 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe: its default and k = 16 on the first 64 problems after exact rows; then, before them, k = 16 with
-# llm on all 164 problems, on the 100 after the first 64 alone (no setting was read from them), and four points of its
-# curve with llm on the first 64
+# The shipped probe after exact rows: its default and k = 16 with llm on the first 64 problems, and k = 16 against
+# its coin on all 164 (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
+# after the first 64 alone (no setting was read from them), and four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-exact", "The probe as it ships, after exact rows: the default k = 8 and k = 16 with llm, "
-                 "first 64 problems",
+    HumanEvalRun("humaneval-exact-164", "The probe as it ships, after exact rows: the default k = 8 and k = 16 with "
+                 "llm on the first 64 problems, and k = 16 against its matched coin on all 164",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16 --limit 64 "
-                 "--out runs/humaneval-exact"),
+                 "--out runs/humaneval-exact; python -m hlm eval humaneval --policies ours,random --ks 16 --skip 64 "
+                 "--out runs/humaneval-exact-rest; python -m hlm eval merge runs/humaneval-exact "
+                 "runs/humaneval-exact-rest --out runs/humaneval-exact-164"),
     HumanEvalRun("humaneval-164", "Before exact rows: the probe at k = 16 on all 164 problems, with llm: the share of "
                  "the gap",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --out runs/humaneval-164"),

@@ -138,18 +138,24 @@ def curve(summary: Rows, problems: int) -> go.Figure:
     each setting joined to the subject's point, policies that never upload as horizontal lines (the floor and the
     ceiling), and any other policy as a point."""
     fig = go.Figure()
+    mixed = len({r["problems"] for r in summary}) > 1  # a merged report: each trace says how many problems it is on
+
+    def on(r: dict[str, Any]) -> str:
+        return f" ({r['problems']} problems)" if mixed else ""
+
     subject = [r for r in summary if role_of(r["policy"]) == "subject"]
-    for estimator in dict.fromkeys(r["estimator"] for r in subject):
-        rows = sorted((r for r in subject if r["estimator"] == estimator), key=lambda r: r["upload_rate"])
+    for estimator, n in dict.fromkeys((r["estimator"], r["problems"]) for r in subject):  # a line joins like with like
+        rows = sorted((r for r in subject if r["estimator"] == estimator and r["problems"] == n),
+                      key=lambda r: r["upload_rate"])
         policy = REGISTRY[rows[0]["policy"]]
-        fig.add_trace(go.Scatter(name=f"{policy.name} {estimator}", mode="lines+markers+text",
+        fig.add_trace(go.Scatter(name=f"{policy.name} {estimator}{on(rows[0])}", mode="lines+markers+text",
                                  x=[100 * r["upload_rate"] for r in rows], text=[f"k={r['k']}" for r in rows],
                                  textposition="top left", marker={"color": policy.colour}, **_errors(rows)))
     control = {r["setting"]: r for r in summary if role_of(r["policy"]) == "control"}
     if control:
         rows = list(control.values())
         fig.add_trace(go.Scatter(name=f"{rows[0]['policy']} (matched per problem)", mode="markers",
-                                 x=[100 * r["upload_rate"] for r in rows], text=[r["setting"] for r in rows],
+                                 x=[100 * r["upload_rate"] for r in rows], text=[r["setting"] + on(r) for r in rows],
                                  marker={"color": REGISTRY[rows[0]["policy"]].colour, "symbol": "x", "size": 9},
                                  **_errors(rows)))
         xs: list[float | None] = []
@@ -166,14 +172,16 @@ def curve(summary: Rows, problems: int) -> go.Figure:
         policy = REGISTRY[r["policy"]]
         if policy.role in ("subject", "control"):
             continue
-        label = f"{policy.name}: {100 * r['pass_at_1']:.1f} % [{100 * r['pass_lo']:.1f}, {100 * r['pass_hi']:.1f}]"
+        label = (f"{policy.name}: {100 * r['pass_at_1']:.1f} % [{100 * r['pass_lo']:.1f}, {100 * r['pass_hi']:.1f}]"
+                 f"{on(r)}")
         if not policy.uploads:  # a line across the plot, named in the legend (floor and ceiling may coincide)
             fig.add_trace(go.Scatter(name=label, mode="lines", x=[0, xmax], y=[100 * r["pass_at_1"]] * 2,
                                      line={"color": policy.colour, "dash": "dash"}))
         else:
             fig.add_trace(go.Scatter(name=label, mode="markers", x=[100 * r["upload_rate"]],
                                      marker={"color": policy.colour, "symbol": "diamond", "size": 9}, **_errors([r])))
-    fig.update_layout(title=f"HumanEval pass@1 against realised upload rate ({problems} problems, greedy; "
-                      "95 % Wilson intervals)", xaxis={"title": "uploads (% of drafts)", "rangemode": "tozero"},
+    fig.update_layout(title=f"HumanEval pass@1 against realised upload rate ({'up to ' if mixed else ''}{problems} "
+                      "problems, greedy; 95 % Wilson intervals)",
+                      xaxis={"title": "uploads (% of drafts)", "rangemode": "tozero"},
                       yaxis={"title": "pass@1 (%)", "range": [-2, 102]}, template="plotly_white")
     return fig
