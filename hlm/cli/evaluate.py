@@ -7,6 +7,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hlm import session
 from hlm.cli.args import UsageError, add_cluster_args, add_model_args, comma_list, open_workers, report_outputs
@@ -14,8 +15,16 @@ from hlm.config import DEVICE_PROFILES, ESTIMATORS, LINK_PRESETS, PolicyConfig, 
 from hlm.experiments.humaneval.harness import MAX_NEW_TOKENS, MEMORY_MB, TIMEOUT_S, TOTAL
 from hlm.policies import NAMES, floor, with_role
 
+if TYPE_CHECKING:
+    from hlm.experiments.humaneval.evaluate import Result
+
 # The ceiling, the floor, the method and its matched coin: llm, slm, ours, random.
 POLICIES = (with_role("reference"), floor(), with_role("subject"), with_role("control"))
+
+
+def _report(result: Result, out: str) -> None:
+    print(result.table)
+    report_outputs(result.figures, f"{out}/results.csv, results.json, table.txt, completions.jsonl and figures/")
 
 
 def cmd_humaneval(args: argparse.Namespace) -> int:
@@ -44,8 +53,7 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
         result = evaluate(workers, spec)
     finally:
         workers.close()
-    print(result.table)
-    report_outputs(result.figures, f"{args.out}/results.csv, results.json, table.txt, completions.jsonl and figures/")
+    _report(result, args.out)
     for f in result.failed:
         print(f"failed: {f['prompt_id']} {f['policy']} {f['setting']}: {f['error']} (the problem is left out; rerun "
               "to retry)", file=sys.stderr)
@@ -60,8 +68,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() in {Path(f).resolve() for f in args.folders}:
         raise UsageError("--out must be a new folder, not one of the parts")
     result = merge([Path(f) for f in args.folders], Path(args.out), png=not args.no_png)
-    print(result.table)
-    report_outputs(result.figures, f"{args.out}/results.csv, results.json, table.txt, completions.jsonl and figures/")
+    _report(result, args.out)
     return 0
 
 
