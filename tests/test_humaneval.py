@@ -215,7 +215,7 @@ def test_parts_merge_into_one_report(command, tmp_path, capsys):
     assert "not the same setup: sampling differ" in capsys.readouterr().err
 
 
-def test_the_gap_is_read_only_where_floor_and_ceiling_ran_the_same_problems():
+def test_the_gap_is_read_on_the_problems_the_subject_ran_where_floor_and_ceiling_ran_them():
     from hlm.experiments.humaneval.report import summarise
 
     def row(pid: int, policy: str, setting: str, passed: bool) -> dict:
@@ -225,6 +225,12 @@ def test_the_gap_is_read_only_where_floor_and_ceiling_ran_the_same_problems():
 
     rows = [row(0, "llm", "-", True), row(1, "llm", "-", True), row(0, "slm", "-", False), row(1, "slm", "-", False),
             row(0, "ours", "a", True), row(1, "ours", "a", False),
-            row(0, "ours", "b", True), row(1, "ours", "b", False), row(2, "ours", "b", True)]
-    gap = {r["setting"]: r.get("gap_recovered") for r in summarise(rows) if r["policy"] == "ours"}
-    assert gap == {"a": 0.5, "b": None}
+            row(0, "ours", "b", True), row(1, "ours", "b", False), row(2, "ours", "b", True),
+            row(1, "ours", "c", False)]
+    summary = summarise(rows)
+    gap = {r["setting"]: r.get("gap_recovered") for r in summary if r["policy"] == "ours"}
+    # a: floor 0 and ceiling 1 on its two problems; b: a problem neither ran; c: one of the two (a merged report's
+    # subject on fewer problems), where floor and ceiling are read on that one: 0 of a gap of 1
+    assert gap == {"a": 0.5, "b": None, "c": 0.0}
+    c = next(r for r in summary if r["setting"] == "c")
+    assert (c["floor_on_its_problems"], c["ceiling_on_its_problems"]) == (0.0, 1.0)

@@ -33,7 +33,7 @@ def _groups(rows: Rows) -> dict[tuple[str, str], list[dict[str, Any]]]:
 def summarise(rows: Rows) -> list[dict[str, Any]]:
     """One row per (policy, setting): pass@1 and its Wilson 95 % interval over problems, uploads (the realised rate
     pooled over the problems' drafts), mean tokens and mean modelled device and link energy per problem; the
-    subject's rows add the share of the floor-to-ceiling gap they recover (where all three ran the same problems)."""
+    subject's rows add the share of the floor-to-ceiling gap they recover on their own problems (`_gap`)."""
     out = []
     groups = _groups(rows)
     for (policy, setting), g in groups.items():
@@ -46,19 +46,26 @@ def summarise(rows: Rows) -> list[dict[str, Any]]:
                     "uploads": uploads, "upload_rate": uploads / tokens if tokens else 0.0, "tokens_mean": tokens / n,
                     "device_energy_j_mean": sum(r["device_energy_j"] for r in g) / n,
                     "link_energy_j_mean": sum(r["link_energy_j"] for r in g) / n})
-    by_policy = {r["policy"]: r for r in out if r["setting"] == "-"}
-    low, high = by_policy.get(floor()), by_policy.get(with_role("reference"))
-
-    def ran(r: dict[str, Any]) -> set[str]:
-        return {row["prompt_id"] for row in groups[r["policy"], r["setting"]]}
-
+    low, high = groups.get((floor(), "-"), []), groups.get((with_role("reference"), "-"), [])
     for r in out:
         if role_of(r["policy"]) == "subject":
-            comparable = (low is not None and high is not None and high["pass_at_1"] != low["pass_at_1"]
-                          and ran(low) == ran(high) == ran(r))
-            r["gap_recovered"] = ((r["pass_at_1"] - low["pass_at_1"]) / (high["pass_at_1"] - low["pass_at_1"])
-                                  if comparable else None)
+            _gap(r, {row["prompt_id"] for row in groups[r["policy"], r["setting"]]}, low, high)
     return out
+
+
+def _gap(r: dict[str, Any], ran: set[str], low: Rows, high: Rows) -> None:
+    """The share of the floor-to-ceiling gap the subject's row `r` recovers, with the floor and the ceiling read on
+    the problems it ran (a merged report may hold the subject on fewer problems than they ran): where both ran all
+    of them and differ there."""
+    def on_these(rows: Rows) -> float | None:
+        passed = {row["prompt_id"]: bool(row["passed"]) for row in rows}
+        return sum(passed[p] for p in ran) / len(ran) if ran and ran <= passed.keys() else None
+
+    floor_pass, ceiling_pass = on_these(low), on_these(high)
+    r["gap_recovered"] = None
+    if floor_pass is not None and ceiling_pass is not None and floor_pass != ceiling_pass:
+        r.update(gap_recovered=(r["pass_at_1"] - floor_pass) / (ceiling_pass - floor_pass), floor_on_its_problems=
+                 floor_pass, ceiling_on_its_problems=ceiling_pass)
 
 
 def difference(mine: Rows, theirs: Rows, seed: int = 0) -> dict[str, Any]:
@@ -113,8 +120,8 @@ def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
                      f"{r['device_energy_j_mean']:>9.3f} {r['link_energy_j_mean']:>8.3f} "
                      f"{'' if g is None else f'{100 * g:.0f} %':>6}")
     if any(g is not None for g in gap):
-        lines.append(f"gap: the share of the pass@1 gap from {floor()} to {with_role('reference')} recovered (shown "
-                     "where all three ran the same problems)")
+        lines.append(f"gap: the share of the pass@1 gap from {floor()} to {with_role('reference')} recovered, both "
+                     "read on the problems the row ran (shown where both ran all of them)")
     if differences:
         lines += ["", "paired by problem, on the problems both ran (bootstrap 95 % interval; discordant problems; "
                   "exact McNemar p):"]
@@ -177,6 +184,13 @@ def curve(summary: Rows, problems: int) -> go.Figure:
         if not policy.uploads:  # a line across the plot, named in the legend (floor and ceiling may coincide)
             fig.add_trace(go.Scatter(name=label, mode="lines", x=[0, xmax], y=[100 * r["pass_at_1"]] * 2,
                                      line={"color": policy.colour, "dash": "dash"}))
+            # and, in a merged report, on the fewer problems a subject's trace ran: the floor and ceiling its gap used
+            key = {floor(): "floor_on_its_problems", with_role("reference"): "ceiling_on_its_problems"}.get(r["policy"])
+            fewer = {sub["problems"]: sub[key] for sub in subject if key in sub and sub["problems"] != r["problems"]}
+            for n, passed in fewer.items():
+                fig.add_trace(go.Scatter(name=f"{policy.name} on the same {n} problems: {100 * passed:.1f} %",
+                                         mode="lines", x=[0, xmax], y=[100 * passed] * 2,
+                                         line={"color": policy.colour, "dash": "dot", "width": 1}))
         else:
             fig.add_trace(go.Scatter(name=label, mode="markers", x=[100 * r["upload_rate"]],
                                      marker={"color": policy.colour, "symbol": "diamond", "size": 9}, **_errors([r])))
