@@ -41,15 +41,15 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe after exact rows: its default and k = 16 with llm on the first 64 problems, and k = 16 against
-# its coin on all 164 (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
+# The shipped probe after exact rows: k = 16 with its coin, slm and llm on all 164 problems, and the default k = 8
+# on the first 64 (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
 # after the first 64 alone (no setting was read from them), and four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-exact-164", "The probe as it ships, after exact rows: the default k = 8 and k = 16 with "
-                 "llm on the first 64 problems, and k = 16 against its matched coin on all 164",
+    HumanEvalRun("humaneval-exact-164", "The probe as it ships, after exact rows: k = 16 against its matched coin, "
+                 "with slm and llm as floor and ceiling, on all 164 problems; the default k = 8 on the first 64",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16 --limit 64 "
-                 "--out runs/humaneval-exact; python -m hlm eval humaneval --policies ours,random --ks 16 --skip 64 "
-                 "--out runs/humaneval-exact-rest; python -m hlm eval merge runs/humaneval-exact "
+                 "--out runs/humaneval-exact; python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 "
+                 "--skip 64 --out runs/humaneval-exact-rest; python -m hlm eval merge runs/humaneval-exact "
                  "runs/humaneval-exact-rest --out runs/humaneval-exact-164"),
     HumanEvalRun("humaneval-164", "Before exact rows: the probe at k = 16 on all 164 problems, with llm: the share of "
                  "the gap",
