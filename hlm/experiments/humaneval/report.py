@@ -64,8 +64,8 @@ def _gap(r: dict[str, Any], ran: set[str], low: Rows, high: Rows) -> None:
     floor_pass, ceiling_pass = on_these(low), on_these(high)
     r["gap_recovered"] = None
     if floor_pass is not None and ceiling_pass is not None and floor_pass != ceiling_pass:
-        r.update(gap_recovered=(r["pass_at_1"] - floor_pass) / (ceiling_pass - floor_pass), floor_on_its_problems=
-                 floor_pass, ceiling_on_its_problems=ceiling_pass)
+        r.update(gap_recovered=(r["pass_at_1"] - floor_pass) / (ceiling_pass - floor_pass),
+                 floor_on_its_problems=floor_pass, ceiling_on_its_problems=ceiling_pass)
 
 
 def difference(mine: Rows, theirs: Rows, seed: int = 0) -> dict[str, Any]:
