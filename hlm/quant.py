@@ -193,8 +193,10 @@ def swap_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) 
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace the model's Linear layers in place with the recipe's; `int8_only` names stay int8 under int4."""
+def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_head",),
+             keep: tuple[str, ...] = ()) -> nn.Module:
+    """Replace the model's Linear layers in place with the recipe's; `int8_only` names stay int8 under int4, `keep`
+    names (e.g. `q_proj`) stay as loaded (`scripts/guard_source.py --keep`: which layers a recipe's guard feels)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown quantisation {recipe!r}: use one of {', '.join(RECIPES)}")
     if recipe == "none":
@@ -202,6 +204,8 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
     if recipe == "q4k":
         return use_q4k(model, q4k_blocks(model))
     def fast(name: str, child: nn.Linear) -> nn.Module:
+        if name in keep:
+            return child
         four = recipe == "int4" and _fits_int4(child) and not any(s in name for s in int8_only)
         return Int4Linear.fitted(child) if four else Int8Linear(child)
 

@@ -5,6 +5,7 @@ tuning prompts' bf16 greedy answers, as `hlm bench`'s guard computes them (docs/
 
     python scripts/guard_source.py --prompts 32
     python scripts/guard_source.py --model draft --prompts 16
+    python scripts/guard_source.py --model draft --prompts 32 --skip 16 --keep q_proj,k_proj,v_proj,o_proj
 """
 
 from __future__ import annotations
@@ -54,17 +55,24 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", choices=tuple(RECIPES), default="verifier")
+    parser.add_argument("--skip", type=int, default=0, help="tuning prompts to pass over first")
+    parser.add_argument("--keep", type=lambda s: tuple(s.split(",")), default=(),
+                        help="layers (e.g. q_proj,k_proj,v_proj,o_proj) the draft's int8 leaves in bf16")
     args = parser.parse_args()
+    if args.keep and args.model != "draft":
+        parser.error("--keep leaves part of the int8 draft in bf16: use it with --model draft")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     pair = load_pair("embedded", quant="none")
     spec, recipe = RECIPES[args.model]
     bf16 = getattr(pair, args.model)
     folder = embedded.model_dir(spec)
-    sequences = _guard_sequences(pair, args.prompts, args.tokens, bf16)
+    seqs, starts = _guard_sequences(pair, args.skip + args.prompts, args.tokens, bf16)
+    sequences = seqs[args.skip:], starts[args.skip:]
     print(f"{sum(len(s) - start for s, start in zip(*sequences, strict=True))} positions, {args.prompts} prompts x "
           f"{args.tokens} tokens (the bf16 {args.model}'s greedy answers)", flush=True)
-    fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), recipe)
+    fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), recipe, keep=args.keep)
+    recipe += f" but {','.join(args.keep)}" if args.keep else ""
     with tempfile.TemporaryDirectory() as tmp:
         source = source_model(folder, embedded.join_gguf(spec, Path(tmp) / spec.filename, progress=False))
     rows = [(f"{recipe} vs bf16", bf16, fast), ("bf16 vs source (GGUF weights, float32)", source, bf16),

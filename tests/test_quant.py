@@ -92,6 +92,15 @@ def test_quality_guard_scores_the_answer_with_decode_steps(tiny):
     assert rows == expected
 
 
+def test_kept_layers_stay_as_loaded(tiny):
+    """`keep` (the guard script's per-layer probe) leaves the named layers float and quantises every other one."""
+    fast = quantize(copy.deepcopy(tiny.draft), "int8", keep=("q_proj", "o_proj"))
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in fast.named_modules()
+             if isinstance(m, (torch.nn.Linear, Int8Linear))}
+    assert kinds["q_proj"] is kinds["o_proj"] is torch.nn.Linear
+    assert kinds["k_proj"] is kinds["down_proj"] is kinds["lm_head"] is Int8Linear
+
+
 def test_unknown_recipe_is_refused(tiny):
     with pytest.raises(ValueError, match="unknown quantisation"):
         quantize(copy.deepcopy(tiny.draft), "int3")
