@@ -30,6 +30,11 @@ def _groups(rows: Rows) -> dict[tuple[str, str], list[dict[str, Any]]]:
     return out
 
 
+def _passed(rows: Rows) -> dict[str, bool]:
+    """Each problem's verdict in one policy's rows."""
+    return {r["prompt_id"]: bool(r["passed"]) for r in rows}
+
+
 def summarise(rows: Rows) -> list[dict[str, Any]]:
     """One row per (policy, setting): pass@1 and its Wilson 95 % interval over problems, uploads (the realised rate
     pooled over the problems' drafts), mean tokens and mean modelled device and link energy per problem; the
@@ -46,19 +51,18 @@ def summarise(rows: Rows) -> list[dict[str, Any]]:
                     "uploads": uploads, "upload_rate": uploads / tokens if tokens else 0.0, "tokens_mean": tokens / n,
                     "device_energy_j_mean": sum(r["device_energy_j"] for r in g) / n,
                     "link_energy_j_mean": sum(r["link_energy_j"] for r in g) / n})
-    low, high = groups.get((floor(), "-"), []), groups.get((with_role("reference"), "-"), [])
+    low, high = _passed(groups.get((floor(), "-"), [])), _passed(groups.get((with_role("reference"), "-"), []))
     for r in out:
         if role_of(r["policy"]) == "subject":
             _gap(r, {row["prompt_id"] for row in groups[r["policy"], r["setting"]]}, low, high)
     return out
 
 
-def _gap(r: dict[str, Any], ran: set[str], low: Rows, high: Rows) -> None:
+def _gap(r: dict[str, Any], ran: set[str], low: dict[str, bool], high: dict[str, bool]) -> None:
     """The share of the floor-to-ceiling gap the subject's row `r` recovers, with the floor and the ceiling read on
     the problems it ran (a merged report may hold the subject on fewer problems than they ran): where both ran all
     of them and differ there."""
-    def on_these(rows: Rows) -> float | None:
-        passed = {row["prompt_id"]: bool(row["passed"]) for row in rows}
+    def on_these(passed: dict[str, bool]) -> float | None:
         return sum(passed[p] for p in ran) / len(ran) if ran and ran <= passed.keys() else None
 
     floor_pass, ceiling_pass = on_these(low), on_these(high)
@@ -71,7 +75,7 @@ def _gap(r: dict[str, Any], ran: set[str], low: Rows, high: Rows) -> None:
 def difference(mine: Rows, theirs: Rows, seed: int = 0) -> dict[str, Any]:
     """Paired by problem: the pass@1 difference with a bootstrap 95 % interval over problems, the discordant
     problems and the exact McNemar p-value (a two-sided binomial test on them)."""
-    other = {r["prompt_id"]: bool(r["passed"]) for r in theirs}
+    other = _passed(theirs)
     pairs = np.array([(bool(r["passed"]), other[r["prompt_id"]]) for r in mine if r["prompt_id"] in other], dtype=int)
     d = pairs[:, 0] - pairs[:, 1]
     means = d[np.random.default_rng(seed).integers(0, len(d), (BOOT, len(d)))].mean(axis=1)
