@@ -80,15 +80,21 @@ class Drafter:
     def forward(self, ids: list[int], layers: Collection[int] = (), hidden: bool = False) -> Pass:
         """Process `ids` after the cached context: the next position's logits, the attention weights of the `layers`
         named (None for the others; none at all when no layer is named) and, if asked, the final hidden state."""
-        with prefix.reading_head(self.model, hidden) as read:
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=self.cache, use_cache=True,
-                             output_attentions=bool(layers), attention_layers=layers, logits_to_keep=1)
-        state = read[-1][0, -1] if hidden else None
+        x = torch.tensor([ids], device=self.device)
+        step = getattr(self.model, "hlm_step", None)  # `hlm.compiled`, where the pair was loaded with it
+        if step is not None and len(ids) == 1:
+            logits, state, attentions = step(x, self.cache, layers)
+            logits, state = logits[0], state[0] if hidden else None
+        else:
+            with prefix.reading_head(self.model, hidden) as read:
+                out = self.model(input_ids=x, cache=self.cache, use_cache=True, output_attentions=bool(layers),
+                                 attention_layers=layers, logits_to_keep=1)
+            logits, attentions, state = out.logits[0, -1], out.attentions, read[-1][0, -1] if hidden else None
         if not layers:
-            return Pass(out.logits[0, -1], None, state)
-        computed = iter(out.attentions)  # the layers that returned weights, in order
-        return Pass(out.logits[0, -1], tuple(next(computed) if i in layers else None
-                                             for i in range(self.model.config.num_hidden_layers)), state)
+            return Pass(logits, None, state)
+        computed = iter(attentions)  # the layers that returned weights, in order
+        return Pass(logits, tuple(next(computed) if i in layers else None
+                                  for i in range(self.model.config.num_hidden_layers)), state)
 
     def prefill(self, ids: list[int], progress: prefix.Progress | None = None, hidden: bool = False,
                 meter: EnergyMeter | None = None) -> Pass:

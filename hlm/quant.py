@@ -23,6 +23,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 from hlm import q4k
 from hlm.config import QUANT_RECIPES as RECIPES
 from hlm.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 INT4_GROUP = q4k.GROUP
 INT4_INNER_K_TILES = 2
@@ -265,9 +269,18 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
 
     def step() -> None:
         i = next(positions)
-        model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+        decode_step(model, ids[:, i:i + 1], cache)
 
     return _median_seconds(step, steps)
+
+
+def decode_step(model: nn.Module, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """One cached decode pass over `ids` (one token), on the model's compiled step where it has one
+    (`hlm.compiled`, as the drafter runs it): the next position's logits, (vocab,)."""
+    compiled = getattr(model, "hlm_step", None)
+    if compiled is not None and ids.shape[1] == 1:
+        return compiled(ids, cache)[0][0]
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
 def _decoded_log_probs(model: nn.Module, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -278,7 +291,7 @@ def _decoded_log_probs(model: nn.Module, ids: torch.Tensor, start: int) -> torch
     cache = DynamicCache()
     logits = [model(input_ids=ids[:, :start], cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]]
     for t in range(start, ids.shape[1] - 1):
-        logits.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1])
+        logits.append(decode_step(model, ids[:, t:t + 1], cache))
     return F.log_softmax(torch.stack(logits).float(), -1)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hlm import session
 from hlm.config import (
+    COMPILED,
     DEVICE_PROFILES,
     ESTIMATORS,
     KNOB_HELP,
@@ -65,9 +66,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16, float16 or float32 (default: bf16 where the hardware has fast kernels, else fp32)")
-    p.add_argument("--quant", default=os.environ.get("HLM_QUANT", "auto"), choices=("auto", *QUANT_RECIPES),
+    p.add_argument("--quant", default=os.environ.get("HLM_QUANT", "auto"), choices=("auto", COMPILED, *QUANT_RECIPES),
                    help="weight-only fast path (hlm.quant): auto = the recipe the quality guard accepts per model, "
-                        "where it measures faster at load")
+                        "where it measures faster at load; compiled = auto, and the draft's decode step compiled "
+                        "once at load (CPU; about a minute, and the draft's numerics change: docs/speed.md)")
 
 
 def add_cloud_args(p: argparse.ArgumentParser) -> None:

@@ -190,7 +190,7 @@ def plain_vs_fast(pair: ModelPair, load: Loader, n_tokens: int, prompt: str,
             rows.append((f"(p) {role} plain generate, {_dtype_name(dtype)}, tok/s", tps, ""))
             if dtype == _float_dtype(fast) and guard_prompts and getattr(fast, "hlm_quant", "none") != "none":
                 top1, kl = quality(model, fast, *_guard_sequences(pair, guard_prompts, 32, model))
-                rows += [(f"(p) {role} guard: top-1 agreement, {fast.hlm_quant} vs {_dtype_name(dtype)}", top1,
+                rows += [(f"(p) {role} guard: top-1 agreement, {_recipe(pair, role)} vs {_dtype_name(dtype)}", top1,
                           f"target >= 99 %, {guard_prompts} prompts x 32 tokens"),
                          (f"(p) {role} guard: mean KL, nats", kl, "target <= 0.01")]
             del model

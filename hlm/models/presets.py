@@ -17,6 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm import ASSETS, rows
+from hlm.compiled import compile_step
+from hlm.config import COMPILED
 from hlm.drafter import KERNEL
 from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
@@ -188,10 +190,15 @@ def load_unquantised(spec: str, role: str, device: torch.device, dtype: torch.dt
 def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | None = None,
               progress: bool = True, quant: str = "auto") -> ModelPair:
     """Load a pair by preset name or `DRAFT,VERIFIER`; cached per process (the app and tests reuse it).
-    `quant`: auto (the preset's recipe where measured faster), none, int8 or int4 (`hlm.quant`)."""
+    `quant`: auto (the preset's recipe where measured faster), none, int8, int4 or q4k (`hlm.quant`), or
+    compiled: auto, and the draft's decode step compiled (`hlm.compiled`)."""
     dev = torch.device(device) if device else default_device()
+    compiled, quant = quant == COMPILED, "auto" if quant == COMPILED else quant
     if spec == "tiny":
-        return tiny_pair(device=dev, quant=quant)
+        pair = tiny_pair(device=dev, quant=quant)
+        if compiled:
+            pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"))
+        return pair
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
     draft_ref, verifier_ref = _refs(spec, progress)
@@ -213,6 +220,8 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
             pair.quant[role] = f"none (auto: {slower})"
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
+    if compiled:
+        pair.quant["draft"] = compile_step(pair.draft, pair.quant["draft"])
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
