@@ -193,12 +193,15 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     `quant`: auto (the preset's recipe where measured faster), none, int8, int4 or q4k (`hlm.quant`), or
     compiled: auto, and the draft's decode step compiled (`hlm.compiled`)."""
     dev = torch.device(device) if device else default_device()
-    compiled, quant = quant == COMPILED, "auto" if quant == COMPILED else quant
-    if spec == "tiny":
-        pair = tiny_pair(device=dev, quant=quant)
-        if compiled:
-            pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"))
-        return pair
+    recipe = "auto" if quant == COMPILED else quant
+    pair = tiny_pair(device=dev, quant=recipe) if spec == "tiny" else _load_named(spec, dev, dtype, progress, recipe)
+    if quant == COMPILED:
+        pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"))
+    return pair
+
+
+def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool, quant: str) -> ModelPair:
+    """A preset or `DRAFT,VERIFIER` pair, each model on its fast path (`quant`), with its calibrations."""
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
     draft_ref, verifier_ref = _refs(spec, progress)
@@ -220,8 +223,6 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
             pair.quant[role] = f"none (auto: {slower})"
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
-    if compiled:
-        pair.quant["draft"] = compile_step(pair.draft, pair.quant["draft"])
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
