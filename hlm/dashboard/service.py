@@ -78,6 +78,10 @@ class Service:
         # the background build while it runs: `/status` says whether a page's example is scored from the cache
         self.prepared: list[str] = []
         self._build: threading.Thread | None = None
+        # The scorer loads before the models: its model registers with transformers, and a compiled draft step
+        # (`--quant compiled`) guards on that registry, so a step compiled before it would compile again (and the
+        # process keep both graphs).
+        self.models.call(get_scorer)
         self.decoder(start)  # models load once, at start-up
 
     @classmethod
@@ -106,7 +110,8 @@ class Service:
     def warm_up(self) -> None:
         """Touch every code path once (kernels, allocator, scorer) so the first viewer's first token is fast."""
         decoder = self.decoder(self.start)
-        for role in ("subject", "reference"):  # the drafting path with every statistic, and the LLM alone
+        # the drafting path with every statistic, the coin's (no attention read: another compiled graph), the LLM
+        for role in ("subject", "control", "reference"):
             config = Settings(policy=with_role(role), max_new_tokens=2).run_config(decoder.pair.calibration)
             for _ in self.stream(decoder, "Hello", config, threading.Event()):
                 pass
