@@ -67,8 +67,7 @@ def main() -> None:
     spec, recipe = RECIPES[args.model]
     bf16 = getattr(pair, args.model)
     folder = embedded.model_dir(spec)
-    seqs, starts = _guard_sequences(pair, args.skip + args.prompts, args.tokens, bf16)
-    sequences = seqs[args.skip:], starts[args.skip:]
+    sequences = _guard_sequences(pair, args.prompts, args.tokens, bf16, skip=args.skip)
     print(f"{sum(len(s) - start for s, start in zip(*sequences, strict=True))} positions, {args.prompts} prompts x "
           f"{args.tokens} tokens (the bf16 {args.model}'s greedy answers)", flush=True)
     fast = quantize(load_model(str(folder), torch.device("cpu"), torch.bfloat16, "sdpa"), recipe, keep=args.keep)

@@ -159,11 +159,12 @@ def limit(pair: ModelPair, load: Loader, bandwidth: Bandwidth, context: int) -> 
     return rows
 
 
-def _guard_sequences(pair: ModelPair, n_prompts: int, n_tokens: int,
-                     model: PreTrainedModel) -> tuple[list[list[int]], list[int]]:
-    """Tuning prompts with the unquantised model's own greedy continuation: the positions the guard compares."""
+def _guard_sequences(pair: ModelPair, n_prompts: int, n_tokens: int, model: PreTrainedModel,
+                     skip: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Tuning prompts (after the first `skip`) with the unquantised model's own greedy continuation: the positions
+    the guard compares."""
     seqs, starts = [], []
-    for p in load_prompts(limit=n_prompts):
+    for p in load_prompts(limit=skip + n_prompts)[skip:]:
         ids = pair.encode_prompt(p["prompt"], n_tokens)
         out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=n_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None)
