@@ -35,7 +35,7 @@ from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.estimators import MIN_P, DraftStats
 from hlm.estimators import REGISTRY as ESTIMATORS
 from hlm.events import PendingDraft, Source, Spend, TokenEvent
-from hlm.features import default_heads, draft_stats, prev_attention
+from hlm.features import draft_stats, prev_attention
 from hlm.importance import Importance, attention_row, row_layers, score
 from hlm.link import UploadCost, upload_bits, upload_cost
 from hlm.metrics import is_one_token_call, summarize
@@ -314,9 +314,8 @@ class Generation:
         self.wants_hidden = bool(est and est.hidden)
         self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
-        cfg = pair.draft.config
-        self.heads = pair.selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
-        self.layers = self._read_layers(est.attention if est else "", cfg.num_hidden_layers)
+        self.heads = pair.heads
+        self.layers = self._read_layers(est.attention if est else "", pair.draft.config.num_hidden_layers)
         self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
         self.coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
         self.context, self.prompt_len = list(prompt_ids), len(prompt_ids)

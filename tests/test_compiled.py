@@ -13,28 +13,36 @@ from hlm.quant import QuantError, step_seconds
 
 
 def test_the_compiled_step_matches_the_eager_pass_through_growth_and_rollback():
-    """Two copies of the tiny draft (same seed, same weights), one with the step: logits, the final hidden state and
-    the attention rows asked for agree (fp32; the compiled sums run in another order), through a rollback."""
+    """Two copies of the tiny draft (same seed, same weights), one with the step compiled for layer 1's weights:
+    logits, the final hidden state and the attention rows asked for agree (fp32; the compiled sums run in another
+    order), through a rollback, in one graph whether a pass asks for layer 1 or for nothing; a pass asking for
+    layer 0 compiles one more graph (layers 0 and 1) and gets layer 0 alone."""
     eager, compiled = Drafter(tiny_role("draft", KERNEL)), Drafter(tiny_role("draft", KERNEL))
-    compiled.model.hlm_step = CompiledStep(compiled.model)
+    compiled.model.hlm_step = CompiledStep(compiled.model, {1})
     ids = list(range(40, 60))
     graphs = counters["stats"]["unique_graphs"]
     step_seconds(compiled.model, steps=2)  # as `compile_step` times it at load: a slice of a longer row each step
     for drafter in (eager, compiled):
         drafter.prefill(ids)
-    for i, token in enumerate([65, 66, 67, 68, 69, 70, 71, 72]):
+    for i, token in enumerate([65, 66, 67, 68, 69, 70, 71, 72, 73, 74]):
         if i == 5:
             for drafter in (eager, compiled):
                 drafter.rollback(3)
-        layers = {1} if i % 2 else set()
+        if i == 8:
+            assert counters["stats"]["unique_graphs"] - graphs == 1
+        layers = {0} if i >= 8 else {1} if i % 2 else set()
         mine, theirs = (d.forward([token], layers=layers, hidden=True) for d in (compiled, eager))
         torch.testing.assert_close(mine.logits, theirs.logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(mine.hidden, theirs.hidden, rtol=1e-4, atol=1e-4)
-        if layers:
-            assert mine.attentions[0] is None and theirs.attentions[0] is None
-            torch.testing.assert_close(mine.attentions[1], theirs.attentions[1], rtol=1e-4, atol=1e-4)
+        assert (mine.attentions is None) == (theirs.attentions is None) == (not layers)
+        for layer in range(2) if layers else ():
+            if layer in layers:
+                torch.testing.assert_close(mine.attentions[layer], theirs.attentions[layer], rtol=1e-4, atol=1e-4)
+            else:
+                assert mine.attentions[layer] is None and theirs.attentions[layer] is None
         assert compiled.length == eager.length
-    assert counters["stats"]["unique_graphs"] - graphs == 2  # one per layer set: none, {1}
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert compiled.model.hlm_step.sets == [(1,), (0, 1)]
 
 
 def test_the_compiled_pair_says_so_in_its_numerics():

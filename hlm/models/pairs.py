@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hlm.config import MAX_PROMPT_CHARS
 from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
+from hlm.features import default_heads
 from hlm.prefix import template_head
 from hlm.quant import Int8Linear
 
@@ -60,6 +61,13 @@ class ModelPair:
     @property
     def vocab_size(self) -> int:
         return int(self.valid.shape[0])
+
+    @property
+    def heads(self) -> tuple[tuple[int, int], ...]:
+        """The draft's (layer, head) pairs whose attention the `heads` estimators (the default among them) read: the
+        calibration's, or RAUQ's middle layers until one is fitted."""
+        cfg = self.draft.config
+        return self.selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Chat-template the prompt (one template for both models) and check it fits the context."""
