@@ -41,20 +41,20 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The shipped probe after exact rows: k = 16 with its coin, slm and llm on all 164 problems, and the default k = 8
-# on the first 64 (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
-# after the first 64 alone (no setting was read from them), and four points of its curve with llm on the first 64
+# The shipped probe after exact rows: the default k = 8 and k = 16, each with its coin, slm and llm, on all 164
+# problems (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
+# after the first 64 alone (no pass@1 was read from them), and four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-exact-164", "The probe as it ships, after exact rows: k = 16 against its matched coin, "
-                 "with slm and llm as floor and ceiling, on all 164 problems; the default k = 8 on the first 64",
+    HumanEvalRun("humaneval-exact-164", "The probe as it ships, after exact rows: the default k = 8 and k = 16, each "
+                 "against its matched coin, with slm and llm as floor and ceiling, on all 164 problems",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16 --limit 64 "
-                 "--out runs/humaneval-exact; python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 "
+                 "--out runs/humaneval-exact; python -m hlm eval humaneval --policies llm,slm,ours,random --ks 8,16 "
                  "--skip 64 --out runs/humaneval-exact-rest; python -m hlm eval merge runs/humaneval-exact "
                  "runs/humaneval-exact-rest --out runs/humaneval-exact-164"),
     HumanEvalRun("humaneval-164", "Before exact rows: the probe at k = 16 on all 164 problems, with llm: the share of "
                  "the gap",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --out runs/humaneval-164"),
-    HumanEvalRun("humaneval-164-fresh", "The same runs on HumanEval/64-163 alone: problems no setting was read from",
+    HumanEvalRun("humaneval-164-fresh", "The same runs on HumanEval/64-163 alone: problems no pass@1 was read from",
                  "python -m hlm eval humaneval --policies llm,slm,ours,random --ks 16 --skip 64 "
                  "--out runs/humaneval-164"),
     HumanEvalRun("humaneval-logfeat", "Before exact rows: four points of the probe's curve with llm, first 64 problems",
