@@ -26,7 +26,7 @@ from collections.abc import Collection
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from hlm.quant import QuantError, step_seconds
+from hlm.quant import QuantError, recipe_of, step_seconds
 
 INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "fx_graph_cache": False,
@@ -95,5 +95,5 @@ def compile_step(model: PreTrainedModel, why: str, layers: Collection[int] = ())
     model.hlm_step = CompiledStep(model, layers)
     start = time.perf_counter()
     after = step_seconds(model)  # its untimed first call compiles
-    return (f"{why.split(' ')[0]}+compiled ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms uncompiled, "
+    return (f"{recipe_of(why)}+compiled ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms uncompiled, "
             f"measured at load; compiled in {time.perf_counter() - start:.0f} s)")

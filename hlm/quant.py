@@ -236,6 +236,12 @@ def use_q4k(model: nn.Module, blocks: dict[str, np.ndarray]) -> nn.Module:
     return model
 
 
+def recipe_of(why: str) -> str:
+    """The recipe a fast path's `why` (`ModelPair.quant`) starts with: its first word, as the numerics key reads it
+    (so "q4k, 168 layers (...)" reads "q4k,": cached results are keyed by that)."""
+    return why.split(" ")[0]
+
+
 def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 20) -> tuple[float, float]:
     """(float, int4) median seconds of one row through an n x k layer, on random weights: what `q4k` changes in a
     decode step, measured without reading the model's own weights."""

@@ -21,7 +21,7 @@ from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
 from hlm.prefix import template_head
-from hlm.quant import Int8Linear
+from hlm.quant import Int8Linear, recipe_of
 
 
 class ModelError(UserError, RuntimeError):
@@ -103,7 +103,7 @@ class ModelPair:
     def numerics(self) -> str:
         """The models' dtype, fast path and verifier attention in one line: cached study and sweep results are keyed
         by it (the verifier's `hlm.rows` kernel changed its greedy answers' numerics)."""
-        recipes = ", ".join(f"{role} {why.split(' ')[0]}" for role, why in sorted(self.quant.items()))
+        recipes = ", ".join(f"{role} {recipe_of(why)}" for role, why in sorted(self.quant.items()))
         return (f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}; "
                 f"verifier {self.verifier.config._attn_implementation}")
 
