@@ -116,7 +116,7 @@ def main() -> None:
                         help="layers (e.g. q_proj,k_proj,v_proj,o_proj) the draft's int8 leaves in bf16")
     args = parser.parse_args()
     if args.keep and (args.model != "draft" or args.recipe != "shipped"):
-        parser.error("--keep leaves part of the int8 draft in bf16: use it with --model draft")
+        parser.error("--keep leaves part of the int8 draft in bf16: use it with --model draft and the shipped recipe")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     pair = load_pair("embedded", quant="none")
