@@ -42,7 +42,8 @@ PLANES = {Q.Q8_0: (128, 34), Q.Q5_0: (16, 22)}  # code offset (w = d (c - offset
 
 class Planes(nn.Module):
     """A GGUF block of 5 or 8 bits as two 4-bit planes: c = 16 h + l, so w = 16 d h + d l - d offset, each plane in
-    the int4 kernel's form (q - 8) scale + zero with zeros that are powers of two times d (exact)."""
+    the int4 kernel's form (q - 8) scale + zero with zeros that are powers of two times d (exact). Each plane's output
+    is rounded to bf16 before the sum, one rounding more than one kernel would make: part of what the guard measures."""
 
     def __init__(self, linear: nn.Linear, tensor: gguf.ReaderTensor, weight: torch.Tensor) -> None:
         super().__init__()
