@@ -315,7 +315,7 @@ class Generation:
         self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
         self.heads = pair.heads
-        self.layers = self._read_layers(est.attention if est else "", pair.draft.config.num_hidden_layers)
+        self.layers = self._read_layers(est.attention if est else "", pair)
         self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
         self.coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
         self.context, self.prompt_len = list(prompt_ids), len(prompt_ids)
@@ -326,12 +326,12 @@ class Generation:
         self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
         self.log_p_drafts = 0.0  # the sum of log p_draft over the drafts decided so far (`DraftStats.log_p_before`)
 
-    def _read_layers(self, attention: str, n_layers: int) -> frozenset[int]:
+    def _read_layers(self, attention: str, pair: ModelPair) -> frozenset[int]:
         """The layers whose attention weights the estimator reads: its passes compute weights on these alone."""
         if attention == "heads":
-            return frozenset(layer for layer, _ in self.heads)
+            return pair.head_layers
         if attention == "rows":
-            return frozenset(row_layers(n_layers, self.config.policy.last_layers))
+            return frozenset(row_layers(pair.draft.config.num_hidden_layers, self.config.policy.last_layers))
         return frozenset()
 
     def prefill(self, progress: prefix.Progress | None, meter: EnergyMeter | None) -> None:

@@ -69,6 +69,12 @@ class ModelPair:
         cfg = self.draft.config
         return self.selection.heads or default_heads(cfg.num_hidden_layers, cfg.num_attention_heads)
 
+    @property
+    def head_layers(self) -> frozenset[int]:
+        """The layers of `heads`: where the `heads` estimators' passes compute attention weights (and what
+        `--quant compiled`'s one graph computes in every step)."""
+        return frozenset(layer for layer, _ in self.heads)
+
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Chat-template the prompt (one template for both models) and check it fits the context."""
         if not isinstance(prompt, str) or not prompt.strip():

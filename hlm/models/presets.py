@@ -196,8 +196,7 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     recipe = "auto" if quant == COMPILED else quant
     pair = tiny_pair(device=dev, quant=recipe) if spec == "tiny" else _load_named(spec, dev, dtype, progress, recipe)
     if quant == COMPILED:  # one graph, with the weights the default estimator reads (`hlm.compiled`)
-        layers = {layer for layer, _ in pair.heads}
-        pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"), layers)
+        pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"), pair.head_layers)
     return pair
 
 
