@@ -10,17 +10,20 @@ from collections.abc import Sequence
 import torch
 
 from hlm.estimators import DraftStats
+from hlm.quant import HeadRows
 from hlm.uncertainty import Uncertainty
 
+Rows = torch.Tensor | HeadRows
 ALTERNATIVES = 16  # candidates besides the draft that `semantic` compares it with
 
 
 @torch.no_grad()
-def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor, embeddings: torch.Tensor,
+def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor, embeddings: Rows,
                 prev_attention: float | None = None, p_prev: float | None = None, index: int = 0,
                 hidden: torch.Tensor | None = None, log_p_before: float = 0.0) -> DraftStats:
-    """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows); `hidden`:
-    the final hidden state of the same pass (kept as float32 on the CPU, where the judge reads it)."""
+    """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows), or what
+    reads its rows as a matrix would (`hlm.quant.HeadRows`); `hidden`: the final hidden state of the same pass (kept
+    as float32 on the CPU, where the judge reads it)."""
     z = logits.to(torch.float32).masked_fill(~valid[: logits.shape[-1]], float("-inf"))
     logp = torch.log_softmax(z, -1)
     p = logp.exp()

@@ -1,7 +1,7 @@
 """Weight-only quantisation for CPU decoding: the fast path.
 
 Decoding one token is a pass over every weight, so on a CPU its time is memory traffic: fewer bytes per weight
-is the speed-up. Three recipes, all weight-only (activations stay in the model's dtype, so nothing about the
+is the speed-up. Four recipes, all weight-only (activations stay in the model's dtype, so nothing about the
 softmax or the attention changes) and all on kernels that ship in torch itself:
 - `int8`: per-output-channel symmetric int8 (`aten._weight_int8pack_mm`);
 - `int4`: asymmetric 4-bit in groups of 32 (`aten._weight_int4pack_mm_for_cpu`); the output layer stays int8.
@@ -10,8 +10,10 @@ softmax or the attention changes) and all on kernels that ship in torch itself:
 - `q4k`: the layers a GGUF file stores as Q4_K run on those very 4-bit codes, on the same int4 kernel: Q4_K's
   sub-blocks of 32 weights, each `scale * code - offset`, are the kernel's groups, so nothing is re-quantised (the
   float weights were dequantised from these codes in the first place); only the group's scale and zero are
-  rounded to the activations' dtype. Layers stored otherwise (Q6_K, Q8_0, ...) stay as loaded. The codes come
-  from the GGUF, or for the embedded pair from `q4k.FILE` beside its converted weights (`hlm.models.embedded`).
+  rounded to the activations' dtype. Layers stored otherwise (Q6_K, Q8_0, ...) stay as loaded.
+- `gguf`: `q4k`, and the layers stored as Q5_0 or Q8_0 on their own blocks too, each as two 4-bit planes
+  (`PlanesLinear`); only Q6_K's layers (groups of 16) stay as loaded. The blocks come from the GGUF, or for the
+  embedded pair from `gguf_blocks.FILE` beside its converted weights (`hlm.models.embedded`).
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
 real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
 both; docs/speed.md says which recipe each model of the embedded pair runs and why).
@@ -19,6 +21,7 @@ both; docs/speed.md says which recipe each model of the embedded pair runs and w
 
 from __future__ import annotations
 
+import copy
 import statistics
 import threading
 import time
@@ -30,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlm import q4k
+from hlm import gguf_blocks
 from hlm.config import QUANT_RECIPES as RECIPES
 from hlm.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-INT4_GROUP = q4k.GROUP
+INT4_GROUP = gguf_blocks.GROUP
 INT4_INNER_K_TILES = 2
 INT4_ROW_BLOCK = 64  # rows the CPU kernel packs together
 # The int4 kernel's time grows with the rows (8,960 x 1,536: 0.35 ms for one, 20 ms for 128), dequantising a
@@ -145,6 +148,19 @@ class Int4Linear(nn.Module):
         scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [k / 32, n] each
         return torch.addcmul((zero - 8 * scale).to(dtype)[:, None], w, scale.to(dtype)[:, None], out=w).view(k, n)
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """W[index] in the scales' dtype, unpacked from the kernel's layout for those rows only (the semantic
+        statistic reads a few of the head's rows a draft: no float copy of the head stays alive)."""
+        if not self.unpacks:
+            raise QuantError("this int4 layer's packing is not the one its rows can be read from")
+        k, half = self.in_features, INT4_ROW_BLOCK // 2
+        packed = self.weight_int4.view(-1, k, half)[index // INT4_ROW_BLOCK, :, index % half]  # [rows, k]
+        dtype = self.scales_and_zeros.dtype
+        codes = torch.where((index % INT4_ROW_BLOCK < half)[:, None], packed & 15, packed >> 4).to(dtype)
+        scale, zero = self.scales_and_zeros[:, index].float().unbind(-1)  # [k / 32, rows] each
+        return torch.addcmul((zero - 8 * scale).to(dtype).T[..., None], codes.view(len(index), -1, INT4_GROUP),
+                             scale.to(dtype).T[..., None]).reshape(len(index), k)  # as `dequantised_t` computes
+
     @classmethod
     def fitted(cls, linear: nn.Linear) -> Int4Linear:
         """Codes fitted to the float weights: each group's range in 16 even steps."""
@@ -159,7 +175,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def q4k(cls, linear: nn.Linear, blocks: np.ndarray) -> Int4Linear:
         """The layer's own Q4_K codes: w = scale * q - offset is (q - 8) * scale + (8 * scale - offset)."""
-        codes, scale, offset = q4k.decode(blocks, linear.out_features, linear.in_features)
+        codes, scale, offset = gguf_blocks.decode(blocks, linear.out_features, linear.in_features)
         return cls(codes, scale, 8 * scale - offset, linear.bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,16 +188,66 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def q4k_blocks(model: nn.Module) -> dict[str, np.ndarray]:
-    """The Q4_K blocks of `model`'s layers, from where it was loaded: a GGUF file, or a folder with `q4k.FILE`."""
+class PlanesLinear(nn.Module):
+    """y = x W^T for a layer a GGUF stores as Q5_0 or Q8_0 (w = d (code - offset), 32 weights a block), on the int4
+    kernel with nothing re-quantised: code = 16 h + l, so W is a high plane (scale 16 d) plus a low one (scale d),
+    run as one int4 layer of 2n rows whose halves are summed. Each zero is a power of two times d, so every weight
+    stays exact in the kernel's scales, d rounded to the activations' dtype; each half is rounded to that dtype
+    before the sum (what the quality guard measured, docs/speed.md)."""
+
+    ZEROS = {128: (0, 8), 16: (128, -8)}  # per offset, (high, low) zero / d: they sum to (136 - offset), as w needs
+
+    def __init__(self, linear: nn.Linear, blocks: np.ndarray, kind: str) -> None:
+        super().__init__()
+        n, k = linear.out_features, linear.in_features
+        codes, d, offset = gguf_blocks.decode_planes(blocks, kind, n, k)
+        codes, d = codes.to(torch.int32), d.to(linear.weight.dtype).float()
+        high, low = self.ZEROS[offset]
+        self.planes = Int4Linear(torch.cat([codes >> 4, codes & 15]), torch.cat([16 * d, d]),
+                                 torch.cat([high * d, low * d]), None, linear.weight.dtype)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = k, n
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """W[index]: the high plane's rows plus the low plane's."""
+        return self.planes.rows(index) + self.planes.rows(index + self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.planes(x)
+        y = y[..., :self.out_features] + y[..., self.out_features:]
+        return y if self.bias is None else y + self.bias
+
+
+class HeadRows:
+    """A head on planes looked up as its weight matrix would be, `rows[index]`, decoding only those rows."""
+
+    def __init__(self, head: PlanesLinear) -> None:
+        self.head = head
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(index)
+
+
+def stored_blocks(model: nn.Module, recipe: str) -> dict[str, np.ndarray]:
+    """The GGUF blocks `recipe` runs `model`'s layers on (q4k: Q4_K's; gguf: Q4_K's, Q5_0's and Q8_0's), from where
+    it was loaded: a GGUF file, or a folder with `gguf_blocks.FILE`."""
     source = getattr(model, "hlm_source", None)
     if source is not None and source.suffix == ".gguf":
-        return q4k.from_gguf(model, source)
-    if source is not None and (source / q4k.FILE).is_file():
+        blocks = gguf_blocks.from_gguf(model, source)
+    elif source is not None and (source / gguf_blocks.FILE).is_file():
         from safetensors.numpy import load_file
 
-        return load_file(source / q4k.FILE)
-    return {}
+        blocks = load_file(source / gguf_blocks.FILE)
+    else:
+        return {}
+    if recipe == "gguf":
+        return blocks
+    return {name: data for name, data in blocks.items() if _kind(model, name, data) == "Q4_K"}
+
+
+def _kind(model: nn.Module, name: str, blocks: np.ndarray) -> str:
+    layer = model.get_submodule(name)
+    return gguf_blocks.kind(blocks, layer.out_features, layer.in_features)
 
 
 def _fits_int4(linear: nn.Linear) -> bool:
@@ -205,8 +271,8 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
         raise ValueError(f"unknown quantisation {recipe!r}: use one of {', '.join(RECIPES)}")
     if recipe == "none":
         return model
-    if recipe == "q4k":
-        return use_q4k(model, q4k_blocks(model))
+    if recipe in ("q4k", "gguf"):
+        return use_blocks(model, stored_blocks(model, recipe), recipe)
     def fast(name: str, child: nn.Linear) -> nn.Module:
         if name in keep:
             return child
@@ -222,17 +288,21 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
     return model
 
 
-def use_q4k(model: nn.Module, blocks: dict[str, np.ndarray]) -> nn.Module:
-    """Each layer named in `blocks` (`q4k_blocks`) runs on them. Their float weights are never read, so pages of a
-    memory-mapped checkpoint that held them never become resident; the rest stays as loaded."""
+def use_blocks(model: nn.Module, blocks: dict[str, np.ndarray], recipe: str) -> nn.Module:
+    """Each layer named in `blocks` (`stored_blocks`) runs on them: Q4_K as one 4-bit plane, Q5_0 and Q8_0 as two.
+    Their float weights are never read, so pages of a memory-mapped checkpoint that held them never become resident;
+    the rest stays as loaded."""
     if not blocks:
-        raise QuantError(f"--quant q4k needs the model's Q4_K blocks: a .gguf file, or a converted folder with "
-                         f"{q4k.FILE} (the embedded pair); {getattr(model, 'hlm_name', 'this model')} has none")
+        what = "Q4_K" if recipe == "q4k" else "GGUF"
+        raise QuantError(f"--quant {recipe} needs the model's {what} blocks: a .gguf file, or a converted folder with "
+                         f"{gguf_blocks.FILE} (the embedded pair); {getattr(model, 'hlm_name', 'this model')} has "
+                         "none")
     for name, data in blocks.items():
         parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent)
-        setattr(holder, child, Int4Linear.q4k(getattr(holder, child), data))
-    model.hlm_quant = "q4k"
+        holder, kind = model.get_submodule(parent), _kind(model, name, data)
+        linear = getattr(holder, child)
+        setattr(holder, child, Int4Linear.q4k(linear, data) if kind == "Q4_K" else PlanesLinear(linear, data, kind))
+    model.hlm_quant = recipe
     return model
 
 
@@ -242,14 +312,33 @@ def recipe_of(why: str) -> str:
     return why.split(" ")[0]
 
 
-def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 20) -> tuple[float, float]:
-    """(float, int4) median seconds of one row through an n x k layer, on random weights: what `q4k` changes in a
-    decode step, measured without reading the model's own weights."""
-    x, w = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    int4 = Int4Linear(torch.randint(0, 16, (n, k)), torch.rand(n, k // INT4_GROUP), torch.rand(n, k // INT4_GROUP),
-                      None, dtype)
+STREAMED_BYTES = 256 << 20  # float weights `int4_layer_seconds` cycles through: more than any last-level cache here
+
+
+def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1) -> tuple[float, float]:
+    """(float, int4) median seconds of one row through an n x k layer, on made-up weights: what `q4k` and `gguf`
+    change in a decode step, measured without reading the model's own weights. A step streams every layer from
+    memory, so the time is per layer over copies that together outgrow the cache (one 4,864 x 896 layer alone stays
+    in it: bf16 measured 0.19 ms there against 0.59 streamed, which turned the choice around). `planes` = 2: the int4
+    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves."""
+    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
+    x = torch.randn(1, k, dtype=dtype)
+    floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
+    int4 = Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(planes * n, k // INT4_GROUP),
+                      torch.rand(planes * n, k // INT4_GROUP), None, dtype)
+    int4s = [copy.deepcopy(int4) for _ in range(copies)]
+
+    def run_float() -> None:
+        for w in floats:
+            F.linear(x, w)
+
+    def run_int4() -> None:
+        for layer in int4s:
+            y = layer(x)
+            _ = y if planes == 1 else y[..., :n] + y[..., n:]
+
     with torch.inference_mode():
-        return _median_seconds(lambda: F.linear(x, w), repeats), _median_seconds(lambda: int4(x), repeats)
+        return _median_seconds(run_float, repeats) / copies, _median_seconds(run_int4, repeats) / copies
 
 
 def _median_seconds(op: Callable[[], object], repeats: int) -> float:

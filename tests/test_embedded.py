@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hlm import q4k
+from hlm import gguf_blocks
 from hlm.models import embedded
 from hlm.models.embedded import DRAFT, VERIFIER, EmbeddedModel, EmbeddedModelError
 
@@ -113,7 +113,7 @@ def test_ready_folder_returns_without_work(cache: Path, monkeypatch: pytest.Monk
     folder = cache / "Fake-Model-bf16"
     folder.mkdir(parents=True)
     (folder / embedded.MARKER).write_text(model.sha256 + "\n")
-    (folder / q4k.FILE).write_bytes(b"")
+    (folder / gguf_blocks.FILE).write_bytes(b"")
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("no work expected on a ready folder")
@@ -127,7 +127,7 @@ def _fake_convert(calls: list[Path]):
     def convert(gguf: Path, out_dir: Path, progress: bool = True) -> None:
         calls.append(gguf)
         (out_dir / "model.safetensors").write_bytes(gguf.read_bytes())
-        (out_dir / q4k.FILE).write_bytes(b"")
+        (out_dir / gguf_blocks.FILE).write_bytes(b"")
     return convert
 
 
@@ -154,7 +154,7 @@ def test_a_folder_without_q4k_blocks_is_built_again(parts: list[bytes], cache: P
     calls: list[Path] = []
     monkeypatch.setattr(embedded, "convert_gguf", _fake_convert(calls))
     assert embedded.ensure_model_dir(model, progress=False) == folder
-    assert len(calls) == 1 and (folder / q4k.FILE).is_file()
+    assert len(calls) == 1 and (folder / gguf_blocks.FILE).is_file()
 
 
 def test_stale_marker_rebuilds_and_keep_gguf(parts: list[bytes], cache: Path,

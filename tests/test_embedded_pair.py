@@ -39,21 +39,25 @@ def test_embedded_pair_generates_code(embedded, policy):
         assert summary["uploads"] <= 12
 
 
-def test_embedded_verifier_runs_its_own_q4k_blocks(embedded):
-    """Where the int4 kernel measures faster (the load says which), the verifier's 168 Q4_K layers run on their
-    GGUF codes: each computes what its converted bf16 weight does, to the rounding of the group scales."""
+@pytest.mark.parametrize(("role", "recipe", "int4", "planes"),
+                         [("verifier", "q4k", 168, 0), ("draft", "gguf", 157, 145)])
+def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4, planes):
+    """Where the int4 kernel measures faster (the load says which), each model's layers run on their GGUF blocks:
+    the verifier's 168 Q4_K layers as one 4-bit plane each; the draft's 12 Q4_K layers so too and its 145 Q5_0 and
+    Q8_0 layers as two. Each computes what its converted bf16 weight does, to the rounding of the group scales."""
     from safetensors import safe_open
 
     from hlm.models import embedded as files
-    from hlm.quant import Int4Linear
+    from hlm.quant import Int4Linear, PlanesLinear
 
-    verifier = embedded.pair.verifier
-    if getattr(verifier, "hlm_quant", "none") != "q4k":
-        assert embedded.pair.quant["verifier"].startswith("none (auto: q4k")  # measured slower on this CPU
-        pytest.skip(embedded.pair.quant["verifier"])
-    assert sum(isinstance(m, Int4Linear) for m in verifier.modules()) == 168
-    layer = verifier.model.layers[3].mlp.up_proj
-    with safe_open(files.model_dir(files.VERIFIER) / "model.safetensors", "pt") as f:
+    model = getattr(embedded.pair, role)
+    if getattr(model, "hlm_quant", "none") != recipe:
+        assert embedded.pair.quant[role].startswith(f"none (auto: {recipe}")  # measured slower on this CPU
+        pytest.skip(embedded.pair.quant[role])
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == int4  # a plane layer holds one of 2n rows
+    assert sum(isinstance(m, PlanesLinear) for m in model.modules()) == planes
+    layer = model.model.layers[3].mlp.up_proj
+    with safe_open(files.model_dir(getattr(files, role.upper())) / "model.safetensors", "pt") as f:
         weight = f.get_tensor("model.layers.3.mlp.up_proj.weight").float()
     x = torch.randn(2, weight.shape[1])
     err = (layer(x.bfloat16()).float() - x @ weight.T).norm() / (x @ weight.T).norm()

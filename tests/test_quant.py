@@ -10,8 +10,8 @@ import torch
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
-from hlm import q4k
-from hlm.quant import INT4_PREFILL_ROWS, Int4Linear, Int8Linear, QuantError, quality, quantize
+from hlm import gguf_blocks
+from hlm.quant import INT4_PREFILL_ROWS, HeadRows, Int4Linear, Int8Linear, PlanesLinear, QuantError, quality, quantize
 
 
 def test_int8_linear_is_the_matmul_of_its_dequantised_weight():
@@ -109,14 +109,14 @@ def test_unknown_recipe_is_refused(tiny):
 def _q4k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Random Q4_K blocks (d and dmin small positive halves, any 6-bit scales and 4-bit codes), rows x cols/256."""
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (rows * cols // 256, q4k.BLOCK_BYTES), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (rows * cols // 256, gguf_blocks.BLOCK_BYTES), dtype=np.uint8)
     blocks[:, 0:4] = rng.uniform(1e-4, 1e-2, (len(blocks), 2)).astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
 def test_q4k_codes_decode_exactly_as_gguf_dequantises():
     blocks = _q4k_blocks(64, 512)
-    codes, scale, offset = q4k.decode(blocks, 64, 512)
+    codes, scale, offset = gguf_blocks.decode(blocks, 64, 512)
     assert codes.min() >= 0 and codes.max() <= 15
     w = (codes.reshape(64, -1, 32) * scale[..., None] - offset[..., None]).reshape(64, 512)
     expected = dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).reshape(64, 512)
@@ -162,11 +162,11 @@ def test_q4k_takes_only_layers_the_gguf_holds_exactly(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
 
-    blocks = q4k.from_gguf(model, path)
+    blocks = gguf_blocks.from_gguf(model, path)
     assert set(blocks) == {"model.layers.0.mlp.up_proj"}
     folder = tmp_path / "converted"  # as the embedded pair keeps them: beside the converted weights
     folder.mkdir()
-    save_file(blocks, folder / q4k.FILE)
+    save_file(blocks, folder / gguf_blocks.FILE)
     ids = torch.tensor([[1, 5, 9, 3]])
     before = model(input_ids=ids).logits
     with pytest.raises(QuantError, match="needs the model's Q4_K blocks"):
@@ -178,3 +178,78 @@ def test_q4k_takes_only_layers_the_gguf_holds_exactly(tmp_path):
         layers = fast.model.layers[0].mlp
         assert isinstance(layers.up_proj, Int4Linear) and isinstance(layers.gate_proj, torch.nn.Linear)
         torch.testing.assert_close(fast(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+Q = gguf.GGMLQuantizationType
+
+
+def _plane_weights(kind: Q, low: int, high: int, n: int = 64, k: int = 128, seed: int = 0) -> torch.Tensor:
+    """Small integers times a power of two per row, each block holding the code range's far end (so the block's
+    scale is that power of two, negative for Q5_0 when the far end is +16): exact at every step in bf16."""
+    torch.manual_seed(seed)
+    ints = torch.randint(low, high + 1, (n, k // 32, 32)).float()
+    ints[:, :, 0] = low if kind == Q.Q5_0 and low == -16 else high
+    return (ints * 2.0 ** -torch.randint(2, 9, (n, 1, 1)).float()).reshape(n, k)
+
+
+@pytest.mark.parametrize(("kind", "low", "high"), [(Q.Q8_0, -127, 127), (Q.Q5_0, -16, 15), (Q.Q5_0, -15, 16)])
+def test_two_planes_compute_the_blocks_weights(kind: Q, low: int, high: int) -> None:
+    """A Q5_0 or Q8_0 block decodes to gguf's own weights, and as two 4-bit planes on the int4 kernel gives them back
+    bit for bit (a wrong code, scale or zero would not), in a one-row step and in a prompt chunk's GEMM alike."""
+    n, k = 64, 128
+    source = _plane_weights(kind, low, high, n, k)
+    blocks = gguf.quants.quantize(source.numpy(), kind)
+    assert torch.equal(torch.from_numpy(dequantize(blocks, kind).reshape(n, k)), source)
+    assert gguf_blocks.kind(blocks, n, k) == kind.name
+    assert torch.equal(gguf_blocks.weights(blocks, n, k), source)
+    planes = PlanesLinear(torch.nn.Linear(k, n, bias=False).to(torch.bfloat16), blocks, kind.name)
+    eye = torch.eye(k, dtype=torch.bfloat16)  # row i of the identity reads column i
+    with torch.inference_mode():
+        for rows in (1, INT4_PREFILL_ROWS):  # the kernel, then the dequantised GEMM
+            got = torch.cat([planes(eye[i:i + rows]) for i in range(0, k, rows)])
+            assert torch.equal(got.float().T, source), rows
+
+
+def test_the_gguf_recipe_runs_q5_0_and_q8_0_layers_on_their_planes(tmp_path):
+    """`q4k` takes only Q4_K layers, `gguf` also Q5_0 and Q8_0 ones, each checked against the model's weights."""
+    model = _small_qwen2()
+    attention = model.model.layers[0].self_attn
+    layers = {"q_proj": (Q.Q5_0, -16, 15), "o_proj": (Q.Q8_0, -127, 127)}
+    blocks = {}
+    with torch.no_grad():
+        for i, (name, (kind, low, high)) in enumerate(layers.items()):
+            layer = getattr(attention, name)
+            weight = _plane_weights(kind, low, high, layer.out_features, layer.in_features, seed=i)
+            blocks[name] = gguf.quants.quantize(weight.numpy(), kind)
+            layer.weight.copy_(weight)
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    for name, tensor in (("attn_q", "q_proj"), ("attn_output", "o_proj")):
+        writer.add_tensor(f"blk.0.{name}.weight", blocks[tensor], raw_dtype=layers[tensor][0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model.hlm_source = path
+    assert set(gguf_blocks.from_gguf(model, path)) == {"model.layers.0.self_attn.q_proj",
+                                                      "model.layers.0.self_attn.o_proj"}
+    with pytest.raises(QuantError, match="needs the model's Q4_K blocks"):
+        quantize(copy.deepcopy(model), "q4k")  # no layer is Q4_K
+    ids = torch.tensor([[1, 5, 9, 3]])
+    before = model(input_ids=ids).logits
+    fast = quantize(copy.deepcopy(model), "gguf")
+    assert isinstance(fast.model.layers[0].self_attn.q_proj, PlanesLinear)
+    assert isinstance(fast.model.layers[0].self_attn.o_proj, PlanesLinear)
+    assert isinstance(fast.model.layers[0].self_attn.k_proj, torch.nn.Linear)
+    torch.testing.assert_close(fast(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plane_heads_rows_are_its_weights_rows():
+    """The semantic statistic reads a few of the head's rows a draft: decoded from the planes, they are the blocks'
+    weights (the order of the index kept, rows from both halves of a 64-row kernel block)."""
+    n, k = 128, 64
+    source = _plane_weights(Q.Q8_0, -127, 127, n, k, seed=5)
+    head = PlanesLinear(torch.nn.Linear(k, n, bias=False).to(torch.bfloat16),
+                        gguf.quants.quantize(source.numpy(), Q.Q8_0), "Q8_0")
+    index = torch.tensor([127, 0, 31, 32, 63, 64, 5])
+    assert torch.equal(HeadRows(head)[index].float(), source[index])

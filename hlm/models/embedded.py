@@ -31,8 +31,9 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
 
 CHUNK = 8 << 20
 MARKER = ".hlm-complete"  # written last; holds the GGUF sha256, so a changed pin forces a rebuild
-# A bf16 folder is 2.6x (0.5B) and 3.3x (1.5B) its Q4_K_M GGUF; the check before converting asks for this much.
-BF16_PER_GGUF_BYTE = 3.5
+# A converted folder (bf16 weights and the GGUF blocks) is 3.3x (0.5B) and 3.7x (1.5B) its Q4_K_M GGUF; the check
+# before converting asks for this much.
+BF16_PER_GGUF_BYTE = 3.8
 
 
 class EmbeddedModelError(UserError, RuntimeError):
@@ -201,13 +202,13 @@ def model_dir(model: EmbeddedModel) -> Path:
 
 
 def is_ready(model: EmbeddedModel) -> bool:
-    """The folder is complete: its marker, written last, holds this model's sha256 (and, since `--quant q4k`, it has
-    the Q4_K blocks: an older folder is built again)."""
-    from hlm import q4k
+    """The folder is complete: its marker, written last, holds this model's sha256 (and, since `--quant gguf`, it has
+    the GGUF blocks file: an older folder, with Q4_K's blocks only or none, is built again)."""
+    from hlm import gguf_blocks
 
     marker = model_dir(model) / MARKER
     try:
-        return marker.read_text().strip() == model.sha256 and (model_dir(model) / q4k.FILE).is_file()
+        return marker.read_text().strip() == model.sha256 and (model_dir(model) / gguf_blocks.FILE).is_file()
     except OSError:
         return False
 
@@ -265,7 +266,7 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
     from safetensors.numpy import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from hlm import q4k
+    from hlm import gguf_blocks
 
     with _offline():
         start = time.monotonic()
@@ -284,8 +285,9 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
             del model.config.quantization_config
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        # The layers the GGUF stores as Q4_K keep their 4-bit blocks beside the bf16 weights (`--quant q4k`).
-        save_file(q4k.from_gguf(model, gguf), out_dir / q4k.FILE)
+        # The layers the GGUF stores as Q4_K, Q5_0 or Q8_0 keep their blocks beside the bf16 weights (`--quant
+        # q4k`, `gguf`).
+        save_file(gguf_blocks.from_gguf(model, gguf), out_dir / gguf_blocks.FILE)
 
 
 def ensure_model_dir(model: EmbeddedModel, progress: bool = True, keep_gguf: bool = False) -> Path:

@@ -21,7 +21,7 @@ from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
 from hlm.prefix import template_head
-from hlm.quant import Int8Linear, recipe_of
+from hlm.quant import HeadRows, Int8Linear, PlanesLinear, recipe_of
 
 
 class ModelError(UserError, RuntimeError):
@@ -99,10 +99,13 @@ class ModelPair:
         return template_head(self._render("Hello."), self._render("? 42"))
 
     @property
-    def embeddings(self) -> torch.Tensor:
-        """The draft's output-embedding rows (the semantic statistic compares their cosines). On the fast path the
-        head's int8 rows: a per-row scale leaves cosines unchanged, and no float copy of the head stays alive."""
+    def embeddings(self) -> torch.Tensor | HeadRows:
+        """The draft's output-embedding rows, indexed as a matrix's (the semantic statistic compares their cosines).
+        On the fast path no float copy of the head stays alive: an int8 head gives its int8 rows (a per-row scale
+        leaves cosines unchanged), a head on GGUF planes the rows asked for, decoded from them."""
         head = self.draft.get_output_embeddings()
+        if isinstance(head, PlanesLinear):
+            return HeadRows(head)
         return head.weight_int8 if isinstance(head, Int8Linear) else head.weight
 
     @property
