@@ -44,7 +44,9 @@ INT4_GROUP = gguf_blocks.GROUP
 INT4_INNER_K_TILES = 2
 INT4_ROW_BLOCK = 64  # rows the CPU kernel packs together
 # The int4 kernel's time grows with the rows (8,960 x 1,536: 0.35 ms for one, 20 ms for 128), dequantising a
-# layer and its float GEMM cost about what 96 rows do (14 ms): from this many rows, dequantise.
+# layer and its float GEMM cost about what 96 rows do (14 ms): from this many rows, dequantise. A layer of two planes
+# (`PlanesLinear`) crosses over at 64-128 rows too (4,864 x 896: 6.6 ms for 64 rows, 7.3 dequantised; 12.1 and 8.7
+# for 128).
 INT4_PREFILL_ROWS = 128
 
 
@@ -60,6 +62,17 @@ SCRATCH_WEIGHTS = 1 << 24  # float weights dequantised at a time for a prompt ch
 _scratch = threading.local()
 
 
+def _scratch_buffer(like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    """This thread's buffer of SCRATCH_WEIGHTS elements in `like`'s dtype and device, made once and reused (`slot`
+    1: a second one, for `PlanesLinear`'s low plane)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype, slot)
+    if key not in buffers:  # a normal tensor, which passes in and out of inference mode may both write
+        with torch.inference_mode(False):
+            buffers[key] = torch.empty(SCRATCH_WEIGHTS, dtype=like.dtype, device=like.device)
+    return buffers[key]
+
+
 def _dequantised_gemm(rows: torch.Tensor, n: int, k: int, block: int,
                       fill: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
     """rows @ W^T for an n x k quantised W, dequantised `block` output rows at a time (`block` a multiple of the
@@ -67,12 +80,7 @@ def _dequantised_gemm(rows: torch.Tensor, n: int, k: int, block: int,
     returns it as k x (stop - start). The buffer is this thread's and reused: a fresh one per layer would be a
     new mapping whose pages fault in on every prompt chunk (`hlm.memory.return_large_buffers`), which cost more
     than the dequantising itself (the 0.5B draft read a 24-token prompt in 0.77 s, 0.43 s of it there)."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (rows.device, rows.dtype)
-    if key not in buffers:  # a normal tensor, which passes in and out of inference mode may both write
-        with torch.inference_mode(False):
-            buffers[key] = torch.empty(SCRATCH_WEIGHTS, dtype=rows.dtype, device=rows.device)
-    buffer = buffers[key]
+    buffer = _scratch_buffer(rows)
     step = max(block, SCRATCH_WEIGHTS // k // block * block)
     parts = [rows @ fill(buffer[:k * (min(i + step, n) - i)], i, min(i + step, n)) for i in range(0, n, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
@@ -213,9 +221,23 @@ class PlanesLinear(nn.Module):
         return self.planes.rows(index) + self.planes.rows(index + self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.planes(x)
-        y = y[..., :self.out_features] + y[..., self.out_features:]
+        n, k = self.out_features, self.in_features
+        rows = x.reshape(-1, k).to(self.planes.scales_and_zeros.dtype)
+        if self.planes.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise, float GEMM
+            y = _dequantised_gemm(rows, n, k, INT4_ROW_BLOCK, self._dequantised_t)
+        else:
+            y = self.planes(rows)
+            y = y[:, :n] + y[:, n:]
+        y = y.reshape(*x.shape[:-1], n)
         return y if self.bias is None else y + self.bias
+
+    def _dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """W[start:stop]^T, the two planes' dequantised rows summed (each rounded to the activations' dtype first:
+        decoding the 8-bit code before scaling it measured slower, both ways bound by unpacking the kernel's
+        layout)."""
+        low = _scratch_buffer(buffer, slot=1)[:buffer.numel()]
+        n = self.out_features
+        return self.planes.dequantised_t(buffer, start, stop).add_(self.planes.dequantised_t(low, start + n, stop + n))
 
 
 class HeadRows:

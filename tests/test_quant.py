@@ -62,7 +62,7 @@ def test_prompt_chunks_dequantise_block_by_block(monkeypatch):
     with torch.inference_mode():  # the buffer made here serves passes outside inference mode too
         torch.testing.assert_close(int8(x), whole[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(int4(x), whole[1], rtol=1e-5, atol=1e-5)
-    assert quant._scratch.buffers[(x.device, x.dtype)].numel() == 128 * 64
+    assert quant._scratch.buffers[(x.device, x.dtype, 0)].numel() == 128 * 64
 
 
 def _sequences(pair):
