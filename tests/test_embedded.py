@@ -297,3 +297,31 @@ def test_checking_the_cache_loads_no_torch() -> None:
     root = Path(embedded.__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _hlm_imports(path: Path) -> set[str]:
+    """The package's own files `path` imports, anywhere in it (function bodies included), as relative paths."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hlm":
+            stems = [f"{node.module}.{alias.name}" for alias in node.names] if node.module == "hlm" else [node.module]
+            found |= {f"{stem.replace('.', '/')}.py" for stem in stems}
+    return found
+
+
+def test_the_docker_layer_that_converts_the_pair_copies_every_module_the_conversion_imports():
+    """The Dockerfile's second layer converts the pair with only a few of the package's files copied (so a code
+    change reuses the layer): each one `python -m hlm.models.embedded` imports, transitively, must be among them."""
+    root = Path(__file__).resolve().parent.parent
+    dockerfile = (root / "Dockerfile").read_text()
+    before = dockerfile[:dockerfile.index("python -m hlm.models.embedded")]
+    copied = {path for line in before.splitlines() if line.startswith("COPY hlm") for path in line.split()[1:-1]}
+    needed, todo = set(), ["hlm/__init__.py", "hlm/models/__init__.py", "hlm/models/embedded.py"]
+    while todo:
+        path = todo.pop()
+        if path not in needed and (root / path).is_file():
+            needed.add(path)
+            todo += _hlm_imports(root / path)
+    assert needed <= copied, sorted(needed - copied)
