@@ -648,7 +648,7 @@ def test_the_evidence_tab_reads_the_committed_study():
     assert f"| faithful prefix against the study's batched y* | {ystar['ours']:.3f} |" in e.end_to_end
     assert f"reproduces {study['confirm']['summary']['llm_prefix_ystar']:.3f} of y*" in e.end_to_end
     for section in (e.capture_table, e.end_to_end):  # each says which file and which command
-        assert "`docs/results/study/summary.json`, made by `python -m hlm study --prompts" in section
+        assert f"`docs/results/{STUDY}`, made by `python -m hlm study --prompts" in section
     assert "not measured yet" not in e.humaneval  # every HumanEval table named in HUMANEVAL is committed
     assert all(f"made by `{run.command}`" in e.humaneval for run in HUMANEVAL)
     for fig in (e.recall, e.prefix):

@@ -18,9 +18,9 @@ from hlm.experiments.study.confirm import ROWS
 from hlm.policies import REGISTRY, with_role
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
-STUDY = "study/summary.json"
+STUDY = "study-gguf/summary.json"  # the shipped draft, `gguf` (study/: the int8 draft's run before it)
 # What makes each file; a file's own `meta.command`, where it has one, is shown instead
-STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study --seeds \"\" "
+STUDY_COMMAND = ("python -m hlm study --prompts hlm/assets/prompts-heldout.jsonl --out runs/study-gguf --seeds \"\" "
                  "--confirm 64 --confirm-limit 32")
 
 
