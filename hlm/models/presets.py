@@ -136,17 +136,18 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
 
 
 def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
-    """`q4k` and `gguf` are timed on their largest layer's shape but the output head's (its random int4 codes
-    would take gigabytes to make), with random weights, not on a whole step: a float step would read (and make
-    resident) the very weights the blocks replace. A layer of two planes is timed as the one int4 layer of twice its
-    rows it runs."""
+    """`q4k` and `gguf` are timed on the shape of their largest layer but the output head (whose made-up copies
+    would take gigabytes), with made-up weights streamed from memory (`int4_layer_seconds`), not on a whole step: a
+    float step would read (and make resident) the very weights the blocks replace. A layer of two planes is timed as
+    the one int4 layer of twice its rows it runs."""
     blocks = stored_blocks(model, recipe)
     if not blocks:
         if requested == "auto":
             return f"none (auto: no {recipe} blocks for this model)"
         use_blocks(model, blocks, recipe)  # raises: nothing to run on
     head = model.get_output_embeddings()
-    name = max((name for name in blocks if model.get_submodule(name) is not head), key=lambda name: blocks[name].size)
+    timed = [name for name in blocks if model.get_submodule(name) is not head] or list(blocks)
+    name = max(timed, key=lambda name: blocks[name].size)
     layer = model.get_submodule(name)
     planes = 1 if gguf_blocks.kind(blocks[name], layer.out_features, layer.in_features) == "Q4_K" else 2
     plain, int4 = int4_layer_seconds(layer.out_features, layer.in_features, model.dtype, planes=planes)
