@@ -6,20 +6,23 @@ measured offline is the score the decoder acts on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from hlm.estimators import DraftStats
-from hlm.quant import HeadRows
 from hlm.uncertainty import Uncertainty
 
-Rows = torch.Tensor | HeadRows
+if TYPE_CHECKING:
+    from hlm.quant import HeadRows
+
 ALTERNATIVES = 16  # candidates besides the draft that `semantic` compares it with
 
 
 @torch.no_grad()
-def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor, embeddings: Rows,
-                prev_attention: float | None = None, p_prev: float | None = None, index: int = 0,
+def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor,
+                embeddings: torch.Tensor | HeadRows, prev_attention: float | None = None, p_prev: float | None = None,
+                index: int = 0,
                 hidden: torch.Tensor | None = None, log_p_before: float = 0.0) -> DraftStats:
     """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows), or what
     reads its rows as a matrix would (`hlm.quant.HeadRows`); `hidden`: the final hidden state of the same pass (kept
