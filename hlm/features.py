@@ -22,8 +22,7 @@ ALTERNATIVES = 16  # candidates besides the draft that `semantic` compares it wi
 @torch.no_grad()
 def draft_stats(logits: torch.Tensor, draft: int, unc: Uncertainty, valid: torch.Tensor,
                 embeddings: torch.Tensor | HeadRows, prev_attention: float | None = None, p_prev: float | None = None,
-                index: int = 0,
-                hidden: torch.Tensor | None = None, log_p_before: float = 0.0) -> DraftStats:
+                index: int = 0, hidden: torch.Tensor | None = None, log_p_before: float = 0.0) -> DraftStats:
     """`logits`: the SLM's next-position logits; `embeddings`: its output-embedding matrix (lm_head rows), or what
     reads its rows as a matrix would (`hlm.quant.HeadRows`); `hidden`: the final hidden state of the same pass (kept
     as float32 on the CPU, where the judge reads it)."""

@@ -264,10 +264,11 @@ def stored_blocks(model: nn.Module, recipe: str) -> dict[str, np.ndarray]:
         return {}
     if recipe == "gguf":
         return blocks
-    return {name: data for name, data in blocks.items() if _kind(model, name, data) == "Q4_K"}
+    return {name: data for name, data in blocks.items() if block_kind(model, name, data) == "Q4_K"}
 
 
-def _kind(model: nn.Module, name: str, blocks: np.ndarray) -> str:
+def block_kind(model: nn.Module, name: str, blocks: np.ndarray) -> str:
+    """The GGUF format (Q4_K, Q5_0, Q8_0) of `blocks`, the blocks of `model`'s layer `name`."""
     layer = model.get_submodule(name)
     return gguf_blocks.kind(blocks, layer.out_features, layer.in_features)
 
@@ -321,7 +322,7 @@ def use_blocks(model: nn.Module, blocks: dict[str, np.ndarray], recipe: str) -> 
                          "none")
     for name, data in blocks.items():
         parent, _, child = name.rpartition(".")
-        holder, kind = model.get_submodule(parent), _kind(model, name, data)
+        holder, kind = model.get_submodule(parent), block_kind(model, name, data)
         linear = getattr(holder, child)
         setattr(holder, child, Int4Linear.q4k(linear, data) if kind == "Q4_K" else PlanesLinear(linear, data, kind))
     model.hlm_quant = recipe

@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hlm import gguf_blocks  # noqa: E402
 from hlm.experiments.bench import _guard_sequences  # noqa: E402
 from hlm.models import embedded  # noqa: E402
-from hlm.models.presets import load_model, load_pair  # noqa: E402
+from hlm.models.presets import PRESETS, load_model, load_pair  # noqa: E402
 from hlm.quant import RECIPES, quality, quantize  # noqa: E402
 
-SHIPPED = {"verifier": (embedded.VERIFIER, "q4k"), "draft": (embedded.DRAFT, "gguf")}  # the fast path each ships
+SPECS = {"draft": embedded.DRAFT, "verifier": embedded.VERIFIER}
+SHIPPED = dict(zip(SPECS, PRESETS["embedded"].fast, strict=True))  # the fast path each model ships
 
 
 @torch.no_grad()
@@ -63,8 +64,7 @@ def main() -> None:
     parser.add_argument("--keep", type=lambda s: tuple(s.split(",")), default=(),
                         help="layers (e.g. q_proj,k_proj,v_proj,o_proj) that --recipe int8 or int4 leaves in bf16")
     args = parser.parse_args()
-    spec, shipped = SHIPPED[args.model]
-    recipe = args.recipe or shipped
+    spec, recipe = SPECS[args.model], args.recipe or SHIPPED[args.model]
     if args.keep and recipe not in ("int8", "int4"):
         parser.error("--keep leaves layers of an int8 or int4 model in bf16: use it with --recipe int8 or int4")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS, gguf_blocks, rows
+from hlm import ASSETS, rows
 from hlm.compiled import compile_step
 from hlm.config import COMPILED
 from hlm.drafter import KERNEL
@@ -24,7 +24,7 @@ from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair, tiny_role
-from hlm.quant import RECIPES, int4_layer_seconds, quantize, step_seconds, stored_blocks, use_blocks
+from hlm.quant import RECIPES, block_kind, int4_layer_seconds, quantize, step_seconds, stored_blocks, use_blocks
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
     timed = [name for name in blocks if model.get_submodule(name) is not head] or list(blocks)
     name = max(timed, key=lambda name: blocks[name].size)
     layer = model.get_submodule(name)
-    planes = 1 if gguf_blocks.kind(blocks[name], layer.out_features, layer.in_features) == "Q4_K" else 2
+    planes = 1 if block_kind(model, name, blocks[name]) == "Q4_K" else 2
     plain, int4 = int4_layer_seconds(layer.out_features, layer.in_features, model.dtype, planes=planes)
     why = (f"{recipe}, {len(blocks)} layers ({int4 * 1e3:.2f} vs {plain * 1e3:.2f} ms in {str(model.dtype)[6:]} "
            f"for one {layer.out_features} x {layer.in_features} layer")
