@@ -43,7 +43,7 @@ from hlm.models.pairs import ModelPair
 from hlm.payload import as_sent
 from hlm.policies import REGISTRY as POLICIES
 from hlm.policies import decide
-from hlm.sampling import distribution, sample
+from hlm.sampling import distribution, pick
 from hlm.uncertainty import Uncertainty, uncertainty
 from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
 
@@ -349,7 +349,7 @@ class Generation:
         # 1. Draft from what the cloud will read (exact in every payload format); slm sends nothing.
         p = distribution(self.logits, s, self.valid)
         payload, sent = as_sent(p, link.bits_per_prob, link.topk) if self.policy.uploads else (None, p)
-        token = sample(sent, self.draft_gen)
+        token = pick(sent, s, self.draft_gen)
         # 2. Uncertainty from the same logits: no extra forward pass.
         unc = uncertainty(self.logits, token, pol.n_samples, pol.theta_max, self.u_gen, self.valid) \
             if self.needs_u else None

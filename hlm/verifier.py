@@ -27,7 +27,7 @@ from hlm import prefix, rows
 from hlm.config import SamplingConfig
 from hlm.energy import EnergyMeter, Window, measure, open_meter
 from hlm.payload import decode
-from hlm.sampling import distribution, rejection_step, sample
+from hlm.sampling import distribution, pick, rejection_step
 
 VERIFIER_SEED_SALT = 0x5EED  # keeps the verifier's stream independent of the drafter's
 
@@ -151,7 +151,7 @@ class LocalVerifier:
             self._sync(context)
             q = distribution(self.last_logits, self.sampling, self.valid)
             if draft is None:
-                token, accepted, p_d, q_d = sample(q, self.generator), None, None, None
+                token, accepted, p_d, q_d = pick(q, self.sampling, self.generator), None, None, None
             else:
                 p = decode(payload or b"", self.vocab_size).to(self.device)
                 token, accepted = rejection_step(draft, p, q, self.generator)
