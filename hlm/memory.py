@@ -1,9 +1,15 @@
 """Memory of a process that serves for hours (the dashboard's `Service`, `serve-cloud` and its replicas): large
-buffers go back to the system when freed."""
+buffers go back to the system when freed, and pages of a memory-mapped checkpoint that nothing reads any more are
+not kept counted."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MMAP_THRESHOLD_BYTES = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -20,5 +26,51 @@ def return_large_buffers() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; their content is kept (a file's are read again if touched)
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    start = tensor.data_ptr()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
+def file_backed(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s bytes are a view of a memory-mapped file (a checkpoint transformers loaded without a copy),
+    per /proc/self/maps; False where there is none."""
+    start, end = _span(tensor)
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= start and end <= high:
+                    return len(fields) == 6 and fields[5].startswith("/")
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def page_out(tensor: torch.Tensor) -> bool:
+    """Give the whole pages of a file-backed `tensor` that are resident back to the OS: a layer that now runs on a
+    copy (`hlm.quant.PackedLinear`) no longer reads them, but having read them once to make that copy they would
+    stay counted in the process's memory. Its content is unchanged (read from the file again if touched). False
+    where it is not file-backed or the OS refuses."""
+    if not file_backed(tensor):
+        return False
+    start, end = _span(tensor)
+    page = mmap.PAGESIZE
+    low, high = -(-start // page) * page, end // page * page
+    try:
+        return high <= low or _libc().madvise(low, high - low, MADV_PAGEOUT) == 0
     except (OSError, AttributeError):
         return False

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -53,20 +52,21 @@ AttentionMaskInterface.register(KERNEL, sdpa_mask)
 
 class BlockLinear(nn.Module):
     """A float Linear whose passes of up to EXACT_ROWS rows multiply in zero-padded blocks of BLOCK rows; longer
-    ones (prompt chunks) in one GEMM. Holds the layer's own weight (no copy; a tied lm-head stays tied)."""
+    ones (prompt chunks) in one GEMM. Wraps the layer itself (no copy; a tied lm-head stays tied), which may later run
+    on a packed weight (`hlm.quant.PackedLinear`: the same products)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
+        self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         n = rows.shape[0]
         if n > EXACT_ROWS:
-            return F.linear(x, self.weight, self.bias)
+            return self.linear(x)
         padded = torch.cat([rows, rows.new_zeros(-n % BLOCK, self.in_features)])
-        y = torch.cat([F.linear(padded[i:i + BLOCK], self.weight, self.bias) for i in range(0, len(padded), BLOCK)])
+        y = torch.cat([self.linear(padded[i:i + BLOCK]) for i in range(0, len(padded), BLOCK)])
         return y[:n].reshape(*x.shape[:-1], self.out_features)
 
 
@@ -74,5 +74,6 @@ def exact_rows(model: nn.Module) -> nn.Module:
     """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention)."""
     if model.config._attn_implementation != KERNEL:
         raise ValueError(f"exact rows need the {KERNEL!r} attention, not {model.config._attn_implementation!r}")
-    swap_linears(model, lambda _name, linear: BlockLinear(linear))
+    if not any(isinstance(m, BlockLinear) for m in model.modules()):  # once: its layers would nest again
+        swap_linears(model, lambda _name, linear: BlockLinear(linear))
     return model

@@ -71,3 +71,20 @@ def test_embedded_verifier_syncs_give_bitwise_the_one_row_logits(embedded, every
     from test_rows import worst_gap
 
     assert worst_gap(embedded.pair, every) == 0.0
+
+
+def test_embedded_float_layers_run_packed_with_the_same_products(embedded):
+    """What no GGUF block fits (the Q6_K layers, kept bf16) runs on oneDNN's packed weights: the product `F.linear`
+    computes, bit for bit, with the weights read once a step (docs/speed.md)."""
+    import torch.nn.functional as F
+
+    from hlm.quant import PackedLinear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    for role in ("draft", "verifier"):
+        packed = [m for m in getattr(embedded.pair, role).modules() if isinstance(m, PackedLinear)]
+        assert packed and f"; {len(packed)} bf16 layers packed" in embedded.pair.quant[role]
+        x = torch.randn(4, packed[-1].in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(packed[-1](x), F.linear(x, packed[-1].weight, packed[-1].bias))

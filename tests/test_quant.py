@@ -7,11 +7,23 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
-from hlm import gguf_blocks
-from hlm.quant import INT4_PREFILL_ROWS, HeadRows, Int4Linear, Int8Linear, PlanesLinear, QuantError, quality, quantize
+from hlm import gguf_blocks, memory, rows
+from hlm.quant import (
+    INT4_PREFILL_ROWS,
+    HeadRows,
+    Int4Linear,
+    Int8Linear,
+    PackedLinear,
+    PlanesLinear,
+    QuantError,
+    pack_float_linears,
+    quality,
+    quantize,
+)
 
 
 def test_int8_linear_is_the_matmul_of_its_dequantised_weight():
@@ -253,3 +265,56 @@ def test_a_plane_heads_rows_are_its_weights_rows():
                         gguf.quants.quantize(source.numpy(), Q.Q8_0), "Q8_0")
     index = torch.tensor([127, 0, 31, 32, 63, 64, 5])
     assert torch.equal(HeadRows(head)[index].float(), source[index])
+
+
+def file_backed_linear(tmp_path, n: int, k: int, bias: bool) -> torch.nn.Linear:
+    """A bf16 Linear whose weight is a view of a memory-mapped file, as transformers loads a bf16 checkpoint."""
+    path = tmp_path / "weight.bin"
+    torch.randn(n * k, generator=torch.Generator().manual_seed(3)).bfloat16().view(torch.int16).numpy().tofile(path)
+    linear = torch.nn.Linear(k, n, bias=bias, dtype=torch.bfloat16)
+    linear.weight = torch.nn.Parameter(torch.from_file(str(path), size=n * k, dtype=torch.bfloat16).view(n, k),
+                                       requires_grad=False)
+    return linear
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_layer_computes_bit_for_bit_what_f_linear_does(tmp_path, bias):
+    """oneDNN's packed weight is the layout `F.linear` reorders into on every call: the same sums, whatever the rows
+    (a decode step, a sync's block, a prompt chunk), and the weight is still there, unchanged, for readers."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    linear = file_backed_linear(tmp_path, 272, 320, bias)
+    before = linear.weight.detach().clone()
+    assert memory.file_backed(linear.weight)
+    packed = PackedLinear.of(linear)
+    assert packed is not None
+    for n in (1, 2, 3, 4, 7, 64, 130):
+        x = torch.randn(n, 320, dtype=torch.bfloat16)
+        with torch.no_grad():  # as every pass runs
+            assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias))
+    assert torch.equal(packed.weight, before)  # its pages were given back, and read again from the file
+
+
+def test_only_bf16_views_of_a_mapped_file_are_packed(tmp_path):
+    """A copy would cost memory where the weight is not a file's pages (they are given back once packed), and fp32
+    is not what was measured: both stay as they are."""
+    anonymous = torch.nn.Linear(320, 272, dtype=torch.bfloat16)
+    assert not memory.file_backed(anonymous.weight) and PackedLinear.of(anonymous) is None
+    assert PackedLinear.of(torch.nn.Linear(320, 272)) is None
+    model = torch.nn.Sequential(file_backed_linear(tmp_path, 272, 320, True), anonymous)
+    assert pack_float_linears(model) == (1 if torch.backends.mkldnn.is_available() else 0)
+    assert isinstance(model[1], torch.nn.Linear)
+
+
+def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):
+    """The verifier's float layers (`hlm.rows.BlockLinear`) may run packed: a row's product is still the same in any
+    block, so a sync still sees the LLM alone's logits."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    block = rows.BlockLinear(file_backed_linear(tmp_path, 272, 320, True))
+    pack_float_linears(block)
+    assert isinstance(block.linear, PackedLinear)
+    x = torch.randn(rows.EXACT_ROWS, 320, dtype=torch.bfloat16)
+    alone = torch.cat([block(x[i:i + 1]) for i in range(len(x))])
+    for n in range(2, rows.EXACT_ROWS + 1):
+        assert torch.equal(block(x[:n]), alone[:n])

@@ -24,7 +24,16 @@ from hlm.estimators import SelectionCalibration
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair, tiny_role
-from hlm.quant import RECIPES, block_kind, int4_layer_seconds, quantize, step_seconds, stored_blocks, use_blocks
+from hlm.quant import (
+    RECIPES,
+    block_kind,
+    int4_layer_seconds,
+    pack_float_linears,
+    quantize,
+    step_seconds,
+    stored_blocks,
+    use_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -202,14 +211,18 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
     compiled: auto, and the draft's decode step compiled (`hlm.compiled`)."""
     dev = torch.device(device) if device else default_device()
     recipe = "auto" if quant == COMPILED else quant
-    pair = tiny_pair(device=dev, quant=recipe) if spec == "tiny" else _load_named(spec, dev, dtype, progress, recipe)
+    pair = tiny_pair(device=dev, quant=recipe) if spec == "tiny" else \
+        _load_named(spec, dev, dtype, progress, recipe, pack_draft=quant != COMPILED)
     if quant == COMPILED:  # one graph, with the weights the default estimator reads (`hlm.compiled`)
         pair.quant["draft"] = compile_step(pair.draft, pair.quant.get("draft", "none"), pair.head_layers)
     return pair
 
 
-def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool, quant: str) -> ModelPair:
-    """A preset or `DRAFT,VERIFIER` pair, each model on its fast path (`quant`), with its calibrations."""
+def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool, quant: str,
+                pack_draft: bool = True) -> ModelPair:
+    """A preset or `DRAFT,VERIFIER` pair, each model on its fast path (`quant`) and its remaining bf16 layers packed
+    (`hlm.quant.pack_float_linears`; not the draft's when it is to be compiled, which packs its own), with its
+    calibrations."""
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
     draft_ref, verifier_ref = _refs(spec, progress)
@@ -231,6 +244,9 @@ def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool,
             pair.quant[role] = f"none (auto: {slower})"
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
+    for role in ("draft", "verifier") if pack_draft else ("verifier",):
+        if packed := pack_float_linears(getattr(pair, role)):
+            pair.quant[role] += f"; {packed} bf16 layers packed"
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
