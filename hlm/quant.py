@@ -14,6 +14,8 @@ softmax or the attention changes) and all on kernels that ship in torch itself:
 - `gguf`: `q4k`, and the layers stored as Q5_0 or Q8_0 on their own blocks too, each as two 4-bit planes
   (`PlanesLinear`); only Q6_K's layers (groups of 16) stay as loaded. The blocks come from the GGUF, or for the
   embedded pair from `gguf_blocks.FILE` beside its converted weights (`hlm.models.embedded`).
+What a recipe leaves in bf16 then runs on oneDNN's packed weights (`PackedLinear`, `pack_float_linears`): the same
+products, read once a step.
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
 real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
 both; docs/speed.md says which recipe each model of the embedded pair runs and why).
