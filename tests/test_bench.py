@@ -106,3 +106,27 @@ def test_an_unknown_section_is_refused():
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--models", "tiny", "--sections", "limit,nope"])
     assert exc.value.code == 2
+
+
+def test_a_model_with_packed_layers_is_not_its_own_plain_reference(tmp_path):
+    """Plain `generate` is timed on plain transformers: a pair's unquantised model is its own reference only while no
+    layer of it runs packed (`hlm.quant.PackedLinear`, faster than transformers' own bf16 product)."""
+    import torch
+    from test_quant import file_backed_linear
+
+    from hlm.experiments.bench import _plain
+    from hlm.models.tiny import tiny_pair
+    from hlm.quant import PackedLinear
+
+    packed = PackedLinear.of(file_backed_linear(tmp_path, 272, 320, False))
+    if packed is None:
+        pytest.skip("no oneDNN packing here")
+    pair, loads = tiny_pair(), []
+
+    def load(role, device, dtype, attention):
+        loads.append(role)
+        return tiny_role(role, attention)
+
+    assert _plain(pair, load, "draft", torch.float32) is pair.draft and not loads
+    pair.draft.add_module("packed", packed)
+    assert _plain(pair, load, "draft", torch.float32) is not pair.draft and loads == ["draft"]

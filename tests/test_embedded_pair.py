@@ -78,13 +78,15 @@ def test_embedded_float_layers_run_packed_with_the_same_products(embedded):
     computes, bit for bit, with the weights read once a step (docs/speed.md)."""
     import torch.nn.functional as F
 
-    from hlm.quant import PackedLinear
+    from hlm.quant import PackedLinear, recipe_of
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch")
     for role in ("draft", "verifier"):
         packed = [m for m in getattr(embedded.pair, role).modules() if isinstance(m, PackedLinear)]
-        assert packed and f"; {len(packed)} bf16 layers packed" in embedded.pair.quant[role]
+        why, note = embedded.pair.quant[role], f" ({len(packed)} bf16 layers packed)"
+        assert packed and why.endswith(note)
+        assert recipe_of(why) == recipe_of(why.removesuffix(note))  # the numerics' key, as before packing
         x = torch.randn(4, packed[-1].in_features, dtype=torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(packed[-1](x), F.linear(x, packed[-1].weight, packed[-1].bias))

@@ -245,8 +245,8 @@ def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool,
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
     for role in ("draft", "verifier") if pack_draft else ("verifier",):
-        if packed := pack_float_linears(getattr(pair, role)):
-            pair.quant[role] += f"; {packed} bf16 layers packed"
+        if packed := pack_float_linears(getattr(pair, role)):  # the same products: the recipe's word stays first
+            pair.quant[role] += f" ({packed} bf16 layers packed)"  # (`quant.recipe_of`, the numerics' key)
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
