@@ -656,6 +656,28 @@ def test_the_evidence_tab_reads_the_committed_study():
         json.dumps(fig)
 
 
+
+def test_the_image_keeps_every_file_the_evidence_tab_reads():
+    """`.dockerignore` leaves docs/ out of the image but for what the Evidence tab reads (the image's tab said "not
+    measured yet" for HumanEval while its exception named a folder that no longer exists). Docker's rule: the last
+    pattern that matches the path or one of its parents decides."""
+    import fnmatch
+
+    root = RESULTS.parents[1]
+    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines() if line.strip()]
+
+    def ignored(path: str) -> bool:
+        parts, verdict = path.split("/"), False
+        for pattern in patterns:
+            if any(fnmatch.fnmatchcase("/".join(parts[:n]), pattern.lstrip("!")) for n in range(1, len(parts) + 1)):
+                verdict = not pattern.startswith("!")
+        return verdict
+
+    read = [STUDY, *(name for run in HUMANEVAL for name in (run.table, run.results))]
+    assert all((RESULTS / name).is_file() for name in read)
+    assert [name for name in read if ignored(f"docs/results/{name}")] == []
+    assert ignored("docs/speed.md") and ignored("docs/results/humaneval-gguf-80/completions.jsonl")
+
 def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):
     e = evidence(tmp_path)  # no result files at all
     assert "not measured yet" in e.capture and "not measured yet" in e.end_to_end and e.recall["data"] == []
