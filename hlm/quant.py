@@ -105,8 +105,9 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def of(cls, linear: nn.Linear) -> PackedLinear | None:
-        """`linear` packed, if its weight is a bf16 view of a memory-mapped checkpoint (so the copy costs no memory:
-        `memory.page_out`) and the packed product equals `F.linear`'s bit for bit on probe rows; else None."""
+        """`linear` packed, if its weight is a bf16 view of a memory-mapped checkpoint whose pages the OS takes back
+        (so the copy costs no memory: `memory.page_out`) and the packed product equals `F.linear`'s bit for bit on
+        probe rows; else None."""
         w = linear.weight.detach()
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not memory.file_backed(w):
             return None
@@ -116,8 +117,8 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             same = all(torch.equal(packed(probe[:n]), F.linear(probe[:n], w, linear.bias))
                        for n in (1, PACKED_PROBE_ROWS))
-        memory.page_out(w)
-        return packed if same else None
+        # Packing read every page of the weight; unless the OS takes them back, the copy would add to the memory.
+        return packed if same and memory.page_out(w) else None
 
 
 def pack_float_linears(model: nn.Module) -> int:
