@@ -5,6 +5,7 @@ not kept counted."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 
 MMAP_THRESHOLD_BYTES = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; their content is kept (a file's are read again if touched)
 
 
 def return_large_buffers() -> bool:
@@ -24,16 +26,23 @@ def return_large_buffers() -> bool:
     2.2 % and 1.6 % in two soaks with this call. Call it before the models load. False where the C library is not
     glibc (then nothing changes)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
 
 
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; their content is kept (a file's are read again if touched)
+def trim_heap() -> bool:
+    """Hand the heap's free memory back to the OS now (glibc keeps it otherwise), as after dropping weights at load.
+    False where the C library is not glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    """glibc, loaded once (OSError where there is none)."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc

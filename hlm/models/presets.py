@@ -5,8 +5,6 @@ Remote code is never trusted.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import gc
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS, rows
+from hlm import ASSETS, memory, rows
 from hlm.compiled import compile_step
 from hlm.config import COMPILED
 from hlm.drafter import KERNEL
@@ -171,8 +169,7 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
 def _release_memory() -> None:
     """Free dropped weights now and hand the freed heap back to the OS (glibc keeps it otherwise)."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    memory.trim_heap()
 
 
 class _Slower(Exception):
