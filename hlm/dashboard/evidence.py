@@ -41,17 +41,20 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The draft that ships (`gguf`): the default k = 8 with its coin and slm on the first 80 problems; the shipped probe
+# The draft that ships (`gguf`): the default k = 8 with its coin and slm on all 164 problems; the shipped probe
 # on the int8 draft after exact rows: the default k = 8 and k = 16, each with its coin, slm and llm, on all 164
 # problems (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
 # after the first 64 alone (no pass@1 was read from them), and four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-gguf-80", "The draft that ships, on its GGUF blocks: the default k = 8 against its matched "
-                 "coin, with slm as the floor, on the first 80 problems (llm reads no draft: its row is the one below)",
+    HumanEvalRun("humaneval-gguf-164", "The draft that ships, on its GGUF blocks: the default k = 8 against its "
+                 "matched coin, with slm as the floor, on all 164 problems (llm reads no draft: its row is the one "
+                 "below)",
                  "python -m hlm eval humaneval --policies ours,random,slm --ks 8 --limit 64 "
                  "--out runs/humaneval-gguf-64; python -m hlm eval humaneval --policies ours,random,slm --ks 8 "
-                 "--skip 64 --limit 16 --out runs/humaneval-gguf-rest; python -m hlm eval merge "
-                 "runs/humaneval-gguf-64 runs/humaneval-gguf-rest --out runs/humaneval-gguf-80"),
+                 "--skip 64 --limit 16 --out runs/humaneval-gguf-rest; python -m hlm eval humaneval --policies "
+                 "ours,random,slm --ks 8 --skip 80 --limit 84 --out runs/humaneval-gguf-164rest; "
+                 "python -m hlm eval merge runs/humaneval-gguf-64 runs/humaneval-gguf-rest runs/humaneval-gguf-164rest "
+                 "--out runs/humaneval-gguf-164"),
     HumanEvalRun("humaneval-exact-164", "The probe as it ships, on the int8 draft after exact rows: the default "
                  "k = 8 and k = 16, each against its matched coin, with slm and llm as floor and ceiling, on all 164 "
                  "problems",
