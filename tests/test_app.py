@@ -656,7 +656,6 @@ def test_the_evidence_tab_reads_the_committed_study():
         json.dumps(fig)
 
 
-
 def test_the_image_keeps_every_file_the_evidence_tab_reads():
     """`.dockerignore` leaves docs/ out of the image but for what the Evidence tab reads (the image's tab said "not
     measured yet" for HumanEval while its exception named a folder that no longer exists). Docker's rule: the last
@@ -677,6 +676,7 @@ def test_the_image_keeps_every_file_the_evidence_tab_reads():
     assert all((RESULTS / name).is_file() for name in read)
     assert [name for name in read if ignored(f"docs/results/{name}")] == []
     assert ignored("docs/speed.md") and ignored("docs/results/humaneval-gguf-164/completions.jsonl")
+
 
 def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):
     e = evidence(tmp_path)  # no result files at all

@@ -5,17 +5,21 @@ import sys
 
 import pytest
 
-PROBE = """
-import ctypes, sys
+LIBC = """
+import ctypes, mmap, sys
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+"""
+
+PROBE = LIBC + """
 from hlm.memory import return_large_buffers
 
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes, libc.mallinfo2.restype = [ctypes.c_void_p], Info
+libc.mallinfo2.restype = Info
 if sys.argv[1] == "on":
     assert return_large_buffers()
 libc.free(libc.malloc(8 << 20))  # glibc's default then raises its mapping threshold to 8 MiB
@@ -36,12 +40,9 @@ def test_a_large_buffer_gets_its_own_mapping_after_the_call_and_not_before():
     assert mapped("on") == 1  # its own mapping: freed, it is unmapped
 
 
-TRIM_PROBE = """
-import ctypes, mmap
+TRIM_PROBE = LIBC + """
 from hlm.memory import trim_heap
 
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * mmap.PAGESIZE >> 20  # MiB
 blocks = [libc.malloc(64 << 10) for _ in range(256)]  # 16 MiB of the heap (under the mapping threshold)
 for block in blocks:
