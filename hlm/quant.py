@@ -238,12 +238,16 @@ class Int4Linear(nn.Module):
         codes, scale, offset = gguf_blocks.decode(blocks, linear.out_features, linear.in_features)
         return cls(codes, scale, 8 * scale - offset, linear.bias, linear.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows @ W^T for 2-D rows in the scales' dtype: the kernel for a few rows, a float GEMM on the dequantised
+        weights for a prompt chunk. `PlanesLinear` calls it directly: through the module call and a second reshape
+        its layers cost the draft's decode step 0.9 ms more (26.0 against 25.2 ms, docs/speed.md)."""
         if self.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise once, float GEMM
-            y = _dequantised_gemm(rows, self.out_features, self.in_features, INT4_ROW_BLOCK, self.dequantised_t)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
+            return _dequantised_gemm(rows, self.out_features, self.in_features, INT4_ROW_BLOCK, self.dequantised_t)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -278,7 +282,7 @@ class PlanesLinear(nn.Module):
         if self.planes.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise, float GEMM
             y = _dequantised_gemm(rows, n, k, INT4_ROW_BLOCK, self._dequantised_t)
         else:
-            y = self.planes(rows)
+            y = self.planes.product(rows)
             y = y[:, :n] + y[:, n:]
         y = y.reshape(*x.shape[:-1], n)
         return y if self.bias is None else y + self.bias
