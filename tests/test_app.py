@@ -675,7 +675,7 @@ def test_the_image_keeps_every_file_the_evidence_tab_reads():
     read = [STUDY, *(name for run in HUMANEVAL for name in (run.table, run.results))]
     assert all((RESULTS / name).is_file() for name in read)
     assert [name for name in read if ignored(f"docs/results/{name}")] == []
-    assert ignored("docs/speed.md") and ignored("docs/results/humaneval-gguf-164/completions.jsonl")
+    assert ignored("docs/speed.md") and ignored("docs/results/humaneval-gguf-curve/completions.jsonl")
 
 
 def test_the_evidence_tab_says_what_is_not_measured_yet(tmp_path):

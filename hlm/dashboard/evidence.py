@@ -46,15 +46,19 @@ class HumanEvalRun:
 # problems (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
 # after the first 64 alone (no pass@1 was read from them), and four points of its curve with llm on the first 64
 HUMANEVAL = (
-    HumanEvalRun("humaneval-gguf-164", "The draft that ships, on its GGUF blocks: the default k = 8 against its "
-                 "matched coin, with slm as the floor, on all 164 problems (llm reads no draft: its row is the one "
-                 "below)",
+    HumanEvalRun("humaneval-gguf-curve", "The draft that ships, on its GGUF blocks: the default k = 8 and k = 16, "
+                 "each against its matched coin, with slm as the floor, on all 164 problems (llm reads no draft: its "
+                 "row is the one below)",
                  "python -m hlm eval humaneval --policies ours,random,slm --ks 8 --limit 64 "
                  "--out runs/humaneval-gguf-64; python -m hlm eval humaneval --policies ours,random,slm --ks 8 "
                  "--skip 64 --limit 16 --out runs/humaneval-gguf-rest; python -m hlm eval humaneval --policies "
                  "ours,random,slm --ks 8 --skip 80 --limit 84 --out runs/humaneval-gguf-164rest; "
                  "python -m hlm eval merge runs/humaneval-gguf-64 runs/humaneval-gguf-rest runs/humaneval-gguf-164rest "
-                 "--out runs/humaneval-gguf-164"),
+                 "--out runs/humaneval-gguf-164; python -m hlm eval humaneval --policies ours,random --ks 16 "
+                 "--limit 64 --out runs/humaneval-gguf-k16-64; python -m hlm eval humaneval --policies ours,random "
+                 "--ks 16 --skip 64 --limit 100 --out runs/humaneval-gguf-k16-rest; python -m hlm eval merge "
+                 "runs/humaneval-gguf-164 runs/humaneval-gguf-k16-64 runs/humaneval-gguf-k16-rest "
+                 "--out runs/humaneval-gguf-curve"),
     HumanEvalRun("humaneval-exact-164", "The probe as it ships, on the int8 draft after exact rows: the default "
                  "k = 8 and k = 16, each against its matched coin, with slm and llm as floor and ceiling, on all 164 "
                  "problems",
