@@ -41,10 +41,7 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# The draft that ships (`gguf`): the default k = 8 with its coin and slm on all 164 problems; the shipped probe
-# on the int8 draft after exact rows: the default k = 8 and k = 16, each with its coin, slm and llm, on all 164
-# problems (two runs merged); then, before exact rows, k = 16 with llm on all 164 problems, on the 100
-# after the first 64 alone (no pass@1 was read from them), and four points of its curve with llm on the first 64
+# Shown in this order, the draft that ships first; each caption says what its run is.
 HUMANEVAL = (
     HumanEvalRun("humaneval-gguf-curve", "The draft that ships, on its GGUF blocks: the default k = 8 and k = 16, "
                  "each against its matched coin, with slm as the floor, on all 164 problems (llm reads no draft: its "
