@@ -25,19 +25,13 @@ def return_large_buffers() -> bool:
     come from the heap, which fragments and keeps them: the embedded app's RSS rose 6.6 % over a 100-run soak, and
     2.2 % and 1.6 % in two soaks with this call. Call it before the models load. False where the C library is not
     glibc (then nothing changes)."""
-    try:
-        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
+    return bool(_glibc("mallopt", _M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def trim_heap() -> bool:
     """Hand the heap's free memory back to the OS now (glibc keeps it otherwise), as after dropping weights at load.
     False where the C library is not glibc."""
-    try:
-        return bool(_libc().malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    return bool(_glibc("malloc_trim", 0))
 
 
 @functools.cache
@@ -46,6 +40,14 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
+
+
+def _glibc(function: str, *args: int) -> int | None:
+    """glibc's `function(*args)`; None where the C library is not glibc or lacks it."""
+    try:
+        return getattr(_libc(), function)(*args)
+    except (OSError, AttributeError):
+        return None
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -79,7 +81,4 @@ def page_out(tensor: torch.Tensor) -> bool:
     start, end = _span(tensor)
     page = mmap.PAGESIZE
     low, high = -(-start // page) * page, end // page * page
-    try:
-        return high <= low or _libc().madvise(low, high - low, MADV_PAGEOUT) == 0
-    except (OSError, AttributeError):
-        return False
+    return high <= low or _glibc("madvise", low, high - low, MADV_PAGEOUT) == 0
