@@ -234,3 +234,23 @@ def test_the_gap_is_read_on_the_problems_the_subject_ran_where_floor_and_ceiling
     assert gap == {"a": 0.5, "b": None, "c": 0.0}
     c = next(r for r in summary if r["setting"] == "c")
     assert (c["floor_on_its_problems"], c["ceiling_on_its_problems"]) == (0.0, 1.0)
+
+
+def test_another_estimator_is_paired_with_the_default_one_at_the_same_k_and_gamma():
+    from hlm.config import PolicyConfig
+    from hlm.experiments.humaneval.report import paired
+
+    default = PolicyConfig().estimator
+
+    def row(pid: int, setting: str, estimator: str, k: int, passed: bool) -> dict:
+        return {"prompt_id": f"HumanEval/{pid}", "policy": "ours", "setting": setting, "passed": passed,
+                "estimator": estimator, "k": k, "gamma": 0.0}
+
+    rows = [row(p, "shipped k=8", default, 8, p < 1) for p in range(3)] + \
+        [row(p, "shipped k=16", default, 16, True) for p in range(3)] + \
+        [row(p, "judge k=8", "judge-horizon", 8, p < 3) for p in range(3)]
+    versus = {(d["setting"], d["versus"]): d for d in paired(rows)}
+    # the judge at k = 8 against the default at k = 8 only (not k = 16); the default against nothing of its own kind
+    assert set(versus) == {("judge k=8", "ours shipped k=8")}
+    d = versus["judge k=8", "ours shipped k=8"]
+    assert (d["problems"], d["only_subject"], d["only_other"]) == (3, 2, 0) and d["delta"] == pytest.approx(2 / 3)

@@ -9,17 +9,20 @@ same setting (`random`, matched per problem) and with every policy run once per 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from scipy.stats import binomtest
 
+from hlm.config import PolicyConfig
 from hlm.policies import REGISTRY, floor, role_of, with_role
 
 BOOT = 10_000  # bootstrap resamples of the problems
 Rows = Sequence[dict[str, Any]]
+DASHES = ("solid", "dash", "dot", "dashdot")  # the curve's lines, one per estimator
+SYMBOLS = ("circle", "square", "triangle-up", "diamond", "star")
 
 
 def _groups(rows: Rows) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -87,15 +90,22 @@ def difference(mine: Rows, theirs: Rows, seed: int = 0) -> dict[str, Any]:
 
 
 def paired(rows: Rows) -> list[dict[str, Any]]:
-    """The subject at each setting against the control at that setting and against each policy run once."""
+    """The subject at each setting against the control at that setting and against each policy run once; under
+    an estimator other than the default, also against the default estimator at the same k and gamma (what the
+    other score buys on the same problems)."""
     groups = _groups(rows)
     once = [(policy, g) for (policy, setting), g in groups.items() if setting == "-"]
+    default = PolicyConfig().estimator
     out = []
     for (policy, setting), mine in groups.items():
         if role_of(policy) != "subject":
             continue
         control = groups.get((with_role("control"), setting))
-        others = ([(f"{with_role('control')} (matched)", control)] if control else []) + once
+        knobs = mine[0]["k"], mine[0]["gamma"]
+        shipped = [] if mine[0]["estimator"] == default else [
+            (f"{policy} {s}", g) for (p, s), g in groups.items()
+            if p == policy and (g[0]["estimator"], g[0]["k"], g[0]["gamma"]) == (default, *knobs)]
+        others = ([(f"{with_role('control')} (matched)", control)] if control else []) + shipped + once
         out += [{"subject": policy, "setting": setting, "versus": name, **difference(mine, theirs)}
                 for name, theirs in others]
     return out
@@ -144,6 +154,20 @@ def _errors(rows: Rows) -> dict[str, Any]:
                         "arrayminus": [100 * (r["pass_at_1"] - r["pass_lo"]) for r in rows], "thickness": 1}}
 
 
+def _subject_lines(fig: go.Figure, subject: Rows, on: Callable[[dict[str, Any]], str]) -> None:
+    """The subject's points, a line per estimator (and problem count: a line joins like with like), each in the
+    subject's colour with its own dash and marker."""
+    for i, (estimator, n) in enumerate(dict.fromkeys((r["estimator"], r["problems"]) for r in subject)):
+        rows = sorted((r for r in subject if r["estimator"] == estimator and r["problems"] == n),
+                      key=lambda r: r["upload_rate"])
+        policy = REGISTRY[rows[0]["policy"]]
+        fig.add_trace(go.Scatter(name=f"{policy.name} {estimator}{on(rows[0])}", mode="lines+markers+text",
+                                 x=[100 * r["upload_rate"] for r in rows], text=[f"k={r['k']}" for r in rows],
+                                 textposition="top left", line={"dash": DASHES[i % len(DASHES)]},
+                                 marker={"color": policy.colour, "symbol": SYMBOLS[i % len(SYMBOLS)], "size": 8},
+                                 **_errors(rows)))
+
+
 def curve(summary: Rows, problems: int) -> go.Figure:
     """pass@1 against realised upload rate: the subject over its settings (a line per estimator), the control at
     each setting joined to the subject's point, policies that never upload as horizontal lines (the floor and the
@@ -155,13 +179,7 @@ def curve(summary: Rows, problems: int) -> go.Figure:
         return f" ({r['problems']} problems)" if mixed else ""
 
     subject = [r for r in summary if role_of(r["policy"]) == "subject"]
-    for estimator, n in dict.fromkeys((r["estimator"], r["problems"]) for r in subject):  # a line joins like with like
-        rows = sorted((r for r in subject if r["estimator"] == estimator and r["problems"] == n),
-                      key=lambda r: r["upload_rate"])
-        policy = REGISTRY[rows[0]["policy"]]
-        fig.add_trace(go.Scatter(name=f"{policy.name} {estimator}{on(rows[0])}", mode="lines+markers+text",
-                                 x=[100 * r["upload_rate"] for r in rows], text=[f"k={r['k']}" for r in rows],
-                                 textposition="top left", marker={"color": policy.colour}, **_errors(rows)))
+    _subject_lines(fig, subject, on)
     control = {r["setting"]: r for r in summary if role_of(r["policy"]) == "control"}
     if control:
         rows = list(control.values())
