@@ -238,7 +238,7 @@ def test_the_gap_is_read_on_the_problems_the_subject_ran_where_floor_and_ceiling
 
 def test_another_estimator_is_paired_with_the_default_one_at_the_same_k_and_gamma():
     from hlm.config import PolicyConfig
-    from hlm.experiments.humaneval.report import paired
+    from hlm.experiments.humaneval.report import _side, paired
 
     default = PolicyConfig().estimator
 
@@ -254,3 +254,4 @@ def test_another_estimator_is_paired_with_the_default_one_at_the_same_k_and_gamm
     assert set(versus) == {("judge k=8", "ours shipped k=8")}
     d = versus["judge k=8", "ours shipped k=8"]
     assert (d["problems"], d["only_subject"], d["only_other"]) == (3, 2, 0) and d["delta"] == pytest.approx(2 / 3)
+    assert _side(d) == "ours judge k=8"  # the table names the setting on both sides: both are ours

@@ -116,6 +116,11 @@ def _interval(r: dict[str, Any], key: str, lo: str, hi: str, signed: bool = Fals
     return f"{r[key]:{sign}.3f} [{r[lo]:{sign}.3f}, {r[hi]:{sign}.3f}]"
 
 
+def _side(d: dict[str, Any]) -> str:
+    """The subject's side of a difference in words: its setting too where the other side is the subject as well."""
+    return f"{d['subject']} {d['setting']}" if d["versus"].startswith(f"{d['subject']} ") else d["subject"]
+
+
 def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
     """The plain-text report: pass@1 per policy and setting, then the paired differences."""
     head = (f"{'policy':<8} {'setting':<28} {'problems':>8} {'pass@1 [95 % Wilson]':<22} {'uploads':>8} "
@@ -140,7 +145,7 @@ def format_table(summary: Rows, differences: Rows, meta: dict[str, Any]) -> str:
         lines += ["", "paired by problem, on the problems both ran (bootstrap 95 % interval; discordant problems; "
                   "exact McNemar p):"]
         lines += [f"  {d['subject']} {d['setting']} - {d['versus']}, {d['problems']} problems: "
-                  f"{_interval(d, 'delta', 'delta_lo', 'delta_hi', signed=True)}; {d['subject']} alone passes "
+                  f"{_interval(d, 'delta', 'delta_lo', 'delta_hi', signed=True)}; {_side(d)} alone passes "
                   f"{d['only_subject']}, {d['versus']} alone {d['only_other']}; p = {d['mcnemar_p']:.3g}"
                   for d in differences]
     return "\n".join(lines)
