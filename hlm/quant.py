@@ -238,11 +238,16 @@ class Int4Linear(nn.Module):
         codes, scale, offset = gguf_blocks.decode(blocks, linear.out_features, linear.in_features)
         return cls(codes, scale, 8 * scale - offset, linear.bias, linear.weight.dtype)
 
+    def dequantises(self, rows: torch.Tensor) -> bool:
+        """Whether `rows` are a prompt chunk, multiplied as a float GEMM on weights dequantised once, not by the
+        kernel (whose time grows with the rows)."""
+        return self.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS
+
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """rows @ W^T for 2-D rows in the scales' dtype: the kernel for a few rows, a float GEMM on the dequantised
         weights for a prompt chunk. `PlanesLinear` calls it directly: through the module call and a second reshape
         its layers cost the draft's decode step 0.9 ms more (26.0 against 25.2 ms, docs/speed.md)."""
-        if self.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise once, float GEMM
+        if self.dequantises(rows):
             return _dequantised_gemm(rows, self.out_features, self.in_features, INT4_ROW_BLOCK, self.dequantised_t)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
 
@@ -279,7 +284,7 @@ class PlanesLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         rows = x.reshape(-1, k).to(self.planes.scales_and_zeros.dtype)
-        if self.planes.unpacks and rows.shape[0] >= INT4_PREFILL_ROWS:  # a prompt chunk: dequantise, float GEMM
+        if self.planes.dequantises(rows):  # the planes summed before the GEMM: n outputs, not 2n
             y = _dequantised_gemm(rows, n, k, INT4_ROW_BLOCK, self._dequantised_t)
         else:
             y = self.planes.product(rows)
