@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,49 @@ def test_parts_merge_into_one_report(command, tmp_path, capsys):
     (part / "results.json").write_text(json.dumps(results))
     assert main(["eval", "merge", str(command), str(part), "--out", str(tmp_path / "again")]) == 2
     assert "not the same setup: sampling differ" in capsys.readouterr().err
+
+
+def _copy_part(source: Path, to: Path, keep: Callable[[str], bool], numerics: str | None = None) -> Path:
+    """A copy of an `eval humaneval` folder with only the runs of the policies `keep` accepts (and other numerics)."""
+    results = json.loads((source / "results.json").read_text())
+    results["rows"] = [r for r in results["rows"] if keep(r["policy"])]
+    results["meta"]["numerics"] = numerics or results["meta"]["numerics"]
+    to.mkdir()
+    (to / "results.json").write_text(json.dumps(results))
+    lines = (source / "completions.jsonl").read_text().splitlines()
+    texts = [line for line in lines if keep(json.loads(line)["policy"])]
+    (to / "completions.jsonl").write_text("".join(t + "\n" for t in texts))
+    return to
+
+
+def test_the_ceiling_is_taken_from_runs_beside_another_draft_but_not_from_another_verifier(command, tmp_path, capsys):
+    from hlm.cli import main
+    from hlm.experiments.workers import without_draft
+
+    numerics = json.loads((command / "results.json").read_text())["meta"]["numerics"]
+    dtype, recipes, attention = numerics.split("; ")
+    other_draft = f"{dtype}; draft int8{'' if recipes == 'no fast path' else ', ' + recipes}; {attention}"
+    assert other_draft != numerics and without_draft(other_draft) == without_draft(numerics)
+    subject = _copy_part(command, tmp_path / "subject", lambda policy: policy != "llm")
+    reference = _copy_part(command, tmp_path / "reference", lambda policy: True, other_draft)  # every policy's runs
+    merged = tmp_path / "merged"
+    assert main(["eval", "merge", str(subject), "--reference-from", str(reference), "--out", str(merged),
+                 "--no-png"]) == 0
+    saved = json.loads((merged / "results.json").read_text())
+    assert len(saved["rows"]) == RUNS and sum(r["policy"] == "llm" for r in saved["rows"]) == 2  # its llm runs alone
+    assert sum('"llm"' in line for line in (merged / "completions.jsonl").read_text().splitlines()) == 2
+    assert saved["meta"]["reference_from"] == [{"folder": str(reference), "numerics": other_draft}]
+    assert [r["problems"] for r in saved["summary"] if r["policy"] == "llm"] == [2]  # the ceiling, on both problems
+
+    capsys.readouterr()
+    assert main(["eval", "merge", str(subject), str(reference), "--out", str(tmp_path / "plain")]) == 2
+    assert "not the same setup: numerics differ" in capsys.readouterr().err  # a plain part must share the draft too
+    verifier = _copy_part(command, tmp_path / "verifier", lambda policy: policy == "llm", f"{dtype}; {recipes}; eager")
+    assert main(["eval", "merge", str(subject), "--reference-from", str(verifier), "--out", str(tmp_path / "v")]) == 2
+    assert "run the verifier differently" in capsys.readouterr().err
+    hybrid = _copy_part(command, tmp_path / "hybrid", lambda policy: policy != "llm")
+    assert main(["eval", "merge", str(command), "--reference-from", str(hybrid), "--out", str(tmp_path / "h")]) == 2
+    assert "no runs of a policy that never drafts" in capsys.readouterr().err
 
 
 def test_the_gap_is_read_on_the_problems_the_subject_ran_where_floor_and_ceiling_ran_them():

@@ -126,6 +126,24 @@ def test_runs_that_ask_an_estimator_are_cached_per_selection_calibration(tools, 
         assert (before.path(job) != after.path(job)) is keyed, policy
 
 
+def test_the_llm_alone_keeps_its_cache_when_only_the_draft_changes(tools, tmp_path):
+    """The LLM alone never runs the draft, so another draft path is served its cached runs; a change of the
+    verifier's numerics, or any policy that drafts, is not."""
+    from hlm.experiments.sweep import Job, Runner
+    from hlm.experiments.workers import without_draft
+
+    facts = tools[0].facts
+    dtype, recipes, attention = facts.numerics.split("; ")
+    other_draft = f"{dtype}; draft int8{'' if recipes == 'no fast path' else ', ' + recipes}; {attention}"
+    assert without_draft(other_draft) == without_draft(facts.numerics) != without_draft(f"{dtype}; {recipes}; eager")
+    runners = [Runner(SimpleNamespace(facts=replace(facts, numerics=n)), "tiny", tmp_path, None)
+               for n in (facts.numerics, other_draft, f"{dtype}; {recipes}; eager")]
+    for policy in ("llm", "slm", "hlm"):
+        job = Job(PROMPTS[0], replace(BASE, policy=GRID.config(policy)))
+        same_verifier, other_verifier = (runners[0].path(job) == r.path(job) for r in runners[1:])
+        assert same_verifier is (policy == "llm") and not other_verifier, policy
+
+
 def test_a_newly_registered_policy_runs(tools, tmp_path, monkeypatch):
     """The sweep runs policies by their role, so a policy added to the registry is run (a baseline: once per prompt
     and seed), uploading as its own rule says."""

@@ -63,11 +63,12 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from hlm.experiments.humaneval.evaluate import merge
 
-    if len(args.folders) < 2:
+    if len(args.folders) + len(args.reference_from) < 2:
         raise UsageError("name at least two folders to merge")
-    if Path(args.out).resolve() in {Path(f).resolve() for f in args.folders}:
+    if Path(args.out).resolve() in {Path(f).resolve() for f in [*args.folders, *args.reference_from]}:
         raise UsageError("--out must be a new folder, not one of the parts")
-    result = merge([Path(f) for f in args.folders], Path(args.out), png=not args.no_png)
+    result = merge([Path(f) for f in args.folders], Path(args.out), png=not args.no_png,
+                   reference_from=[Path(f) for f in args.reference_from])
     _report(result, args.out)
     return 0
 
@@ -114,6 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "reported as one: the rows joined and every number computed again. Parts must share the pair, its numerics, "
         "the calibration, prompt, sampling, energy model and test limits, and no job may be in two of them.")
     m.add_argument("folders", nargs="+", metavar="FOLDER", help="`eval humaneval` output folders")
+    m.add_argument("--reference-from", nargs="+", default=[], metavar="FOLDER",
+                   help="folders to take only the LLM-alone runs from (the ceiling), whatever draft they ran "
+                   "beside: the LLM alone never runs the draft, so only its verifier's numerics must agree")
     m.add_argument("--out", required=True, help="a new output folder for the joined report")
     m.add_argument("--no-png", action="store_true", help="write the HTML figure only (PNG export needs a Chrome)")
     m.set_defaults(func=cmd_merge)

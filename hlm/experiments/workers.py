@@ -51,10 +51,22 @@ class PairFacts:
     description: dict[str, Any]
 
     def run_key(self, config: RunConfig) -> list[str]:
-        """What a cached run of `config` depends on beside its prompt and config: the pair's numerics and, where
-        the policy asks an estimator, the selection calibration it asks (a refit must never be served the runs
+        """What a cached run of `config` depends on beside its prompt and config: the pair's numerics (without the
+        draft's for a policy that never drafts: the LLM alone is not decoded again when only the draft changed) and,
+        where the policy asks an estimator, the selection calibration it asks (a refit must never be served the runs
         of the fit before it)."""
-        return [self.numerics, *([self.selection.digest] if POLICIES[config.policy.name].uses_estimator else [])]
+        policy = POLICIES[config.policy.name]
+        numerics = self.numerics if policy.drafts else without_draft(self.numerics)
+        return [numerics, *([self.selection.digest] if policy.uses_estimator else [])]
+
+
+def without_draft(numerics: str) -> str:
+    """`ModelPair.numerics` with the draft's fast path taken out: all that a run which never drafts (the LLM alone)
+    depends on, so such runs made beside different drafts serve each other (`PairFacts.run_key`) and are reported
+    together (`eval merge --reference-from`)."""
+    dtype, recipes, attention = numerics.split("; ")
+    kept = [r for r in recipes.split(", ") if r and not r.startswith("draft ")]
+    return "; ".join((dtype, ", ".join(kept) or "no fast path", attention))
 
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:

@@ -111,7 +111,8 @@ class ModelPair:
     @property
     def numerics(self) -> str:
         """The models' dtype, fast path and verifier attention in one line: cached study and sweep results are keyed
-        by it (the verifier's `hlm.rows` kernel changed its greedy answers' numerics)."""
+        by it (the verifier's `hlm.rows` kernel changed its greedy answers' numerics); a run that never drafts by the
+        part without the draft (`hlm.experiments.workers.without_draft`)."""
         recipes = ", ".join(f"{role} {recipe_of(why)}" for role, why in sorted(self.quant.items()))
         return (f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}; "
                 f"verifier {self.verifier.config._attn_implementation}")

@@ -34,7 +34,8 @@ from hlm.experiments.humaneval import harness
 from hlm.experiments.humaneval.harness import INSTRUCTION, MEMORY_MB, STOP, TIMEOUT_S, check, completion, prompt_of
 from hlm.experiments.humaneval.report import curve, format_table, paired, summarise
 from hlm.experiments.sweep import Grid, Job, run_matched, run_row, write_atomic
-from hlm.experiments.workers import call, energy_methods
+from hlm.experiments.workers import call, energy_methods, without_draft
+from hlm.policies import REGISTRY as POLICIES
 from hlm.policies import role_of
 
 if TYPE_CHECKING:
@@ -146,24 +147,28 @@ def _write(out: Path, rows: list[dict[str, Any]], texts: list[dict[str, Any]], m
     return Result(rows, summary, differences, table, figures, meta["failed_jobs"])
 
 
-def merge(folders: Sequence[Path], out: Path, png: bool = True) -> Result:
+def merge(folders: Sequence[Path], out: Path, png: bool = True, reference_from: Sequence[Path] = ()) -> Result:
     """Evaluations of one setup reported as one: parts split by --skip/--limit, or run on other machines or days.
     Their rows are joined and every number computed again; parts that differ in anything a run's result depends on
-    (SAME_SETUP), or that ran the same job twice, are refused."""
-    parts, texts = [], []
-    for folder in folders:
-        try:
-            parts.append(json.loads((folder / "results.json").read_text(encoding="utf-8")))
-            lines = (folder / "completions.jsonl").read_text(encoding="utf-8").splitlines()
-            texts += [json.loads(line) for line in lines]
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{folder}: not a finished `eval humaneval` folder ({exc})") from exc
+    (SAME_SETUP), or that ran the same job twice, are refused. From the `reference_from` folders only the runs of
+    policies that never draft (the LLM alone) are taken, and their draft may differ: such a run never executes it
+    (`without_draft`), so the ceiling need not be decoded again for every draft."""
+    parts, texts = _read_parts(folders)
     first = parts[0]["meta"]
     for folder, part in zip(folders[1:], parts[1:], strict=True):
-        differ = [key for key in SAME_SETUP if part["meta"].get(key) != first.get(key)]
-        if differ:
-            raise UserError(f"{folder} and {folders[0]} are not the same setup: {', '.join(differ)} differ")
+        _same_setup(folders[0], first, folder, part["meta"], SAME_SETUP)
     rows = [row for part in parts for row in part["rows"]]
+    references, reference_texts = _read_parts(reference_from)
+    for folder, part in zip(reference_from, references, strict=True):
+        _same_setup(folders[0], first, folder, part["meta"], tuple(k for k in SAME_SETUP if k != "numerics"))
+        if without_draft(part["meta"]["numerics"]) != without_draft(first["numerics"]):
+            raise UserError(f"{folder} and {folders[0]} run the verifier differently: numerics "
+                            f"{part['meta']['numerics']!r} against {first['numerics']!r}")
+        taken = [row for row in part["rows"] if not POLICIES[row["policy"]].drafts]
+        if not taken:
+            raise UserError(f"{folder} has no runs of a policy that never drafts")
+        rows += taken
+    texts += [t for t in reference_texts if not POLICIES[t["policy"]].drafts]
     twice = [key for key, n in Counter((r["prompt_id"], r["policy"], r["setting"]) for r in rows).items() if n > 1]
     if twice:
         raise UserError(f"{len(twice)} jobs are in more than one folder, e.g. {' '.join(twice[0])}")
@@ -172,9 +177,30 @@ def merge(folders: Sequence[Path], out: Path, png: bool = True) -> Result:
     meta = {**first, "problems": len(task_ids), "task_ids": task_ids,
             "grid": [part["meta"]["grid"] for part in parts], "workers": [part["meta"]["workers"] for part in parts],
             "failed_jobs": [f for part in parts for f in part["meta"]["failed_jobs"]],
-            "merged_from": [str(folder) for folder in folders]}
+            "merged_from": [str(folder) for folder in folders],
+            "reference_from": [{"folder": str(folder), "numerics": part["meta"]["numerics"]}
+                               for folder, part in zip(reference_from, references, strict=True)]}
     out.mkdir(parents=True, exist_ok=True)
     return _write(out, rows, texts, meta, png)
+
+
+def _read_parts(folders: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each folder's results.json, and all their completions."""
+    parts, texts = [], []
+    for folder in folders:
+        try:
+            parts.append(json.loads((folder / "results.json").read_text(encoding="utf-8")))
+            lines = (folder / "completions.jsonl").read_text(encoding="utf-8").splitlines()
+            texts += [json.loads(line) for line in lines]
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{folder}: not a finished `eval humaneval` folder ({exc})") from exc
+    return parts, texts
+
+
+def _same_setup(first: Path, meta: dict[str, Any], folder: Path, other: dict[str, Any], keys: Sequence[str]) -> None:
+    differ = [key for key in keys if other.get(key) != meta.get(key)]
+    if differ:
+        raise UserError(f"{folder} and {first} are not the same setup: {', '.join(differ)} differ")
 
 
 def _meta(workers: Workers, spec: EvalSpec, rows: Sequence[dict[str, Any]],
