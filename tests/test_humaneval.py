@@ -244,7 +244,8 @@ def test_the_ceiling_is_taken_from_runs_beside_another_draft_but_not_from_anothe
                  "--no-png"]) == 0
     saved = json.loads((merged / "results.json").read_text())
     assert len(saved["rows"]) == RUNS and sum(r["policy"] == "llm" for r in saved["rows"]) == 2  # its llm runs alone
-    assert sum('"llm"' in line for line in (merged / "completions.jsonl").read_text().splitlines()) == 2
+    texts = [json.loads(line) for line in (merged / "completions.jsonl").read_text().splitlines()]
+    assert len(texts) == RUNS and sum(t["policy"] == "llm" for t in texts) == 2
     assert saved["meta"]["reference_from"] == [{"folder": str(reference), "numerics": other_draft}]
     assert [r["problems"] for r in saved["summary"] if r["policy"] == "llm"] == [2]  # the ceiling, on both problems
 

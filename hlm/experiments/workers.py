@@ -63,8 +63,11 @@ class PairFacts:
 def without_draft(numerics: str) -> str:
     """`ModelPair.numerics` with the draft's fast path taken out: all that a run which never drafts (the LLM alone)
     depends on, so such runs made beside different drafts serve each other (`PairFacts.run_key`) and are reported
-    together (`eval merge --reference-from`)."""
-    dtype, recipes, attention = numerics.split("; ")
+    together (`eval merge --reference-from`). A key of another shape (a hand-edited file's) is returned whole."""
+    fields = numerics.split("; ")
+    if len(fields) != 3:
+        return numerics
+    dtype, recipes, attention = fields
     kept = [r for r in recipes.split(", ") if r and not r.startswith("draft ")]
     return "; ".join((dtype, ", ".join(kept) or "no fast path", attention))
 
