@@ -46,6 +46,14 @@ def interrupt_after(n: int, seen: list) -> Callable[..., None]:
     return after_run
 
 
+def other_numerics(numerics: str) -> tuple[str, str]:
+    """`ModelPair.numerics` keys that differ from `numerics` (dtype; recipes; verifier attention) in the draft alone,
+    and in the verifier alone: what the LLM alone's cache and `eval merge --reference-from` must tell apart."""
+    dtype, recipes, attention = numerics.split("; ")
+    other_draft = f"{dtype}; draft int8{'' if recipes == 'no fast path' else ', ' + recipes}; {attention}"
+    return other_draft, f"{dtype}; {recipes}; eager"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Interrupted, interrupt_after
+from conftest import Interrupted, interrupt_after, other_numerics
 
 from hlm.experiments.humaneval import harness
 from hlm.experiments.humaneval.harness import (
@@ -234,8 +234,7 @@ def test_the_ceiling_is_taken_from_runs_beside_another_draft_but_not_from_anothe
     from hlm.experiments.workers import without_draft
 
     numerics = json.loads((command / "results.json").read_text())["meta"]["numerics"]
-    dtype, recipes, attention = numerics.split("; ")
-    other_draft = f"{dtype}; draft int8{'' if recipes == 'no fast path' else ', ' + recipes}; {attention}"
+    other_draft, other_verifier = other_numerics(numerics)
     assert other_draft != numerics and without_draft(other_draft) == without_draft(numerics)
     subject = _copy_part(command, tmp_path / "subject", lambda policy: policy != "llm")
     reference = _copy_part(command, tmp_path / "reference", lambda policy: True, other_draft)  # every policy's runs
@@ -252,7 +251,7 @@ def test_the_ceiling_is_taken_from_runs_beside_another_draft_but_not_from_anothe
     capsys.readouterr()
     assert main(["eval", "merge", str(subject), str(reference), "--out", str(tmp_path / "plain")]) == 2
     assert "not the same setup: numerics differ" in capsys.readouterr().err  # a plain part must share the draft too
-    verifier = _copy_part(command, tmp_path / "verifier", lambda policy: policy == "llm", f"{dtype}; {recipes}; eager")
+    verifier = _copy_part(command, tmp_path / "verifier", lambda policy: policy == "llm", other_verifier)
     assert main(["eval", "merge", str(subject), "--reference-from", str(verifier), "--out", str(tmp_path / "v")]) == 2
     assert "run the verifier differently" in capsys.readouterr().err
     hybrid = _copy_part(command, tmp_path / "hybrid", lambda policy: policy != "llm")
