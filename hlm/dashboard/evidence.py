@@ -44,8 +44,8 @@ class HumanEvalRun:
 # Shown in this order, the draft that ships first; each caption says what its run is.
 HUMANEVAL = (
     HumanEvalRun("humaneval-gguf-curve", "The draft that ships, on its GGUF blocks: k = 4, the default k = 8 and "
-                 "k = 16, and the hidden-state judge at k = 4 and 8, each against its matched coin, with slm as the "
-                 "floor and llm as the ceiling, on all 164 problems",
+                 "k = 16, and the hidden-state judge at k = 4, 8 and 16, each against its matched coin, with slm as "
+                 "the floor and llm as the ceiling, on all 164 problems",
                  "python -m hlm eval humaneval --policies ours,random,slm --ks 8 --limit 64 "
                  "--out runs/humaneval-gguf-64; python -m hlm eval humaneval --policies ours,random,slm --ks 8 "
                  "--skip 64 --limit 16 --out runs/humaneval-gguf-rest; python -m hlm eval humaneval --policies "
@@ -57,11 +57,13 @@ HUMANEVAL = (
                  "--policies ours,random --ks 8 --estimators judge-horizon --out runs/humaneval-gguf-judge; "
                  "python -m hlm eval humaneval --policies ours,random --ks 4 --out runs/humaneval-gguf-k4; "
                  "python -m hlm eval humaneval --policies ours,random --ks 4 --estimators judge-horizon "
-                 "--out runs/humaneval-gguf-judge-k4; "
+                 "--out runs/humaneval-gguf-judge-k4; python -m hlm eval humaneval --policies ours,random --ks 16 "
+                 "--estimators judge-horizon --out runs/humaneval-gguf-judge-k16; "
                  "python -m hlm eval humaneval --policies llm --out runs/humaneval-gguf-llm; "
                  "python -m hlm eval merge runs/humaneval-gguf-164 runs/humaneval-gguf-k16-64 "
                  "runs/humaneval-gguf-k16-rest runs/humaneval-gguf-judge runs/humaneval-gguf-k4 "
-                 "runs/humaneval-gguf-judge-k4 runs/humaneval-gguf-llm --out runs/humaneval-gguf-curve"),
+                 "runs/humaneval-gguf-judge-k4 runs/humaneval-gguf-judge-k16 runs/humaneval-gguf-llm "
+                 "--out runs/humaneval-gguf-curve"),
     HumanEvalRun("humaneval-exact-164", "The probe as it ships, on the int8 draft after exact rows: the default "
                  "k = 8 and k = 16, each against its matched coin, with slm and llm as floor and ceiling, on all 164 "
                  "problems",
