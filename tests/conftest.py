@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -47,11 +48,14 @@ def interrupt_after(n: int, seen: list) -> Callable[..., None]:
 
 
 def other_numerics(numerics: str) -> tuple[str, str]:
-    """`ModelPair.numerics` keys that differ from `numerics` (dtype; recipes; verifier attention) in the draft alone,
-    and in the verifier alone: what the LLM alone's cache and `eval merge --reference-from` must tell apart."""
-    dtype, recipes, attention = numerics.split("; ")
-    other_draft = f"{dtype}; draft int8{'' if recipes == 'no fast path' else ', ' + recipes}; {attention}"
-    return other_draft, f"{dtype}; {recipes}; eager"
+    """`ModelPair.numerics` keys that differ from `numerics` in the draft alone, and in the verifier alone: what the
+    LLM alone's cache and `eval merge --reference-from` must tell apart."""
+    from hlm.models.numerics import Numerics
+
+    parts = Numerics.parse(numerics)
+    assert parts is not None, numerics
+    other_draft = replace(parts, recipes=(("draft", "int8"), *parts.without_draft().recipes))
+    return str(other_draft), str(replace(parts, verifier_attention="eager"))
 
 
 def free_port() -> int:

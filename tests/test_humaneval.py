@@ -231,7 +231,7 @@ def _copy_part(source: Path, to: Path, keep: Callable[[str], bool], numerics: st
 
 def test_the_ceiling_is_taken_from_runs_beside_another_draft_but_not_from_another_verifier(command, tmp_path, capsys):
     from hlm.cli import main
-    from hlm.experiments.workers import without_draft
+    from hlm.models.numerics import without_draft
 
     numerics = json.loads((command / "results.json").read_text())["meta"]["numerics"]
     other_draft, other_verifier = other_numerics(numerics)

@@ -130,7 +130,7 @@ def test_the_llm_alone_keeps_its_cache_when_only_the_draft_changes(tools, tmp_pa
     """The LLM alone never runs the draft, so another draft path is served its cached runs; a change of the
     verifier's numerics, or any policy that drafts, is not."""
     from hlm.experiments.sweep import Job, Runner
-    from hlm.experiments.workers import without_draft
+    from hlm.models.numerics import without_draft
 
     facts = tools[0].facts
     other_draft, other_verifier = other_numerics(facts.numerics)

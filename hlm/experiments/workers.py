@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from hlm.errors import UserError
+from hlm.models.numerics import without_draft
 from hlm.policies import REGISTRY as POLICIES
 
 if TYPE_CHECKING:
@@ -58,18 +59,6 @@ class PairFacts:
         policy = POLICIES[config.policy.name]
         numerics = self.numerics if policy.drafts else without_draft(self.numerics)
         return [numerics, *([self.selection.digest] if policy.uses_estimator else [])]
-
-
-def without_draft(numerics: str) -> str:
-    """`ModelPair.numerics` with the draft's fast path taken out: all that a run which never drafts (the LLM alone)
-    depends on, so such runs made beside different drafts serve each other (`PairFacts.run_key`) and are reported
-    together (`eval merge --reference-from`). A key of another shape (a hand-edited file's) is returned whole."""
-    fields = numerics.split("; ")
-    if len(fields) != 3:
-        return numerics
-    dtype, recipes, attention = fields
-    kept = [r for r in recipes.split(", ") if r and not r.startswith("draft ")]
-    return "; ".join((dtype, ", ".join(kept) or "no fast path", attention))
 
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:

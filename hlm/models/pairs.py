@@ -20,6 +20,7 @@ from hlm.config import MAX_PROMPT_CHARS
 from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
+from hlm.models.numerics import Numerics
 from hlm.prefix import template_head
 from hlm.quant import HeadRows, Int8Linear, PlanesLinear, recipe_of
 
@@ -112,10 +113,10 @@ class ModelPair:
     def numerics(self) -> str:
         """The models' dtype, fast path and verifier attention in one line: cached study and sweep results are keyed
         by it (the verifier's `hlm.rows` kernel changed its greedy answers' numerics); a run that never drafts by the
-        part without the draft (`hlm.experiments.workers.without_draft`)."""
-        recipes = ", ".join(f"{role} {recipe_of(why)}" for role, why in sorted(self.quant.items()))
-        return (f"{str(self.draft.dtype).removeprefix('torch.')}; {recipes or 'no fast path'}; "
-                f"verifier {self.verifier.config._attn_implementation}")
+        part without the draft (`hlm.models.numerics.without_draft`)."""
+        recipes = tuple((role, recipe_of(why)) for role, why in sorted(self.quant.items()))
+        return str(Numerics(str(self.draft.dtype).removeprefix("torch."), recipes,
+                            self.verifier.config._attn_implementation))
 
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""

@@ -34,7 +34,8 @@ from hlm.experiments.humaneval import harness
 from hlm.experiments.humaneval.harness import INSTRUCTION, MEMORY_MB, STOP, TIMEOUT_S, check, completion, prompt_of
 from hlm.experiments.humaneval.report import curve, format_table, paired, summarise
 from hlm.experiments.sweep import Grid, Job, run_matched, run_row, write_atomic
-from hlm.experiments.workers import call, energy_methods, without_draft
+from hlm.experiments.workers import call, energy_methods
+from hlm.models.numerics import without_draft
 from hlm.policies import REGISTRY as POLICIES
 from hlm.policies import role_of
 
