@@ -3,6 +3,9 @@
 import json
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from hlm.models.numerics import Numerics, without_draft
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -34,6 +37,27 @@ def test_the_draft_is_taken_out_by_role_whatever_its_recipe_looks_like():
     assert Numerics.parse("bfloat16; no fast path; verifier eager") == Numerics("bfloat16", (), "eager")
     for odd in ("an older key", "bfloat16; draft; verifier sdpa", "bfloat16; x y; sdpa", "a; b; c; verifier d"):
         assert Numerics.parse(odd) is None and without_draft(odd) == odd, odd
+
+
+WORD = st.text(st.sampled_from("abcz0189+-_.,()"), max_size=8)  # what a dtype, recipe or attention looks like
+
+
+@given(WORD, st.lists(st.tuples(st.sampled_from(["draft", "verifier"]), WORD), max_size=2, unique_by=lambda r: r[0]),
+       WORD)
+def test_a_key_reads_back_as_the_parts_that_wrote_it(dtype, recipes, attention):
+    """Whatever the parts (a recipe with commas included, as `recipe_of` leaves them), the key reads back as them,
+    and the draft comes out by role alone."""
+    parts = Numerics(dtype, tuple(sorted(recipes)), attention)
+    assert Numerics.parse(str(parts)) == parts
+    assert without_draft(str(parts)) == str(Numerics(dtype, tuple(r for r in sorted(recipes) if r[0] != "draft"),
+                                                     attention))
+
+
+@given(st.text(max_size=60))
+def test_any_string_is_read_as_itself_or_not_at_all(key):
+    parsed = Numerics.parse(key)
+    assert parsed is None or str(parsed) == key
+    assert parsed is not None or without_draft(key) == key
 
 
 def test_the_pair_writes_its_key_through_numerics(tiny):
