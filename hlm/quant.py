@@ -24,6 +24,7 @@ both; docs/speed.md says which recipe each model of the embedded pair runs and w
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import threading
 import time
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 INT4_GROUP = gguf_blocks.GROUP
 INT4_INNER_K_TILES = 2
-INT4_ROW_BLOCK = 64  # rows the CPU kernel packs together
+INT4_ROW_BLOCKS = (64, 32)  # rows the CPU kernel packs together: 64 with AVX-512, 32 with AVX2 (`int4_row_block`)
 # The int4 kernel's time grows with the rows (8,960 x 1,536: 0.35 ms for one, 20 ms for 128), dequantising a
 # layer and its float GEMM cost about what 96 rows do (14 ms): from this many rows, dequantise. A layer of two planes
 # (`PlanesLinear`) crosses over at 64-128 rows too (4,864 x 896: 6.6 ms for 64 rows, 7.3 dequantised; 12.1 and 8.7
@@ -109,7 +110,7 @@ class PackedLinear(nn.Module):
         (so the copy costs no memory: `memory.page_out`) and the packed product equals `F.linear`'s bit for bit on
         probe rows; else None."""
         w = linear.weight.detach()
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not memory.file_backed(w):
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not packs_bf16() or not memory.file_backed(w):
             return None
         packed = cls(linear, torch.ops.mkldnn._reorder_linear_weight(w, None))
         probe = torch.randn(PACKED_PROBE_ROWS, linear.in_features, generator=torch.Generator().manual_seed(0),
@@ -121,10 +122,16 @@ class PackedLinear(nn.Module):
         return packed if same and memory.page_out(w) else None
 
 
+def packs_bf16() -> bool:
+    """Whether oneDNN packs bf16 weights here: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and raises on a CPU
+    with AVX2 alone (where the models load in float32 anyway: `hlm.models.presets.default_dtype`)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pack_float_linears(model: nn.Module) -> int:
     """Run each bf16 Linear the fast path left on `PackedLinear` where it can (`PackedLinear.of`), in place; returns
-    how many. Nothing changes where oneDNN is missing."""
-    if not torch.backends.mkldnn.is_available():
+    how many. Nothing changes where oneDNN cannot pack bf16 (`packs_bf16`)."""
+    if not packs_bf16():
         return 0
     count = 0
 
@@ -169,6 +176,32 @@ class Int8Linear(nn.Module):
         return buffer.view(stop - start, self.in_features).copy_(self.weight_int8[start:stop]).T
 
 
+@functools.cache
+def int4_row_block() -> int | None:
+    """How many rows torch's int4 CPU kernel packs together on this CPU (it follows the vector width), found by
+    packing known codes: one byte holds row j of a block in its low nibble and row j + block / 2 in its high one.
+    None for a packing of another form: layers then leave every product to the kernel."""
+    codes = torch.randint(0, 16, (2 * max(INT4_ROW_BLOCKS), 64), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+    for block in INT4_ROW_BLOCKS:
+        if torch.equal(_unpacked_t(packed, block, torch.empty_like(codes), 0, len(codes)).T, codes):
+            return block
+    return None
+
+
+def _unpacked_t(packed: torch.Tensor, block: int, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The codes of rows start:stop (multiples of `block`) of an int4 kernel's packing, transposed (k x rows) into
+    `out`, in its dtype."""
+    n, half = stop - start, block // 2
+    k = out.numel() // n
+    rows = packed.view(-1, k, half)[start // block:stop // block].permute(1, 0, 2)
+    codes = out.view(k, n // block, 2, half)
+    codes[:, :, 0] = rows & 15
+    codes[:, :, 1] = rows >> 4
+    return out.view(k, n)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W in 4-bit codes q (0..15) per group of 32 inputs: w = (q - 8) * scale + zero."""
 
@@ -182,25 +215,22 @@ class Int4Linear(nn.Module):
                              .to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.in_features, self.out_features = k, n
-        # The float GEMM on dequantised weights for a prompt chunk needs the kernel's packing, which is torch's own
-        # (blocks of 64 rows, row j and j + 32 in one byte): checked on the first block, else the kernel does all.
-        first = codes[:INT4_ROW_BLOCK].to(torch.int32)
-        self.unpacks = n % INT4_ROW_BLOCK == 0 and torch.equal(
-            self._codes_t(torch.empty_like(first), 0, INT4_ROW_BLOCK).T, first)
+        # The float GEMM on dequantised weights for a prompt chunk, and the rows the semantic statistic reads, need
+        # the kernel's packing (`int4_row_block`); without it the kernel does all.
+        block = int4_row_block()
+        self.row_block = block if block and n % block == 0 else None
+
+    @property
+    def unpacks(self) -> bool:
+        return self.row_block is not None
 
     def _codes_t(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The codes of rows start:stop (multiples of INT4_ROW_BLOCK), unpacked from the kernel's layout into `out`,
-        transposed (k x rows), in `out`'s dtype."""
-        k, n, half = self.in_features, stop - start, INT4_ROW_BLOCK // 2
-        # one byte holds row j of a block in its low nibble, row j + half in its high one
-        packed = self.weight_int4.view(-1, k, half)[start // INT4_ROW_BLOCK:stop // INT4_ROW_BLOCK].permute(1, 0, 2)
-        codes = out.view(k, n // INT4_ROW_BLOCK, 2, half)
-        codes[:, :, 0] = packed & 15
-        codes[:, :, 1] = packed >> 4
-        return out.view(k, n)
+        """The codes of rows start:stop (multiples of `row_block`), unpacked into `out`, transposed (k x rows)."""
+        assert self.row_block is not None
+        return _unpacked_t(self.weight_int4, self.row_block, out, start, stop)
 
     def dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """W[start:stop]^T (rows multiples of INT4_ROW_BLOCK) in the activations' dtype, w = q * scale + (zero - 8 *
+        """W[start:stop]^T (rows multiples of `row_block`) in the activations' dtype, w = q * scale + (zero - 8 *
         scale), written into `buffer`. Transposed, so each group's scale is one contiguous row to broadcast: 4x
         faster than building W itself (8,960 x 1,536: 8.4 against 32.7 ms here)."""
         k, n, dtype = self.in_features, stop - start, self.scales_and_zeros.dtype
@@ -211,12 +241,12 @@ class Int4Linear(nn.Module):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """W[index] in the scales' dtype, unpacked from the kernel's layout for those rows only (the semantic
         statistic reads a few of the head's rows a draft: no float copy of the head stays alive)."""
-        if not self.unpacks:
+        if self.row_block is None:
             raise QuantError("this int4 layer's packing is not the one its rows can be read from")
-        k, half = self.in_features, INT4_ROW_BLOCK // 2
-        packed = self.weight_int4.view(-1, k, half)[index // INT4_ROW_BLOCK, :, index % half]  # [rows, k]
+        k, block = self.in_features, self.row_block
+        packed = self.weight_int4.view(-1, k, block // 2)[index // block, :, index % (block // 2)]  # [rows, k]
         dtype = self.scales_and_zeros.dtype
-        codes = torch.where((index % INT4_ROW_BLOCK < half)[:, None], packed & 15, packed >> 4).to(dtype)
+        codes = torch.where((index % block < block // 2)[:, None], packed & 15, packed >> 4).to(dtype)
         scale, zero = self.scales_and_zeros[:, index].float().unbind(-1)  # [k / 32, rows] each
         return torch.addcmul((zero - 8 * scale).to(dtype).T[..., None], codes.view(len(index), -1, INT4_GROUP),
                              scale.to(dtype).T[..., None]).reshape(len(index), k)  # as `dequantised_t` computes
@@ -248,7 +278,7 @@ class Int4Linear(nn.Module):
         weights for a prompt chunk. `PlanesLinear` calls it directly: through the module call and a second reshape
         its layers cost the draft's decode step 0.9 ms more (26.0 against 25.2 ms, docs/speed.md)."""
         if self.dequantises(rows):
-            return _dequantised_gemm(rows, self.out_features, self.in_features, INT4_ROW_BLOCK, self.dequantised_t)
+            return _dequantised_gemm(rows, self.out_features, self.in_features, self.row_block, self.dequantised_t)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +315,7 @@ class PlanesLinear(nn.Module):
         n, k = self.out_features, self.in_features
         rows = x.reshape(-1, k).to(self.planes.scales_and_zeros.dtype)
         if self.planes.dequantises(rows):  # the planes summed before the GEMM: n outputs, not 2n
-            y = _dequantised_gemm(rows, n, k, INT4_ROW_BLOCK, self._dequantised_t)
+            y = _dequantised_gemm(rows, n, k, self.planes.row_block, self._dequantised_t)
         else:
             y = self.planes.product(rows)
             y = y[:, :n] + y[:, n:]

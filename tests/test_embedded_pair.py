@@ -82,7 +82,7 @@ def test_embedded_float_layers_run_packed_with_the_same_products(embedded, tmp_p
     from hlm.quant import PackedLinear, recipe_of
 
     if not can_pack(tmp_path):
-        pytest.skip("no oneDNN in this torch, or an OS that keeps the pages")
+        pytest.skip("oneDNN cannot pack bf16 on this CPU (AVX2 alone), or the OS keeps the pages")
     for role in ("draft", "verifier"):
         packed = [m for m in getattr(embedded.pair, role).modules() if isinstance(m, PackedLinear)]
         why, note = embedded.pair.quant[role], f" ({len(packed)} bf16 layers packed)"

@@ -20,7 +20,9 @@ from hlm.quant import (
     PackedLinear,
     PlanesLinear,
     QuantError,
+    int4_row_block,
     pack_float_linears,
+    packs_bf16,
     quality,
     quantize,
 )
@@ -44,6 +46,16 @@ def test_int4_linear_is_close_to_the_float_layer():
     x = torch.randn(3, 64)
     err = (Int4Linear.fitted(lin)(x) - lin(x)).norm() / lin(x).norm()
     assert 0 < err < 0.15  # 4 bits in groups of 32: close, not exact
+
+
+def test_the_int4_packing_is_read_on_both_x86_vector_widths():
+    """torch packs int4 codes by the CPU's vector width: blocks of 64 rows with AVX-512, 32 with AVX2 (both seen).
+    Reading that packing is what lets a prompt chunk take the float GEMM and the semantic statistic read a head's
+    rows; a torch that packs otherwise leaves both to the kernel, and this test says so."""
+    width = torch.backends.cpu.get_cpu_capability()
+    if width not in ("AVX512", "AVX2"):
+        pytest.skip(f"no expectation for {width}")
+    assert int4_row_block() == {"AVX512": 64, "AVX2": 32}[width]
 
 
 def test_int4_prompt_chunks_run_on_the_dequantised_weights():
@@ -278,10 +290,11 @@ def file_backed_linear(tmp_path, n: int, k: int, bias: bool) -> torch.nn.Linear:
 
 
 def can_pack(tmp_path) -> bool:
-    """Whether layers are packed here at all: oneDNN in this torch, and an OS that takes pages back (Linux >= 5.4)."""
+    """Whether layers are packed here at all: oneDNN's bf16 packing on this CPU, and an OS that takes pages back
+    (Linux >= 5.4)."""
     probe = tmp_path / "can-pack"
     probe.mkdir(exist_ok=True)
-    return torch.backends.mkldnn.is_available() and memory.page_out(file_backed_linear(probe, 64, 1024, False).weight)
+    return packs_bf16() and memory.page_out(file_backed_linear(probe, 64, 1024, False).weight)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -289,7 +302,7 @@ def test_a_packed_layer_computes_bit_for_bit_what_f_linear_does(tmp_path, bias):
     """oneDNN's packed weight is the layout `F.linear` reorders into on every call: the same sums, whatever the rows
     (a decode step, a sync's block, a prompt chunk), and the weight is still there, unchanged, for readers."""
     if not can_pack(tmp_path):
-        pytest.skip("no oneDNN in this torch, or an OS that keeps the pages")
+        pytest.skip("oneDNN cannot pack bf16 on this CPU (AVX2 alone), or the OS keeps the pages")
     linear = file_backed_linear(tmp_path, 272, 320, bias)
     before = linear.weight.detach().clone()
     assert memory.file_backed(linear.weight)
@@ -317,7 +330,7 @@ def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):
     """The verifier's float layers (`hlm.rows.BlockLinear`) may run packed: a row's product is still the same in any
     block, so a sync still sees the LLM alone's logits."""
     if not can_pack(tmp_path):
-        pytest.skip("no oneDNN in this torch, or an OS that keeps the pages")
+        pytest.skip("oneDNN cannot pack bf16 on this CPU (AVX2 alone), or the OS keeps the pages")
     block = rows.BlockLinear(file_backed_linear(tmp_path, 272, 320, True))
     pack_float_linears(block)
     assert isinstance(block.linear, PackedLinear)
