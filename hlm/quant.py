@@ -15,7 +15,8 @@ softmax or the attention changes) and all on kernels that ship in torch itself:
   (`PlanesLinear`); only Q6_K's layers (groups of 16) stay as loaded. The blocks come from the GGUF, or for the
   embedded pair from `gguf_blocks.FILE` beside its converted weights (`hlm.models.embedded`).
 What a recipe leaves in bf16 then runs on oneDNN's packed weights (`PackedLinear`, `pack_float_linears`): the same
-products, read once a step.
+products, read once a step; where oneDNN has no bf16 (AVX2 alone), with prompt chunks multiplied in fp32
+(`WideLinear`).
 `quality` measures what a recipe costs (top-1 agreement and KL against the unquantised model, teacher-forced on
 real prompts); `hlm.models` takes a preset's accepted recipe only where it measures faster (`hlm bench` prints
 both; docs/speed.md says which recipe each model of the embedded pair runs and why).
@@ -83,11 +84,36 @@ def _dequantised_gemm(rows: torch.Tensor, n: int, k: int, block: int,
     layer's row granularity) by `fill(buffer, start, stop)`, which writes W[start:stop]^T into `buffer` and
     returns it as k x (stop - start). The buffer is this thread's and reused: a fresh one per layer would be a
     new mapping whose pages fault in on every prompt chunk (`hlm.memory.return_large_buffers`), which cost more
-    than the dequantising itself (the 0.5B draft read a 24-token prompt in 0.77 s, 0.43 s of it there)."""
-    buffer = _scratch_buffer(rows)
+    than the dequantising itself (the 0.5B draft read a 24-token prompt in 0.77 s, 0.43 s of it there). bf16 rows
+    are multiplied in fp32 where oneDNN has no bf16 GEMM (`onednn_bf16`), and the product rounded back to bf16."""
+    wide = rows.float() if rows.dtype == torch.bfloat16 and not onednn_bf16() else rows
+    buffer = _scratch_buffer(wide)
     step = max(block, SCRATCH_WEIGHTS // k // block * block)
-    parts = [rows @ fill(buffer[:k * (min(i + step, n) - i)], i, min(i + step, n)) for i in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    parts = [wide @ fill(buffer[:k * (min(i + step, n) - i)], i, min(i + step, n)) for i in range(0, n, step)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(rows.dtype)
+
+
+class WideLinear(nn.Module):
+    """A bf16 Linear whose prompt chunks (from PREFILL_ROWS rows) are multiplied in fp32, the weights copied into
+    fp32 a block at a time (`_dequantised_gemm`), where oneDNN has no bf16 GEMM: with AVX2 alone torch multiplies
+    bf16 rows at 21 GFLOPS however many there are, fp32 at 161 from 512 rows (measured: the 0.5B draft read 640
+    tokens in 33.0 s in bf16, 5.1 s so, 6.0 s in fp32). One row stays bf16, which reads half fp32's bytes."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] < PREFILL_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = _dequantised_gemm(rows, self.out_features, self.in_features, 1, self._weight_t)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _weight_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return buffer.view(stop - start, self.in_features).copy_(self.weight[start:stop]).T
 
 
 class PackedLinear(nn.Module):
@@ -110,7 +136,7 @@ class PackedLinear(nn.Module):
         (so the copy costs no memory: `memory.page_out`) and the packed product equals `F.linear`'s bit for bit on
         probe rows; else None."""
         w = linear.weight.detach()
-        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not packs_bf16() or not memory.file_backed(w):
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not onednn_bf16() or not memory.file_backed(w):
             return None
         packed = cls(linear, torch.ops.mkldnn._reorder_linear_weight(w, None))
         probe = torch.randn(PACKED_PROBE_ROWS, linear.in_features, generator=torch.Generator().manual_seed(0),
@@ -122,27 +148,30 @@ class PackedLinear(nn.Module):
         return packed if same and memory.page_out(w) else None
 
 
-def packs_bf16() -> bool:
-    """Whether oneDNN packs bf16 weights here: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and raises on a CPU
-    with AVX2 alone (where the models load in float32 anyway: `hlm.models.presets.default_dtype`)."""
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 here, packing and GEMMs: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT. With AVX2
+    alone packing raises, and torch multiplies bf16 rows at one speed however many there are (21 GFLOPS measured,
+    against fp32's 161 at 512 rows), so prompt chunks are multiplied in fp32 (`_dequantised_gemm`, `WideLinear`)
+    and the dtype is chosen by measurement (`hlm.models.presets.default_dtype`)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_float_linears(model: nn.Module) -> int:
-    """Run each bf16 Linear the fast path left on `PackedLinear` where it can (`PackedLinear.of`), in place; returns
-    how many. Nothing changes where oneDNN cannot pack bf16 (`packs_bf16`)."""
-    if not packs_bf16():
-        return 0
+def pack_float_linears(model: nn.Module) -> str:
+    """Run each bf16 Linear the fast path left on `PackedLinear` where it can (`PackedLinear.of`), in place, or
+    where oneDNN has no bf16 (`onednn_bf16`) on `WideLinear`; returns what was done ("" for nothing)."""
+    wide = not onednn_bf16()
     count = 0
 
-    def pack(_name: str, linear: nn.Linear) -> nn.Module:
+    def swap(_name: str, linear: nn.Linear) -> nn.Module:
         nonlocal count
-        packed = PackedLinear.of(linear)
-        count += packed is not None
-        return packed or linear
+        done = (WideLinear(linear) if linear.weight.dtype == torch.bfloat16 else None) if wide else \
+            PackedLinear.of(linear)
+        count += done is not None
+        return done or linear
 
-    swap_linears(model, pack)
-    return count
+    swap_linears(model, swap)
+    return f"{count} bf16 layers {'with fp32 prompts' if wide else 'packed'}" if count else ""
 
 
 class Int8Linear(nn.Module):
@@ -233,7 +262,7 @@ class Int4Linear(nn.Module):
         """W[start:stop]^T (rows multiples of `row_block`) in the activations' dtype, w = q * scale + (zero - 8 *
         scale), written into `buffer`. Transposed, so each group's scale is one contiguous row to broadcast: 4x
         faster than building W itself (8,960 x 1,536: 8.4 against 32.7 ms here)."""
-        k, n, dtype = self.in_features, stop - start, self.scales_and_zeros.dtype
+        k, n, dtype = self.in_features, stop - start, buffer.dtype
         w = self._codes_t(buffer, start, stop).view(k // INT4_GROUP, INT4_GROUP, n)
         scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [k / 32, n] each
         return torch.addcmul((zero - 8 * scale).to(dtype)[:, None], w, scale.to(dtype)[:, None], out=w).view(k, n)
@@ -429,30 +458,34 @@ def recipe_of(why: str) -> str:
 STREAMED_BYTES = 256 << 20  # float weights `int4_layer_seconds` cycles through: more than any last-level cache here
 
 
-def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1) -> tuple[float, float]:
+def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1,
+                       int4: bool = True) -> tuple[float, float]:
     """(float, int4) median seconds of one row through an n x k layer, on made-up weights: what `q4k` and `gguf`
     change in a decode step, measured without reading the model's own weights. A step streams every layer from
     memory, so the time is per layer over copies that together outgrow the cache (one 4,864 x 896 layer alone stays
     in it: bf16 measured 0.19 ms there against 0.59 streamed, which turned the choice around). `planes` = 2: the int4
-    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves."""
+    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves; `int4` False: the float layer alone (int4
+    NaN)."""
     copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
     x = torch.randn(1, k, dtype=dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
-    int4 = Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(planes * n, k // INT4_GROUP),
-                      torch.rand(planes * n, k // INT4_GROUP), None, dtype)
-    int4s = [copy.deepcopy(int4) for _ in range(copies)]
+    groups = (planes * n, k // INT4_GROUP)
+    int4s = [Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(groups),
+                        torch.rand(groups), None, dtype)] if int4 else []
+    int4s += [copy.deepcopy(int4s[0]) for _ in range(copies - 1)] if int4 else []
 
     def run_float() -> None:
         for w in floats:
             F.linear(x, w)
 
     def run_int4() -> None:
-        for layer in int4s:
-            y = layer(x)
+        for one in int4s:
+            y = one(x)
             _ = y if planes == 1 else y[..., :n] + y[..., n:]
 
     with torch.inference_mode():
-        return _median_seconds(run_float, repeats) / copies, _median_seconds(run_int4, repeats) / copies
+        return (_median_seconds(run_float, repeats) / copies,
+                _median_seconds(run_int4, repeats) / copies if int4 else float("nan"))
 
 
 def _median_seconds(op: Callable[[], object], repeats: int) -> float:

@@ -20,9 +20,10 @@ from hlm.quant import (
     PackedLinear,
     PlanesLinear,
     QuantError,
+    WideLinear,
     int4_row_block,
+    onednn_bf16,
     pack_float_linears,
-    packs_bf16,
     quality,
     quantize,
 )
@@ -71,6 +72,37 @@ def test_int4_prompt_chunks_run_on_the_dequantised_weights():
     x = torch.randn(INT4_PREFILL_ROWS, k)
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer(x[:3]), x[:3] @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_prompt_chunks_are_multiplied_in_fp32_where_onednn_has_no_bf16(monkeypatch):
+    """With AVX2 alone torch multiplies bf16 rows at one slow rate, so a prompt chunk runs in fp32 (the dequantised
+    int4 weights, and a plain bf16 layer copied a block at a time: `WideLinear`), rounded back to bf16; fewer rows,
+    a decode step's, stay bf16."""
+    from hlm import quant
+
+    monkeypatch.setattr(quant, "onednn_bf16", lambda: False)
+    torch.manual_seed(0)
+    n, k = 128, 256
+    codes, scale, zero = torch.randint(0, 16, (n, k)), torch.rand(n, k // 32) / 100, torch.rand(n, k // 32) / 100
+    layer = Int4Linear(codes, scale, zero, None, torch.bfloat16)
+    w = ((codes.view(n, -1, 32) - 8) * scale.bfloat16().float()[..., None] + zero.bfloat16().float()[..., None])
+    x = torch.randn(INT4_PREFILL_ROWS, k, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, (x.float() @ w.view(n, k).T).bfloat16(), rtol=1e-2, atol=1e-3)
+
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, dtype=torch.bfloat16), torch.nn.Linear(n, 8))
+    plain = torch.nn.Linear(k, n, dtype=torch.bfloat16)
+    plain.load_state_dict(model[0].state_dict())
+    assert pack_float_linears(model) == "1 bf16 layers with fp32 prompts"  # the fp32 layer stays as it was
+    assert isinstance(model[0], quant.WideLinear) and isinstance(model[1], torch.nn.Linear)
+    with torch.no_grad():
+        for rows in (1, 4, quant.PREFILL_ROWS - 1):
+            assert torch.equal(model[0](x[:rows]), plain(x[:rows]))
+        wide = model[0](x)
+        assert wide.dtype == torch.bfloat16
+        fp32 = F.linear(x.float(), plain.weight.float(), plain.bias.float())
+        torch.testing.assert_close(wide, fp32.bfloat16(), rtol=1e-2, atol=1e-3)
 
 
 def test_prompt_chunks_dequantise_block_by_block(monkeypatch):
@@ -294,7 +326,7 @@ def can_pack(tmp_path) -> bool:
     (Linux >= 5.4)."""
     probe = tmp_path / "can-pack"
     probe.mkdir(exist_ok=True)
-    return packs_bf16() and memory.page_out(file_backed_linear(probe, 64, 1024, False).weight)
+    return onednn_bf16() and memory.page_out(file_backed_linear(probe, 64, 1024, False).weight)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -322,8 +354,9 @@ def test_only_bf16_views_of_a_mapped_file_are_packed(tmp_path):
     assert not memory.file_backed(anonymous.weight) and PackedLinear.of(anonymous) is None
     assert PackedLinear.of(torch.nn.Linear(320, 272)) is None
     model = torch.nn.Sequential(file_backed_linear(tmp_path, 272, 320, True), anonymous)
-    assert pack_float_linears(model) == (1 if can_pack(tmp_path) else 0)
-    assert isinstance(model[1], torch.nn.Linear)
+    assert pack_float_linears(model) == ("1 bf16 layers packed" if can_pack(tmp_path) else
+                                         "" if onednn_bf16() else "2 bf16 layers with fp32 prompts")
+    assert isinstance(model[1], torch.nn.Linear if onednn_bf16() else WideLinear)
 
 
 def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):

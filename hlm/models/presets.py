@@ -80,13 +80,26 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has bf16 kernels, else fp16 on CUDA and fp32 on CPU.
-
-    On a CPU without oneDNN bf16 support (e.g. AMD EPYC without AVX512-BF16) bf16 falls back to a slow path:
-    measured here, one 0.5B decode step took 1.6 s in bf16 and 0.27 s in fp32."""
+    """bf16 where the hardware has bf16 kernels, else fp16 on CUDA; on a CPU without oneDNN's bf16 (AVX2 alone, no
+    AVX-512), whichever of bf16 and fp32 multiplies one row faster here (`cpu_bf16_faster`)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_bf16_faster() else torch.float32
+
+
+@functools.cache
+def cpu_bf16_faster() -> bool:
+    """Whether one row through a 1.5B model's widest layer (8,960 x 1,536, streamed from memory) is faster in bf16
+    than in fp32 on this CPU, measured once a process. Without oneDNN's bf16, CPUs differ: on one (AMD EPYC, AVX2,
+    torch 2.13) one row took 1.7 against 3.2 ms, half the bytes, and the int4 kernels then run on bf16 rows at 1.0
+    ms, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
+    prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B decode step took
+    1.6 s in bf16 and 0.27 s in fp32."""
+    bf16, _ = int4_layer_seconds(8960, 1536, torch.bfloat16, int4=False)
+    fp32, _ = int4_layer_seconds(8960, 1536, torch.float32, int4=False)
+    return bf16 < fp32
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
@@ -217,9 +230,9 @@ def load_pair(spec: str = "embedded", device: str | None = None, dtype: str | No
 
 def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool, quant: str,
                 pack_draft: bool = True) -> ModelPair:
-    """A preset or `DRAFT,VERIFIER` pair, each model on its fast path (`quant`) and its remaining bf16 layers packed
-    (`hlm.quant.pack_float_linears`; not the draft's when it is to be compiled, which packs its own), with its
-    calibrations."""
+    """A preset or `DRAFT,VERIFIER` pair, each model on its fast path (`quant`) and its remaining bf16 layers packed,
+    or widened for prompts (`hlm.quant.pack_float_linears`; not the draft's when it is to be compiled, which packs its
+    own), with its calibrations."""
     torch_dtype = getattr(torch, dtype) if dtype else default_dtype(dev)
     preset = PRESETS.get(spec)
     draft_ref, verifier_ref = _refs(spec, progress)
@@ -242,8 +255,8 @@ def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool,
         _release_memory()  # the last views of this model's memory-mapped checkpoint, before the next one loads
     rows.exact_rows(pair.verifier)  # its float layers, once the fast path has taken its own
     for role in ("draft", "verifier") if pack_draft else ("verifier",):
-        if packed := pack_float_linears(getattr(pair, role)):  # the same products: the recipe's word stays first
-            pair.quant[role] += f" ({packed} bf16 layers packed)"  # (`quant.recipe_of`, the numerics' key)
+        if done := pack_float_linears(getattr(pair, role)):  # the recipe's word stays first (`quant.recipe_of`,
+            pair.quant[role] += f" ({done})"  # the numerics' key)
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
