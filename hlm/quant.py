@@ -165,8 +165,10 @@ def pack_float_linears(model: nn.Module) -> str:
 
     def swap(_name: str, linear: nn.Linear) -> nn.Module:
         nonlocal count
-        done = (WideLinear(linear) if linear.weight.dtype == torch.bfloat16 else None) if wide else \
-            PackedLinear.of(linear)
+        if wide:
+            done = WideLinear(linear) if linear.weight.dtype == torch.bfloat16 else None
+        else:
+            done = PackedLinear.of(linear)
         count += done is not None
         return done or linear
 
@@ -259,9 +261,10 @@ class Int4Linear(nn.Module):
         return _unpacked_t(self.weight_int4, self.row_block, out, start, stop)
 
     def dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """W[start:stop]^T (rows multiples of `row_block`) in the activations' dtype, w = q * scale + (zero - 8 *
-        scale), written into `buffer`. Transposed, so each group's scale is one contiguous row to broadcast: 4x
-        faster than building W itself (8,960 x 1,536: 8.4 against 32.7 ms here)."""
+        """W[start:stop]^T (rows multiples of `row_block`) in the buffer's dtype (the activations', or fp32 where
+        `_dequantised_gemm` widens them), w = q * scale + (zero - 8 * scale), written into `buffer`. Transposed, so
+        each group's scale is one contiguous row to broadcast: 4x faster than building W itself (8,960 x 1,536: 8.4
+        against 32.7 ms here)."""
         k, n, dtype = self.in_features, stop - start, buffer.dtype
         w = self._codes_t(buffer, start, stop).view(k // INT4_GROUP, INT4_GROUP, n)
         scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [k / 32, n] each

@@ -93,8 +93,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def cpu_bf16_faster() -> bool:
     """Whether one row through a 1.5B model's widest layer (8,960 x 1,536, streamed from memory) is faster in bf16
     than in fp32 on this CPU, measured once a process. Without oneDNN's bf16, CPUs differ: on one (AMD EPYC, AVX2,
-    torch 2.13) one row took 1.7 against 3.2 ms, half the bytes, and the int4 kernels then run on bf16 rows at 1.0
-    ms, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
+    torch 2.13) one row took 1.4-1.8 against 2.6-3.7 ms, half the bytes, and the int4 kernel took 1.0 ms on bf16
+    rows, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
     prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B decode step took
     1.6 s in bf16 and 0.27 s in fp32."""
     bf16, _ = int4_layer_seconds(8960, 1536, torch.bfloat16, int4=False)
