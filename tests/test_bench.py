@@ -108,17 +108,20 @@ def test_an_unknown_section_is_refused():
     assert exc.value.code == 2
 
 
-def test_a_model_with_packed_layers_is_not_its_own_plain_reference(tmp_path):
+@pytest.mark.parametrize("kind", ["packed", "wide"])
+def test_a_model_with_packed_or_widened_layers_is_not_its_own_plain_reference(tmp_path, kind):
     """Plain `generate` is timed on plain transformers: a pair's unquantised model is its own reference only while no
-    layer of it runs packed (`hlm.quant.PackedLinear`, faster than transformers' own bf16 product)."""
+    layer of it runs packed (`hlm.quant.PackedLinear`, faster than transformers' own bf16 product) or widened
+    (`hlm.quant.WideLinear`, bf16 prompts in fp32 where oneDNN has no bf16)."""
     import torch
     from test_quant import file_backed_linear
 
     from hlm.experiments.bench import _plain
     from hlm.models.tiny import tiny_pair
-    from hlm.quant import PackedLinear
+    from hlm.quant import PackedLinear, WideLinear
 
-    packed = PackedLinear.of(file_backed_linear(tmp_path, 272, 320, False))
+    linear = file_backed_linear(tmp_path, 272, 320, False)
+    packed = PackedLinear.of(linear) if kind == "packed" else WideLinear(linear)
     if packed is None:
         pytest.skip("oneDNN cannot pack bf16 on this CPU (AVX2 alone)")
     pair, loads = tiny_pair(), []

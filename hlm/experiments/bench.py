@@ -41,7 +41,7 @@ from hlm.experiments.roofline import Bandwidth, decode_bytes, measure_bandwidth
 from hlm.features import judge_input
 from hlm.models.presets import default_dtype
 from hlm.policies import REGISTRY, with_role
-from hlm.quant import PackedLinear, quality, step_seconds
+from hlm.quant import PackedLinear, WideLinear, quality, step_seconds
 from hlm.session import with_u_th
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def _plain(pair: ModelPair, load: Loader, role: str, dtype: torch.dtype) -> PreT
     (`hlm.rows`) are this project's, not plain: its plain model is SDPA, which they run for one-token steps."""
     model = getattr(pair, role)
     exact = model.config._attn_implementation == rows.KERNEL
-    packed = any(isinstance(m, PackedLinear) for m in model.modules())  # not plain transformers either
+    packed = any(isinstance(m, PackedLinear | WideLinear) for m in model.modules())  # not plain transformers either
     if getattr(model, "hlm_quant", "none") == "none" and model.dtype == dtype and not exact and not packed:
         return model
     return load(role, model.device, dtype, "sdpa" if exact else model.config._attn_implementation)
