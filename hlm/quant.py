@@ -97,7 +97,8 @@ class WideLinear(nn.Module):
     """A bf16 Linear whose prompt chunks (from PREFILL_ROWS rows) are multiplied in fp32, the weights copied into
     fp32 a block at a time (`_dequantised_gemm`), where oneDNN has no bf16 GEMM: with AVX2 alone torch multiplies
     bf16 rows at 21 GFLOPS however many there are, fp32 at 161 from 512 rows (measured: the 0.5B draft read 640
-    tokens in 33.0 s in bf16, 5.1 s so, 6.0 s in fp32). One row stays bf16, which reads half fp32's bytes."""
+    tokens in 33.0 s in bf16, 5.1 s with its products in fp32, 6.0 s in fp32). One row stays bf16, which reads half
+    fp32's bytes."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
