@@ -93,6 +93,12 @@ def _dequantised_gemm(rows: torch.Tensor, n: int, k: int, block: int,
     return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(rows.dtype)
 
 
+def _copied_t(weight: torch.Tensor, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """A `_dequantised_gemm` fill for weights that need no decoding: W[start:stop] copied into `buffer` (in its
+    dtype), transposed."""
+    return buffer.view(stop - start, weight.shape[1]).copy_(weight[start:stop]).T
+
+
 class WideLinear(nn.Module):
     """A bf16 Linear whose prompt chunks (from PREFILL_ROWS rows) are multiplied in fp32, the weights copied into
     fp32 a block at a time (`_dequantised_gemm`), where oneDNN has no bf16 GEMM: with AVX2 alone torch multiplies
@@ -109,12 +115,14 @@ class WideLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] < PREFILL_ROWS:
             return F.linear(x, self.weight, self.bias)
-        y = _dequantised_gemm(rows, self.out_features, self.in_features, 1, self._weight_t)
+        y = _dequantised_gemm(rows, self.out_features, self.in_features, 1, functools.partial(_copied_t, self.weight))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def _weight_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return buffer.view(stop - start, self.in_features).copy_(self.weight[start:stop]).T
+    @classmethod
+    def of(cls, linear: nn.Linear) -> WideLinear | None:
+        """`linear` widened for prompts if its weight is bf16; else None."""
+        return cls(linear) if linear.weight.dtype == torch.bfloat16 else None
 
 
 class PackedLinear(nn.Module):
@@ -161,20 +169,17 @@ def onednn_bf16() -> bool:
 def pack_float_linears(model: nn.Module) -> str:
     """Run each bf16 Linear the fast path left on `PackedLinear` where it can (`PackedLinear.of`), in place, or
     where oneDNN has no bf16 (`onednn_bf16`) on `WideLinear`; returns what was done ("" for nothing)."""
-    wide = not onednn_bf16()
+    make, done = (PackedLinear.of, "packed") if onednn_bf16() else (WideLinear.of, "with fp32 prompts")
     count = 0
 
     def swap(_name: str, linear: nn.Linear) -> nn.Module:
         nonlocal count
-        if wide:
-            done = WideLinear(linear) if linear.weight.dtype == torch.bfloat16 else None
-        else:
-            done = PackedLinear.of(linear)
-        count += done is not None
-        return done or linear
+        swapped = make(linear)
+        count += swapped is not None
+        return swapped or linear
 
     swap_linears(model, swap)
-    return f"{count} bf16 layers {'with fp32 prompts' if wide else 'packed'}" if count else ""
+    return f"{count} bf16 layers {done}" if count else ""
 
 
 class Int8Linear(nn.Module):
@@ -198,14 +203,13 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
         if rows.shape[0] >= PREFILL_ROWS:  # a prompt chunk: the float GEMM on the codes, scaled per output as the
             # kernel does (the codes are exact in bf16; scaling the weights first would round them)
-            y = _dequantised_gemm(rows, self.out_features, self.in_features, 1, self._codes_t) * self.scale
+            y = _dequantised_gemm(rows, self.out_features, self.in_features, 1,
+                                  functools.partial(_copied_t, self.weight_int8)) * self.scale
         else:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def _codes_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return buffer.view(stop - start, self.in_features).copy_(self.weight_int8[start:stop]).T
 
 
 @functools.cache
@@ -462,34 +466,40 @@ def recipe_of(why: str) -> str:
 STREAMED_BYTES = 256 << 20  # float weights `int4_layer_seconds` cycles through: more than any last-level cache here
 
 
-def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1,
-                       int4: bool = True) -> tuple[float, float]:
-    """(float, int4) median seconds of one row through an n x k layer, on made-up weights: what `q4k` and `gguf`
-    change in a decode step, measured without reading the model's own weights. A step streams every layer from
-    memory, so the time is per layer over copies that together outgrow the cache (one 4,864 x 896 layer alone stays
-    in it: bf16 measured 0.19 ms there against 0.59 streamed, which turned the choice around). `planes` = 2: the int4
-    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves; `int4` False: the float layer alone (int4
-    NaN)."""
+def float_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Median seconds of one row through an n x k float layer, streamed from memory as `int4_layer_seconds` times
+    it (copies that together outgrow the cache)."""
     copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
     x = torch.randn(1, k, dtype=dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
-    groups = (planes * n, k // INT4_GROUP)
-    int4s = [Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(groups),
-                        torch.rand(groups), None, dtype)] if int4 else []
-    int4s += [copy.deepcopy(int4s[0]) for _ in range(copies - 1)] if int4 else []
 
     def run_float() -> None:
         for w in floats:
             F.linear(x, w)
 
+    with torch.inference_mode():
+        return _median_seconds(run_float, repeats) / copies
+
+
+def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1) -> tuple[float, float]:
+    """(float, int4) median seconds of one row through an n x k layer, on made-up weights: what `q4k` and `gguf`
+    change in a decode step, measured without reading the model's own weights. A step streams every layer from
+    memory, so the time is per layer over copies that together outgrow the cache (one 4,864 x 896 layer alone stays
+    in it: bf16 measured 0.19 ms there against 0.59 streamed, which turned the choice around). `planes` = 2: the int4
+    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves."""
+    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
+    x = torch.randn(1, k, dtype=dtype)
+    int4 = Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(planes * n, k // INT4_GROUP),
+                      torch.rand(planes * n, k // INT4_GROUP), None, dtype)
+    int4s = [copy.deepcopy(int4) for _ in range(copies)]
+
     def run_int4() -> None:
-        for one in int4s:
-            y = one(x)
+        for layer in int4s:
+            y = layer(x)
             _ = y if planes == 1 else y[..., :n] + y[..., n:]
 
     with torch.inference_mode():
-        return (_median_seconds(run_float, repeats) / copies,
-                _median_seconds(run_int4, repeats) / copies if int4 else float("nan"))
+        return float_layer_seconds(n, k, dtype, repeats), _median_seconds(run_int4, repeats) / copies
 
 
 def _median_seconds(op: Callable[[], object], repeats: int) -> float:

@@ -12,8 +12,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def _stored_keys() -> set[str]:
-    return {json.loads(p.read_text())["meta"]["numerics"] for p in RESULTS.rglob("results.json")
-            if "numerics" in json.loads(p.read_text()).get("meta", {})}
+    metas = (json.loads(p.read_text()).get("meta", {}) for p in RESULTS.rglob("results.json"))
+    return {meta["numerics"] for meta in metas if "numerics" in meta}
 
 
 def test_every_key_in_the_committed_results_reads_back_as_written():

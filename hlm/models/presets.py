@@ -25,7 +25,9 @@ from hlm.models.tiny import tiny_pair, tiny_role
 from hlm.quant import (
     RECIPES,
     block_kind,
+    float_layer_seconds,
     int4_layer_seconds,
+    onednn_bf16,
     pack_float_linears,
     quantize,
     step_seconds,
@@ -84,9 +86,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     AVX-512), whichever of bf16 and fp32 multiplies one row faster here (`cpu_bf16_faster`)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_bf16_faster() else torch.float32
+    return torch.bfloat16 if onednn_bf16() or cpu_bf16_faster() else torch.float32
 
 
 @functools.cache
@@ -97,9 +97,7 @@ def cpu_bf16_faster() -> bool:
     rows, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
     prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B decode step took
     1.6 s in bf16 and 0.27 s in fp32."""
-    bf16, _ = int4_layer_seconds(8960, 1536, torch.bfloat16, int4=False)
-    fp32, _ = int4_layer_seconds(8960, 1536, torch.float32, int4=False)
-    return bf16 < fp32
+    return float_layer_seconds(8960, 1536, torch.bfloat16) < float_layer_seconds(8960, 1536, torch.float32)
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
