@@ -466,11 +466,11 @@ def recipe_of(why: str) -> str:
 STREAMED_BYTES = 256 << 20  # float weights `int4_layer_seconds` cycles through: more than any last-level cache here
 
 
-def float_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median seconds of one row through an n x k float layer, streamed from memory as `int4_layer_seconds` times
-    it (copies that together outgrow the cache)."""
+def float_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, rows: int = 1) -> float:
+    """Median seconds of `rows` rows through an n x k float layer, streamed from memory as `int4_layer_seconds`
+    times it (copies that together outgrow the cache)."""
     copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
-    x = torch.randn(1, k, dtype=dtype)
+    x = torch.randn(rows, k, dtype=dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
 
     def run_float() -> None:

@@ -9,8 +9,9 @@ left the LLM alone in the held-back end-to-end check left it at a token the veri
 
 So the verifier loads with KERNEL, whose attention runs a pass of a few rows one query row at a time (each over the
 keys up to its own, as a one-row step sees them), and its float layers become `BlockLinear`, which multiplies rows in
-zero-padded blocks of BLOCK: a row's product is then the same in any block (measured with oneDNN on this CPU
-kind; `tests/test_rows.py` and `tests/test_embedded_pair.py` check it where they run). The int8 and int4 kernels
+zero-padded blocks of a fixed size: a row's product is then the same in any block (`tests/test_rows.py` and
+`tests/test_embedded_pair.py` check it where they run). The size is BLOCK where a block costs about one row (oneDNN,
+GPUs), else 1 (`block_rows`). The int8 and int4 kernels
 (`hlm.quant`) already compute row by row below their prefill thresholds, so every layer is exact up to EXACT_ROWS
 rows, and the verifier syncs at most that many rows a pass. Prompt chunks, read the same way by every run, keep the
 fast paths.
@@ -18,6 +19,7 @@ fast paths.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,11 +28,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS, swap_linears
+from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS, float_layer_seconds, swap_linears
 
 KERNEL = "sdpa+exact-rows"
 EXACT_ROWS = min(PREFILL_ROWS, INT4_PREFILL_ROWS) - 1  # the int8 kernel's last row count before it dequantises
-BLOCK = 4  # rows per float GEMM: a one-row step costs no more than a one-row product here (docs/speed.md)
+BLOCK = 4  # rows per float GEMM where a block of them costs about one row (`block_rows`)
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -50,14 +52,28 @@ AttentionInterface.register(KERNEL, _attention)
 AttentionMaskInterface.register(KERNEL, sdpa_mask)
 
 
+@functools.cache
+def block_rows(device_type: str, dtype: torch.dtype) -> int:
+    """Rows per float GEMM of a short pass: BLOCK where BLOCK rows cost at most twice one row, else 1 (each row its
+    own one-row product, exact too). Twice is the middle: a block that costs c rows loses c-fold on a one-token pass
+    and gains 4/c-fold on a full block. Measured once a process on a CPU (an 8,960 x 1,536 layer, streamed): with
+    oneDNN's bf16 the block costs about one row; with AVX2 alone torch's bf16 product is bound by arithmetic, four
+    rows cost four, and a one-token pass in blocks of 4 multiplied three rows of zeros (docs/speed.md). A GPU reads
+    the weights once for a few rows."""
+    if device_type != "cpu":
+        return BLOCK
+    one = float_layer_seconds(8960, 1536, dtype)
+    return BLOCK if float_layer_seconds(8960, 1536, dtype, rows=BLOCK) <= 2 * one else 1
+
+
 class BlockLinear(nn.Module):
-    """A float Linear whose passes of up to EXACT_ROWS rows multiply in zero-padded blocks of BLOCK rows; longer
+    """A float Linear whose passes of up to EXACT_ROWS rows multiply in zero-padded blocks of `block` rows; longer
     ones (prompt chunks) in one GEMM. Wraps the layer itself (no copy; a tied lm-head stays tied), which may later run
     on a packed weight (`hlm.quant.PackedLinear`: the same products)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, block: int = BLOCK) -> None:
         super().__init__()
-        self.linear = linear
+        self.linear, self.block = linear, block
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +81,18 @@ class BlockLinear(nn.Module):
         n = rows.shape[0]
         if n > EXACT_ROWS:
             return self.linear(x)
-        padded = torch.cat([rows, rows.new_zeros(-n % BLOCK, self.in_features)])
-        y = torch.cat([self.linear(padded[i:i + BLOCK]) for i in range(0, len(padded), BLOCK)])
+        padded = torch.cat([rows, rows.new_zeros(-n % self.block, self.in_features)])
+        y = torch.cat([self.linear(padded[i:i + self.block]) for i in range(0, len(padded), self.block)])
         return y[:n].reshape(*x.shape[:-1], self.out_features)
 
 
 def exact_rows(model: nn.Module) -> nn.Module:
-    """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention)."""
+    """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention), in blocks of
+    `block_rows` for its device and dtype, recorded as `model.hlm_block_rows` (the numerics key names it)."""
     if model.config._attn_implementation != KERNEL:
         raise ValueError(f"exact rows need the {KERNEL!r} attention, not {model.config._attn_implementation!r}")
     if not any(isinstance(m, BlockLinear) for m in model.modules()):  # once: its layers would nest again
-        swap_linears(model, lambda _name, linear: BlockLinear(linear))
+        block = block_rows(model.device.type, model.dtype)
+        swap_linears(model, lambda _name, linear: BlockLinear(linear, block))
+        model.hlm_block_rows = block
     return model

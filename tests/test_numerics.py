@@ -1,6 +1,7 @@
 """The numerics key: written and read in one place, so the keys stored in results folders keep matching."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given
@@ -43,14 +44,22 @@ WORD = st.text(st.sampled_from("abcz0189+-_.,()"), max_size=8)  # what a dtype, 
 
 
 @given(WORD, st.lists(st.tuples(st.sampled_from(["draft", "verifier"]), WORD), max_size=2, unique_by=lambda r: r[0]),
-       WORD)
-def test_a_key_reads_back_as_the_parts_that_wrote_it(dtype, recipes, attention):
+       WORD, st.integers(1, 64))
+def test_a_key_reads_back_as_the_parts_that_wrote_it(dtype, recipes, attention, block):
     """Whatever the parts (a recipe with commas included, as `recipe_of` leaves them), the key reads back as them,
     and the draft comes out by role alone."""
-    parts = Numerics(dtype, tuple(sorted(recipes)), attention)
+    parts = Numerics(dtype, tuple(sorted(recipes)), attention, block)
     assert Numerics.parse(str(parts)) == parts
     assert without_draft(str(parts)) == str(Numerics(dtype, tuple(r for r in sorted(recipes) if r[0] != "draft"),
-                                                     attention))
+                                                     attention, block))
+
+
+def test_the_verifiers_block_of_rows_is_named_only_where_stored_keys_did_not_have_it():
+    four = Numerics("bfloat16", (("verifier", "q4k,"),), "sdpa+exact-rows", 4)
+    one = replace(four, verifier_block_rows=1)
+    assert str(four) == "bfloat16; verifier q4k,; verifier sdpa+exact-rows"
+    assert str(one) == "bfloat16; verifier q4k,; verifier sdpa+exact-rows, 1-row blocks"
+    assert Numerics.parse(str(one)) == one and without_draft(str(one)) == str(one)
 
 
 @given(st.text(max_size=60))
@@ -64,3 +73,4 @@ def test_the_pair_writes_its_key_through_numerics(tiny):
     parts = Numerics.parse(tiny.numerics)
     assert parts is not None and parts.recipes == ()
     assert parts.verifier_attention == tiny.verifier.config._attn_implementation
+    assert parts.verifier_block_rows == tiny.verifier.hlm_block_rows in (1, 4)

@@ -41,10 +41,37 @@ def test_a_sync_gives_bitwise_the_one_row_logits(tiny, every):
     assert worst_gap(tiny, every) == 0.0
 
 
-def test_a_block_linear_row_does_not_depend_on_the_rows_beside_it():
+@pytest.mark.parametrize("size", [1, rows.BLOCK])
+def test_syncs_are_exact_in_either_block_of_rows(tiny, size):
+    """The block is measured per machine (`block_rows`); the tiny pair's syncs are exact in both sizes."""
+    layers = [m for m in tiny.verifier.modules() if isinstance(m, rows.BlockLinear)]
+    measured = layers[0].block
+    try:
+        for layer in layers:
+            layer.block = size
+        assert worst_gap(tiny, 5) == 0.0
+    finally:
+        for layer in layers:
+            layer.block = measured
+
+
+@pytest.mark.parametrize(("block_cost", "expected"), [(1.1, rows.BLOCK), (2.0, rows.BLOCK), (2.5, 1), (4.0, 1)])
+def test_the_block_of_rows_is_chosen_by_what_a_block_costs_here(monkeypatch, block_cost, expected):
+    """A block costing c rows loses c-fold on a one-token pass and gains 4/c-fold on a full one: blocks up to 2."""
+    monkeypatch.setattr(rows, "float_layer_seconds", lambda n, k, dtype, rows=1: 1e-3 * (block_cost if rows > 1 else 1))
+    rows.block_rows.cache_clear()
+    try:
+        assert rows.block_rows("cpu", torch.bfloat16) == expected
+        assert rows.block_rows("cuda", torch.bfloat16) == rows.BLOCK  # a GPU reads the weights once: not measured
+    finally:
+        rows.block_rows.cache_clear()
+
+
+@pytest.mark.parametrize("size", [1, rows.BLOCK])
+def test_a_block_linear_row_does_not_depend_on_the_rows_beside_it(size):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 272)
-    block = rows.BlockLinear(linear)
+    block = rows.BlockLinear(linear, size)
     x = torch.randn(rows.EXACT_ROWS, 96)
     alone = torch.cat([block(x[i:i + 1]) for i in range(len(x))])
     for n in range(2, rows.EXACT_ROWS + 1):

@@ -1,5 +1,6 @@
 """The numerics key: the one line that says how a pair computes (its dtype, each role's fast path, the verifier's
-attention), which keys every cached run, study answer and trace, and is stored in results folders.
+attention and, where not 4, its float layers' block of rows), which keys every cached run, study answer and trace,
+and is stored in results folders.
 
 The line is the key, so its format cannot change without orphaning what is stored; `Numerics` is the only place
 that writes it and reads it back, so the parts that depend on one role alone (`without_draft`: a run that never
@@ -8,23 +9,30 @@ drafts) are taken from fields, not from string surgery spread over the callers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 NO_FAST_PATH = "no fast path"
+STORED_BLOCK_ROWS = 4  # every key written before the block was measured (`hlm.rows.block_rows`) had it: left unsaid
+_BLOCKS = re.compile(r"(.*), (\d+)-row blocks")
 
 
 @dataclass(frozen=True)
 class Numerics:
     """A numerics key in parts. `recipes` holds (role, recipe) per role on a fast path, sorted by role; a recipe is
-    the first word of that role's `ModelPair.quant` entry (`hlm.quant.recipe_of`, trailing comma and all)."""
+    the first word of that role's `ModelPair.quant` entry (`hlm.quant.recipe_of`, trailing comma and all);
+    `verifier_block_rows` the rows per float GEMM of the verifier's short passes (`hlm.rows.block_rows`), named
+    only where it is not STORED_BLOCK_ROWS, so stored keys still match."""
 
     dtype: str
     recipes: tuple[tuple[str, str], ...]
     verifier_attention: str
+    verifier_block_rows: int = STORED_BLOCK_ROWS
 
     def __str__(self) -> str:
         recipes = ", ".join(f"{role} {recipe}" for role, recipe in self.recipes)
-        return f"{self.dtype}; {recipes or NO_FAST_PATH}; verifier {self.verifier_attention}"
+        blocks = "" if self.verifier_block_rows == STORED_BLOCK_ROWS else f", {self.verifier_block_rows}-row blocks"
+        return f"{self.dtype}; {recipes or NO_FAST_PATH}; verifier {self.verifier_attention}{blocks}"
 
     @classmethod
     def parse(cls, key: str) -> Numerics | None:
@@ -37,7 +45,11 @@ class Numerics:
         parts = [] if recipes == NO_FAST_PATH else [tuple(r.split(" ", 1)) for r in recipes.split(", ")]
         if any(len(p) != 2 for p in parts):
             return None
-        parsed = cls(dtype, tuple(parts), attention.removeprefix("verifier "))  # type: ignore[arg-type]
+        attention = attention.removeprefix("verifier ")
+        block = STORED_BLOCK_ROWS
+        if blocks := _BLOCKS.fullmatch(attention):
+            attention, block = blocks.group(1), int(blocks.group(2))
+        parsed = cls(dtype, tuple(parts), attention, block)  # type: ignore[arg-type]
         return parsed if str(parsed) == key else None
 
     def without_draft(self) -> Numerics:

@@ -20,7 +20,7 @@ from hlm.config import MAX_PROMPT_CHARS
 from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
-from hlm.models.numerics import Numerics
+from hlm.models.numerics import STORED_BLOCK_ROWS, Numerics
 from hlm.prefix import template_head
 from hlm.quant import HeadRows, Int8Linear, PlanesLinear, recipe_of
 
@@ -116,7 +116,8 @@ class ModelPair:
         part without the draft (`hlm.models.numerics.without_draft`)."""
         recipes = tuple((role, recipe_of(why)) for role, why in sorted(self.quant.items()))
         return str(Numerics(str(self.draft.dtype).removeprefix("torch."), recipes,
-                            self.verifier.config._attn_implementation))
+                            self.verifier.config._attn_implementation,
+                            getattr(self.verifier, "hlm_block_rows", STORED_BLOCK_ROWS)))
 
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""
