@@ -29,8 +29,8 @@ import functools
 import statistics
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -463,54 +463,69 @@ def recipe_of(why: str) -> str:
     return why.split(" ")[0]
 
 
-STREAMED_BYTES = 256 << 20  # float weights `int4_layer_seconds` cycles through: more than any last-level cache here
+STREAMED_BYTES = 256 << 20  # weights a timed layer cycles through (`streamed_seconds`): more than any last-level cache
 
 
-def float_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, rows: int = 1) -> float:
-    """Median seconds of `rows` rows through an n x k float layer, streamed from memory as `int4_layer_seconds`
-    times it (copies that together outgrow the cache)."""
+class Streamed(NamedTuple):
+    """A layer to time (`streamed_seconds`): `run` passes the same rows through each of `copies` made-up copies."""
+
+    run: Callable[[], None]
+    copies: int
+
+
+def float_layer(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> Streamed:
+    """`rows` rows through an n x k float layer."""
     copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
     x = torch.randn(rows, k, dtype=dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
 
-    def run_float() -> None:
+    def run() -> None:
         for w in floats:
             F.linear(x, w)
 
-    with torch.inference_mode():
-        return _median_seconds(run_float, repeats) / copies
+    return Streamed(run, copies)
 
 
-def int4_layer_seconds(n: int, k: int, dtype: torch.dtype, repeats: int = 5, planes: int = 1) -> tuple[float, float]:
-    """(float, int4) median seconds of one row through an n x k layer, on made-up weights: what `q4k` and `gguf`
-    change in a decode step, measured without reading the model's own weights. A step streams every layer from
-    memory, so the time is per layer over copies that together outgrow the cache (one 4,864 x 896 layer alone stays
-    in it: bf16 measured 0.19 ms there against 0.59 streamed, which turned the choice around). `planes` = 2: the int4
-    layer of 2n rows a `PlanesLinear` runs, with the sum of its halves."""
-    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
+def int4_layer(n: int, k: int, dtype: torch.dtype, planes: int = 1) -> Streamed:
+    """One row through the int4 kernel for an n x k layer; `planes` = 2: the int4 layer of 2n rows a `PlanesLinear`
+    runs, with the sum of its halves."""
+    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))  # as many as the float layer it stands for
     x = torch.randn(1, k, dtype=dtype)
     int4 = Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(planes * n, k // INT4_GROUP),
                       torch.rand(planes * n, k // INT4_GROUP), None, dtype)
     int4s = [copy.deepcopy(int4) for _ in range(copies)]
 
-    def run_int4() -> None:
+    def run() -> None:
         for layer in int4s:
             y = layer(x)
             _ = y if planes == 1 else y[..., :n] + y[..., n:]
 
+    return Streamed(run, copies)
+
+
+def streamed_seconds(*layers: Streamed, repeats: int = 5) -> list[float]:
+    """Median seconds per layer of each of `layers`, on made-up weights: what a kernel or dtype choice changes in a
+    decode step, measured without reading a model's own weights. A step streams every layer from memory, so each is
+    timed over copies that together outgrow the cache (one 4,864 x 896 layer alone stays in it: bf16 measured
+    0.19 ms there against 0.59 streamed, which turned a choice around). The layers are timed in turn, round after
+    round, so a moment of noise on this shared machine falls on all of them, not on the one timed then."""
     with torch.inference_mode():
-        return float_layer_seconds(n, k, dtype, repeats), _median_seconds(run_int4, repeats) / copies
+        medians = _median_seconds([layer.run for layer in layers], repeats)
+    return [median / layer.copies for median, layer in zip(medians, layers, strict=True)]
 
 
-def _median_seconds(op: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls of `op`, after one untimed call (first-call costs: allocation, caches)."""
-    op()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _median_seconds(ops: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of `repeats` calls of each of `ops`, called in turn, after one untimed call of each
+    (first-call costs: allocation, caches)."""
+    for op in ops:
         op()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in ops]
+    for _ in range(repeats):
+        for op, taken in zip(ops, times, strict=True):
+            t0 = time.perf_counter()
+            op()
+            taken.append(time.perf_counter() - t0)
+    return [statistics.median(taken) for taken in times]
 
 
 @torch.inference_mode()
@@ -527,7 +542,7 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
         i = next(positions)
         decode_step(model, ids[:, i:i + 1], cache)
 
-    return _median_seconds(step, steps)
+    return _median_seconds([step], steps)[0]
 
 
 def decode_step(model: nn.Module, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:

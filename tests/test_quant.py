@@ -2,6 +2,7 @@
 and the verifier's distribution stays exact on a quantised pair (`test_decoder`)."""
 
 import copy
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -20,12 +21,14 @@ from hlm.quant import (
     PackedLinear,
     PlanesLinear,
     QuantError,
+    Streamed,
     WideLinear,
     int4_row_block,
     onednn_bf16,
     pack_float_linears,
     quality,
     quantize,
+    streamed_seconds,
 )
 
 
@@ -266,8 +269,8 @@ def test_two_planes_compute_the_blocks_weights(kind: Q, low: int, high: int) -> 
             assert torch.equal(got.float().T, source), rows
 
 
-def test_the_gguf_recipe_runs_q5_0_and_q8_0_layers_on_their_planes(tmp_path):
-    """`q4k` takes only Q4_K layers, `gguf` also Q5_0 and Q8_0 ones, each checked against the model's weights."""
+def _planes_model(tmp_path: Path) -> torch.nn.Module:
+    """The small Qwen2 with its q_proj in Q5_0 and its o_proj in Q8_0 blocks, in a GGUF it was loaded from."""
     model = _small_qwen2()
     attention = model.model.layers[0].self_attn
     layers = {"q_proj": (Q.Q5_0, -16, 15), "o_proj": (Q.Q8_0, -127, 127)}
@@ -287,6 +290,13 @@ def test_the_gguf_recipe_runs_q5_0_and_q8_0_layers_on_their_planes(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     model.hlm_source = path
+    return model
+
+
+def test_the_gguf_recipe_runs_q5_0_and_q8_0_layers_on_their_planes(tmp_path):
+    """`q4k` takes only Q4_K layers, `gguf` also Q5_0 and Q8_0 ones, each checked against the model's weights."""
+    model = _planes_model(tmp_path)
+    path = model.hlm_source
     assert set(gguf_blocks.from_gguf(model, path)) == {"model.layers.0.self_attn.q_proj",
                                                       "model.layers.0.self_attn.o_proj"}
     with pytest.raises(QuantError, match="needs the model's Q4_K blocks"):
@@ -359,6 +369,14 @@ def test_only_bf16_views_of_a_mapped_file_are_packed(tmp_path):
     assert isinstance(model[1], torch.nn.Linear if onednn_bf16() else WideLinear)
 
 
+def test_layers_are_timed_in_turn_round_after_round():
+    """A moment of noise falls on every layer timed, not on the one timed then: a round runs each layer once."""
+    calls: list[str] = []
+    a, b = (Streamed(lambda name=name: calls.append(name), 2) for name in "ab")
+    seconds = streamed_seconds(a, b, repeats=3)
+    assert calls == ["a", "b"] * 4 and len(seconds) == 2 and all(s >= 0 for s in seconds)
+
+
 def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):
     """The verifier's float layers (`hlm.rows.BlockLinear`) may run packed: a row's product is still the same in any
     block, so a sync still sees the LLM alone's logits."""
@@ -371,3 +389,20 @@ def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):
     alone = torch.cat([block(x[i:i + 1]) for i in range(len(x))])
     for n in range(2, rows.EXACT_ROWS + 1):
         assert torch.equal(block(x[:n]), alone[:n])
+
+
+@pytest.mark.parametrize(("int4_s", "taken"), [(0.9e-3, True), (1.1e-3, False)])
+def test_auto_times_every_shape_its_blocks_replace_and_sums_them(tmp_path, monkeypatch, int4_s, taken):
+    """`auto` weighs each shape by how many layers have it (here one shape, two layers of two planes), float
+    against int4, and takes the blocks only where their sum is smaller."""
+    from hlm.models import presets
+
+    timed = []
+    monkeypatch.setattr(presets, "float_layer", lambda n, k, dtype: ("float", n, k))
+    monkeypatch.setattr(presets, "int4_layer", lambda n, k, dtype, planes: ("int4", n, k, planes))
+    monkeypatch.setattr(presets, "streamed_seconds", lambda *layers: timed.extend(layers) or [1e-3, int4_s])
+    model = _planes_model(tmp_path)
+    why = presets.fast_path(model, "auto", "gguf")
+    assert timed == [("float", 256, 256), ("int4", 256, 256, 2)]  # the shape once, for its two layers
+    assert f"({2 * int4_s * 1e3:.1f} vs 2.0 ms in float32 for one row through its 2 layers but the head" in why
+    assert why.startswith("gguf") == taken == isinstance(model.model.layers[0].self_attn.q_proj, PlanesLinear)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from hlm.models.tiny import tiny_pair, tiny_role
 from hlm.quant import (
     RECIPES,
     block_kind,
-    float_layer_seconds,
-    int4_layer_seconds,
+    float_layer,
+    int4_layer,
     onednn_bf16,
     pack_float_linears,
     quantize,
     step_seconds,
     stored_blocks,
+    streamed_seconds,
     use_blocks,
 )
 
@@ -97,7 +99,8 @@ def cpu_bf16_faster() -> bool:
     rows, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
     prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B decode step took
     1.6 s in bf16 and 0.27 s in fp32."""
-    return float_layer_seconds(8960, 1536, torch.bfloat16) < float_layer_seconds(8960, 1536, torch.float32)
+    bf16, fp32 = streamed_seconds(float_layer(8960, 1536, torch.bfloat16), float_layer(8960, 1536, torch.float32))
+    return bf16 < fp32
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
@@ -154,23 +157,26 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
 
 
 def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
-    """`q4k` and `gguf` are timed on the shape of their largest layer but the output head (whose made-up copies
-    would take gigabytes), with made-up weights streamed from memory (`int4_layer_seconds`), not on a whole step: a
-    float step would read (and make resident) the very weights the blocks replace. A layer of two planes is timed as
-    the one int4 layer of twice its rows it runs."""
+    """`q4k` and `gguf` are timed on every layer they replace but the output head (whose made-up copies would take
+    gigabytes): each shape once, float against int4, with made-up weights streamed from memory (`streamed_seconds`),
+    summed over the layers of that shape; not on a whole step, which would read (and make resident) the very
+    weights the blocks replace. A layer of two planes is timed as the one int4 layer of twice its rows it runs.
+    The largest layer alone misjudged the draft on one CPU (AVX2 alone): 0.70 against 0.73 ms favoured its blocks,
+    while its small layers were each two to four times slower on them and the whole step 24 % slower."""
     blocks = stored_blocks(model, recipe)
     if not blocks:
         if requested == "auto":
             return f"none (auto: no {recipe} blocks for this model)"
         use_blocks(model, blocks, recipe)  # raises: nothing to run on
     head = model.get_output_embeddings()
-    timed = [name for name in blocks if model.get_submodule(name) is not head] or list(blocks)
-    name = max(timed, key=lambda name: blocks[name].size)
-    layer = model.get_submodule(name)
-    planes = 1 if block_kind(model, name, blocks[name]) == "Q4_K" else 2
-    plain, int4 = int4_layer_seconds(layer.out_features, layer.in_features, model.dtype, planes=planes)
-    why = (f"{recipe}, {len(blocks)} layers ({int4 * 1e3:.2f} vs {plain * 1e3:.2f} ms in {str(model.dtype)[6:]} "
-           f"for one {layer.out_features} x {layer.in_features} layer")
+    shapes = Counter((layer.out_features, layer.in_features, 1 if block_kind(model, name, data) == "Q4_K" else 2)
+                     for name, data in blocks.items() if (layer := model.get_submodule(name)) is not head)
+    plain = int4 = 0.0
+    for (n, k, planes), count in shapes.items():
+        float_s, int4_s = streamed_seconds(float_layer(n, k, model.dtype), int4_layer(n, k, model.dtype, planes))
+        plain, int4 = plain + count * float_s, int4 + count * int4_s
+    why = (f"{recipe}, {len(blocks)} layers ({int4 * 1e3:.1f} vs {plain * 1e3:.1f} ms in {str(model.dtype)[6:]} "
+           f"for one row through its {shapes.total()} layers but the head")
     if requested == "auto" and int4 >= plain:
         return f"none (auto: {why}; slower here)"
     use_blocks(model, blocks, recipe)
