@@ -473,17 +473,24 @@ class Streamed(NamedTuple):
     copies: int
 
 
-def float_layer(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> Streamed:
-    """`rows` rows through an n x k float layer."""
+def float_layer(n: int, k: int, dtype: torch.dtype) -> Streamed:
+    """One row through an n x k float layer."""
+    return float_passes(n, k, dtype, (1,))[0]
+
+
+def float_passes(n: int, k: int, dtype: torch.dtype, rows: Sequence[int]) -> list[Streamed]:
+    """A pass of each of `rows` row counts through an n x k float layer, all over the same copies (one set of
+    STREAMED_BYTES in memory, not one per count)."""
     copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
-    x = torch.randn(rows, k, dtype=dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
 
-    def run() -> None:
-        for w in floats:
-            F.linear(x, w)
+    def passes(x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            for w in floats:
+                F.linear(x, w)
+        return run
 
-    return Streamed(run, copies)
+    return [Streamed(passes(torch.randn(count, k, dtype=dtype)), copies) for count in rows]
 
 
 def int4_layer(n: int, k: int, dtype: torch.dtype, planes: int = 1) -> Streamed:

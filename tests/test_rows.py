@@ -58,7 +58,7 @@ def test_syncs_are_exact_in_either_block_of_rows(tiny, size):
 @pytest.mark.parametrize(("block_cost", "expected"), [(1.1, rows.BLOCK), (2.0, rows.BLOCK), (2.5, 1), (4.0, 1)])
 def test_the_block_of_rows_is_chosen_by_what_a_block_costs_here(monkeypatch, block_cost, expected):
     """A block costing c rows loses c-fold on a one-token pass and gains 4/c-fold on a full one: blocks up to 2."""
-    monkeypatch.setattr(rows, "float_layer", lambda n, k, dtype, rows=1: rows)  # a layer known by its rows
+    monkeypatch.setattr(rows, "float_passes", lambda n, k, dtype, counts: list(counts))  # a pass known by its rows
     monkeypatch.setattr(rows, "streamed_seconds", lambda *layers: [1e-3 * (block_cost if n > 1 else 1) for n in layers])
     rows.block_rows.cache_clear()
     try:
