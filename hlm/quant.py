@@ -260,18 +260,14 @@ class Int4Linear(nn.Module):
     def unpacks(self) -> bool:
         return self.row_block is not None
 
-    def _codes_t(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The codes of rows start:stop (multiples of `row_block`), unpacked into `out`, transposed (k x rows)."""
-        assert self.row_block is not None
-        return _unpacked_t(self.weight_int4, self.row_block, out, start, stop)
-
     def dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """W[start:stop]^T (rows multiples of `row_block`) in the buffer's dtype (the activations', or fp32 where
         `_dequantised_gemm` widens them), w = q * scale + (zero - 8 * scale), written into `buffer`. Transposed, so
         each group's scale is one contiguous row to broadcast: 4x faster than building W itself (8,960 x 1,536: 8.4
         against 32.7 ms here)."""
+        assert self.row_block is not None  # `dequantises` asks for it
         k, n, dtype = self.in_features, stop - start, buffer.dtype
-        w = self._codes_t(buffer, start, stop).view(k // INT4_GROUP, INT4_GROUP, n)
+        w = _unpacked_t(self.weight_int4, self.row_block, buffer, start, stop).view(k // INT4_GROUP, INT4_GROUP, n)
         scale, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [k / 32, n] each
         return torch.addcmul((zero - 8 * scale).to(dtype)[:, None], w, scale.to(dtype)[:, None], out=w).view(k, n)
 
@@ -478,10 +474,15 @@ def float_layer(n: int, k: int, dtype: torch.dtype) -> Streamed:
     return float_passes(n, k, dtype, (1,))[0]
 
 
+def _streamed_copies(n: int, k: int, dtype: torch.dtype) -> int:
+    """Copies of an n x k float layer that together fill STREAMED_BYTES: its int4 stand-in is timed over as many."""
+    return max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
+
+
 def float_passes(n: int, k: int, dtype: torch.dtype, rows: Sequence[int]) -> list[Streamed]:
     """A pass of each of `rows` row counts through an n x k float layer, all over the same copies (one set of
     STREAMED_BYTES in memory, not one per count)."""
-    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))
+    copies = _streamed_copies(n, k, dtype)
     floats = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(copies)]
 
     def passes(x: torch.Tensor) -> Callable[[], None]:
@@ -496,7 +497,7 @@ def float_passes(n: int, k: int, dtype: torch.dtype, rows: Sequence[int]) -> lis
 def int4_layer(n: int, k: int, dtype: torch.dtype, planes: int = 1) -> Streamed:
     """One row through the int4 kernel for an n x k layer; `planes` = 2: the int4 layer of 2n rows a `PlanesLinear`
     runs, with the sum of its halves."""
-    copies = max(1, STREAMED_BYTES // (n * k * dtype.itemsize))  # as many as the float layer it stands for
+    copies = _streamed_copies(n, k, dtype)
     x = torch.randn(1, k, dtype=dtype)
     int4 = Int4Linear(torch.randint(0, 16, (planes * n, k), dtype=torch.int32), torch.rand(planes * n, k // INT4_GROUP),
                       torch.rand(planes * n, k // INT4_GROUP), None, dtype)
