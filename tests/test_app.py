@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -469,14 +470,14 @@ def test_charts_follow_a_decoding_run_on_their_own_clock_and_end_on_its_last_poi
 
 
 def test_compare_frames_come_at_most_every_interval_and_end_on_the_run_as_it_is(monkeypatch):
-    """With `every_s` (Compare, Show me) a decoding run's updates inside the interval send no frame; the last state
-    is always sent, with its charts."""
+    """With Compare's `every_s` and `chart_s` a decoding run's updates inside the interval send no frame and its
+    charts wait for its end, however long it decodes; the last state is always sent, with its charts."""
     config = Settings().run_config(None)
     run = RunView("ours", config, 10, {})
     run.phase = "decoding"
     events = [TokenEvent(index=i, position=i, token_id=1, text="a", source="local", uploaded=False,
                          energy_j={"device_compute": 1.0}) for i in range(6)]
-    clock = iter([0.0, 0.1, 0.3, 0.6, 1.2, 1.4, 1.5])  # the charts' interval start, then one per update
+    clock = iter([0.0, 0.1, 0.3, 0.6, 1.2, 2.2, 2.5])  # the charts' interval start, then one per update
 
     def updates():
         for i in range(1, 7):
@@ -484,11 +485,11 @@ def test_compare_frames_come_at_most_every_interval_and_end_on_the_run_as_it_is(
             yield
 
     monkeypatch.setattr(flows.time, "monotonic", lambda: next(clock))
-    frames = list(live_frames(run, updates(), tokens=False, every_s=1.0))
-    assert len(frames) == 3  # updates at 0.1 and 1.2 s; the held 6th token's state at the end
+    frames = list(live_frames(run, updates(), tokens=False, every_s=flows.COMPARE_FRAME_S, chart_s=math.inf))
+    assert flows.COMPARE_FRAME_S == 2.0 and len(frames) == 3  # updates at 0.1 and 2.2 s; the held 6th at the end
     assert [f.tokens for f in frames] == [None] * 3
     assert frames[-1].stats == flows.stats_html(run) and frames[-1].uploads["data"][0]["x"][-1] == 6
-    assert frames[0].uploads is None and frames[1].uploads is None  # inside the charts' 2 s interval
+    assert frames[0].uploads is None and frames[1].uploads is None  # 2.2 s into the run: past CHART_INTERVAL_S
 
 
 def test_show_me_fills_an_empty_prompt_and_runs_the_three(service):

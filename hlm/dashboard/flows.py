@@ -54,8 +54,10 @@ REPLAYS = 64  # sessions whose last replayable run the what-if replay keeps
 CHART_INTERVAL_S = 2.0
 # Compare and Show me send a frame at most this often while a run decodes: they show no tokens, only the table's and
 # the cards' figures, and each frame cost the page ~0.1 s of the cores the models decode on (a Compare through the
-# `Dashboard` 61 s, 174 frames; on the page 78 s)
-COMPARE_FRAME_S = 1.0
+# `Dashboard` 61 s, 174 frames; on the page 78 s). Their charts, on the Output tab behind the Compare tab, are
+# redrawn only as each run ends (`live_frames`' chart_s). With a frame every 1 s and the charts every CHART_INTERVAL_S
+# the browser took 10-11 s of CPU in a 70 s Show me on 2 cores; 7.6-7.9 s now
+COMPARE_FRAME_S = 2.0
 
 # The Compare action runs, after the reference, every policy that drafts and uploads, in this order of roles: the
 # control comes after the subject, whose realised upload rate its coin is matched to
@@ -104,13 +106,14 @@ class Frame:
     prompt: str | None = None
 
 
-def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every_s: float = 0.0) -> Iterator[Frame]:
+def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every_s: float = 0.0,
+                chart_s: float = CHART_INTERVAL_S) -> Iterator[Frame]:
     """A frame per update of `run`, at most every `every_s` while it decodes (the update that ends a phase, and the
     last, always shown): stats and (unless `tokens` is off: Compare shows a table instead) tokens; the charts, where
-    their points changed, at most every CHART_INTERVAL_S while the run decodes (not with the first token) and at
-    once after. Each frame costs the page (the server's serialising, the browser's re-rendering) CPU that, on a
-    machine that also decodes, slows the decode: a plotly redraw far more than text."""
-    drawn, due, shown, held = 0, time.monotonic() + CHART_INTERVAL_S, -math.inf, False
+    their points changed, at most every `chart_s` while the run decodes (not with the first token; math.inf: not
+    until it ends) and at once after. Each frame costs the page (the server's serialising, the browser's
+    re-rendering) CPU that, on a machine that also decodes, slows the decode: a plotly redraw far more than text."""
+    drawn, due, shown, held = 0, time.monotonic() + chart_s, -math.inf, False
     for _ in updates:
         now = time.monotonic()
         if run.phase == "decoding" and now < shown + every_s:
@@ -118,7 +121,7 @@ def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every
             continue
         frame, shown, held = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None), now, False
         if len(run.points) != drawn and (run.phase != "decoding" or now >= due):
-            drawn, due = len(run.points), now + CHART_INTERVAL_S
+            drawn, due = len(run.points), now + chart_s
             frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
         yield frame
     last = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None) if held else Frame()
@@ -397,9 +400,9 @@ class Dashboard:
                 history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED,
                 measured: bool = True) -> Iterator[Frame]:
         """The Compare button (and "Show me", with `SHOW_ME` and the LLM's answer not `measured`: `_compare`): the
-        runs side by side, the headline figures and charts following the one running, and the verdict once every
-        run is scored; then the cards, charts, Output and token table show ours (the subject), which the what-if
-        replay then re-decides."""
+        runs side by side, the headline figures following the one running (its charts as it ends), and the verdict
+        once every run is scored; then the cards, charts, Output and token table show ours (the subject), which the
+        what-if replay then re-decides."""
         base = self._prepare(preset, prompt, settings)
         request = self.service.begin(session)
         self._last.pop(session, None)  # the charts will follow these runs: no replay of an older one over them
@@ -409,7 +412,7 @@ class Dashboard:
             yield Frame(compare=compare_html(runs), tab="compare",
                         hardware=self.hardware(preset, base))
             for run, updates in itertools.groupby(steps, key=lambda step: step[1]):
-                for frame in live_frames(run, updates, tokens=False, every_s=COMPARE_FRAME_S):
+                for frame in live_frames(run, updates, tokens=False, every_s=COMPARE_FRAME_S, chart_s=math.inf):
                     frame.compare = compare_html(runs)
                     yield frame
             history = add_history(history, *(history_point(r, prompt, preset) for r in runs[1:]))
