@@ -28,7 +28,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hlm.quant import INT4_PREFILL_ROWS, PREFILL_ROWS, float_passes, streamed_seconds, swap_linears
+from hlm.quant import (
+    INT4_PREFILL_ROWS,
+    PREFILL_ROWS,
+    Busy,
+    float_passes,
+    onednn_bf16,
+    streamed_seconds,
+    swap_linears,
+)
 
 KERNEL = "sdpa+exact-rows"
 EXACT_ROWS = min(PREFILL_ROWS, INT4_PREFILL_ROWS) - 1  # the int8 kernel's last row count before it dequantises
@@ -62,7 +70,10 @@ def block_rows(device_type: str, dtype: torch.dtype) -> int:
     the weights once for a few rows."""
     if device_type != "cpu":
         return BLOCK
-    one, block = streamed_seconds(*float_passes(8960, 1536, dtype, (1, BLOCK)))
+    try:
+        one, block = streamed_seconds(*float_passes(8960, 1536, dtype, (1, BLOCK)))
+    except Busy:  # untimed: the block oneDNN's bf16 runs at the cost of a row, one row each without it
+        return BLOCK if onednn_bf16() else 1
     return BLOCK if block <= 2 * one else 1
 
 

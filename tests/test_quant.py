@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
-from hlm import gguf_blocks, memory, rows
+from hlm import gguf_blocks, memory, quant, rows
 from hlm.quant import (
     INT4_PREFILL_ROWS,
     HeadRows,
@@ -369,12 +369,67 @@ def test_only_bf16_views_of_a_mapped_file_are_packed(tmp_path):
     assert isinstance(model[1], torch.nn.Linear if onednn_bf16() else WideLinear)
 
 
-def test_layers_are_timed_in_turn_round_after_round():
+def test_layers_are_timed_in_turn_round_after_round(monkeypatch):
     """A moment of noise falls on every layer timed, not on the one timed then: a round runs each layer once."""
+    monkeypatch.setattr(quant, "BUSY_SHARE", 0.0)  # these layers are Python alone: one thread of the team's
     calls: list[str] = []
     a, b = (Streamed(lambda name=name: calls.append(name), 2) for name in "ab")
     seconds = streamed_seconds(a, b, repeats=3)
     assert calls == ["a", "b"] * 4 and len(seconds) == 2 and all(s >= 0 for s in seconds)
+
+
+@pytest.mark.parametrize(("cpu_seconds", "attempts"), [([0.0, 0.0, 0.0, 100.0], 2), ([0.0] * 4, None)])
+def test_a_timing_the_cores_were_busy_for_is_taken_again_then_refused(monkeypatch, cpu_seconds, attempts):
+    """A timing in which this process got under BUSY_SHARE of its threads' time measured something else: it is
+    taken again after a pause, and `Busy` is raised when no attempt got the cores."""
+    clock, paused, runs = iter(cpu_seconds), [], []
+    monkeypatch.setattr(quant.time, "process_time", lambda: next(clock))
+    monkeypatch.setattr(quant.time, "sleep", paused.append)
+    layer = Streamed(lambda: runs.append(1), 1)
+    if attempts is None:
+        with pytest.raises(quant.Busy, match="the cores were busy"):
+            streamed_seconds(layer, repeats=1)
+    else:
+        assert len(streamed_seconds(layer, repeats=1)) == 1
+    assert paused == [quant.BUSY_PAUSE_S] * (quant.TIMING_ATTEMPTS - 1) and quant.TIMING_ATTEMPTS == 2
+    assert len(runs) == 2 * quant.TIMING_ATTEMPTS  # each attempt: the untimed call and one timed
+
+
+def test_busy_cores_leave_each_choice_at_its_default(tmp_path, monkeypatch):
+    """No choice is made on a busy timing: bf16, the block oneDNN's bf16 runs at a row's cost (one row without it),
+    and the blocks of the recipe the guard accepted, each said to be untimed."""
+    from hlm.models import presets
+
+    def busy(*layers):
+        raise quant.Busy("this process got 48% of its 2 threads' time while timing: the cores were busy")
+
+    for module in (presets, rows):
+        monkeypatch.setattr(module, "streamed_seconds", busy)
+    presets.cpu_bf16_taken.cache_clear()
+    rows.block_rows.cache_clear()
+    try:
+        assert presets.cpu_bf16_taken()
+        assert rows.block_rows("cpu", torch.bfloat16) == (rows.BLOCK if onednn_bf16() else 1)
+    finally:
+        presets.cpu_bf16_taken.cache_clear()
+        rows.block_rows.cache_clear()
+    model = _planes_model(tmp_path)
+    why = presets.fast_path(model, "auto", "gguf")
+    assert why.startswith("gguf, 2 layers (taken untimed: this process got 48%")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PlanesLinear)
+
+
+@pytest.mark.parametrize(("bf16_s", "taken"), [(1.4e-3, True), (1.5e-3, True), (1.6e-3, False)])
+def test_fp32_is_taken_only_where_bf16_is_much_slower(monkeypatch, bf16_s, taken):
+    """fp32 holds twice the bytes: it must buy more than FP32_MARGIN of speed, or an even timing flips the dtype."""
+    from hlm.models import presets
+
+    monkeypatch.setattr(presets, "streamed_seconds", lambda *layers: [bf16_s, 1e-3])
+    presets.cpu_bf16_taken.cache_clear()
+    try:
+        assert presets.cpu_bf16_taken() == taken and presets.FP32_MARGIN == 1.5
+    finally:
+        presets.cpu_bf16_taken.cache_clear()
 
 
 def test_a_block_of_rows_on_a_packed_layer_keeps_each_row_exact(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair, tiny_role
 from hlm.quant import (
     RECIPES,
+    Busy,
     block_kind,
     float_layer,
     int4_layer,
@@ -36,6 +38,9 @@ from hlm.quant import (
     streamed_seconds,
     use_blocks,
 )
+
+LOG = logging.getLogger(__name__)
+FP32_MARGIN = 1.5  # fp32 is taken only where bf16 takes longer than this many times its time (`cpu_bf16_taken`)
 
 
 @dataclass(frozen=True)
@@ -85,22 +90,28 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware has bf16 kernels, else fp16 on CUDA; on a CPU without oneDNN's bf16 (AVX2 alone, no
-    AVX-512), whichever of bf16 and fp32 multiplies one row faster here (`cpu_bf16_faster`)."""
+    AVX-512), bf16 unless it measures much slower than fp32 (`cpu_bf16_taken`)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if onednn_bf16() or cpu_bf16_faster() else torch.float32
+    return torch.bfloat16 if onednn_bf16() or cpu_bf16_taken() else torch.float32
 
 
 @functools.cache
-def cpu_bf16_faster() -> bool:
-    """Whether one row through a 1.5B model's widest layer (8,960 x 1,536, streamed from memory) is faster in bf16
-    than in fp32 on this CPU, measured once a process. Without oneDNN's bf16, CPUs differ: on one (AMD EPYC, AVX2,
-    torch 2.13) one row took 1.4-1.8 against 2.6-3.7 ms, half the bytes, and the int4 kernel took 1.0 ms on bf16
-    rows, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so decoding gains and
-    prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B decode step took
-    1.6 s in bf16 and 0.27 s in fp32."""
-    bf16, fp32 = streamed_seconds(float_layer(8960, 1536, torch.bfloat16), float_layer(8960, 1536, torch.float32))
-    return bf16 < fp32
+def cpu_bf16_taken() -> bool:
+    """Whether one row through a 1.5B model's widest layer (8,960 x 1,536, streamed from memory) takes bf16 at most
+    FP32_MARGIN times as long as fp32 on this CPU, measured once a process. Without oneDNN's bf16, CPUs differ: on
+    one (AMD EPYC, AVX2, torch 2.13) one row took 1.4-1.8 against 2.6-3.7 ms, half the bytes, and the int4 kernel
+    took 1.0 ms on bf16 rows, while many rows run an eighth as fast as fp32's (21 against 161 GFLOPS at 512), so
+    decoding gains and prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B
+    decode step took 1.6 s in bf16 and 0.27 s in fp32. The margin: fp32 holds twice the bytes (the embedded pair
+    about 10 GB), and on a third AVX2 CPU the two took 1.5-2.0 ms each by turns, which flipped the dtype from one load
+    to the next. When the cores are busy (`Busy`), bf16, untimed."""
+    try:
+        bf16, fp32 = streamed_seconds(float_layer(8960, 1536, torch.bfloat16), float_layer(8960, 1536, torch.float32))
+    except Busy as exc:
+        LOG.warning("dtype: %s; bf16 taken untimed", exc)
+        return True
+    return bf16 <= FP32_MARGIN * fp32
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype, attention: str) -> PreTrainedModel:
@@ -172,9 +183,13 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
     shapes = Counter((layer.out_features, layer.in_features, 1 if block_kind(model, name, data) == "Q4_K" else 2)
                      for name, data in blocks.items() if (layer := model.get_submodule(name)) is not head)
     plain = int4 = 0.0
-    for (n, k, planes), count in shapes.items():
-        float_s, int4_s = streamed_seconds(float_layer(n, k, model.dtype), int4_layer(n, k, model.dtype, planes))
-        plain, int4 = plain + count * float_s, int4 + count * int4_s
+    try:
+        for (n, k, planes), count in shapes.items():
+            float_s, int4_s = streamed_seconds(float_layer(n, k, model.dtype), int4_layer(n, k, model.dtype, planes))
+            plain, int4 = plain + count * float_s, int4 + count * int4_s
+    except Busy as exc:  # the blocks untimed: the recipe its guard accepted, and half the bytes resident
+        use_blocks(model, blocks, recipe)
+        return f"{recipe}, {len(blocks)} layers (taken untimed: {exc})"
     why = (f"{recipe}, {len(blocks)} layers ({int4 * 1e3:.1f} vs {plain * 1e3:.1f} ms in {str(model.dtype)[6:]} "
            f"for one row through its {shapes.total()} layers but the head")
     if requested == "auto" and int4 >= plain:
