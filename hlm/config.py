@@ -17,7 +17,7 @@ from hlm.estimators import NAMES as ESTIMATORS
 from hlm.estimators import WINDOW
 from hlm.policies import REGISTRY as POLICY_REGISTRY
 
-QUANT_RECIPES = ("none", "int8", "int4", "q4k", "gguf")  # hlm.quant: weight-only fast paths
+QUANT_RECIPES = ("none", "int8", "int4", "q4k", "gguf", "ggml")  # hlm.quant: weight-only fast paths
 COMPILED = "compiled"  # --quant: as auto, and the draft's decode step compiled (hlm.compiled)
 BENCH_SECTIONS = ("limit", "plain", "heldout", "overhead", "context", "policies")  # hlm.experiments.bench, run order
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak

@@ -1,12 +1,12 @@
-"""A GGUF's own blocks, the formats `--quant q4k` and `--quant gguf` run (`hlm.quant`): reading them from a GGUF
+"""A GGUF's own blocks, the formats `--quant q4k`, `gguf` and `ggml` run (`hlm.quant`): reading them from a GGUF
 file, checking them against the float weights a model was converted to, and decoding them to codes with a scale per
 group of 32 weights, the groups of torch's int4 kernel:
 - Q4_K (`decode`): 4-bit codes, w = scale * code - offset: one 4-bit plane;
 - Q5_0 and Q8_0 (`decode_planes`): 5- and 8-bit codes, w = d (code - offset): two 4-bit planes.
-Q6_K's groups of 16 (and other formats) do not fit the kernel. A leaf module, so the embedded pair's conversion can
-keep the blocks (`FILE`, beside the converted weights) without importing the rest of the package; torch, numpy and
-gguf load with the first function called, so reading `FILE` (`hlm.models.embedded.is_ready`) stays as light as the
-rest of that module.
+Q6_K's groups of 16 (and other formats) do not fit that kernel; ggml runs Q6_K too, as stored. A leaf module, so the
+embedded pair's conversion can keep the blocks (`FILE`, beside the converted weights) without importing the rest of
+the package; torch, numpy and gguf load with the first function called, so reading `FILE`
+(`hlm.models.embedded.is_ready`) stays as light as the rest of that module.
 """
 
 from __future__ import annotations
@@ -20,20 +20,24 @@ if TYPE_CHECKING:
     import torch
 
 FILE = "gguf-blocks.safetensors"  # beside a converted model: the blocks of its layers, keyed by module name
+FORMAT = "blocks: Q4_K Q5_0 Q8_0 Q6_K"  # what FILE holds, in the folder's marker: a folder without Q6_K is built again
 GROUP = 32  # weights per Q4_K sub-block and per Q5_0 / Q8_0 block: one scale (and offset) each
 BLOCK_BYTES = 144  # Q4_K, per 256 weights: d and dmin (fp16), eight 6-bit scales and mins (12 bytes), 256 4-bit codes
 # Q5_0 and Q8_0, per 32 weights: bytes and the code's offset (w = d (code - offset)), the code as c = 16 h + l
 PLANES = {"Q5_0": (22, 16), "Q8_0": (34, 128)}
-KINDS = ("Q4_K", *PLANES)
+KINDS = ("Q4_K", *PLANES)  # what torch's int4 kernel runs (`--quant q4k`, `gguf`)
+Q6_K_BYTES = 210  # per 256 weights: 128 bytes of low nibbles, 64 of high bits, 16 signed scales, d (fp16)
+STORED = (*KINDS, "Q6_K")  # what a converted folder keeps: ggml runs all of them (`--quant ggml`)
 
 
 def kind(blocks: np.ndarray, n: int, k: int) -> str:
-    """Which format `blocks` of an n x k layer hold, from their size (144 / 256, 22 / 32 and 34 / 32 bytes a
-    weight differ)."""
-    sizes = {"Q4_K": n * k // 256 * BLOCK_BYTES, **{name: n * k // GROUP * size for name, (size, _) in PLANES.items()}}
+    """Which format `blocks` of an n x k layer hold, from their size (144 / 256, 210 / 256, 22 / 32 and 34 / 32 bytes
+    a weight differ)."""
+    sizes = {"Q4_K": n * k // 256 * BLOCK_BYTES, "Q6_K": n * k // 256 * Q6_K_BYTES,
+             **{name: n * k // GROUP * size for name, (size, _) in PLANES.items()}}
     found = [name for name, size in sizes.items() if size == blocks.size]
     if len(found) != 1:
-        raise ValueError(f"{blocks.size} bytes of blocks for a {n} x {k} layer: not Q4_K, Q5_0 or Q8_0")
+        raise ValueError(f"{blocks.size} bytes of blocks for a {n} x {k} layer: not Q4_K, Q5_0, Q8_0 or Q6_K")
     return found[0]
 
 
@@ -76,8 +80,14 @@ def decode_planes(blocks: np.ndarray, name: str, n: int, k: int) -> tuple[torch.
 
 
 def weights(blocks: np.ndarray, n: int, k: int) -> torch.Tensor:
-    """The float32 weights [n, k] that `blocks` (Q4_K, Q5_0 or Q8_0) decode to."""
+    """The float32 weights [n, k] that `blocks` (one of STORED) decode to."""
     name = kind(blocks, n, k)
+    if name == "Q6_K":  # no kernel here reads its codes: `gguf`'s own decoding
+        import gguf
+        import torch
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).reshape(n, k))
     if name == "Q4_K":
         codes, scale, offset = decode(blocks, n, k)
         return (codes.reshape(n, -1, GROUP) * scale[..., None] - offset[..., None]).reshape(n, k)
@@ -86,8 +96,8 @@ def weights(blocks: np.ndarray, n: int, k: int) -> torch.Tensor:
 
 
 def from_gguf(model: torch.nn.Module, path: Path) -> dict[str, np.ndarray]:
-    """The raw blocks of each Linear layer the GGUF at `path` stores as Q4_K, Q5_0 or Q8_0 and `model` holds exactly
-    as they decode (checked weight for weight, which also catches a layout the loader changed, e.g. permuted rows)."""
+    """The raw blocks of each Linear layer the GGUF at `path` stores in one of STORED and `model` holds exactly as they
+    decode (checked weight for weight, which also catches a layout the loader changed, e.g. permuted rows)."""
     import gguf
     import numpy as np
     import torch
@@ -100,7 +110,7 @@ def from_gguf(model: torch.nn.Module, path: Path) -> dict[str, np.ndarray]:
     found = {}
     for name, module in model.named_modules():
         tensor = tensors.get(f"{names.get_name(name)}.weight") if isinstance(module, torch.nn.Linear) else None
-        if tensor is None or tensor.tensor_type.name not in KINDS:
+        if tensor is None or tensor.tensor_type.name not in STORED:
             continue
         blocks = np.asarray(tensor.data)
         exact = weights(blocks, module.out_features, module.in_features)

@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlm import gguf_blocks, memory
+from hlm import ggml_kernel, gguf_blocks, memory
 from hlm.config import QUANT_RECIPES as RECIPES
 from hlm.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
+BLOCK_RECIPES = ("q4k", "gguf", "ggml")  # the recipes that run a GGUF's own blocks (`stored_blocks`)
 INT4_GROUP = gguf_blocks.GROUP
 INT4_INNER_K_TILES = 2
 INT4_ROW_BLOCKS = (64, 32)  # rows the CPU kernel packs together: 64 with AVX-512, 32 with AVX2 (`int4_row_block`)
@@ -364,10 +365,60 @@ class PlanesLinear(nn.Module):
         return self.planes.dequantised_t(buffer, start, stop).add_(self.planes.dequantised_t(low, start + n, stop + n))
 
 
-class HeadRows:
-    """A head on planes looked up as its weight matrix would be, `rows[index]`, decoding only those rows."""
+class GgmlLinear(nn.Module):
+    """y = x W^T with W as a GGUF stores it (`blocks`, the tensor's raw bytes in `kind`, one of
+    `ggml_kernel.KINDS`), multiplied by ggml: a few rows by its own products (activations rounded to 8 bits a block,
+    as llama.cpp computes), a prompt chunk (from INT4_PREFILL_ROWS rows) by the float GEMM on weights ggml decodes a
+    slice at a time, which is faster there (8,960 x 1,536, 1,024 rows: 200 against 336 ms on AVX2)."""
 
-    def __init__(self, head: PlanesLinear) -> None:
+    def __init__(self, linear: nn.Module, blocks: np.ndarray, kind: str) -> None:
+        super().__init__()
+        self.kind, self.in_features, self.out_features = kind, linear.in_features, linear.out_features
+        size = ggml_kernel.row_bytes(kind, self.in_features)
+        if blocks.size != size * self.out_features:
+            raise QuantError(f"{blocks.size} bytes of {kind} blocks for a {self.out_features} x {self.in_features} "
+                             "layer")
+        # a buffer, so the model's state counts its bytes (`hlm.experiments.roofline`); ggml reads it in place
+        blocks = np.require(blocks, requirements=["C", "W"])  # a GGUF's read-only map: copied
+        self.register_buffer("blocks", torch.from_numpy(blocks.reshape(self.out_features, size)))
+        self.dtype = linear.weight.dtype
+        bias = getattr(linear, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._graphs: dict[tuple[str, int], ggml_kernel.Graph] = {}
+
+    def _graph(self, op: str, rows: int) -> ggml_kernel.Graph:
+        """The graph of `op` for `rows` rows, made at its first use."""
+        if (op, rows) not in self._graphs:
+            self._graphs[op, rows] = ggml_kernel.Graph(self.blocks, self.kind, self.out_features, self.in_features,
+                                                       rows, op)
+        return self._graphs[op, rows]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """W[index] in float32, decoded from those rows' blocks only (the semantic statistic reads a few of the
+        head's rows a draft: `HeadRows`)."""
+        index = index.reshape(-1).to(torch.int32).contiguous()
+        return self._graph("ggml_get_rows", len(index))(index, torch.empty(len(index), self.in_features))
+
+    def _dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return buffer.view(stop - start, self.in_features).copy_(self.rows(torch.arange(start, stop))).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.dtype)
+        n = rows.shape[0]
+        if n >= INT4_PREFILL_ROWS:
+            y = _dequantised_gemm(rows, self.out_features, self.in_features, 1, self._dequantised_t)
+        else:
+            y = self._graph("ggml_mul_mat", n)(rows.float().contiguous(), torch.empty(n, self.out_features))
+            y = y.to(self.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class HeadRows:
+    """A head on planes or ggml's blocks looked up as its weight matrix would be, `rows[index]`, decoding only
+    those rows."""
+
+    def __init__(self, head: PlanesLinear | GgmlLinear) -> None:
         self.head = head
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
@@ -375,8 +426,8 @@ class HeadRows:
 
 
 def stored_blocks(model: nn.Module, recipe: str) -> dict[str, np.ndarray]:
-    """The GGUF blocks `recipe` runs `model`'s layers on (q4k: Q4_K's; gguf: Q4_K's, Q5_0's and Q8_0's), from where
-    it was loaded: a GGUF file, or a folder with `gguf_blocks.FILE`."""
+    """The GGUF blocks `recipe` runs `model`'s layers on (q4k: Q4_K's; gguf: Q4_K's, Q5_0's and Q8_0's; ggml: Q6_K's
+    too), from where it was loaded: a GGUF file, or a folder with `gguf_blocks.FILE`."""
     source = getattr(model, "hlm_source", None)
     if source is not None and source.suffix == ".gguf":
         blocks = gguf_blocks.from_gguf(model, source)
@@ -386,13 +437,12 @@ def stored_blocks(model: nn.Module, recipe: str) -> dict[str, np.ndarray]:
         blocks = load_file(source / gguf_blocks.FILE)
     else:
         return {}
-    if recipe == "gguf":
-        return blocks
-    return {name: data for name, data in blocks.items() if block_kind(model, name, data) == "Q4_K"}
+    kinds = {"q4k": ("Q4_K",), "gguf": gguf_blocks.KINDS, "ggml": ggml_kernel.KINDS}[recipe]
+    return {name: data for name, data in blocks.items() if block_kind(model, name, data) in kinds}
 
 
 def block_kind(model: nn.Module, name: str, blocks: np.ndarray) -> str:
-    """The GGUF format (Q4_K, Q5_0, Q8_0) of `blocks`, the blocks of `model`'s layer `name`."""
+    """The GGUF format (Q4_K, Q5_0, Q8_0, Q6_K) of `blocks`, the blocks of `model`'s layer `name`."""
     layer = model.get_submodule(name)
     return gguf_blocks.kind(blocks, layer.out_features, layer.in_features)
 
@@ -418,7 +468,7 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
         raise ValueError(f"unknown quantisation {recipe!r}: use one of {', '.join(RECIPES)}")
     if recipe == "none":
         return model
-    if recipe in ("q4k", "gguf"):
+    if recipe in BLOCK_RECIPES:
         return use_blocks(model, stored_blocks(model, recipe), recipe)
     def fast(name: str, child: nn.Linear) -> nn.Module:
         if name in keep:
@@ -436,7 +486,8 @@ def quantize(model: nn.Module, recipe: str, int8_only: tuple[str, ...] = ("lm_he
 
 
 def use_blocks(model: nn.Module, blocks: dict[str, np.ndarray], recipe: str) -> nn.Module:
-    """Each layer named in `blocks` (`stored_blocks`) runs on them: Q4_K as one 4-bit plane, Q5_0 and Q8_0 as two.
+    """Each layer named in `blocks` (`stored_blocks`) runs on them: on ggml (`recipe` ggml), else Q4_K as one 4-bit
+    plane, Q5_0 and Q8_0 as two.
     Their float weights are never read, so pages of a memory-mapped checkpoint that held them never become resident;
     the rest stays as loaded."""
     if not blocks:
@@ -444,11 +495,17 @@ def use_blocks(model: nn.Module, blocks: dict[str, np.ndarray], recipe: str) -> 
         raise QuantError(f"--quant {recipe} needs the model's {what} blocks: a .gguf file, or a converted folder with "
                          f"{gguf_blocks.FILE} (the embedded pair); {getattr(model, 'hlm_name', 'this model')} has "
                          "none")
+    if recipe == "ggml" and not ggml_kernel.available():
+        raise QuantError("--quant ggml needs ggml-python (pip install ggml-python, which builds ggml: it needs cmake "
+                         "and a C compiler)")
     for name, data in blocks.items():
         parent, _, child = name.rpartition(".")
         holder, kind = model.get_submodule(parent), block_kind(model, name, data)
         linear = getattr(holder, child)
-        setattr(holder, child, Int4Linear.q4k(linear, data) if kind == "Q4_K" else PlanesLinear(linear, data, kind))
+        if recipe == "ggml":
+            setattr(holder, child, GgmlLinear(linear, data, kind))
+        else:
+            setattr(holder, child, Int4Linear.q4k(linear, data) if kind == "Q4_K" else PlanesLinear(linear, data, kind))
     model.hlm_quant = recipe
     return model
 
@@ -518,6 +575,20 @@ def int4_layer(n: int, k: int, dtype: torch.dtype, planes: int = 1) -> Streamed:
         for layer in int4s:
             y = layer(x)
             _ = y if planes == 1 else y[..., :n] + y[..., n:]
+
+    return Streamed(run, copies)
+
+
+def ggml_layer(n: int, k: int, dtype: torch.dtype, kind: str) -> Streamed:
+    """One row through ggml for an n x k layer stored as `kind`, over as many copies as its float layer."""
+    copies = _streamed_copies(n, k, dtype)
+    x = torch.randn(1, k, dtype=dtype)
+    shape = nn.Linear(k, n, bias=False, device="meta", dtype=dtype)
+    layers = [GgmlLinear(shape, ggml_kernel.random_blocks(kind, n, k, seed), kind) for seed in range(copies)]
+
+    def run() -> None:
+        for layer in layers:
+            layer(x)
 
     return Streamed(run, copies)
 

@@ -58,6 +58,22 @@ def other_numerics(numerics: str) -> tuple[str, str]:
     return str(other_draft), str(replace(parts, verifier_attention="eager"))
 
 
+def write_gguf(path, tensors) -> None:
+    """A qwen2 GGUF at `path` holding `tensors`: name -> (raw blocks, their GGML type) or a float array."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "qwen2")
+    for name, tensor in tensors.items():
+        if isinstance(tensor, tuple):
+            writer.add_tensor(name, tensor[0], raw_dtype=tensor[1])
+        else:
+            writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -112,7 +112,7 @@ def test_ready_folder_returns_without_work(cache: Path, monkeypatch: pytest.Monk
     model = _fake([b"x"])
     folder = cache / "Fake-Model-bf16"
     folder.mkdir(parents=True)
-    (folder / embedded.MARKER).write_text(model.sha256 + "\n")
+    (folder / embedded.MARKER).write_text(embedded.marker_text(model) + "\n")
     (folder / gguf_blocks.FILE).write_bytes(b"")
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -138,7 +138,7 @@ def test_builds_then_reuses(parts: list[bytes], cache: Path, monkeypatch: pytest
     folder = embedded.ensure_model_dir(model, progress=False)
     assert folder == cache / "Fake-Model-bf16"
     assert (folder / "model.safetensors").read_bytes() == b"".join(parts)
-    assert (folder / embedded.MARKER).read_text().strip() == model.sha256
+    assert (folder / embedded.MARKER).read_text().strip() == embedded.marker_text(model)
     assert not (cache / "fake.gguf").exists()  # joined GGUF deleted by default
     assert not list(cache.glob("*.tmp-*"))
     assert embedded.ensure_model_dir(model, progress=False) == folder

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_gguf
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
@@ -212,14 +213,9 @@ def test_q4k_takes_only_layers_the_gguf_holds_exactly(tmp_path):
                                                     .reshape(512, 256)))
         mlp.gate_proj.weight[0, 0] += 1e-3
     path = tmp_path / "small.gguf"
-    writer = gguf.GGUFWriter(path, "qwen2")
-    for name, blocks in (("blk.0.ffn_up.weight", up), ("blk.0.ffn_gate.weight", gate)):
-        writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
-    writer.add_tensor("blk.0.ffn_down.weight", mlp.down_proj.weight.detach().numpy())  # F32: not Q4_K
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    write_gguf(path, {"blk.0.ffn_up.weight": (up, q4k), "blk.0.ffn_gate.weight": (gate, q4k),
+                      "blk.0.ffn_down.weight": mlp.down_proj.weight.detach().numpy()})  # F32: not Q4_K
 
     blocks = gguf_blocks.from_gguf(model, path)
     assert set(blocks) == {"model.layers.0.mlp.up_proj"}
@@ -282,13 +278,8 @@ def _planes_model(tmp_path: Path) -> torch.nn.Module:
             blocks[name] = gguf.quants.quantize(weight.numpy(), kind)
             layer.weight.copy_(weight)
     path = tmp_path / "small.gguf"
-    writer = gguf.GGUFWriter(path, "qwen2")
-    for name, tensor in (("attn_q", "q_proj"), ("attn_output", "o_proj")):
-        writer.add_tensor(f"blk.0.{name}.weight", blocks[tensor], raw_dtype=layers[tensor][0])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, {f"blk.0.{name}.weight": (blocks[tensor], layers[tensor][0])
+                      for name, tensor in (("attn_q", "q_proj"), ("attn_output", "o_proj"))})
     model.hlm_source = path
     return model
 
@@ -453,6 +444,7 @@ def test_auto_times_every_shape_its_blocks_replace_and_sums_them(tmp_path, monke
     from hlm.models import presets
 
     timed = []
+    monkeypatch.setattr(presets.ggml_kernel, "available", lambda: False)  # ggml's own weighing: test_ggml_kernel
     monkeypatch.setattr(presets, "float_layer", lambda n, k, dtype: ("float", n, k))
     monkeypatch.setattr(presets, "int4_layer", lambda n, k, dtype, planes: ("int4", n, k, planes))
     monkeypatch.setattr(presets, "streamed_seconds", lambda *layers: timed.extend(layers) or [1e-3, int4_s])

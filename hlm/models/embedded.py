@@ -201,14 +201,22 @@ def model_dir(model: EmbeddedModel) -> Path:
     return cache_dir() / f"{model.name}-bf16"
 
 
+def marker_text(model: EmbeddedModel) -> str:
+    """What a complete folder's marker holds: the GGUF's sha256 and what its blocks file holds (`gguf_blocks.FORMAT`),
+    so a changed pin, or a folder from before a format was kept, is built again."""
+    from hlm import gguf_blocks
+
+    return f"{model.sha256} {gguf_blocks.FORMAT}"
+
+
 def is_ready(model: EmbeddedModel) -> bool:
-    """The folder is complete: its marker, written last, holds this model's sha256 (and, since `--quant gguf`, it has
-    the GGUF blocks file: an older folder, with Q4_K's blocks only or none, is built again)."""
+    """The folder is complete: its marker, written last, holds this model's `marker_text` and it has the GGUF blocks
+    file (an older folder, with fewer formats' blocks or none, is built again)."""
     from hlm import gguf_blocks
 
     marker = model_dir(model) / MARKER
     try:
-        return marker.read_text().strip() == model.sha256 and (model_dir(model) / gguf_blocks.FILE).is_file()
+        return marker.read_text().strip() == marker_text(model) and (model_dir(model) / gguf_blocks.FILE).is_file()
     except OSError:
         return False
 
@@ -285,8 +293,8 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
             del model.config.quantization_config
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        # The layers the GGUF stores as Q4_K, Q5_0 or Q8_0 keep their blocks beside the bf16 weights (`--quant
-        # q4k`, `gguf`).
+        # The layers the GGUF stores as Q4_K, Q5_0, Q8_0 or Q6_K keep their blocks beside the bf16 weights (`--quant
+        # q4k`, `gguf`, `ggml`).
         save_file(gguf_blocks.from_gguf(model, gguf), out_dir / gguf_blocks.FILE)
 
 
@@ -322,7 +330,7 @@ def _build(model: EmbeddedModel, final: Path, progress: bool, keep_gguf: bool) -
             _check_free(cache, int(model.size * BF16_PER_GGUF_BYTE), model)
             tmp.mkdir()
             convert_gguf(gguf, tmp, progress=progress)
-            (tmp / MARKER).write_text(model.sha256 + "\n")
+            (tmp / MARKER).write_text(marker_text(model) + "\n")
             if final.exists():  # incomplete or built for another pin
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -22,7 +22,7 @@ from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
 from hlm.models.numerics import STORED_BLOCK_ROWS, Numerics
 from hlm.prefix import template_head
-from hlm.quant import HeadRows, Int8Linear, PlanesLinear, recipe_of
+from hlm.quant import GgmlLinear, HeadRows, Int8Linear, PlanesLinear, recipe_of
 
 
 class ModelError(UserError, RuntimeError):
@@ -103,9 +103,9 @@ class ModelPair:
     def embeddings(self) -> torch.Tensor | HeadRows:
         """The draft's output-embedding rows, indexed as a matrix's (the semantic statistic compares their cosines).
         On the fast path no float copy of the head stays alive: an int8 head gives its int8 rows (a per-row scale
-        leaves cosines unchanged), a head on GGUF planes the rows asked for, decoded from them."""
+        leaves cosines unchanged), a head on GGUF planes or ggml's blocks the rows asked for, decoded from them."""
         head = self.draft.get_output_embeddings()
-        if isinstance(head, PlanesLinear):
+        if isinstance(head, PlanesLinear | GgmlLinear):
             return HeadRows(head)
         return head.weight_int8 if isinstance(head, Int8Linear) else head.weight
 

@@ -11,12 +11,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS, memory, rows
+from hlm import ASSETS, ggml_kernel, memory, rows
 from hlm.compiled import compile_step
 from hlm.config import COMPILED
 from hlm.drafter import KERNEL
@@ -25,10 +25,12 @@ from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair, tiny_role
 from hlm.quant import (
+    BLOCK_RECIPES,
     RECIPES,
     Busy,
     block_kind,
     float_layer,
+    ggml_layer,
     int4_layer,
     onednn_bf16,
     pack_float_linears,
@@ -38,6 +40,9 @@ from hlm.quant import (
     streamed_seconds,
     use_blocks,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LOG = logging.getLogger(__name__)
 FP32_MARGIN = 1.5  # fp32 is taken only where bf16 takes longer than this many times its time (`cpu_bf16_taken`)
@@ -156,7 +161,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
             return f"none (auto: the {passed} kernels are CPU kernels)"
         raise ModelError(f"--quant {requested} runs on the CPU only (this model is on {model.device})")
     recipe = passed if requested == "auto" else requested
-    if recipe in ("q4k", "gguf"):
+    if recipe in BLOCK_RECIPES:
         return _blocks_path(model, requested, recipe)
     before = step_seconds(model)
     quantize(model, recipe)
@@ -168,34 +173,62 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
 
 
 def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
-    """`q4k` and `gguf` are timed on every layer they replace but the output head (whose made-up copies would take
-    gigabytes): each shape once, float against int4, with made-up weights streamed from memory (`streamed_seconds`),
-    summed over the layers of that shape; not on a whole step, which would read (and make resident) the very
-    weights the blocks replace. A layer of two planes is timed as the one int4 layer of twice its rows it runs.
-    The largest layer alone misjudged the draft on one CPU (AVX2 alone): 0.70 against 0.73 ms favoured its blocks,
-    while its small layers were each two to four times slower on them and the whole step 24 % slower."""
-    blocks = stored_blocks(model, recipe)
-    if not blocks:
+    """The recipes that run a GGUF's own blocks are timed on every layer they replace but the output head (whose
+    made-up copies would take gigabytes): each shape once, float against each candidate's kernel, with made-up
+    weights streamed from memory (`streamed_seconds`), summed over the layers of that shape; not on a whole step,
+    which would read (and make resident) the very weights the blocks replace. `auto` weighs the guard's recipe
+    against ggml where it is installed (`_kernel_costs`) and takes the fastest, if faster than float. The largest
+    layer alone misjudged the draft on one CPU (AVX2 alone): 0.70 against 0.73 ms favoured its blocks, while its
+    small layers were each two to four times slower on them and the whole step 24 % slower."""
+    candidates = ("ggml", recipe) if requested == "auto" and ggml_kernel.available() else (recipe,)
+    found = {r: blocks for r in candidates if (blocks := stored_blocks(model, r))}
+    if not found:
         if requested == "auto":
             return f"none (auto: no {recipe} blocks for this model)"
-        use_blocks(model, blocks, recipe)  # raises: nothing to run on
-    head = model.get_output_embeddings()
-    shapes = Counter((layer.out_features, layer.in_features, 1 if block_kind(model, name, data) == "Q4_K" else 2)
-                     for name, data in blocks.items() if (layer := model.get_submodule(name)) is not head)
-    plain = int4 = 0.0
+        use_blocks(model, {}, recipe)  # raises: nothing to run on
     try:
-        for (n, k, planes), count in shapes.items():
-            float_s, int4_s = streamed_seconds(float_layer(n, k, model.dtype), int4_layer(n, k, model.dtype, planes))
-            plain, int4 = plain + count * float_s, int4 + count * int4_s
-    except Busy as exc:  # the blocks untimed: the recipe its guard accepted, and half the bytes resident
-        use_blocks(model, blocks, recipe)
-        return f"{recipe}, {len(blocks)} layers (taken untimed: {exc})"
-    why = (f"{recipe}, {len(blocks)} layers ({int4 * 1e3:.1f} vs {plain * 1e3:.1f} ms in {str(model.dtype)[6:]} "
-           f"for one row through its {shapes.total()} layers but the head")
-    if requested == "auto" and int4 >= plain:
+        plain, costs, timed = _kernel_costs(model, found)
+    except Busy as exc:  # untimed: the recipe its guard accepted (ggml where only it has blocks), bytes halved
+        taken = recipe if recipe in found else next(iter(found))
+        use_blocks(model, found[taken], taken)
+        return f"{taken}, {len(found[taken])} layers (taken untimed: {exc})"
+    taken = min(costs, key=costs.__getitem__)
+    others = "".join(f"; {r} {cost * 1e3:.1f} ms" for r, cost in costs.items() if r != taken)
+    why = (f"{taken}, {len(found[taken])} layers ({costs[taken] * 1e3:.1f} vs {plain * 1e3:.1f} ms in "
+           f"{str(model.dtype)[6:]} for one row through its {timed} layers but the head{others}")
+    if requested == "auto" and costs[taken] >= plain:
         return f"none (auto: {why}; slower here)"
-    use_blocks(model, blocks, recipe)
+    use_blocks(model, found[taken], taken)
     return why + (", measured at load)" if requested == "auto" else ", as requested)")
+
+
+def _kernel_costs(model: PreTrainedModel,
+                  found: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict[str, float], int]:
+    """Seconds of one row through the layers any of `found`'s recipes replaces (the head aside): all float, and per
+    recipe its kernel where it has blocks and float elsewhere; and how many layers that is. A layer of two planes is
+    timed as the one int4 layer of twice its rows it runs."""
+    head = model.get_output_embeddings()
+    # Per recipe, each layer's kernel: ggml's per format; int4's one plane (Q4_K) or two
+    kernel: dict[str, dict[str, str | int]] = {
+        r: {name: kind if r == "ggml" else 1 if kind == "Q4_K" else 2
+            for name, data in blocks.items() if model.get_submodule(name) is not head
+            for kind in (block_kind(model, name, data),)}
+        for r, blocks in found.items()}
+    layers = {name for named in kernel.values() for name in named}
+    shape = {name: (model.get_submodule(name).out_features, model.get_submodule(name).in_features) for name in layers}
+    plain, costs = 0.0, dict.fromkeys(found, 0.0)
+    for (n, k), count in Counter(shape.values()).items():
+        kernels = sorted({(r, variant) for r, named in kernel.items() for name, variant in named.items()
+                          if shape[name] == (n, k)}, key=str)
+        stand_ins = [ggml_layer(n, k, model.dtype, str(variant)) if r == "ggml" else
+                     int4_layer(n, k, model.dtype, int(variant)) for r, variant in kernels]
+        float_s, *kernel_s = streamed_seconds(float_layer(n, k, model.dtype), *stand_ins)
+        seconds = dict(zip(kernels, kernel_s, strict=True))
+        plain += count * float_s
+        for r in costs:
+            costs[r] += sum(seconds[r, kernel[r][name]] if name in kernel[r] else float_s
+                            for name in layers if shape[name] == (n, k))
+    return plain, costs, len(layers)
 
 
 def _release_memory() -> None:
