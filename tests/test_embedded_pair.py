@@ -39,23 +39,29 @@ def test_embedded_pair_generates_code(embedded, policy):
         assert summary["uploads"] <= 12
 
 
-@pytest.mark.parametrize(("role", "recipe", "int4", "planes"),
-                         [("verifier", "q4k", 168, 0), ("draft", "gguf", 157, 145)])
-def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4, planes):
-    """Where the int4 kernel measures faster (the load says which), each model's layers run on their GGUF blocks:
-    the verifier's 168 Q4_K layers as one 4-bit plane each; the draft's 12 Q4_K layers so too and its 145 Q5_0 and
-    Q8_0 layers as two. Each computes what its converted bf16 weight does, to the rounding of the group scales."""
+@pytest.mark.parametrize(("role", "recipe", "int4", "planes", "ggml"),
+                         [("verifier", "q4k", 168, 0, 197), ("draft", "gguf", 157, 145, 169)])
+def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4, planes, ggml):
+    """Where a kernel on the blocks measures faster than float (the load says which), each model's layers run on
+    their GGUF blocks: on ggml every layer the GGUF stores (the verifier's 168 Q4_K and 29 Q6_K ones, the draft's 169
+    of four formats); on torch's int4 kernel the verifier's 168 Q4_K layers as one 4-bit plane each, the draft's 12
+    Q4_K layers so too and its 145 Q5_0 and Q8_0 layers as two. Each computes what its converted bf16 weight does,
+    to the rounding of the group scales (and, on ggml, of the activations to 8 bits a block)."""
     from safetensors import safe_open
 
     from hlm.models import embedded as files
-    from hlm.quant import Int4Linear, PlanesLinear
+    from hlm.quant import GgmlLinear, Int4Linear, PlanesLinear
 
     model = getattr(embedded.pair, role)
-    if getattr(model, "hlm_quant", "none") != recipe:
-        assert embedded.pair.quant[role].startswith(f"none (auto: {recipe}")  # measured slower on this CPU
+    taken = getattr(model, "hlm_quant", "none")
+    if taken not in (recipe, "ggml"):
+        assert embedded.pair.quant[role].startswith("none (auto: ")  # measured slower on this CPU
         pytest.skip(embedded.pair.quant[role])
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == int4  # a plane layer holds one of 2n rows
-    assert sum(isinstance(m, PlanesLinear) for m in model.modules()) == planes
+    if taken == "ggml":
+        assert sum(isinstance(m, GgmlLinear) for m in model.modules()) == ggml
+    else:
+        assert sum(isinstance(m, Int4Linear) for m in model.modules()) == int4  # a plane layer holds one of 2n rows
+        assert sum(isinstance(m, PlanesLinear) for m in model.modules()) == planes
     layer = model.model.layers[3].mlp.up_proj
     with safe_open(files.model_dir(getattr(files, role.upper())) / "model.safetensors", "pt") as f:
         weight = f.get_tensor("model.layers.3.mlp.up_proj.weight").float()
