@@ -208,27 +208,26 @@ def _kernel_costs(model: PreTrainedModel,
     recipe its kernel where it has blocks and float elsewhere; and how many layers that is. A layer of two planes is
     timed as the one int4 layer of twice its rows it runs."""
     head = model.get_output_embeddings()
-    # Per recipe, each layer's kernel: ggml's per format; int4's one plane (Q4_K) or two
-    kernel: dict[str, dict[str, str | int]] = {
-        r: {name: kind if r == "ggml" else 1 if kind == "Q4_K" else 2
-            for name, data in blocks.items() if model.get_submodule(name) is not head
-            for kind in (block_kind(model, name, data),)}
-        for r, blocks in found.items()}
-    layers = {name for named in kernel.values() for name in named}
-    shape = {name: (model.get_submodule(name).out_features, model.get_submodule(name).in_features) for name in layers}
+    kind = {name: block_kind(model, name, data) for blocks in found.values() for name, data in blocks.items()
+            if model.get_submodule(name) is not head}
+    shape = {name: (model.get_submodule(name).out_features, model.get_submodule(name).in_features) for name in kind}
+
+    def kernel(r: str, name: str) -> tuple[str, str | int]:
+        """What times `name` under recipe `r`: ggml per format, torch's int4 kernel by its planes (Q4_K one)."""
+        return r, kind[name] if r == "ggml" else 1 if kind[name] == "Q4_K" else 2
+
     plain, costs = 0.0, dict.fromkeys(found, 0.0)
     for (n, k), count in Counter(shape.values()).items():
-        kernels = sorted({(r, variant) for r, named in kernel.items() for name, variant in named.items()
-                          if shape[name] == (n, k)}, key=str)
+        layers = [name for name in kind if shape[name] == (n, k)]
+        kernels = sorted({kernel(r, name) for r in found for name in layers if name in found[r]}, key=str)
         stand_ins = [ggml_layer(n, k, model.dtype, str(variant)) if r == "ggml" else
                      int4_layer(n, k, model.dtype, int(variant)) for r, variant in kernels]
         float_s, *kernel_s = streamed_seconds(float_layer(n, k, model.dtype), *stand_ins)
         seconds = dict(zip(kernels, kernel_s, strict=True))
         plain += count * float_s
         for r in costs:
-            costs[r] += sum(seconds[r, kernel[r][name]] if name in kernel[r] else float_s
-                            for name in layers if shape[name] == (n, k))
-    return plain, costs, len(layers)
+            costs[r] += sum(seconds[kernel(r, name)] if name in found[r] else float_s for name in layers)
+    return plain, costs, len(kind)
 
 
 def _release_memory() -> None:
