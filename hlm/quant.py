@@ -400,7 +400,15 @@ class GgmlLinear(nn.Module):
         return self._graph("ggml_get_rows", len(index))(index, torch.empty(len(index), self.in_features))
 
     def _dequantised_t(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return buffer.view(stop - start, self.in_features).copy_(self.rows(torch.arange(start, stop))).T
+        """W[start:stop]^T in `buffer` for `_dequantised_gemm`: decoded straight into it where it is float32 (the
+        widened GEMM), else into this thread's float32 scratch first. No fresh tensor a slice: one of a prompt
+        chunk's size faults its pages in on every chunk (`_dequantised_gemm`)."""
+        rows = buffer.view(stop - start, self.in_features)
+        decoded = rows if rows.dtype == torch.float32 else \
+            _scratch_buffer(torch.empty(0), slot=1)[:rows.numel()].view_as(rows)
+        index = torch.arange(start, stop, dtype=torch.int32)
+        self._graph("ggml_get_rows", stop - start)(index, decoded)
+        return (rows if decoded is rows else rows.copy_(decoded)).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype)

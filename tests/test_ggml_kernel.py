@@ -53,6 +53,9 @@ def test_a_prompt_chunk_takes_the_float_gemm_on_decoded_weights():
     torch.testing.assert_close(layer(x).float(), (x.float() @ w.T).bfloat16().float(), rtol=2e-2, atol=2e-2)
     index = torch.tensor([5, 0, 63])
     assert torch.equal(HeadRows(layer)[index], w[index])  # the semantic statistic's rows, decoded alone
+    for dtype in (torch.float32, torch.bfloat16):  # the widened GEMM's buffer, and oneDNN's bf16 one
+        buffer = torch.empty(32 * 256, dtype=dtype)  # as `_dequantised_gemm` slices it: rows 8 to 40
+        assert torch.equal(layer._dequantised_t(buffer, 8, 40).T, w[8:40].to(dtype))
 
 
 def test_wrong_sized_blocks_are_refused():
