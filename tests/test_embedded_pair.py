@@ -55,7 +55,8 @@ def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4,
     model = getattr(embedded.pair, role)
     taken = getattr(model, "hlm_quant", "none")
     if taken not in (recipe, "ggml"):
-        assert embedded.pair.quant[role].startswith("none (auto: ")  # measured slower on this CPU
+        # measured slower on this CPU; the reason names the fastest of the two kernels
+        assert embedded.pair.quant[role].startswith(("none (auto: ggml", f"none (auto: {recipe}"))
         pytest.skip(embedded.pair.quant[role])
     if taken == "ggml":
         assert sum(isinstance(m, GgmlLinear) for m in model.modules()) == ggml

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
     fcntl = None  # type: ignore[assignment]
 
 CHUNK = 8 << 20
-MARKER = ".hlm-complete"  # written last; holds the GGUF sha256, so a changed pin forces a rebuild
+MARKER = ".hlm-complete"  # written last; holds `marker_text`, so a changed pin or blocks format forces a rebuild
 # A converted folder (bf16 weights and the GGUF blocks) is 3.3x (0.5B) and 3.7x (1.5B) its Q4_K_M GGUF; the check
 # before converting asks for this much.
 BF16_PER_GGUF_BYTE = 3.8
