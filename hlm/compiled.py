@@ -3,7 +3,9 @@
 Why: the int8 draft's eager step spends most of its time in `aten._weight_int8pack_mm`, whose kernel is bound by its
 arithmetic on these CPUs, and the rest in small ops and Python dispatch. Inductor with `freezing` (the weights become
 constants of the graph) and `max_autotune` may replace that kernel by its own CPU GEMM template, timed against it
-per layer shape, and fuses the small ops around it; the step ran about twice as fast here (docs/speed.md).
+per layer shape, and fuses the small ops around it; the step ran about twice as fast here (docs/speed.md). A draft
+on ggml's blocks (`hlm.quant.GgmlLinear`) keeps ggml's products, as one op of the graph (`hlm::ggml_mul_mat`), and
+gets the rest fused: 34-37 against 50-60 ms a step on an AVX2 machine.
 
 What it costs: a compile of about a minute, and sums in another order than the eager kernels, so the draft's numerics
 (`ModelPair.numerics`) differ and cached results keyed by them are not reused. Each graph holds its own packed copy of
@@ -95,5 +97,5 @@ def compile_step(model: PreTrainedModel, why: str, layers: Collection[int] = ())
     model.hlm_step = CompiledStep(model, layers)
     start = time.perf_counter()
     after = step_seconds(model)  # its untimed first call compiles
-    return (f"{recipe_of(why)}+compiled ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms uncompiled, "
+    return (f"{recipe_of(why).rstrip(',')}+compiled ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms uncompiled, "
             f"measured at load; compiled in {time.perf_counter() - start:.0f} s)")

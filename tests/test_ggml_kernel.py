@@ -123,3 +123,27 @@ def test_auto_weighs_ggml_against_the_guards_recipe_over_the_same_layers(tmp_pat
     assert why.startswith(taken if taken != "none" else "none (auto: gguf")  # the fastest, named
     up = model.model.layers[0].mlp.up_proj
     assert type(up) is {"ggml": GgmlLinear, "gguf": PlanesLinear, "none": torch.nn.Linear}[taken]
+
+
+def test_a_compiled_step_calls_ggml_as_one_op_of_its_graph(tmp_path):
+    """`--quant compiled` on a ggml draft: ggml's products are an op of the graph (`hlm::ggml_mul_mat`), not a break
+    in it, and the step computes what the eager pass does, through a growing cache, in one graph."""
+    from torch._dynamo.utils import counters
+    from transformers import DynamicCache
+
+    from hlm.compiled import CompiledStep
+
+    model = quant.quantize(_gguf_model(tmp_path), "ggml")
+    step = CompiledStep(model)
+    caches = DynamicCache(), DynamicCache()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():  # as the drafter prefills: a cache made otherwise would compile the step again
+        for cache in caches:
+            model(input_ids=ids, cache=cache, use_cache=True)
+        graphs = counters["stats"]["unique_graphs"]
+        for token in (7, 2, 11):
+            ids = torch.tensor([[token]])
+            logits, _, _ = step(ids, caches[0])
+            eager = model(input_ids=ids, cache=caches[1], use_cache=True).logits[:, -1]
+            torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
