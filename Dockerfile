@@ -22,7 +22,8 @@ WORKDIR /home/user/app
 # the sweep's PNGs) and the conversion's (gguf, accelerate: layer 2 installs them, keeps gguf, which decodes the
 # GGUF blocks the fast path runs on at every start, and removes accelerate).
 # ggml-python builds ggml here (cmake and g++, removed after), for any CPU with AVX2: not for the build machine's
-# own (GGML_NATIVE), which may have instructions the host running the image lacks.
+# own (GGML_NATIVE), which may have instructions the host running the image lacks; with llamafile's GEMM
+# (requirements.txt's setting).
 COPY requirements.txt ./
 RUN apt-get update && apt-get install -y --no-install-recommends cmake g++ \
  && grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.txt > /tmp/app.txt \
