@@ -387,8 +387,16 @@ class GgmlLinear(nn.Module):
         bias = getattr(linear, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._graphs: dict[tuple[str, int], ggml_kernel.Graph] = {}
+        self._register()
+
+    def _register(self) -> None:
+        """A key of its own for `hlm::ggml_mul_mat`, also for a copy (`__setstate__`), whose blocks are its own."""
         self.key = next(_GGML_KEYS)
         _GGML_LAYERS[self.key] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()
 
     def _graph(self, op: str, rows: int) -> ggml_kernel.Graph:
         """The graph of `op` for `rows` rows, made at its first use."""
@@ -434,7 +442,7 @@ class GgmlLinear(nn.Module):
 
 # `hlm::ggml_mul_mat(rows, blocks, key)`: GgmlLinear `key`'s product, which `blocks` are the weights of, as an op a
 # compiled step (`hlm.compiled`) calls as it is, fusing what lies around it. Defined through `torch.library`'s
-# low-level API: `custom_op`'s checks cost 6 us a call more, 1 ms a step of the draft's 169 layers.
+# low-level API: `custom_op`'s checks cost 4-6 us a call more, up to 1 ms a step of the draft's 169 layers.
 _GGML_LAYERS: weakref.WeakValueDictionary[int, GgmlLinear] = weakref.WeakValueDictionary()
 _GGML_KEYS = itertools.count()
 torch.library.define("hlm::ggml_mul_mat", "(Tensor rows, Tensor blocks, int key) -> Tensor")

@@ -58,6 +58,18 @@ def test_a_prompt_chunk_takes_the_float_gemm_on_decoded_weights():
         assert torch.equal(layer._dequantised_t(buffer, 8, 40).T, w[8:40].to(dtype))
 
 
+def test_a_copy_is_its_own_layer_to_the_compiled_op():
+    """`hlm::ggml_mul_mat` finds a layer by its key: a copy gets a key of its own, so its op reads its own blocks."""
+    layer, _ = _layer("Q8_0", 32, 256, seed=4)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.blocks[:, 2:] = 0  # every code zero: a product of zeros, unlike the original's
+    x = torch.randn(1, 256)
+    assert twin.key != layer.key
+    assert torch.equal(torch.ops.hlm.ggml_mul_mat(x, twin.blocks, twin.key), torch.zeros(1, 32))
+    assert torch.equal(torch.ops.hlm.ggml_mul_mat(x, layer.blocks, layer.key), layer.product(x))
+
+
 def test_wrong_sized_blocks_are_refused():
     with pytest.raises(quant.QuantError, match="bytes of Q8_0 blocks"):
         GgmlLinear(torch.nn.Linear(256, 64), ggml_kernel.random_blocks("Q8_0", 32, 256), "Q8_0")
