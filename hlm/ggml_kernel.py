@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-KINDS = ("Q4_K", "Q5_0", "Q8_0", "Q6_K")  # the GGUF formats this path runs
+from hlm import gguf_blocks
+
+KINDS = gguf_blocks.STORED  # the GGUF formats this path runs: every one a converted folder keeps
 _LOCK = threading.Lock()
 
 

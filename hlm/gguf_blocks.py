@@ -20,21 +20,22 @@ if TYPE_CHECKING:
     import torch
 
 FILE = "gguf-blocks.safetensors"  # beside a converted model: the blocks of its layers, keyed by module name
-FORMAT = "blocks: Q4_K Q5_0 Q8_0 Q6_K"  # what FILE holds, in the folder's marker: a folder without Q6_K is built again
 GROUP = 32  # weights per Q4_K sub-block and per Q5_0 / Q8_0 block: one scale (and offset) each
 BLOCK_BYTES = 144  # Q4_K, per 256 weights: d and dmin (fp16), eight 6-bit scales and mins (12 bytes), 256 4-bit codes
 # Q5_0 and Q8_0, per 32 weights: bytes and the code's offset (w = d (code - offset)), the code as c = 16 h + l
 PLANES = {"Q5_0": (22, 16), "Q8_0": (34, 128)}
 KINDS = ("Q4_K", *PLANES)  # what torch's int4 kernel runs (`--quant q4k`, `gguf`)
-Q6_K_BYTES = 210  # per 256 weights: 128 bytes of low nibbles, 64 of high bits, 16 signed scales, d (fp16)
 STORED = (*KINDS, "Q6_K")  # what a converted folder keeps: ggml runs all of them (`--quant ggml`)
+FORMAT = "blocks: " + " ".join(STORED)  # what FILE holds, in the folder's marker: one without Q6_K is built again
 
 
 def kind(blocks: np.ndarray, n: int, k: int) -> str:
-    """Which format `blocks` of an n x k layer hold, from their size (144 / 256, 210 / 256, 22 / 32 and 34 / 32 bytes
-    a weight differ)."""
-    sizes = {"Q4_K": n * k // 256 * BLOCK_BYTES, "Q6_K": n * k // 256 * Q6_K_BYTES,
-             **{name: n * k // GROUP * size for name, (size, _) in PLANES.items()}}
+    """Which format `blocks` of an n x k layer hold, from their size (gguf's table: 144 / 256, 210 / 256, 22 / 32 and
+    34 / 32 bytes a weight differ)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    sizes = {name: n * k // weights * size
+             for name in STORED for weights, size in [GGML_QUANT_SIZES[GGMLQuantizationType[name]]]}
     found = [name for name, size in sizes.items() if size == blocks.size]
     if len(found) != 1:
         raise ValueError(f"{blocks.size} bytes of blocks for a {n} x {k} layer: not Q4_K, Q5_0, Q8_0 or Q6_K")
