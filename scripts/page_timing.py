@@ -11,6 +11,9 @@ shows each state:
 - Generate (`--runs` times): the first token shown (a pending draft, dashed), the first coloured token (a decided
   one), the decode done (the last frame that added a token) and every card final (the status line is `done`, which
   `Dashboard._decode` sets only after `judge`, and the BERTScore card shows its F1 and the faithful prefix);
+- the what-if replay, on each Generate run's page once it is final: from the input event that types k = `REPLAY_K`
+  to the first frame with the replay's outline on the tokens and its line on the chart (no model runs; the page
+  asks the app for the redraw without the queue);
 - Show me, then Compare: the final frame (the one-sentence verdict is out, which needs every run scored, and the
   cards are back on ours, which only the comparison's last frame does);
 - the app's RSS (VmRSS) and peak (VmHWM) from /proc after the Compare (GB: 10^9 bytes; MiB printed too).
@@ -30,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,12 @@ COMPARISON_FINAL = """document.querySelector('.hlm-verdict') !== null
     return ours !== undefined && status !== undefined && status.startsWith(ours + ':');
 })()"""
 GB = 1e9  # the RSS target's unit, decimal; MiB beside it
+REPLAY_K = 32  # the what-if replay's k: another bar than the page's default, so the outline changes
+# The what-if replay drawn: a draft outlined as one k = REPLAY_K would upload, and the replay's line on the chart
+# (plotly sets a chart's data after its last DOM change, so the data is read, not the DOM)
+REPLAYED = f"""() => document.querySelector('.prose.hlm-tokens .would-upload') !== null
+    && [...document.querySelectorAll('.js-plotly-plot')].some(p => (p.data || []).some(
+        d => String(d.name).startsWith('replay k={REPLAY_K}')))"""
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class Row:
 
     name: str
     limit: float | None
-    unit: str  # "s" or "GB"
+    unit: str  # "s", "ms" or "GB"
 
 
 ROWS = {"first_run_token_s": Row("Generate run 1: first coloured token", 1.0, "s"),
@@ -73,12 +83,13 @@ ROWS = {"first_run_token_s": Row("Generate run 1: first coloured token", 1.0, "s
         "first_shown_s": Row("Generate: first token shown (a pending draft)", None, "s"),
         "decoded_s": Row("Generate: decode done (last token shown)", None, "s"),
         "cards_final_s": Row("Generate: every card final", 25.0, "s"),
+        "replay_ms": Row(f"What-if replay: k={REPLAY_K} to outline and chart", 200.0, "ms"),
         "show_me_s": Row("Show me: click to final", 45.0, "s"),
         "compare_s": Row("Compare: click to final", 60.0, "s"),
         "rss_gb": Row("app RSS after Compare (VmRSS)", 4.0, "GB"),
         "hwm_gb": Row("app peak RSS (VmHWM)", None, "GB")}
 GENERATE_MARKS = {"first_token_s": "first_token", "first_shown_s": "first_shown", "decoded_s": "decoded",
-                  "cards_final_s": "final"}  # a row: the median over the runs of this mark
+                  "cards_final_s": "final", "replay_ms": "replay_ms"}  # a row: the median over the runs of this mark
 
 
 @dataclass
@@ -89,7 +100,7 @@ class Figures:
     prompt: str = ""
     example: str | None = None  # the example's label when one was clicked
     reference: str = ""  # where the prompt's greedy reference came from, in words
-    generate: list[dict[str, float]] = field(default_factory=list)  # one per run: the marks, seconds
+    generate: list[dict[str, float]] = field(default_factory=list)  # one per run: the marks, seconds (replay_ms: ms)
     show_me_s: float | None = None
     compare_s: float | None = None
     rss_gb: float | None = None
@@ -162,9 +173,29 @@ class Visit:
     timeout_s: float
 
 
-def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str]) -> tuple[dict[str, float], str, str | None]:
-    """One action on a fresh page load: the marks' seconds after the click (with "decoded"), the prompt and the
-    example's label. Raises RuntimeError when the page shows an error or "final" never comes."""
+def replay_ms(page: Any) -> float:
+    """On a page whose run of ours is final: milliseconds, in the page's clock, from the input event that types
+    k = REPLAY_K (the event the page's replay answers) to the first animation frame with the replay drawn."""
+    page.evaluate(f"""() => {{
+        const w = window.hlmReplay = {{typed: null, drawn: null}};
+        document.querySelector('#hlm-k input[type=number]').addEventListener('input', () => {{
+            if (w.typed === null) w.typed = performance.now(); }}, true);
+        const check = () => {{
+            if (w.typed !== null && ({REPLAYED})()) w.drawn = performance.now();
+            else requestAnimationFrame(check);
+        }};
+        requestAnimationFrame(check);
+    }}""")
+    page.locator("#hlm-k input[type=number]").fill(str(REPLAY_K))
+    page.wait_for_function("() => window.hlmReplay.drawn !== null", timeout=10_000)
+    return page.evaluate("window.hlmReplay.drawn - window.hlmReplay.typed")
+
+
+def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str],
+          then: Callable[[Any], dict[str, float]] | None = None) -> tuple[dict[str, float], str, str | None]:
+    """One action on a fresh page load: the marks' seconds after the click (with "decoded", and what `then` measures
+    on the page once it is final), the prompt and the example's label. Raises RuntimeError when the page shows an
+    error or "final" never comes."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         page.goto(visit.url)
@@ -180,7 +211,8 @@ def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str]) -> tup
         if "failed" in at:
             said = page.locator('[data-testid="toast-text"], .hlm-status').first.inner_text()
             raise RuntimeError(f"{button}: the page said {said[:200]!r}")
-        return {name: ms / 1000 for name, ms in at.items()}, text, label
+        after = then(page) if then is not None else {}
+        return {**{name: ms / 1000 for name, ms in at.items()}, **after}, text, label
     finally:
         page.close()
 
@@ -270,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             for run in range(args.runs):
-                marks, f.prompt, f.example = timed(browser, visit, "Generate", generate_marks)
+                marks, f.prompt, f.example = timed(browser, visit, "Generate", generate_marks,
+                                                   then=lambda page: {"replay_ms": replay_ms(page)})
                 f.generate.append(marks)
                 print(f"Generate run {run + 1}: first token shown {seconds(marks.get('first_shown'))}, first "
                       f"coloured {seconds(marks.get('first_token'))}, decode done {seconds(marks.get('decoded'))}, "
-                      f"every card final {seconds(marks['final'])}", flush=True)
+                      f"every card final {seconds(marks['final'])}; what-if replay {marks['replay_ms']:.0f} ms",
+                      flush=True)
             f.show_me_s = timed(browser, visit, "Show me", {"final": COMPARISON_FINAL})[0]["final"]
             print(f"Show me: final {seconds(f.show_me_s)}", flush=True)
             f.compare_s = timed(browser, visit, "Compare", {"final": COMPARISON_FINAL})[0]["final"]
