@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -89,6 +89,18 @@ def page_errors(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]
                 LOG.exception("page action failed")
             raise gr.Error(Dashboard.notice(exc), print_exception=False) from None
     return stream
+
+
+# The what-if replay's charts, drawn in the browser into the charts already on the page (`Plotly.react` diffs them):
+# a new value of a gr.Plot re-creates its chart, twice over, which took most of a replay's time (4 plots at 20-66 ms
+# each, 2 shared cores). The layout gets what gr.Plot gives every figure (autosize, margins that grow to fit).
+REDRAW = """(figures) => {
+    for (const [name, figure] of Object.entries(figures || {})) {
+        const chart = document.querySelector(`#hlm-${name} .js-plotly-plot`);
+        if (chart && window.Plotly) window.Plotly.react(chart, figure.data, {...figure.layout, autosize: true,
+            margin: {...figure.layout.margin, autoexpand: true}});
+    }
+}"""
 
 
 def emit(frame: Frame) -> list[Any]:
@@ -219,8 +231,8 @@ def _views(dash: Dashboard) -> dict[str, gr.components.Component]:
             gr.HTML(dash.legend())
             tokens = gr.HTML("", elem_classes="hlm-tokens", min_height=120, max_height=360, autoscroll=True)
             with gr.Row(equal_height=True):
-                energy = gr.Plot(_plot(blank.energy), show_label=False, min_width=280)
-                uploads = gr.Plot(_plot(blank.uploads), show_label=False, min_width=280)
+                energy = gr.Plot(_plot(blank.energy), show_label=False, min_width=280, elem_id="hlm-energy")
+                uploads = gr.Plot(_plot(blank.uploads), show_label=False, min_width=280, elem_id="hlm-uploads")
             quality = gr.Plot(_plot(blank.quality), show_label=False)
         with gr.Tab("Compare", id="compare"):
             gr.Markdown(COMPARE_NOTE, elem_classes="hlm-note")
@@ -281,13 +293,18 @@ def _wire_runs(dash: Dashboard, c: Controls, views: dict[str, gr.components.Comp
     c.stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
         None, None, None, cancels=[run, both, shown], api_visibility="private")
 
+    figures = gr.JSON(visible=False)  # the replay's charts, drawn into the page's own by REDRAW
+
     def on_replay(request: gr.Request, k: Any, gamma: Any, u_th: Any) -> list:
-        return emit(dash.replay(request.session_hash, k, gamma, u_th))
+        frame = dash.replay(request.session_hash, k, gamma, u_th)
+        drawn = {name: getattr(frame, name) for name in ("energy", "uploads") if getattr(frame, name) is not None}
+        return [*emit(replace(frame, energy=None, uploads=None)), drawn]
 
     replayed = [c.knobs["k"], c.knobs["gamma"], c.knobs["u_th"]]
     for knob in replayed:  # no queue, no model
-        knob.input(on_replay, replayed, outputs, queue=False, show_progress="hidden", trigger_mode="always_last",
-                   api_visibility="private")
+        knob.input(on_replay, replayed, [*outputs, figures], queue=False, show_progress="hidden",
+                   trigger_mode="always_last", api_visibility="private").then(
+            None, figures, None, js=REDRAW, api_visibility="private")
 
 
 def _wire_settings(dash: Dashboard, c: Controls, demo: gr.Blocks) -> None:
