@@ -92,8 +92,8 @@ def page_errors(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]
 
 
 # The what-if replay's charts, drawn in the browser into the charts already on the page (`Plotly.react` diffs them):
-# a new value of a gr.Plot re-creates its chart, twice over, which took most of a replay's time (4 plots at 20-66 ms
-# each, 2 shared cores). The layout gets what gr.Plot gives every figure (autosize, margins that grow to fit).
+# a new value of a gr.Plot re-creates its chart and draws it twice, which took most of a replay's time (4 draws of
+# 20-66 ms on 2 shared cores). The layout gets what gr.Plot gives every figure (autosize, margins that grow to fit).
 REDRAW = """(figures) => {
     for (const [name, figure] of Object.entries(figures || {})) {
         const chart = document.querySelector(`#hlm-${name} .js-plotly-plot`);
