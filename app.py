@@ -51,7 +51,9 @@ COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference),
                 "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
                 "against the LLM's answer (the LLM alone is decoded first unless its answer is cached; an answer "
-                "kept on disk from an earlier start has no figures) and sums the result up in one sentence.")
+                "kept on disk from an earlier start has no figures) and sums the result up in one sentence. A run "
+                "already made with the same prompt and settings (by Generate, Show me or Compare) is shown again "
+                "with its measured figures, not decoded again: the same tokens would come out.")
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -15,7 +15,10 @@ shows each state:
   to the first frame with the replay's outline on the tokens and its line on the chart (no model runs; the page
   asks the app for the redraw without the queue);
 - Show me, then Compare: the final frame (the one-sentence verdict is out, which needs every run scored, and the
-  cards are back on ours, which only the comparison's last frame does);
+  cards are back on ours, which only the comparison's last frame does). A comparison shows a run already made with
+  the same prompt and settings again instead of decoding it (`Dashboard._shown_again`): Show me takes Generate's
+  `ours`, Compare Show me's three runs. So both are timed again where nothing was made before: Show me on the second
+  example, Compare on the third (their LLM references come from the start-up build as the first's does);
 - the app's RSS (VmRSS) and peak (VmHWM) from /proc after the Compare (GB: 10^9 bytes; MiB printed too).
 
 Before the first click it waits until the app's start-up build of the examples' LLM references is over (`/status`:
@@ -34,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +87,10 @@ ROWS = {"first_run_token_s": Row("Generate run 1: first coloured token", 1.0, "s
         "decoded_s": Row("Generate: decode done (last token shown)", None, "s"),
         "cards_final_s": Row("Generate: every card final", 25.0, "s"),
         "replay_ms": Row(f"What-if replay: k={REPLAY_K} to outline and chart", 200.0, "ms"),
-        "show_me_s": Row("Show me: click to final", 45.0, "s"),
-        "compare_s": Row("Compare: click to final", 60.0, "s"),
+        "show_me_s": Row("Show me after Generate (ours shown again)", 45.0, "s"),
+        "compare_s": Row("Compare after Show me (3 runs shown again)", 60.0, "s"),
+        "show_me_cold_s": Row("Show me, nothing made before (2nd example)", 45.0, "s"),
+        "compare_cold_s": Row("Compare, nothing made before (3rd example)", 60.0, "s"),
         "rss_gb": Row("app RSS after Compare (VmRSS)", 4.0, "GB"),
         "hwm_gb": Row("app peak RSS (VmHWM)", None, "GB")}
 GENERATE_MARKS = {"first_token_s": "first_token", "first_shown_s": "first_shown", "decoded_s": "decoded",
@@ -103,6 +108,8 @@ class Figures:
     generate: list[dict[str, float]] = field(default_factory=list)  # one per run: the marks, seconds (replay_ms: ms)
     show_me_s: float | None = None
     compare_s: float | None = None
+    show_me_cold_s: float | None = None
+    compare_cold_s: float | None = None
     rss_gb: float | None = None
     hwm_gb: float | None = None
     problems: list[str] = field(default_factory=list)
@@ -146,16 +153,17 @@ def watch(marks: dict[str, str]) -> str:
 TYPING_S = 1.5
 
 
-def fill_prompt(page: Any, prompt: str | None) -> tuple[str, str | None]:
-    """The page's first example clicked (None) or `prompt` typed; (the prompt in the box, the example's label)."""
+def fill_prompt(page: Any, prompt: str | None, example: int = 0) -> tuple[str, str | None]:
+    """The page's example number `example` (from 0) clicked (`prompt` None) or `prompt` typed; (the prompt in the
+    box, the example's label)."""
     box = page.get_by_label("Prompt")
     if prompt is not None:
         box.fill(prompt)
         time.sleep(TYPING_S)
         return prompt, None
-    example = page.locator("button.gallery-item").first  # gr.Examples' first: also what Show me runs on its own
-    label = example.inner_text().strip()
-    example.click()
+    button = page.locator("button.gallery-item").nth(example)  # gr.Examples' first: what Show me runs on its own
+    label = button.inner_text().strip()
+    button.click()
     deadline = time.monotonic() + 30
     while not box.input_value().strip() and time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -164,13 +172,14 @@ def fill_prompt(page: Any, prompt: str | None) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class Visit:
-    """What every action's fresh page gets: the app, the prompt (None: the first example), Max new tokens (None:
-    the page's) and how long an action may take."""
+    """What every action's fresh page gets: the app, the prompt (None: the example numbered `example`, from 0), Max
+    new tokens (None: the page's) and how long an action may take."""
 
     url: str
     prompt: str | None
     max_new_tokens: int | None
     timeout_s: float
+    example: int = 0
 
 
 def replay_ms(page: Any) -> float:
@@ -199,7 +208,7 @@ def timed(browser: Any, visit: Visit, button: str, marks: dict[str, str],
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         page.goto(visit.url)
-        text, label = fill_prompt(page, visit.prompt)
+        text, label = fill_prompt(page, visit.prompt, visit.example)
         if visit.max_new_tokens is not None:
             set_max_new_tokens(page, visit.max_new_tokens)
         target = page.get_by_role("button", name=button, exact=True)
@@ -313,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Show me: final {seconds(f.show_me_s)}", flush=True)
             f.compare_s = timed(browser, visit, "Compare", {"final": COMPARISON_FINAL})[0]["final"]
             print(f"Compare: final {seconds(f.compare_s)}", flush=True)
+            f.show_me_cold_s = timed(browser, replace(visit, prompt=None, example=1), "Show me",
+                                     {"final": COMPARISON_FINAL})[0]["final"]
+            print(f"Show me on the second example: final {seconds(f.show_me_cold_s)}", flush=True)
+            f.compare_cold_s = timed(browser, replace(visit, prompt=None, example=2), "Compare",
+                                     {"final": COMPARISON_FINAL})[0]["final"]
+            print(f"Compare on the third example: final {seconds(f.compare_cold_s)}", flush=True)
         except (RuntimeError, PlaywrightError) as exc:  # a state that never came: reported, the rest still printed
             f.problems.append(str(exc).splitlines()[0])
         finally:
@@ -326,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npage timing at {args.url} on {f.prompt!r}{example}")
     print(f"greedy reference: {f.reference}")
     if f.show_me_s is not None:
-        print("Show me and Compare take that run as their reference (Generate decoded it where nothing had); Show me "
-              "shows a stored answer without figures, Compare decodes the LLM alone again for them")
+        print("Show me and Compare take that run as their reference (Generate decoded it where nothing had; a stored "
+              "answer has no figures, so Compare decodes the LLM alone again for them); Show me shows Generate's ours "
+              "again and Compare Show me's HLM, ours and coin (same prompt and settings: the same tokens); on the "
+              "second and third examples every compared run is decoded")
     print("\n".join(table(f)))
     for problem in f.problems:
         print(f"PROBLEM: {problem}")

@@ -17,7 +17,7 @@ from conftest import ENV
 from hlm.config import PolicyConfig, RunConfig, SamplingConfig
 from hlm.dashboard.flows import Dashboard
 from hlm.dashboard.references import Store
-from hlm.dashboard.service import Service
+from hlm.dashboard.service import Request, Service
 from hlm.dashboard.settings import Settings
 from hlm.decoder import HybridDecoder
 from hlm.models import load_pair
@@ -221,3 +221,31 @@ def test_the_references_command_builds_the_examples_into_the_cache(tmp_path):
     again = subprocess.run([sys.executable, "-m", "hlm", "references", "--models", "tiny"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert "0 reference(s) decoded" in again.stderr
+
+
+def test_a_comparison_shows_a_run_already_made_with_the_same_settings_again(monkeypatch):
+    """Generate's run, and Show me's three, come again in Show me and Compare with their measured figures instead
+    of a second decode of the same tokens, marked with when they ran; other settings, or a stopped run, decode."""
+    svc = make_service(None)
+    dash = Dashboard(svc)
+    decoded = decoded_policies(svc, monkeypatch)
+    generated = list(dash.api_generate("tiny", PROMPTS[0], GREEDY, quality=False))[-1]
+    assert decoded == ["ours"] and generated["shown_again"] is None
+    decoded.clear()
+    last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
+    assert decoded == [with_role("reference"), "hlm", "random"]  # ours is Generate's run
+    assert last.compare.count("shown again (same prompt and settings)") == 1 and "hlm-verdict" in last.compare
+    decoded.clear()
+    runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
+    assert decoded == ["uhlm"]  # HLM, ours and the matched coin are Show me's
+    again = {r["policy"].split()[0]: r for r in runs if r["shown_again"]}
+    assert sorted(again) == ["hlm", "ours", "random"] and all(r["status"] == "done" for r in runs)
+    assert again["ours"]["summary"] == generated["summary"] and again["ours"]["text"] == generated["text"]
+    assert again["ours"]["note"].startswith(f"done: the run of {again['ours']['shown_again']}")
+    decoded.clear()
+    list(dash.api_compare("tiny", PROMPTS[0], dataclasses.replace(GREEDY, k=GREEDY.k + 1)))
+    assert decoded == ["hlm", "uhlm", "ours", "random"]  # another k: ours and its coin differ, and all decode
+    stopped = Request()
+    stopped.cancel.set()  # a run stopped at once is not kept
+    list(dash._decode("tiny", PROMPTS[1], dash._new_run("tiny", "ours", GREEDY.run_config(None)), stopped, False))
+    assert svc.finished("tiny", PROMPTS[1], GREEDY.run_config(None)) is None

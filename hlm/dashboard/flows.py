@@ -263,6 +263,8 @@ class Dashboard:
             yield
         if run.role == "reference" and not request.cancel.is_set():
             self.service.remember_reference(preset, prompt, run.config, run.events)
+        elif not request.cancel.is_set():
+            self.service.keep_run(preset, prompt, run.config, run.events, run.known_call_s)
         if quality and not request.cancel.is_set():
             run.phase = "reference"
             limit = run.config.sampling.max_new_tokens
@@ -389,12 +391,25 @@ class Dashboard:
         for run in runs[1:]:
             if run.role == "control":
                 match_control(run, runs)
-            for _ in self._decode(preset, prompt, run, request, quality=False):
-                yield runs, run
-            if run.phase != "done":
-                return
+            if not self._shown_again(preset, prompt, run):
+                for _ in self._decode(preset, prompt, run, request, quality=False):
+                    yield runs, run
+                if run.phase != "done":
+                    return
             judge(run, samples, self.service.score, band)
             yield runs, run
+
+    def _shown_again(self, preset: str, prompt: str, run: RunView) -> bool:
+        """Fill `run` with the finished run of the same pair, prompt and settings, if one is kept (Generate's,
+        Show me's, any session's: `Service.finished`) rather than decode the same tokens again; its figures are the
+        ones measured then, and the page says when that was."""
+        kept = self.service.finished(preset, prompt, run.config)
+        if kept is None:
+            return False
+        run.known_call_s, run.shown_again = kept.call_s, kept.ended
+        run.update(list(kept.events))
+        run.phase, run.note = "done", f"done: the run of {kept.ended} with the same prompt and settings, shown again"
+        return True
 
     def compare(self, session: str, preset: str, prompt: str, settings: Settings,
                 history: list[dict[str, Any]] | None, policies: Sequence[str] = COMPARED,

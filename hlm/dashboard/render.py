@@ -220,8 +220,9 @@ def _column_facts(run: RunView) -> str:
         return "the answer only (from the cache on disk): no time or energy figures"
     if s is None:
         return "waiting…"
+    again = f" · the run of {run.shown_again}, shown again (same prompt and settings)" if run.shown_again else ""
     return (f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
-            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}")
+            f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}{again}")
 
 
 def hardware_html(decoder: HybridDecoder, config: RunConfig, cloud: str | None, quality_method: str) -> str:

@@ -46,6 +46,9 @@ class RunView:
         # False for an answer whose events carry no time or energy (the LLM's, from the stored ids): its tokens
         # show, its figures do not (no summary, so no zeros that read as measured)
         self.priced = True
+        # The wall-clock time of the earlier run with the same pair, prompt and settings that a comparison shows
+        # instead of decoding the same tokens again (`Dashboard._shown_again`); None: decoded for this view
+        self.shown_again: str | None = None
 
     def update(self, events: list[TokenEvent]) -> None:
         if self.pending is not None and len(events) > self.pending.index:
@@ -82,7 +85,7 @@ class RunView:
                "pending": asdict(self.pending) if self.pending else None,
                "summary": self.summary.to_dict() if self.summary else None, "bertscore_f1": self.f1,
                "faithful_prefix": self.faithful, "bertscore_band": self.band,
-               "config": self.config.to_dict()}
+               "config": self.config.to_dict(), "shown_again": self.shown_again}
         if tokens:
             self.records.extend(e.to_dict() for e in self.events[len(self.records):])
             out["tokens"] = self.records

@@ -1,6 +1,7 @@
 """What every session of the app shares: the loaded model pairs (one decode at a time: the models and the verifier's
 KV cache are shared), the threaded streamer, the LLM-only references (kept in memory, greedy ones also on disk, the
-page's examples built in the background), the quality scorer and the running requests.
+page's examples built in the background), the finished runs a comparison shows again, the quality scorer and the
+running requests.
 
 Why the model thread: every load, decode and score runs on one long-lived thread (`hlm.worker`: a second thread
 running torch kernels slows them all); a decode there fills a queue, and the page's generator drains it and renders
@@ -40,6 +41,7 @@ INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the
 
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 REFERENCE_STORE = "references"  # the folder of stored greedy answers in the user cache (`references.Store`)
+RUN_CACHE = 32  # finished runs kept per process for Compare and Show me to show again (`Service.finished`)
 
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 
@@ -52,6 +54,17 @@ class Request:
 
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished run that a comparison shows again instead of decoding it: the same pair, prompt and settings
+    decode the same tokens (greedy; sampled, with the same seed), so a second decode would only cost the viewer its
+    time. Its time and energy are the ones measured when it ran."""
+
+    events: tuple[TokenEvent, ...]
+    call_s: float | None  # `HybridDecoder.call_s` when it began (`RunView.known_call_s`)
+    ended: str  # the wall-clock time it ended (HH:MM:SS), which the page shows beside it
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,8 @@ class Service:
         self._decoders: dict[str, HybridDecoder] = {}
         # An entry's link is None when its events carry no costs (its ids read from the store)
         self._references: OrderedDict[tuple, tuple[LinkConfig | None, list[TokenEvent]]] = OrderedDict()
-        self._kept = threading.Lock()  # sessions and the background build read and write `_references`
+        self._runs: OrderedDict[tuple, Finished] = OrderedDict()  # (pair, prompt, RunConfig) -> its finished run
+        self._kept = threading.Lock()  # sessions and the background build read and write `_references`, `_runs`
         self._requests: dict[str, Request] = {}
         # Requests and decodes under way: background work waits until there are none, and each new one stops it
         self._busy, self._idle, self._background = 0, threading.Condition(), threading.Event()
@@ -233,6 +247,21 @@ class Service:
     def remember_reference(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent]) -> None:
         """A finished plain `llm` run (Generate with the LLM alone): the reference, with its figures."""
         self._keep(preset, prompt, config.sampling, config.link, events)
+
+    def keep_run(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent],
+                 call_s: float | None) -> None:
+        """A run that decoded to its end (not stopped), for `finished`."""
+        key = (preset, prompt, config)
+        with self._kept:
+            self._runs[key] = Finished(tuple(events), call_s, time.strftime("%H:%M:%S"))
+            self._runs.move_to_end(key)
+            while len(self._runs) > RUN_CACHE:
+                self._runs.popitem(last=False)
+
+    def finished(self, preset: str, prompt: str, config: RunConfig) -> Finished | None:
+        """The kept run of this pair, prompt and settings (any session's), if there is one."""
+        with self._kept:
+            return self._runs.get((preset, prompt, config))
 
     def _cached(self, preset: str, prompt: str, sampling: SamplingConfig
                 ) -> tuple[LinkConfig | None, list[TokenEvent]] | None:
