@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -93,7 +93,8 @@ def page_errors(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]
     return stream
 
 
-# The what-if replay's charts, drawn in the browser into the charts already on the page (`Plotly.react` diffs them):
+# `Frame.figures` (the what-if replay's charts, a decoding run's after its first), drawn in the browser into the
+# charts already on the page (`Plotly.react` diffs them):
 # a new value of a gr.Plot re-creates its chart and draws it twice, which took most of a replay's time (4 draws of
 # 20-66 ms on 2 shared cores). The layout gets what gr.Plot gives every figure (autosize, margins that grow to fit).
 REDRAW = """(figures) => {
@@ -277,7 +278,9 @@ def _wire_runs(dash: Dashboard, c: Controls, views: dict[str, gr.components.Comp
     """The buttons that run the models (one run at a time across sessions: they share the models), Stop, and the
     what-if replay: a k, γ or u_th move redraws the last run without a model, so it answers while you drag. Every
     one of them updates the page through a `Frame`."""
-    targets = {**views, "history": history, "prompt": c.prompt}
+    figures = gr.JSON(visible=False)  # `Frame.figures`, drawn into the page's charts by REDRAW
+    figures.change(None, figures, None, js=REDRAW, api_visibility="private")
+    targets = {**views, "history": history, "prompt": c.prompt, "figures": figures}
     outputs = [targets[f.name] for f in fields(Frame)]
     inputs = [c.preset, c.prompt, history, *(c.knobs[knob.name] for knob in KNOBS)]
     model_work = {"outputs": outputs, "concurrency_limit": 1, "concurrency_id": "model",
@@ -295,18 +298,13 @@ def _wire_runs(dash: Dashboard, c: Controls, views: dict[str, gr.components.Comp
     c.stop.click(on_stop, None, None, queue=False, api_visibility="private").then(
         None, None, None, cancels=[run, both, shown], api_visibility="private")
 
-    figures = gr.JSON(visible=False)  # the replay's charts, drawn into the page's own by REDRAW
-
     def on_replay(request: gr.Request, k: Any, gamma: Any, u_th: Any) -> list:
-        frame = dash.replay(request.session_hash, k, gamma, u_th)
-        drawn = {name: getattr(frame, name) for name in ("energy", "uploads") if getattr(frame, name) is not None}
-        return [*emit(replace(frame, energy=None, uploads=None)), drawn]
+        return emit(dash.replay(request.session_hash, k, gamma, u_th))
 
     replayed = [c.knobs["k"], c.knobs["gamma"], c.knobs["u_th"]]
     for knob in replayed:  # no queue, no model
-        knob.input(on_replay, replayed, [*outputs, figures], queue=False, show_progress="hidden",
-                   trigger_mode="always_last", api_visibility="private").then(
-            None, figures, None, js=REDRAW, api_visibility="private")
+        knob.input(on_replay, replayed, outputs, queue=False, show_progress="hidden", trigger_mode="always_last",
+                   api_visibility="private")
 
 
 def _wire_settings(dash: Dashboard, c: Controls, demo: gr.Blocks) -> None:

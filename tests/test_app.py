@@ -467,6 +467,30 @@ def test_charts_follow_a_decoding_run_on_their_own_clock_and_end_on_its_last_poi
     assert [f.tokens is not None for f in frames] == [True] * 6 + [False]
     drawn = [f.uploads["data"][0]["x"][-1] if f.uploads else None for f in frames]
     assert drawn == [None, None, 3, None, None, None, 6] and flows.CHART_INTERVAL_S == 2.0
+    assert all(f.figures is None for f in frames)  # the run's first charts and its last are the charts' values
+
+
+def test_a_decoding_runs_charts_after_its_first_are_drawn_into_the_page_s(monkeypatch):
+    """While a run decodes, its charts after the first come as `Frame.figures` (drawn into the page's charts by
+    `app.REDRAW`: a new chart value re-creates the chart and draws it twice); the last are the charts' values."""
+    run = RunView("ours", Settings().run_config(None), 10, {})
+    run.phase = "decoding"
+    events = [TokenEvent(index=i, position=i, token_id=1, text="a", source="local", uploaded=False,
+                         energy_j={"device_compute": 1.0}) for i in range(4)]
+    clock = iter([0.0, 2.0, 4.0, 6.0, 8.0])  # the interval's start, then each update past the interval
+
+    def updates():
+        for i in range(1, 5):
+            run.update(events[:i])
+            if i == 4:
+                run.phase = "done"
+            yield
+
+    monkeypatch.setattr(flows.time, "monotonic", lambda: next(clock))
+    frames = list(live_frames(run, updates()))
+    assert [f.uploads["data"][0]["x"][-1] if f.uploads else None for f in frames] == [1, None, None, 4]
+    assert [f.figures["uploads"]["data"][0]["x"][-1] if f.figures else None for f in frames] == [None, 2, 3, None]
+    assert frames[1].figures["energy"] == flows.energy_figure(run.points[:2])
 
 
 def test_compare_frames_come_at_most_every_interval_and_end_on_the_run_as_it_is(monkeypatch):
@@ -551,8 +575,9 @@ def test_dashboard_replays_the_sessions_last_run_of_ours(service):
     list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=24), []))
     frame = dash.replay("viewer", 32, 0.0)
     assert "would-upload" in frame.tokens and "what-if replay at k=32, γ=0" in frame.stats
-    assert any(t["name"].startswith("replay k=32,") for t in frame.uploads["data"])
-    assert any(t["name"].startswith("replay k=32,") for t in frame.energy["data"])
+    assert frame.energy is None and frame.uploads is None  # drawn into the page's charts (`app.REDRAW`)
+    assert any(t["name"].startswith("replay k=32,") for t in frame.figures["uploads"]["data"])
+    assert any(t["name"].startswith("replay k=32,") for t in frame.figures["energy"]["data"])
     assert dash.replay("viewer", "", 0.0) == Frame() and dash.replay("viewer", 99, 0.0) == Frame()
     list(dash.generate("viewer", "tiny", PROMPT, Settings(max_new_tokens=8, policy="hlm"), []))
     assert dash.replay("viewer", 32, 0.0) == Frame()  # hlm uploads everything: no knob to replay

@@ -88,7 +88,10 @@ class LinkValues(NamedTuple):
 @dataclass
 class Frame:
     """One update of the page, field for field the app's outputs; None leaves a component as it is. `PLOTS` are
-    plotly figure dicts, `table` rows under `HEADERS`, `tab` the tab to select."""
+    plotly figure dicts, `table` rows under `HEADERS`, `tab` the tab to select. `figures` are the energy and upload
+    charts ({"energy": ..., "uploads": ...}) drawn into the ones on the page (`app.REDRAW`): a new value of a chart
+    re-creates it and draws it twice, and while a run decodes the browser's redraws take the cores the models
+    decode on. So a decoding run's charts come as `figures` after its first, and the what-if replay's always."""
 
     PLOTS: ClassVar[frozenset[str]] = frozenset({"energy", "uploads", "quality"})
     HEADERS: ClassVar[list[str]] = TOKEN_HEADERS
@@ -104,6 +107,7 @@ class Frame:
     tab: str | None = None
     hardware: str | None = None
     prompt: str | None = None
+    figures: dict[str, dict[str, Any]] | None = None
 
 
 def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every_s: float = 0.0,
@@ -121,8 +125,12 @@ def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every
             continue
         frame, shown, held = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None), now, False
         if len(run.points) != drawn and (run.phase != "decoding" or now >= due):
+            charts = {"energy": energy_figure(run.points), "uploads": upload_figure(run.points)}
+            if drawn and run.phase == "decoding":  # the page has this run's charts: drawn into them
+                frame.figures = charts
+            else:
+                frame.energy, frame.uploads = charts["energy"], charts["uploads"]
             drawn, due = len(run.points), now + chart_s
-            frame.energy, frame.uploads = energy_figure(run.points), upload_figure(run.points)
         yield frame
     last = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None) if held else Frame()
     if len(run.points) != drawn:  # the run's last points, held back by the interval
@@ -354,7 +362,7 @@ class Dashboard:
         r = replay(run, *replay_rule(run, scale, k, gamma, policy.u_th if u_th is None else u_th))
         return Frame(stats=stats_html(run, replay_note(run, r)),
                      tokens="".join(token_span(e, policy, up) for e, up in zip(run.events, r.uploads, strict=True)),
-                     energy=energy_figure(run.points, r), uploads=upload_figure(run.points, r))
+                     figures={"energy": energy_figure(run.points, r), "uploads": upload_figure(run.points, r)})
 
     def _compare(self, preset: str, prompt: str, base: RunConfig, request: Request, policies: Sequence[str] = COMPARED,
                  measured: bool = True) -> Iterator[tuple[list[RunView], RunView]]:
