@@ -491,6 +491,20 @@ def test_a_decoding_runs_charts_after_its_first_are_drawn_into_the_page_s(monkey
     assert [f.uploads["data"][0]["x"][-1] if f.uploads else None for f in frames] == [1, None, None, 4]
     assert [f.figures["uploads"]["data"][0]["x"][-1] if f.figures else None for f in frames] == [None, 2, 3, None]
     assert frames[1].figures["energy"] == flows.energy_figure(run.points[:2])
+    # the last points drawn in place while decoding: the run's end still sets them as the charts' values
+    run.points, run.phase = [], "decoding"
+    clock = iter([0.0, 2.0, 4.0, 4.5])
+
+    def ending():
+        for i in (1, 2):
+            run.update(events[:i])
+            yield
+        run.phase = "done"
+        yield
+
+    frames = list(live_frames(run, ending()))
+    assert [bool(f.figures) for f in frames] == [False, True, False, False]
+    assert [f.uploads["data"][0]["x"][-1] if f.uploads else None for f in frames] == [1, None, None, 2]
 
 
 def test_compare_frames_come_at_most_every_interval_and_end_on_the_run_as_it_is(monkeypatch):

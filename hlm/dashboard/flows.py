@@ -118,6 +118,7 @@ def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every
     until it ends) and at once after. Each frame costs the page (the server's serialising, the browser's
     re-rendering) CPU that, on a machine that also decodes, slows the decode: a plotly redraw far more than text."""
     drawn, due, shown, held = 0, time.monotonic() + chart_s, -math.inf, False
+    in_place = False  # the charts last went as `figures`: the charts' own values still hold older points
     for _ in updates:
         now = time.monotonic()
         if run.phase == "decoding" and now < shown + every_s:
@@ -126,14 +127,15 @@ def live_frames(run: RunView, updates: Iterator[Any], tokens: bool = True, every
         frame, shown, held = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None), now, False
         if len(run.points) != drawn and (run.phase != "decoding" or now >= due):
             charts = {"energy": energy_figure(run.points), "uploads": upload_figure(run.points)}
-            if drawn and run.phase == "decoding":  # the page has this run's charts: drawn into them
+            in_place = bool(drawn) and run.phase == "decoding"  # the page has this run's charts: drawn into them
+            if in_place:
                 frame.figures = charts
             else:
                 frame.energy, frame.uploads = charts["energy"], charts["uploads"]
             drawn, due = len(run.points), now + chart_s
         yield frame
     last = Frame(stats=stats_html(run), tokens=tokens_html(run) if tokens else None) if held else Frame()
-    if len(run.points) != drawn:  # the run's last points, held back by the interval
+    if len(run.points) != drawn or in_place:  # the last points, held back by the interval or drawn in place only
         last.energy, last.uploads = energy_figure(run.points), upload_figure(run.points)
     if last != Frame():
         yield last
