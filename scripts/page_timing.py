@@ -161,7 +161,7 @@ def fill_prompt(page: Any, prompt: str | None, example: int = 0) -> tuple[str, s
         box.fill(prompt)
         time.sleep(TYPING_S)
         return prompt, None
-    button = page.locator("button.gallery-item").nth(example)  # gr.Examples' first: what Show me runs on its own
+    button = page.locator("button.gallery-item").nth(example)  # the first (0) is also what Show me runs on its own
     label = button.inner_text().strip()
     button.click()
     deadline = time.monotonic() + 30
