@@ -19,7 +19,8 @@ from hlm.policies import REGISTRY as POLICY_REGISTRY
 
 QUANT_RECIPES = ("none", "int8", "int4", "q4k", "gguf", "ggml")  # hlm.quant: weight-only fast paths
 COMPILED = "compiled"  # --quant: as auto, and the draft's decode step compiled (hlm.compiled)
-BENCH_SECTIONS = ("limit", "plain", "heldout", "overhead", "context", "policies")  # hlm.experiments.bench, run order
+# hlm.experiments.bench, in run order
+BENCH_SECTIONS = ("limit", "rows", "plain", "heldout", "overhead", "context", "policies")
 # Every entry point states and enforces it. About 25,000 tokens: prefilled in chunks, the embedded pair's peak
 # memory stays far under 16 GB at this length (docs/speed.md, "Long prompts").
 MAX_PROMPT_CHARS = 100_000

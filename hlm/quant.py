@@ -672,8 +672,10 @@ def _median_seconds(ops: Sequence[Callable[[], object]], repeats: int) -> list[f
 
 
 @torch.inference_mode()
-def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
-    """Median seconds of one cached decode step after a short prefill (what drafting and verifying repeat)."""
+def step_seconds(model: nn.Module, steps: int = 6, context: int = 32, rows: int = 1) -> float:
+    """Median seconds of one cached decode step of `rows` new tokens, each with its logits, after a short prefill:
+    one row is what drafting and verifying repeat; more, what a verifier's call after drafts kept locally reads, or
+    as many runs decoded side by side would (`bench`'s rows section)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -683,7 +685,10 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32) -> float:
 
     def step() -> None:
         i = next(positions)
-        decode_step(model, ids[:, i:i + 1], cache)
+        if rows == 1:
+            decode_step(model, ids[:, i:i + 1], cache)
+        else:
+            model(input_ids=ids[:, :rows] + i, cache=cache, use_cache=True, logits_to_keep=rows)
 
     return _median_seconds([step], steps)[0]
 

@@ -91,6 +91,23 @@ def test_limit_and_heldout_rows_on_the_tiny_pair():
             "(h) ratio: default ours / plain generate of the verifier"} <= held.keys()
 
 
+def test_rows_section_times_steps_of_several_new_tokens():
+    decoder = open_decoder("tiny", quant="int8")
+    seen: list[int] = []
+    hook = decoder.pair.verifier.register_forward_pre_hook(lambda _, args, kwargs: seen.append(
+        kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        rows = bench(decoder, functools.partial(load_unquantised, "tiny"), ("rows",), n_tokens=4, repeats=1,
+                     prompt="Say hi.", guard_prompts=0, n_prompts=1, bandwidth_mib=32)
+    finally:
+        hook.remove()
+    values = {name: value for name, value, _ in rows}
+    assert len(values) == 8 and all(value > 0 for value in values.values())
+    assert values["(n) verifier int8 shipped: 1 row a step, ms"] > 0
+    assert "(n) draft int8 shipped: 8 rows a step, time per row / one row's" in values
+    assert {2, 4, 8} <= set(seen) and seen.count(8) >= 8  # a step of 8 new tokens, timed 8 times
+
+
 def test_overhead_rows_on_the_tiny_pair():
     decoder = open_decoder("tiny")
     rows = bench(decoder, functools.partial(load_unquantised, "tiny"), ("overhead",), n_tokens=4, repeats=1,

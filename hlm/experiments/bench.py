@@ -6,6 +6,10 @@ limit     (r) how close each model's decode step runs to the memory-bandwidth bo
               this run, and per model and path (plain unquantised dtype; the shipped fast path) the tok/s of a
               cached step, the bytes it reads per token and bytes/token x tok/s / bandwidth (`hlm.experiments.
               roofline`).
+rows      (n) each model's shipped decode step with 1, 2, 4 and 8 new tokens at once, each with its logits: the
+              time per row against one row's. Near 1, a step's products are bound by their arithmetic, not by
+              reading the weights, and several runs decoded side by side (Compare's, in lockstep) would take as
+              long as one after another; well under 1, they would share the weights' reads.
 plain     (p) plain transformers `generate` of each model, unquantised, in each dtype this hardware runs well; the
               quality guard of the fast path (teacher-forced top-1 agreement and KL against the unquantised model
               on GUARD_PROMPTS tuning prompts; targets top-1 >= 99 %, KL <= 0.01 nats).
@@ -338,6 +342,23 @@ def policies(decoder: HybridDecoder, n_tokens: int, prompt: str) -> list[Row]:
     return rows
 
 
+ROWS = (1, 2, 4, 8)  # new tokens a step in the rows section
+
+
+def rows_at_once(pair: ModelPair, context: int) -> list[Row]:
+    """(n) per model on its shipped path: seconds per row of a step of n rows, against a step of one."""
+    out = []
+    for role in ROLES:
+        model = getattr(pair, role)
+        one, *more = (step_seconds(model, steps=STEPS, context=context, rows=n) for n in ROWS)
+        out.append((f"(n) {role} {_recipe(pair, role)} shipped: 1 row a step, ms", one * 1e3,
+                    f"cached step, context {context} tokens"))
+        out += [(f"(n) {role} {_recipe(pair, role)} shipped: {n} rows a step, time per row / one row's",
+                 seconds / n / one, f"{seconds * 1e3:.1f} ms a step")
+                for n, seconds in zip(ROWS[1:], more, strict=True)]
+    return out
+
+
 def bench(decoder: HybridDecoder, load: Loader, sections: Sequence[str] = SECTIONS, *, n_tokens: int,
           repeats: int, prompt: str, guard_prompts: int, n_prompts: int, bandwidth_mib: int = 1024) -> list[Row]:
     """The rows of the chosen `sections`, in `SECTIONS` order; `load` gives a model of the pair unquantised."""
@@ -346,6 +367,8 @@ def bench(decoder: HybridDecoder, load: Loader, sections: Sequence[str] = SECTIO
     if "limit" in sections:
         context = len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2  # mid-answer on the bench's prompt
         rows += limit(pair, load, measure_bandwidth(bandwidth_mib), context)
+    if "rows" in sections:
+        rows += rows_at_once(pair, len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2)
     if "plain" in sections:
         plain_rows, plain_dtypes = plain_vs_fast(pair, load, n_tokens, prompt, guard_prompts)
         rows += plain_rows
