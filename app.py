@@ -52,8 +52,9 @@ COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference),
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
                 "against the LLM's answer (the LLM alone is decoded first unless its answer is cached; an answer "
                 "kept on disk from an earlier start has no figures) and sums the result up in one sentence. A run "
-                "already made with the same prompt and settings (by Generate, Show me or Compare) is shown again "
-                "with its measured figures, not decoded again: the same tokens would come out.")
+                "already made with the same prompt and settings (by Generate, Show me or Compare, or for the examples "
+                "at the page's defaults when the app started) is shown again with its measured figures, not decoded "
+                "again: the same tokens would come out.")
 
 
 def user_errors(fn: Callable) -> Callable:

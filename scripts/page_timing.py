@@ -16,14 +16,15 @@ shows each state:
   asks the app for the redraw without the queue);
 - Show me, then Compare: the final frame (the one-sentence verdict is out, which needs every run scored, and the
   cards are back on ours, which only the comparison's last frame does). A comparison shows a run already made with
-  the same prompt and settings again instead of decoding it (`Dashboard._shown_again`): Show me takes Generate's
-  `ours`, Compare Show me's three runs. So both are timed again where nothing was made before: Show me on the second
-  example, Compare on the third (their LLM references come from the start-up build as the first's does);
+  the same prompt and settings again instead of decoding it (`Dashboard._shown_again`), and the app's start-up build
+  makes every run Compare shows on each example at the page's settings (`Dashboard.prepare_examples`). So both are
+  timed again on prompts of the script's own (`NEW_PROMPTS`, typed), where nothing was made before: Show me then
+  decodes the LLM alone, HLM, ours and the coin, Compare U-HLM as well;
 - the app's RSS (VmRSS) and peak (VmHWM) from /proc after the Compare (GB: 10^9 bytes; MiB printed too).
 
-Before the first click it waits until the app's start-up build of the examples' LLM references is over (`/status`:
-`example_references_building`), so the first run meets the page as a visitor would, and says whether the prompt's
-reference was among those built (`example_references_ready`). Prints each figure beside its target ("met" or
+Before the first click it waits until the app's start-up build of the examples' LLM references and compared runs
+is over (`/status`: `examples_building`), so the first run meets the page as a visitor would, and says whether the
+prompt's reference was among those built (`example_references_ready`). Prints each figure beside its target ("met" or
 "missed by"); the targets are checked here, by a benchmark, not asserted anywhere. Exits 1 only when a state never
 came (an error on the page, a timeout); `--json OUT` writes the figures. `--max-new-tokens` shortens every run for a
 quick check (the test's, on the tiny pair); the start-up references, made at the page's settings, then do not apply.
@@ -64,6 +65,10 @@ COMPARISON_FINAL = """document.querySelector('.hlm-verdict') !== null
     return ours !== undefined && status !== undefined && status.startsWith(ours + ':');
 })()"""
 GB = 1e9  # the RSS target's unit, decimal; MiB beside it
+# Prompts of the script's own for the comparisons where nothing was made before: none of the page's examples (whose
+# runs the app's start-up build makes), nor each other
+NEW_PROMPTS = ("Write a Python function that returns True when a string is a palindrome, ignoring case and spaces.",
+               "Write a Python function that counts the vowels in a string and returns the count.")
 REPLAY_K = 32  # the what-if replay's k: another bar than the page's default, so the outline changes
 # The what-if replay drawn: a draft outlined as one k = REPLAY_K would upload, and the replay's line on the chart
 # (plotly sets a chart's data after its last DOM change, so the data is read, not the DOM)
@@ -87,10 +92,10 @@ ROWS = {"first_run_token_s": Row("Generate run 1: first coloured token", 1.0, "s
         "decoded_s": Row("Generate: decode done (last token shown)", None, "s"),
         "cards_final_s": Row("Generate: every card final", 25.0, "s"),
         "replay_ms": Row(f"What-if replay: k={REPLAY_K} to outline and chart", 200.0, "ms"),
-        "show_me_s": Row("Show me after Generate (ours shown again)", 45.0, "s"),
-        "compare_s": Row("Compare after Show me (3 runs shown again)", 60.0, "s"),
-        "show_me_cold_s": Row("Show me, nothing made before (2nd example)", 45.0, "s"),
-        "compare_cold_s": Row("Compare, nothing made before (3rd example)", 60.0, "s"),
+        "show_me_s": Row("Show me on the prompt (runs made before)", 45.0, "s"),
+        "compare_s": Row("Compare on the prompt (runs made before)", 60.0, "s"),
+        "show_me_cold_s": Row("Show me, a new prompt (nothing made before)", 45.0, "s"),
+        "compare_cold_s": Row("Compare, a new prompt (nothing made before)", 60.0, "s"),
         "rss_gb": Row("app RSS after Compare (VmRSS)", 4.0, "GB"),
         "hwm_gb": Row("app peak RSS (VmHWM)", None, "GB")}
 GENERATE_MARKS = {"first_token_s": "first_token", "first_shown_s": "first_shown", "decoded_s": "decoded",
@@ -236,7 +241,7 @@ def references(url: str, wait_s: float) -> tuple[list[str] | None, bool]:
         status = client.predict(api_name="/status")
         if "example_references_ready" not in status:
             return None, False
-        building = bool(status["example_references_building"])
+        building = bool(status["examples_building"])
         if not building or time.monotonic() > deadline:
             return list(status["example_references_ready"]), building
         time.sleep(2.0)
@@ -322,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Show me: final {seconds(f.show_me_s)}", flush=True)
             f.compare_s = timed(browser, visit, "Compare", {"final": COMPARISON_FINAL})[0]["final"]
             print(f"Compare: final {seconds(f.compare_s)}", flush=True)
-            f.show_me_cold_s = timed(browser, replace(visit, prompt=None, example=1), "Show me",
+            f.show_me_cold_s = timed(browser, replace(visit, prompt=NEW_PROMPTS[0]), "Show me",
                                      {"final": COMPARISON_FINAL})[0]["final"]
-            print(f"Show me on the second example: final {seconds(f.show_me_cold_s)}", flush=True)
-            f.compare_cold_s = timed(browser, replace(visit, prompt=None, example=2), "Compare",
+            print(f"Show me on a new prompt: final {seconds(f.show_me_cold_s)}", flush=True)
+            f.compare_cold_s = timed(browser, replace(visit, prompt=NEW_PROMPTS[1]), "Compare",
                                      {"final": COMPARISON_FINAL})[0]["final"]
-            print(f"Compare on the third example: final {seconds(f.compare_cold_s)}", flush=True)
+            print(f"Compare on another new prompt: final {seconds(f.compare_cold_s)}", flush=True)
         except (RuntimeError, PlaywrightError) as exc:  # a state that never came: reported, the rest still printed
             f.problems.append(str(exc).splitlines()[0])
         finally:
@@ -342,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy reference: {f.reference}")
     if f.show_me_s is not None:
         print("Show me and Compare take that run as their reference (Generate decoded it where nothing had; a stored "
-              "answer has no figures, so Compare decodes the LLM alone again for them); Show me shows Generate's ours "
-              "again and Compare Show me's HLM, ours and coin (same prompt and settings: the same tokens); on the "
-              "second and third examples every compared run is decoded")
+              "answer has no figures, so Compare decodes the LLM alone again for them); they show again the runs "
+              "made before with the same prompt and settings (Generate's ours, on an example the start-up build's "
+              "runs, else Show me's); on the new prompts every run is decoded, the LLM alone first")
     print("\n".join(table(f)))
     for problem in f.problems:
         print(f"PROBLEM: {problem}")

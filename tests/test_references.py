@@ -144,7 +144,7 @@ def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
     thread.join(60)
     assert not thread.is_alive() and len(list(store.folder.glob("*.json"))) == 2
     status = svc.status()  # what `/status` says, and `scripts/page_timing.py` waits for
-    assert status["example_references_ready"] == PROMPTS[:2] and not status["example_references_building"]
+    assert status["example_references_ready"] == PROMPTS[:2] and not status["examples_building"]
     assert svc.build_references(PROMPTS[:2], config) == []  # nothing left to build
 
 
@@ -249,3 +249,23 @@ def test_a_comparison_shows_a_run_already_made_with_the_same_settings_again(monk
     stopped.cancel.set()  # a run stopped at once is not kept
     list(dash._decode("tiny", PROMPTS[1], dash._new_run("tiny", "ours", GREEDY.run_config(None)), stopped, False))
     assert svc.finished("tiny", PROMPTS[1], GREEDY.run_config(None)) is None
+
+
+def test_the_start_up_build_makes_the_examples_compared_runs(monkeypatch):
+    """After the references, the app's start-up build decodes every run Compare shows on each example at the page's
+    settings (`Dashboard.prepare_examples`, on the model thread while no request runs): Compare and Show me on it
+    then decode nothing and show those runs, each with when it ran; a second build finds them all kept."""
+    svc = make_service(None)
+    dash = Dashboard(svc)
+    config = GREEDY.run_config(None)
+    svc.precompute(PROMPTS[:1], config, measured=True,
+                   then=lambda: dash.prepare_examples(PROMPTS[:1], GREEDY)).join(timeout=120)
+    assert dash.status()["example_runs_ready"] == PROMPTS[:1] and not dash.status()["examples_building"]
+    decoded = decoded_policies(svc, monkeypatch)
+    runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
+    assert decoded == [] and all(r["shown_again"] for r in runs[1:]) and len(runs) == 5
+    assert all(r["status"] == "done" and r["summary"]["tokens"] for r in runs)
+    last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
+    assert decoded == [] and last.compare.count("shown again (same prompt and settings)") == 3
+    assert dash.prepare_examples(PROMPTS[:1], GREEDY) == []
+    assert dash.prepare_examples(PROMPTS[1:2], GREEDY) == PROMPTS[1:2] and decoded == []  # not through `stream`

@@ -3,8 +3,10 @@ generator of `Frame`s (one update of the page) or API payloads, on top of a shar
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -165,6 +167,7 @@ class Dashboard:
     def __init__(self, service: Service) -> None:
         self.service = service
         self._last: OrderedDict[str, tuple[str, RunView]] = OrderedDict()  # session -> (pair, its last replayable run)
+        self.prepared: list[str] = []  # the example prompts whose compared runs are all kept (`prepare_examples`)
 
     @classmethod
     def open(cls, models: str, device: str | None = None, dtype: str | None = None, quant: str = "auto",
@@ -173,8 +176,40 @@ class Dashboard:
         viewer's first token is fast."""
         service = Service.open(models, device, dtype, quant, cloud, emulate_link)
         service.warm_up()
-        service.precompute(measured=True)  # the examples' LLM-alone runs while the page is served (`build_references`)
-        return cls(service)
+        dashboard = cls(service)
+        # while the page is served: the examples' LLM-alone runs (`build_references`), then their compared runs
+        service.precompute(measured=True, then=dashboard.prepare_examples)
+        return dashboard
+
+    def prepare_examples(self, prompts: Sequence[str] | None = None, settings: Settings | None = None) -> list[str]:
+        """Decode, in the background (`Service.when_idle`), every run Compare shows for `prompts` (default: the page's
+        examples) at `settings` (default: the page's), those not kept yet, and keep them (`Service.keep_run`): a
+        Compare or Show me on an example then shows runs already made (`_shown_again`, which says when each ran)
+        instead of decoding three or four in a row while the viewer waits (on a slow 2-core machine, 66 and 88 s on
+        the page). Returns the prompts whose runs it decoded, in order."""
+        preset, made = self.service.start, []
+        for prompt in prompts or [e["prompt"] for e in load_examples()]:
+            base = self._prepare(preset, prompt, settings or Settings())
+            runs = [self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
+                    for n in COMPARED]
+            for run in runs:
+                if run.role == "control":
+                    match_control(run, runs)
+                while (kept := self.service.finished(preset, prompt, run.config)) is None:
+                    call_s = self.service.decoder(preset).call_s
+                    events = self.service.when_idle(functools.partial(self._made_in_background, preset, prompt,
+                                                                      run.config))
+                    if events is not None:
+                        self.service.keep_run(preset, prompt, run.config, events, call_s)
+                        made += [] if prompt in made else [prompt]
+                run.update(list(kept.events))
+            self.prepared += [] if prompt in self.prepared else [prompt]
+        return made
+
+    def _made_in_background(self, preset: str, prompt: str, config: RunConfig,
+                            cancel: threading.Event) -> list[TokenEvent]:
+        """One run for `prepare_examples`, on the model thread."""
+        return list(self.service.decoder(preset).generate(prompt, config, cancel))
 
     @staticmethod
     def notice(exc: Exception) -> str:
@@ -216,7 +251,8 @@ class Dashboard:
 
     def status(self) -> dict[str, Any]:
         """Every per-process cache of the page with its size and bound (the `/status` endpoint; the soak script)."""
-        return {**self.service.status(), "replays": {"size": len(self._last), "bound": REPLAYS},
+        return {**self.service.status(), "example_runs_ready": list(self.prepared),
+                "replays": {"size": len(self._last), "bound": REPLAYS},
                 "history_points_per_session": {"bound": HISTORY_LIMIT}}
 
     @staticmethod

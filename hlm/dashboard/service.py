@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from hlm import prefix
 from hlm.config import LinkConfig, RunConfig, SamplingConfig
@@ -35,13 +35,16 @@ from hlm.policies import with_role
 from hlm.session import open_decoder
 from hlm.worker import ModelThread
 
+T = TypeVar("T")
 LOG = logging.getLogger(__name__)
 
 INTERVAL_S = 0.4  # page refresh period while streaming (>= 2 per second, as the issue asks)
 
 REFERENCE_CACHE = 32  # LLM-only outputs kept per process, keyed by (pair, prompt, sampling settings)
 REFERENCE_STORE = "references"  # the folder of stored greedy answers in the user cache (`references.Store`)
-RUN_CACHE = 32  # finished runs kept per process for Compare and Show me to show again (`Service.finished`)
+# finished runs kept per process for Compare and Show me to show again (`Service.finished`): the start-up build's
+# (`Dashboard.prepare_examples`: 4 of each of the 6 examples) and as many of the viewers'
+RUN_CACHE = 64
 
 STOP_WAIT_S = 5.0  # how long Stop waits for the running decode to finish its current token
 
@@ -295,13 +298,16 @@ class Service:
             self.store.save(Store.key(pair, preset, prompt, sampling), [e.token_id for e in events])
 
     def precompute(self, prompts: Sequence[str] | None = None, config: RunConfig | None = None,
-                   measured: bool = False) -> threading.Thread:
-        """`build_references` on a background thread: the page is served meanwhile, and a viewer's run comes first."""
+                   measured: bool = False, then: Callable[[], None] | None = None) -> threading.Thread:
+        """`build_references`, then `then` (the app: the examples' compared runs, `Dashboard.prepare_examples`), on a
+        background thread: the page is served meanwhile, and a viewer's run comes first (`when_idle`)."""
         def build() -> None:
             try:
                 self.build_references(prompts, config, measured)
+                if then is not None:
+                    then()
             except Exception:  # noqa: BLE001 - a failed build only costs the decode later: the log says why
-                LOG.exception("building the example references failed")
+                LOG.exception("the start-up build of the examples failed")
 
         thread = self._build = threading.Thread(target=build, name="hlm-references", daemon=True)
         thread.start()
@@ -326,16 +332,23 @@ class Service:
         built = []
         for prompt in prompts or [e["prompt"] for e in load_examples()]:
             while wanted(prompt):
-                with self._idle:
-                    self._idle.wait_for(lambda: not self._busy)
-                    cancel = self._background = threading.Event()
-                answer = self.models.call(functools.partial(self._build_one, prompt, llm, cancel))
-                if not cancel.is_set():
+                answer = self.when_idle(functools.partial(self._build_one, prompt, llm))
+                if answer is not None:
                     self._keep(self.start, prompt, sampling, config.link, answer)
                     built.append(prompt)
             if prompt not in self.prepared and self._cached(self.start, prompt, sampling) is not None:
                 self.prepared.append(prompt)
         return built
+
+    def when_idle(self, work: Callable[[threading.Event], T]) -> T | None:
+        """Background work: `work(cancel)` on the model thread once no request runs. A request that begins sets
+        `cancel` (the work stops at its next token, and the viewer's run gets the models): then None, and the caller
+        asks again, if it still wants it."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy)
+            cancel = self._background = threading.Event()
+        result = self.models.call(functools.partial(work, cancel))
+        return None if cancel.is_set() else result
 
     def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event) -> list[TokenEvent]:
         """One prompt's reference for `build_references`, on the model thread."""
@@ -355,15 +368,16 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         """What the process holds, each with its bound: an operator (or the soak script) watches these stay flat.
-        Also the example prompts whose reference is ready and whether the build is still going (`page_timing.py`
-        waits for it, so its first run measures the page as a visitor finds it)."""
+        Also the example prompts whose reference is ready and whether the start-up build (`precompute`: the
+        references, then the app's compared runs) is still going (`page_timing.py` waits for it, so its first run
+        measures the page as a visitor finds it)."""
         return {"running_requests": len(self._requests),
                 "reference_cache": {"size": len(self._references), "bound": REFERENCE_CACHE},
                 **({"reference_store": {"size": len(self.store.files()), "bound": self.store.limit}} if self.store
                    else {}),
                 "loaded_pairs": {"size": len(self._decoders), "bound": len(self.presets)},
                 "example_references_ready": list(self.prepared),
-                "example_references_building": self._build is not None and self._build.is_alive()}
+                "examples_building": self._build is not None and self._build.is_alive()}
 
     def begin(self, session: str) -> Request:
         request = self._requests[session] = Request()
