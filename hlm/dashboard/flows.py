@@ -201,9 +201,11 @@ class Dashboard:
                                                                       run.config))
                     if events is not None:
                         self.service.keep_run(preset, prompt, run.config, events, call_s)
-                        made += [] if prompt in made else [prompt]
+                        if prompt not in made:
+                            made.append(prompt)
                 run.update(list(kept.events))
-            self.prepared += [] if prompt in self.prepared else [prompt]
+            if prompt not in self.prepared:
+                self.prepared.append(prompt)
         return made
 
     def _made_in_background(self, preset: str, prompt: str, config: RunConfig,

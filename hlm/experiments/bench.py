@@ -364,11 +364,11 @@ def bench(decoder: HybridDecoder, load: Loader, sections: Sequence[str] = SECTIO
     """The rows of the chosen `sections`, in `SECTIONS` order; `load` gives a model of the pair unquantised."""
     pair, rows = decoder.pair, []
     plain_dtypes: dict[str, torch.dtype] = {}
+    context = len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2  # mid-answer on the bench's prompt
     if "limit" in sections:
-        context = len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2  # mid-answer on the bench's prompt
         rows += limit(pair, load, measure_bandwidth(bandwidth_mib), context)
     if "rows" in sections:
-        rows += rows_at_once(pair, len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2)
+        rows += rows_at_once(pair, context)
     if "plain" in sections:
         plain_rows, plain_dtypes = plain_vs_fast(pair, load, n_tokens, prompt, guard_prompts)
         rows += plain_rows
