@@ -179,8 +179,9 @@ def decoded_policies(svc: Service, monkeypatch) -> list[str]:
 
 def test_show_me_takes_a_stored_answer_without_decoding_the_llm_alone(store, monkeypatch):
     """Show me's verdict needs the LLM's answer, not its figures: a stored answer (a restarted app) is shown without
-    figures and no LLM-alone run is decoded, where Compare decodes the LLM alone as a run with its own; with nothing
-    cached, Show me decodes the LLM alone first and shows its row."""
+    figures and no LLM-alone run is decoded, where Compare decodes the LLM alone as a run with its own. With nothing
+    cached, at greedy, HLM's tokens are the answer (the LLM's own, token for token: kept and stored as such); sampled,
+    Show me decodes the LLM's samples first and shows their row."""
     reference_ids(make_service(store), PROMPTS[0])  # an earlier start stored the answer
     svc = make_service(store)
     dash = Dashboard(svc)
@@ -193,7 +194,14 @@ def test_show_me_takes_a_stored_answer_without_decoding_the_llm_alone(store, mon
     last = list(dash.compare("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
     assert decoded[0] == with_role("reference") and "(reference)</td>" in last.compare
     decoded.clear()
-    last = list(dash.show_me("s", "tiny", PROMPTS[1], GREEDY, []))[-1]  # nothing cached: the LLM alone first
+    last = list(dash.show_me("s", "tiny", PROMPTS[1], GREEDY, []))[-1]  # nothing cached: HLM gives the answer
+    assert decoded == ["hlm", "ours", "random"] and "hlm-verdict" in last.compare
+    assert "the answer only (HLM's tokens: at greedy, the LLM's own)" in last.compare
+    link, stored = make_service(store)._cached("tiny", PROMPTS[1], GREEDY.run_config(None).sampling)  # on disk
+    assert link is None and [e.token_id for e in stored] == reference_ids(make_service(None), PROMPTS[1])
+    decoded.clear()
+    sampled = dataclasses.replace(GREEDY, temperature=0.9)
+    last = list(dash.show_me("s", "tiny", PROMPTS[2], sampled, []))[-1]
     assert decoded[0] == with_role("reference") and "(reference)</td>" in last.compare
 
 
@@ -233,11 +241,12 @@ def test_a_comparison_shows_a_run_already_made_with_the_same_settings_again(monk
     assert decoded == ["ours"] and generated["shown_again"] is None
     decoded.clear()
     last = list(dash.show_me("s", "tiny", PROMPTS[0], GREEDY, []))[-1]
-    assert decoded == [with_role("reference"), "hlm", "random"]  # ours is Generate's run
+    assert decoded == ["hlm", "random"]  # ours is Generate's run, and HLM's tokens are the LLM's answer
     assert last.compare.count("shown again (same prompt and settings)") == 1 and "hlm-verdict" in last.compare
     decoded.clear()
     runs = list(dash.api_compare("tiny", PROMPTS[0], GREEDY))[-1]["runs"]
-    assert decoded == ["uhlm"]  # HLM, ours and the matched coin are Show me's
+    assert decoded == [with_role("reference"), "uhlm"]  # HLM, ours and the coin are Show me's; the LLM alone is
+    # decoded for its figures, which Show me's answer (HLM's tokens) has not
     again = {r["policy"].split()[0]: r for r in runs if r["shown_again"]}
     assert sorted(again) == ["hlm", "ours", "random"] and all(r["status"] == "done" for r in runs)
     assert again["ours"]["summary"] == generated["summary"] and again["ours"]["text"] == generated["text"]

@@ -411,7 +411,8 @@ class Dashboard:
         (after the subject) gets its coin matched to the subject's upload rate (`match_control`). `measured`: the
         LLM alone is a run with its own time and energy (Compare shows it beside the others); else (Show me, whose
         verdict needs only its answer) the answer comes as `Service.references` gives it, from the cache (a stored
-        answer has no figures) or decoded. Yields (all runs, the one running) after every change."""
+        answer has no figures), from HLM's run at greedy (`_answer_from_hlm`) or decoded. Yields (all runs, the one
+        running) after every change."""
         llm = base.with_policy(name=with_role("reference"))
         runs = [self._new_run(preset, f"{run_label(llm)} (reference)", llm),
                 *(self._new_run(preset, run_label(base.with_policy(name=n)), base.with_policy(name=n))
@@ -420,6 +421,11 @@ class Dashboard:
         reference.phase = "decoding"
         reference.priced = measured or self.service.priced(preset, prompt, llm)
         yield runs, reference
+        if not measured:
+            yield from self._answer_from_hlm(preset, prompt, llm, runs, request)
+            if request.cancel.is_set():
+                reference.phase, reference.note = "stopped", "stopped"
+                return
         doing = "decoding" if measured else "the LLM's answer"
         samples: list[list[TokenEvent]] = []  # the reference first; at T > 0 more LLM samples for the band
         for i, events in self.service.references(preset, prompt, llm, request.cancel, same_link=measured):
@@ -439,13 +445,29 @@ class Dashboard:
         for run in runs[1:]:
             if run.role == "control":
                 match_control(run, runs)
-            if not self._shown_again(preset, prompt, run):
+            if run.phase != "done" and not self._shown_again(preset, prompt, run):
                 for _ in self._decode(preset, prompt, run, request, quality=False):
                     yield runs, run
                 if run.phase != "done":
                     return
             judge(run, samples, self.service.score, band)
             yield runs, run
+
+    def _answer_from_hlm(self, preset: str, prompt: str, llm: RunConfig, runs: list[RunView],
+                         request: Request) -> Iterator[tuple[list[RunView], RunView]]:
+        """Show me at greedy with no answer kept: HLM first, then its tokens as the LLM's answer (every draft is
+        verified, and at temperature 0 the verifier keeps or puts its own argmax: the LLM's greedy answer, token
+        for token), so the LLM alone is not decoded for an answer HLM has just given (`Service.remember_answer`)."""
+        hlm = next((r for r in runs if r.role == "counterfactual"), None)
+        if hlm is None or llm.sampling.temperature != 0 or self.service.has_answer(preset, prompt, llm.sampling):
+            return
+        runs[0].phase, runs[0].note = "waiting", "the LLM's answer: HLM's tokens, once HLM has run"
+        if not self._shown_again(preset, prompt, hlm):
+            for _ in self._decode(preset, prompt, hlm, request, quality=False):
+                yield runs, hlm
+        if hlm.phase == "done":
+            self.service.remember_answer(preset, prompt, llm.sampling, [e.token_id for e in hlm.events])
+            runs[0].priced, runs[0].answer_from = False, "HLM's tokens: at greedy, the LLM's own"
 
     def _shown_again(self, preset: str, prompt: str, run: RunView) -> bool:
         """Fill `run` with the finished run of the same pair, prompt and settings, if one is kept (Generate's,

@@ -217,7 +217,7 @@ def _column_facts(run: RunView) -> str:
     """The line under a run's name in Compare: its figures, or why it has none (yet)."""
     s = run.summary
     if not run.priced:
-        return "the answer only (from the cache on disk): no time or energy figures"
+        return f"the answer only ({run.answer_from}): no time or energy figures"
     if s is None:
         return "waiting…"
     again = f" · the run of {run.shown_again}, shown again (same prompt and settings)" if run.shown_again else ""

@@ -46,6 +46,7 @@ class RunView:
         # False for an answer whose events carry no time or energy (the LLM's, from the stored ids): its tokens
         # show, its figures do not (no summary, so no zeros that read as measured)
         self.priced = True
+        self.answer_from = "from the cache on disk"  # where an answer without figures came from, in words
         # The wall-clock time of the earlier run with the same pair, prompt and settings that a comparison shows
         # instead of decoding the same tokens again (`Dashboard._shown_again`); None: decoded for this view
         self.shown_again: str | None = None

@@ -247,6 +247,17 @@ class Service:
             if cancel.is_set():
                 return
 
+    def has_answer(self, preset: str, prompt: str, sampling: SamplingConfig) -> bool:
+        """Whether `reference` gives this answer without decoding (in memory, or greedy in the store)."""
+        return self._cached(preset, prompt, sampling) is not None
+
+    def remember_answer(self, preset: str, prompt: str, sampling: SamplingConfig, ids: list[int]) -> None:
+        """The LLM's greedy answer, known without its own run (HLM's tokens: `Dashboard._answer_from_hlm`): kept and
+        stored as a stored answer is, without figures."""
+        pair = self.decoder(preset).pair
+        events = answer_events(pair, len(pair.encode_prompt(prompt, sampling.max_new_tokens)), sampling, ids)
+        self._keep(preset, prompt, sampling, None, events)
+
     def remember_reference(self, preset: str, prompt: str, config: RunConfig, events: list[TokenEvent]) -> None:
         """A finished plain `llm` run (Generate with the LLM alone): the reference, with its figures."""
         self._keep(preset, prompt, config.sampling, config.link, events)
