@@ -50,8 +50,9 @@ HEADER = ('<div class="hlm-header"><h1>Hybrid LM decoding</h1><p>A small model o
 COMPARE_NOTE = ("**Compare** runs the prompt with the LLM alone (the reference), then HLM (every token uploaded), "
                 "U-HLM (uncertain tokens), ours (the drafts its estimator scores highest) and a coin uploading as many "
                 "as ours did (the control), with the settings on the left. **Show me** runs HLM, ours and the coin "
-                "against the LLM's answer (the LLM alone is decoded first unless its answer is cached; an answer "
-                "kept on disk from an earlier start has no figures) and sums the result up in one sentence. A run "
+                "against the LLM's answer (cached, else at greedy HLM's tokens, which are the LLM's own, else the "
+                "LLM's samples decoded first; an answer kept on disk or taken from HLM has no figures) and sums "
+                "the result up in one sentence. A run "
                 "already made with the same prompt and settings (by Generate, Show me or Compare, or for the examples "
                 "at the page's defaults when the app started) is shown again with its measured figures, not decoded "
                 "again: the same tokens would come out.")

@@ -19,7 +19,7 @@ shows each state:
   the same prompt and settings again instead of decoding it (`Dashboard._shown_again`), and the app's start-up build
   makes every run Compare shows on each example at the page's settings (`Dashboard.prepare_examples`). So both are
   timed again on prompts of the script's own (`NEW_PROMPTS`, typed), where nothing was made before: Show me then
-  decodes the LLM alone, HLM, ours and the coin, Compare U-HLM as well;
+  decodes HLM (whose tokens are the LLM's greedy answer), ours and the coin, Compare the LLM alone and all four;
 - the app's RSS (VmRSS) and peak (VmHWM) from /proc after the Compare (GB: 10^9 bytes; MiB printed too).
 
 Before the first click it waits until the app's start-up build of the examples' LLM references and compared runs
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Show me and Compare take that run as their reference (Generate decoded it where nothing had; a stored "
               "answer has no figures, so Compare decodes the LLM alone again for them); they show again the runs "
               "made before with the same prompt and settings (Generate's ours, on an example the start-up build's "
-              "runs, else Show me's); on the new prompts every run is decoded, the LLM alone first")
+              "runs, else Show me's); on the new prompts every run is decoded (Show me takes HLM's tokens as the "
+              "LLM's answer; Compare decodes the LLM alone first)")
     print("\n".join(table(f)))
     for problem in f.problems:
         print(f"PROBLEM: {problem}")
