@@ -57,12 +57,10 @@ CARDS_FINAL = """document.querySelector('.hlm-status.done') !== null && (() => {
         && /faithful prefix \\d+ of \\d+|mean F1 vs \\d+ LLM samples/.test(card.querySelector('.sub').innerText);
 })()"""
 # A comparison's final frame: the verdict (every run done and scored) and the cards back on ours (the subject's
-# row is marked `ours` in the table, its label followed by "(the run of ...)" where it was shown again); before that
-# last frame the cards follow the run in progress, the coin last
+# row is marked `ours` in the table); before that last frame the cards follow the run in progress, the coin last
 COMPARISON_FINAL = """document.querySelector('.hlm-verdict') !== null
     && document.querySelector('.hlm-compare-summary.done') !== null && (() => {
-    const ours = document.querySelector('.hlm-compare-summary tbody tr.ours td')?.innerText
-        .replace(/ \\(the run of [^)]*\\)$/, '');
+    const ours = document.querySelector('.hlm-compare-summary tbody tr.ours td')?.innerText;
     const status = document.querySelector('.hlm-status.done')?.innerText;
     return ours !== undefined && status !== undefined && status.startsWith(ours + ':');
 })()"""
