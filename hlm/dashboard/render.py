@@ -195,8 +195,9 @@ def verdict(runs: Sequence[RunView]) -> str | None:
 def compare_html(runs: Sequence[RunView]) -> str:
     """The Compare view: a summary table (rows appear as runs finish) over the runs' outputs side by side."""
     head = "".join(f"<th>{h}</th>" for h in COMPARE_HEADERS)
-    body = "".join(("<tr class=\"ours\">" if run.role == "subject" else "<tr>") +  # ours' row stands out
-                   "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for run, row in compare_rows(runs))
+    subject = {r.label for r in runs if r.role == "subject"}  # its row stands out
+    body = "".join(("<tr class=\"ours\">" if row[0] in subject else "<tr>") +
+                   "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in compare_rows(runs))
     done = " done" if runs and all(r.phase in ("done", "stopped") for r in runs) else ""
     table = (f'<div class="hlm-compare-summary{done}"><table><thead><tr>{head}</tr></thead>'
              f'<tbody>{body}</tbody></table></div>' if body else "")
@@ -279,16 +280,13 @@ def token_rows(events: Sequence[TokenEvent]) -> list[list[str]]:
             for e in events]
 
 
-def compare_rows(runs: Sequence[RunView]) -> list[tuple[RunView, list[str]]]:
-    """The summary table's rows, each with its run: those with figures. A run shown again (`_shown_again`) says when
-    it ran, since its figures are that run's."""
+def compare_rows(runs: Sequence[RunView]) -> list[list[str]]:
     rows = []
     for run in runs:
         s = run.summary
         if s is not None:
-            label = f"{run.label} (the run of {run.shown_again})" if run.shown_again else run.label
-            rows.append((run, [label, str(s.tokens), _pct(s.upload_rate), str(s.llm_calls), f"{s.device_energy_j:.3g}",
+            rows.append([run.label, str(s.tokens), _pct(s.upload_rate), str(s.llm_calls), f"{s.device_energy_j:.3g}",
                          _pct(s.energy_saving), f"{s.tokens_per_s:.2f}", f"{s.tokens_per_s_modelled_link:.2f}",
-                         _fmt(run.f1, ".3f")]))
+                         _fmt(run.f1, ".3f")])
     return rows
 
