@@ -195,7 +195,7 @@ class Dashboard:
             for run in runs:
                 if run.role == "control":
                     match_control(run, runs)
-                while (kept := self.service.finished(preset, prompt, run.config)) is None:
+                while not self._shown_again(preset, prompt, run):  # the coin's rate needs ours' events
                     call_s = self.service.decoder(preset).call_s
                     events = self.service.when_idle(functools.partial(self._made_in_background, preset, prompt,
                                                                       run.config))
@@ -203,7 +203,6 @@ class Dashboard:
                         self.service.keep_run(preset, prompt, run.config, events, call_s)
                         if prompt not in made:
                             made.append(prompt)
-                run.update(list(kept.events))
             if prompt not in self.prepared:
                 self.prepared.append(prompt)
         return made
