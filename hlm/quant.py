@@ -46,6 +46,8 @@ from hlm.errors import UserError
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
+    from hlm.llamacpp import LlamaDraft
+
 BLOCK_RECIPES = ("q4k", "gguf", "ggml")  # the recipes that run a GGUF's own blocks (`stored_blocks`)
 INT4_GROUP = gguf_blocks.GROUP
 INT4_INNER_K_TILES = 2
@@ -650,14 +652,14 @@ def streamed_seconds(*layers: Streamed, repeats: int = 5) -> list[float]:
             time.sleep(BUSY_PAUSE_S)
         cpu, wall = time.process_time(), time.perf_counter()
         with torch.inference_mode():
-            medians = _median_seconds([layer.run for layer in layers], repeats)
+            medians = median_seconds([layer.run for layer in layers], repeats)
         share = (time.process_time() - cpu) / (time.perf_counter() - wall) / threads
         if share >= BUSY_SHARE:
             return [median / layer.copies for median, layer in zip(medians, layers, strict=True)]
     raise Busy(f"this process got {share:.0%} of its {threads} threads' time while timing: the cores were busy")
 
 
-def _median_seconds(ops: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+def median_seconds(ops: Sequence[Callable[[], object]], repeats: int) -> list[float]:
     """Median seconds of `repeats` calls of each of `ops`, called in turn, after one untimed call of each
     (first-call costs: allocation, caches)."""
     for op in ops:
@@ -690,7 +692,7 @@ def step_seconds(model: nn.Module, steps: int = 6, context: int = 32, rows: int 
         else:
             model(input_ids=ids[:, :rows] + i, cache=cache, use_cache=True, logits_to_keep=rows)
 
-    return _median_seconds([step], steps)[0]
+    return median_seconds([step], steps)[0]
 
 
 def decode_step(model: nn.Module, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -715,15 +717,18 @@ def _decoded_log_probs(model: nn.Module, ids: torch.Tensor, start: int) -> torch
 
 
 @torch.inference_mode()
-def quality(reference: nn.Module, fast: nn.Module, sequences: list[list[int]], start: list[int]) -> tuple[float, float]:
+def quality(reference: nn.Module, fast: nn.Module | LlamaDraft, sequences: list[list[int]],
+            start: list[int]) -> tuple[float, float]:
     """(top-1 agreement, mean KL(p_ref || p_fast) in nats) over the positions from `start[i]` on of each sequence,
     teacher-forced: both models read the same ids, so every position is compared under the same context. Each
     answer position comes from a one-token step on the cache, as in decoding: one pass over the whole sequence
-    would run a quantised layer's prompt path (dequantised weights, float GEMM) where decoding runs its kernel."""
+    would run a quantised layer's prompt path (dequantised weights, float GEMM) where decoding runs its kernel.
+    `fast` is a model, or a draft on llama.cpp (`hlm.llamacpp.LlamaDraft`, which computes its own `log_probs`)."""
     agree, kl, n = 0.0, 0.0, 0
     for ids, s in zip(sequences, start, strict=True):
         x = torch.tensor([ids], device=next(reference.parameters()).device)
-        ref, out = _decoded_log_probs(reference, x, s), _decoded_log_probs(fast, x, s)
+        ref = _decoded_log_probs(reference, x, s)
+        out = _decoded_log_probs(fast, x, s) if isinstance(fast, nn.Module) else fast.log_probs(ids, s)
         agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
         kl += float((ref.exp() * (ref - out)).sum())
         n += ref.shape[0]

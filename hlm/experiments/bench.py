@@ -151,9 +151,17 @@ def limit(pair: ModelPair, load: Loader, bandwidth: Bandwidth, context: int) -> 
         plain = _plain(pair, load, role, _float_dtype(shipped))
         paths = {f"{dtype} plain = shipped": plain} if plain is shipped else \
             {f"{dtype} plain": plain, f"{_recipe(pair, role)} shipped": shipped}
+        if role == "draft" and pair.llama is not None:  # its decode steps run there, on the ggml path's blocks
+            own = getattr(shipped, "hlm_quant", "none")
+            paths = {f"{dtype} plain": plain, f"{own} (the attention estimators')": shipped,
+                     "llama.cpp shipped": pair.llama}
         for path, model in paths.items():
-            tps = 1 / step_seconds(model, steps=STEPS, context=context)
-            read = decode_bytes(model, context + STEPS // 2)  # the cache length at the median timed step
+            read = decode_bytes(shipped if model is pair.llama else model, context + STEPS // 2)  # at the median step
+            if model is pair.llama:  # the same blocks, its KV cache in float32 (`hlm.llamacpp`)
+                read = replace(read, kv_cache=read.kv_cache * 4 // _float_dtype(shipped).itemsize)
+                tps = 1 / model.step_seconds(STEPS, context)
+            else:
+                tps = 1 / step_seconds(model, steps=STEPS, context=context)
             rows += [(f"(r) {role} {path}: decode step tok/s", tps, f"cached step, context {context} tokens"),
                      (f"(r) {role} {path}: MB read per token", read.total / 1e6,
                       f"weights {read.weights / 1e6:.1f} MB + KV cache {read.kv_cache / 1e6:.2f} MB"),
@@ -195,7 +203,8 @@ def plain_vs_fast(pair: ModelPair, load: Loader, n_tokens: int, prompt: str,
             best[role] = max(best.get(role, (0.0, dtype)), (tps, dtype), key=lambda b: b[0])
             rows.append((f"(p) {role} plain generate, {_dtype_name(dtype)}, tok/s", tps, ""))
             if dtype == _float_dtype(fast) and guard_prompts and getattr(fast, "hlm_quant", "none") != "none":
-                top1, kl = quality(model, fast, *_guard_sequences(pair, guard_prompts, 32, model))
+                shipped = pair.llama if role == "draft" and pair.llama is not None else fast
+                top1, kl = quality(model, shipped, *_guard_sequences(pair, guard_prompts, 32, model))
                 rows += [(f"(p) {role} guard: top-1 agreement, {_recipe(pair, role)} vs {_dtype_name(dtype)}", top1,
                           f"target >= 99 %, {guard_prompts} prompts x 32 tokens"),
                          (f"(p) {role} guard: mean KL, nats", kl, "target <= 0.01")]

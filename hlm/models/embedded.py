@@ -347,9 +347,28 @@ def _build(model: EmbeddedModel, final: Path, progress: bool, keep_gguf: bool) -
     return final
 
 
+def ensure_gguf(model: EmbeddedModel, progress: bool = True) -> Path:
+    """The model's GGUF in the cache (what llama.cpp reads: `hlm.llamacpp`), joined and verified from its part
+    packages once; a marker beside it records the check, so later loads do not hash it again."""
+    gguf = cache_dir() / model.filename
+    marker = gguf.with_name(gguf.name + MARKER)
+    try:
+        if gguf.is_file() and gguf.stat().st_size == model.size and marker.is_file() \
+                and marker.read_text() == model.sha256:
+            return gguf
+        with _file_lock(gguf.with_name(f".{gguf.name}.lock"), progress):
+            if not _file_ok(gguf, model):
+                join_gguf(model, gguf, progress=progress)
+            marker.write_text(model.sha256)
+    except OSError as exc:
+        raise _cache_error(exc, gguf.parent, model) from exc
+    return gguf
+
+
 def ensure_pair_dirs(progress: bool = True) -> tuple[Path, Path]:
     """(draft_dir, verifier_dir), converted one after the other to keep peak RAM to one model."""
-    return ensure_model_dir(DRAFT, progress=progress), ensure_model_dir(VERIFIER, progress=progress)
+    # The draft's GGUF stays: llama.cpp decodes on it (`ensure_gguf`).
+    return ensure_model_dir(DRAFT, progress=progress, keep_gguf=True), ensure_model_dir(VERIFIER, progress=progress)
 
 
 if __name__ == "__main__":

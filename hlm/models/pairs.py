@@ -10,19 +10,24 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hlm.config import MAX_PROMPT_CHARS
+from hlm.drafter import Drafter
 from hlm.errors import UserError
 from hlm.estimators import SelectionCalibration
 from hlm.features import default_heads
 from hlm.models.numerics import STORED_BLOCK_ROWS, Numerics
 from hlm.prefix import template_head
 from hlm.quant import GgmlLinear, HeadRows, Int8Linear, PlanesLinear, recipe_of
+
+if TYPE_CHECKING:
+    from hlm.llamacpp import LlamaCppDrafter, LlamaDraft
 
 
 class ModelError(UserError, RuntimeError):
@@ -58,6 +63,7 @@ class ModelPair:
     calibration: Calibration | None = None
     selection: SelectionCalibration = field(default_factory=SelectionCalibration)
     quant: dict[str, str] = field(default_factory=dict)  # per model: the recipe running and why it was chosen
+    llama: LlamaDraft | None = None  # the draft on llama.cpp, where its load took it (`hlm.models.presets`)
 
     @property
     def vocab_size(self) -> int:
@@ -75,6 +81,13 @@ class ModelPair:
         """The layers of `heads`: where the `heads` estimators' passes compute attention weights (and what
         `--quant compiled`'s one graph computes in every step)."""
         return frozenset(layer for layer, _ in self.heads)
+
+    def new_drafter(self, layers: Collection[int], capacity: int) -> Drafter | LlamaCppDrafter:
+        """A fresh drafter for a run of at most `capacity` tokens: on llama.cpp where the pair took it and the run's
+        passes read no attention weights (llama.cpp returns none), else on the transformers draft."""
+        if self.llama is not None and not layers:
+            return self.llama.drafter(capacity)
+        return Drafter(self.draft, self.template_head)
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Chat-template the prompt (one template for both models) and check it fits the context."""

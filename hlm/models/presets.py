@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS, ggml_kernel, memory, rows
+from hlm import ASSETS, ggml_kernel, llamacpp, memory, rows
 from hlm.compiled import compile_step
 from hlm.config import COMPILED
-from hlm.drafter import KERNEL
+from hlm.drafter import KERNEL, Drafter
 from hlm.estimators import SelectionCalibration
+from hlm.models import embedded
 from hlm.models.embedded import ensure_pair_dirs
 from hlm.models.pairs import Calibration, ModelError, ModelPair, make_pair
 from hlm.models.tiny import tiny_pair, tiny_role
@@ -308,6 +310,52 @@ def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool,
     for role in ("draft", "verifier") if pack_draft else ("verifier",):
         if done := pack_float_linears(getattr(pair, role)):  # the recipe's word stays first (`quant.recipe_of`,
             pair.quant[role] += f" ({done})"  # the numerics' key)
+    if quant == "auto" and pack_draft and (gguf := _draft_gguf(spec, draft_ref, progress)) is not None:
+        _take_llama(pair, gguf)
     if preset is not None:
         pair.selection = preset.selection_calibration()
     return pair
+
+
+def _draft_gguf(spec: str, draft_ref: str, progress: bool) -> Path | None:
+    """The draft's GGUF file where llama.cpp can decode it (`hlm.llamacpp`): the embedded draft's, or one named."""
+    if not llamacpp.available():
+        return None
+    if spec == "embedded":
+        try:
+            return embedded.ensure_gguf(embedded.DRAFT, progress)
+        except embedded.EmbeddedModelError as exc:  # e.g. an image that removed the part packages and the file
+            LOG.warning("the draft stays on its own path: %s", exc)
+            return None
+    return Path(draft_ref) if draft_ref.endswith(".gguf") else None
+
+
+LLAMA_ROUNDS = 4  # rounds of LLAMA_STEPS one-token steps on each path, in turns (`_take_llama`)
+LLAMA_STEPS = 3
+
+
+@torch.inference_mode()
+def _take_llama(pair: ModelPair, gguf: Path) -> None:
+    """Draft on llama.cpp where its step measures faster than the draft's own path (best of LLAMA_ROUNDS rounds of
+    LLAMA_STEPS steps each, in turns, at a short context): both read the same GGUF's blocks."""
+    draft = llamacpp.LlamaDraft(gguf, pair.template_head)
+    ids = pair.encode_prompt("Hello.", LLAMA_ROUNDS * LLAMA_STEPS)
+    arms = {"llama.cpp": draft.drafter(len(ids) + LLAMA_ROUNDS * LLAMA_STEPS),
+            "own": Drafter(pair.draft, pair.template_head)}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    token = int(arms["own"].prefill(ids).logits.argmax())
+    arms["llama.cpp"].prefill(ids)
+    for _ in range(LLAMA_ROUNDS):
+        for name, drafter in arms.items():
+            t0 = time.perf_counter()
+            for _ in range(LLAMA_STEPS):
+                drafter.forward([token])
+            seconds[name].append((time.perf_counter() - t0) / LLAMA_STEPS)
+    fast, own = min(seconds["llama.cpp"]), min(seconds["own"])
+    timed = f"{fast * 1e3:.0f} against {own * 1e3:.0f} ms a step"
+    if fast >= own:
+        pair.quant["draft"] += f"; llama.cpp not taken ({timed})"
+        return
+    pair.llama = draft
+    pair.quant["draft"] = f"llama.cpp (auto: {timed} on {pair.quant['draft']}, which the estimators reading " \
+                          "attention keep; measured at load)"

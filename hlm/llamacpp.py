@@ -1,0 +1,256 @@
+"""The draft model on llama.cpp (`llama-cpp-python`): a whole decode step as one native graph.
+
+Why: the transformers draft on ggml's products (`hlm.ggml_kernel`) spends about half of its step in Python around
+them (transformers' modules, dtype conversions, 169 ggml calls a token); llama.cpp runs the step as one graph of the
+same kernels: 34-38 ms against 72-80 ms a step for the embedded 0.5B on a 2-core AVX2 machine (docs/speed.md). It
+reads the GGUF the embedded draft was converted from, so the weights are the ggml path's, block for block. Its KV
+cache is kept in float32: with llama.cpp's default float16 cache the greedy guard against bf16 fell to 98.71 %
+(99.14 % in float32, as on the ggml path).
+
+Contract: `hlm.drafter.Drafter`'s (`prefill`, `forward`, `rollback`, `length`, `remembered`). llama.cpp returns no
+attention weights, so a pair drafts here only for estimators that read none (`ModelPair.new_drafter`); the final
+hidden state, which the judge reads, is llama.cpp's embeddings output (the normed state its head reads). Prompt reads
+are kept as `hlm.prefix` keeps the transformers draft's (`LlamaDraft`), and Stop cuts a prompt read within one node
+of the graph (llama.cpp's abort callback).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hlm import native, prefix
+from hlm.drafter import Pass
+from hlm.energy import EnergyMeter, Window, measure
+from hlm.quant import median_seconds
+
+CHUNK = 512  # prompt tokens a pass: llama.cpp's default batch
+CPU = torch.device("cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether `llama-cpp-python` imports (a C++ library built at install; without it the draft keeps ggml's
+    products under transformers)."""
+    native.load()
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def _lib() -> Any:
+    native.load()
+    import llama_cpp
+
+    return llama_cpp
+
+
+@functools.cache
+def _backend() -> Any:
+    """Start llama.cpp once, its log (every load and context, on stderr) silenced: errors come back as statuses."""
+    lib = _lib()
+    silent = lib.llama_log_callback(lambda _level, _text, _data: None)
+    lib.llama_log_set(silent, None)
+    lib.llama_backend_init()
+    return silent  # kept alive with the cache: llama.cpp holds the pointer
+
+
+@dataclass
+class Read:
+    """A prompt read, kept: the sequence's KV cache as llama.cpp saves it, what the pass returned (the hidden state
+    always), and the time and energy it took when it was computed."""
+
+    state: bytes
+    read: Pass
+    cost: Window
+
+
+class LlamaDraft:
+    """A GGUF loaded once a process (weights memory-mapped), shared by the contexts of its drafters, with the prompt
+    reads they made last (as `hlm.prefix.read` keeps the transformers draft's): the chat template's head, read once
+    as its own pass, and the latest prompts, READ_TOKENS tokens in all."""
+
+    def __init__(self, path: Path, head: tuple[int, ...] = ()) -> None:
+        lib = _lib()
+        _backend()
+        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        if not self.model:
+            raise OSError(f"llama.cpp cannot load {path}")
+        weakref.finalize(self, lib.llama_model_free, self.model)
+        self.path, self.head = path, head
+        self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.width = lib.llama_model_n_embd(self.model)
+        self._reads: OrderedDict[tuple[int, ...], Read] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def recall(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> Read | None:
+        """The kept read of exactly `ids`, unless a meter asks for energy it was read without."""
+        with self._lock:
+            kept = self._reads.get(ids)
+            if kept is None or (meter is not None and kept.cost.joules is None):
+                return None
+            self._reads.move_to_end(ids)
+            return kept
+
+    def keep(self, ids: tuple[int, ...], read: Read) -> None:
+        if len(ids) > prefix.READ_TOKENS:
+            return
+        with self._lock:
+            self._reads[ids] = read
+            self._reads.move_to_end(ids)
+            while sum(map(len, self._reads)) > prefix.READ_TOKENS:
+                self._reads.popitem(last=False)
+
+    def drafter(self, capacity: int) -> LlamaCppDrafter:
+        """A fresh drafter (its own KV cache) for a run of at most `capacity` tokens, prompt included."""
+        return LlamaCppDrafter(self, capacity)
+
+    def log_probs(self, ids: list[int], start: int) -> torch.Tensor:
+        """Log-probabilities of the tokens from `start` on, as decoding computes them (the prompt in one read, then
+        one token a step): what the quality guard compares (`hlm.quant.quality`)."""
+        drafter = self.drafter(len(ids))
+        logits = [drafter.prefill(ids[:start]).logits]
+        logits += [drafter.forward([token]).logits for token in ids[start:-1]]
+        return torch.log_softmax(torch.stack(logits).float(), -1)
+
+    def step_seconds(self, steps: int, context: int) -> float:
+        """Median seconds of one cached decode step after a prefill of `context` tokens (`hlm.quant.step_seconds`,
+        on llama.cpp)."""
+        drafter = self.drafter(context + steps + 1)
+        drafter.prefill(list(range(1, context + 1)))
+        tokens = iter(range(context + 1, context + steps + 2))
+        return median_seconds([lambda: drafter.forward([next(tokens)])], steps)[0]
+
+
+class LlamaCppDrafter:
+    """One generation's drafter on llama.cpp: its own context (KV cache), one token a pass after the prompt."""
+
+    def __init__(self, draft: LlamaDraft, capacity: int) -> None:
+        lib = _lib()
+        self.draft, self.capacity, self.remembered = draft, capacity, None
+        self._cancel: threading.Event | None = None
+        # Called between the graph's nodes: a set cancel event stops a prompt read there (llama_decode returns 2).
+        self._abort = lib.ggml_abort_callback(lambda _data: bool(self._cancel is not None and self._cancel.is_set()))
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = capacity, CHUNK, CHUNK
+        params.n_threads = params.n_threads_batch = torch.get_num_threads()
+        params.type_k = params.type_v = lib.GGML_TYPE_F32
+        params.abort_callback = self._abort
+        params.no_perf = True
+        self.context = lib.llama_init_from_model(draft.model, params)
+        if not self.context:
+            raise MemoryError(f"llama.cpp could not make a context of {capacity:,} tokens")
+        self.batch = lib.llama_batch_init(CHUNK, 0, 1)
+        weakref.finalize(self, _free, lib, self.context, self.batch)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens held in the KV cache."""
+        return self._length
+
+    def _pass(self, ids: list[int], hidden: bool) -> Pass:
+        """Read `ids` after the cache, CHUNK at a time: the last position's logits and, if asked, hidden state."""
+        lib, batch = _lib(), self.batch
+        if self._length + len(ids) > self.capacity:
+            raise ValueError(f"the draft's context holds {self.capacity:,} tokens; {self._length + len(ids):,} asked")
+        lib.llama_set_embeddings(self.context, hidden)
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start:start + CHUNK]
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, self._length + i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, False
+            batch.logits[len(chunk) - 1] = True
+            batch.n_tokens = len(chunk)
+            status = lib.llama_decode(self.context, batch)
+            if status == 2:
+                raise prefix.Cancelled
+            if status != 0:
+                raise RuntimeError(f"llama.cpp failed to decode (status {status})")
+            self._length += len(chunk)
+        logits = torch.from_numpy(np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, -1),
+                                                        (self.draft.vocab,)).copy())
+        state = torch.from_numpy(np.ctypeslib.as_array(lib.llama_get_embeddings_ith(self.context, -1),
+                                                       (self.draft.width,)).copy()) if hidden else None
+        return Pass(logits, None, state)
+
+    def forward(self, ids: list[int], layers: Collection[int] = (), hidden: bool = False) -> Pass:
+        """Process `ids` after the cached context: the next position's logits and, if asked, the hidden state."""
+        if layers:
+            raise ValueError("llama.cpp returns no attention weights: draft on transformers for this estimator")
+        return self._pass(ids, hidden)
+
+    def prefill(self, ids: list[int], progress: prefix.Progress | None = None, hidden: bool = False,
+                meter: EnergyMeter | None = None) -> Pass:
+        """Empty the cache and read the prompt: the template's head as its own pass (kept once), then the rest, so a
+        run's numbers never depend on what ran before; a prompt read before comes back as it was, and `remembered`
+        is then its cost (else None). Raises `hlm.prefix.Cancelled` inside a set `hlm.prefix.stopping`."""
+        lib, key = _lib(), tuple(ids)
+        lib.llama_memory_clear(lib.llama_get_memory(self.context), True)
+        self._length, self.remembered = 0, None
+        kept = self.draft.recall(key, meter)
+        if kept is None:
+            self._cancel = prefix.cancel_event()
+            try:
+                with measure(CPU, meter) as cost:
+                    head = self.draft.head
+                    if head and len(ids) > len(head) and key[:len(head)] == head:
+                        self._read(head, meter)
+                    read = self._pass(ids[self._length:], hidden=True)
+            finally:
+                self._cancel = None
+            kept = Read(self._state(), read, cost)
+            self.draft.keep(key, kept)
+        else:
+            self._restore(kept.state, len(ids))
+            self.remembered = kept.cost
+        if progress is not None:
+            progress(len(ids), len(ids))
+        return kept.read if hidden else kept.read._replace(hidden=None)
+
+    def _read(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> None:
+        """Put the read of `ids` in the empty cache: kept, or computed now and kept."""
+        kept = self.draft.recall(ids, meter)
+        if kept is not None:
+            self._restore(kept.state, len(ids))
+            return
+        with measure(CPU, meter) as cost:
+            read = self._pass(list(ids), hidden=True)
+        self.draft.keep(ids, Read(self._state(), read, cost))
+
+    def _state(self) -> bytes:
+        """The cache's sequence as llama.cpp saves it."""
+        lib = _lib()
+        buffer = (ctypes.c_uint8 * lib.llama_state_seq_get_size(self.context, 0))()
+        written = lib.llama_state_seq_get_data(self.context, buffer, len(buffer), 0)
+        return bytes(buffer[:written])
+
+    def _restore(self, state: bytes, length: int) -> None:
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if _lib().llama_state_seq_set_data(self.context, buffer, len(state), 0) != len(state):
+            raise RuntimeError("llama.cpp could not restore a kept prompt read")
+        self._length = length
+
+    def rollback(self, n_tokens: int) -> None:
+        """Drop the newest `n_tokens` from the cache."""
+        if n_tokens:
+            self._length -= n_tokens
+            lib = _lib()
+            lib.llama_memory_seq_rm(lib.llama_get_memory(self.context), 0, self._length, -1)
+
+
+def _free(lib: Any, context: ctypes.c_void_p, batch: Any) -> None:
+    lib.llama_batch_free(batch)
+    lib.llama_free(context)

@@ -1,0 +1,116 @@
+"""The draft on llama.cpp (`hlm.llamacpp`) against the transformers draft on the same GGUF's blocks, and the two
+native ggml builds side by side (`hlm.native`). Slow: loads the embedded pair (CI runs it)."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from hlm import llamacpp, prefix
+from hlm.drafter import Drafter
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed")]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.set_num_threads(2)
+    from hlm.models import load_pair
+
+    yield load_pair("embedded")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def draft(pair):
+    from hlm.models import embedded
+
+    return pair.llama or llamacpp.LlamaDraft(embedded.ensure_gguf(embedded.DRAFT, progress=False), pair.template_head)
+
+
+@pytest.mark.skipif(not hasattr(os, "RTLD_DEEPBIND"), reason="RTLD_DEEPBIND is glibc's")
+def test_each_native_library_binds_to_its_own_ggml(tmp_path):
+    """Both packages open their ggml into the global scope; after `hlm.native.load` no library of llama-cpp-python
+    binds a ggml symbol to ggml-python's build (without it, 1,362 did when `ggml` came first)."""
+    script = "import hlm.native as n; n.load(); import ggml; ggml.ggml_cpu_has_avx2(); import llama_cpp"
+    log = tmp_path / "bindings"
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "LD_DEBUG": "bindings",
+                                                                      "LD_DEBUG_OUTPUT": str(log)})
+    lines = [line for f in tmp_path.iterdir() for line in f.read_text().splitlines() if "binding file" in line]
+    crossed = [line for line in lines if "llama_cpp/lib/" in line.split(" to ")[0]
+               and "site-packages/ggml/lib/" in line.split(" to ")[1] and "`ggml_" in line]
+    assert len(lines) > 1000 and not crossed, crossed[:3]
+
+
+def test_llama_drafter_agrees_with_the_transformers_draft(pair, draft):
+    """Teacher-forced on the transformers draft's own greedy answer: the same top-1 at nearly every position (the
+    guard: 99.14 % over 466 positions), the same final hidden state to a cosine of 0.999."""
+    ids = pair.encode_prompt("Write a Python function that reverses a string.", 24)
+    ours, theirs = Drafter(pair.draft, pair.template_head), draft.drafter(len(ids) + 24)
+    a, b = ours.prefill(ids, hidden=True), theirs.prefill(ids, hidden=True)
+    agree, tokens = [], []
+    for _ in range(24):
+        agree.append(int(a.logits.argmax()) == int(b.logits.argmax()))
+        assert torch.cosine_similarity(a.hidden.float(), b.hidden.float(), 0) > 0.999
+        tokens.append(int(a.logits.argmax()))
+        a, b = ours.forward(tokens[-1:], hidden=True), theirs.forward(tokens[-1:], hidden=True)
+    assert sum(agree) >= 22 and theirs.length == len(ids) + 24
+    assert b.logits.shape == (pair.vocab_size,) and b.attentions is None
+
+
+def test_rollback_then_the_same_tokens_give_the_same_logits(pair, draft):
+    ids = pair.encode_prompt("def add(a, b):", 8)
+    drafter = draft.drafter(len(ids) + 8)
+    drafter.prefill(ids)
+    first = [drafter.forward([t]).logits for t in (220, 220, 284)]
+    drafter.rollback(2)
+    assert drafter.length == len(ids) + 1
+    again = [drafter.forward([t]).logits for t in (220, 284)]
+    assert torch.equal(first[1], again[0]) and torch.equal(first[2], again[1])
+
+
+def test_bad_use_is_a_clear_error_and_stop_cuts_the_prompt_read(pair, draft):
+    ids = pair.encode_prompt("Explain DNS in one paragraph. " * 40, 4)
+    drafter = draft.drafter(len(ids) + 4)
+    with pytest.raises(ValueError, match="no attention weights"):
+        drafter.forward([220], layers=(3,))
+    stop = threading.Event()
+    stop.set()
+    with prefix.stopping(stop), pytest.raises(prefix.Cancelled):
+        drafter.prefill(ids)
+    drafter.prefill(ids)  # the same drafter reads the prompt again afterwards
+    with pytest.raises(ValueError, match="context holds"):
+        drafter.forward([220] * 5)
+
+
+def test_the_pair_drafts_on_llama_cpp_only_where_no_attention_is_read(pair):
+    if pair.llama is None:
+        assert "llama.cpp not taken" in pair.quant["draft"]
+        pytest.skip(pair.quant["draft"])
+    assert pair.quant["draft"].startswith("llama.cpp (auto: ") and "draft llama.cpp" in pair.numerics
+    assert isinstance(pair.new_drafter(frozenset(), 64), llamacpp.LlamaCppDrafter)
+    assert isinstance(pair.new_drafter(pair.head_layers, 64), Drafter)
+
+
+def test_prompt_reads_are_kept_and_never_change_a_run(pair):
+    """A prompt read again comes back as it was (its cost then, the same cache), and a run's numbers do not depend on
+    whether the template's head was kept: the head is always its own pass."""
+    from hlm.models import embedded
+
+    cold = llamacpp.LlamaDraft(embedded.ensure_gguf(embedded.DRAFT, progress=False), pair.template_head)
+    ids, other = (pair.encode_prompt(p, 4) for p in ("Sort a list in Python.", "What is DNS?"))
+    first = cold.drafter(len(ids) + 2)
+    a = first.prefill(ids)
+    assert first.remembered is None and a.hidden is None
+    again = cold.drafter(len(ids) + 2)
+    b = again.prefill(ids, hidden=True)
+    assert again.remembered is not None and torch.equal(a.logits, b.logits) and b.hidden is not None
+    assert torch.equal(first.forward([220]).logits, again.forward([220]).logits)
+    warm = cold.drafter(len(other) + 2)  # the head is kept now
+    fresh = llamacpp.LlamaDraft(cold.path, pair.template_head).drafter(len(other) + 2)
+    assert torch.equal(warm.prefill(other).logits, fresh.prefill(other).logits)
+    assert torch.equal(warm.forward([220]).logits, fresh.forward([220]).logits)
