@@ -141,13 +141,13 @@ class LlamaCppDrafter:
         lib = _lib()
         self.draft, self.capacity, self.remembered = draft, capacity, None
         self._cancel: threading.Event | None = None
-        # Called between the graph's nodes: a set cancel event stops a prompt read there (llama_decode returns 2).
+        # Called between the graph's nodes while a prompt is read (a Python call a node: not while decoding), so a
+        # set cancel event stops the read there (llama_decode returns 2).
         self._abort = lib.ggml_abort_callback(lambda _data: bool(self._cancel is not None and self._cancel.is_set()))
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = capacity, CHUNK, CHUNK
         params.n_threads = params.n_threads_batch = torch.get_num_threads()
         params.type_k = params.type_v = lib.GGML_TYPE_F32
-        params.abort_callback = self._abort
         params.no_perf = True
         self.context = lib.llama_init_from_model(draft.model, params)
         if not self.context:
@@ -203,6 +203,8 @@ class LlamaCppDrafter:
         kept = self.draft.recall(key, meter)
         if kept is None:
             self._cancel = prefix.cancel_event()
+            if self._cancel is not None:
+                lib.llama_set_abort_callback(self.context, self._abort, None)
             try:
                 with measure(CPU, meter) as cost:
                     head = self.draft.head
@@ -210,6 +212,8 @@ class LlamaCppDrafter:
                         self._read(head, meter)
                     read = self._pass(ids[self._length:], hidden=True)
             finally:
+                if self._cancel is not None:
+                    lib.llama_set_abort_callback(self.context, lib.ggml_abort_callback(), None)
                 self._cancel = None
             kept = Read(self._state(), read, cost)
             self.draft.keep(key, kept)
