@@ -133,10 +133,11 @@ class HybridDecoder:
         }
 
     def read_prompt(self, prompt: str, max_new_tokens: int) -> None:
-        """The device reads `prompt` now (`hlm.prefix.read` remembers it), so that a later run of it drafts at once:
-        what a server does while it is idle."""
-        pair = self.pair
-        Drafter(pair.draft, pair.template_head).prefill(pair.encode_prompt(prompt, max_new_tokens))
+        """The device reads `prompt` now, on the drafter a run that reads no attention weights takes (both kinds keep
+        the read: `hlm.prefix.read`, `hlm.llamacpp.LlamaDraft`), so that a later run of it drafts at once: what a
+        server does while it is idle."""
+        ids = self.pair.encode_prompt(prompt, max_new_tokens)
+        self._drafter(frozenset(), len(ids)).prefill(ids)
 
     def run(self, prompt: str, config: RunConfig, stop: str | None = None,
             **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
