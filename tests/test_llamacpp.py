@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from hlm import llamacpp, prefix
+from hlm import llamacpp, native, prefix
 from hlm.drafter import Drafter
 
 pytestmark = [pytest.mark.slow,
@@ -40,9 +40,10 @@ def test_each_native_library_binds_to_its_own_ggml(tmp_path):
     log = tmp_path / "bindings"
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "LD_DEBUG": "bindings",
                                                                       "LD_DEBUG_OUTPUT": str(log)})
+    llama, ggml = (str(native.library_folder(package)) for package in ("llama_cpp", "ggml"))
     lines = [line for f in tmp_path.iterdir() for line in f.read_text().splitlines() if "binding file" in line]
-    crossed = [line for line in lines if "llama_cpp/lib/" in line.split(" to ")[0]
-               and "site-packages/ggml/lib/" in line.split(" to ")[1] and "`ggml_" in line]
+    crossed = [line for line in lines if llama in line.split(" to ")[0] and ggml in line.split(" to ")[1]
+               and "`ggml_" in line]
     assert len(lines) > 1000 and not crossed, crossed[:3]
 
 
