@@ -67,6 +67,19 @@ def _backend() -> Any:
     return silent  # kept alive with the cache: llama.cpp holds the pointer
 
 
+@functools.cache
+def _amx() -> bool:
+    """Whether llama.cpp's CPU backend runs AMX here. Its AMX weight buffer segfaults in the first product on such
+    CPUs (llama.cpp issue 20824, open; reproduced with llama-cpp-python 0.3.36 on a Xeon with AMX, the embedded
+    draft's Q4_K_M GGUF), so there the weights load without the extra buffer types (`LlamaDraft`)."""
+    native.load()  # the library as `native` opened it, bound to its own ggml
+    folder = native.library_folder("llama_cpp")
+    try:
+        return bool(ctypes.CDLL(str(folder / "libggml-cpu.so.0")).ggml_cpu_has_amx_int8()) if folder else False
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass
 class Read:
     """A prompt read, kept: the sequence's KV cache as llama.cpp saves it, what the pass returned (the hidden state
@@ -85,7 +98,9 @@ class LlamaDraft:
     def __init__(self, path: Path, head: tuple[int, ...] = ()) -> None:
         lib = _lib()
         _backend()
-        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = not _amx()  # AMX's buffer crashes (`_amx`); elsewhere they repack for speed
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise OSError(f"llama.cpp cannot load {path}")
         weakref.finalize(self, lib.llama_model_free, self.model)
