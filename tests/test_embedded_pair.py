@@ -93,8 +93,10 @@ def test_embedded_float_layers_run_packed_with_the_same_products(embedded, tmp_p
     for role in ("draft", "verifier"):
         packed = [m for m in getattr(embedded.pair, role).modules() if isinstance(m, PackedLinear)]
         why, note = embedded.pair.quant[role], f" ({len(packed)} bf16 layers packed)"
-        assert packed and why.endswith(note)
-        assert recipe_of(why) == recipe_of(why.removesuffix(note))  # the numerics' key, as before packing
+        if not packed and "ggml, " in why:  # auto took ggml, which runs every layer on its blocks (Q6_K too)
+            continue
+        assert packed and note in why  # at the end, or inside the llama.cpp draft's note on what it was taken over
+        assert recipe_of(why) == recipe_of(why.replace(note, "", 1))  # the numerics' key, as before packing
         x = torch.randn(4, packed[-1].in_features, dtype=torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(packed[-1](x), F.linear(x, packed[-1].weight, packed[-1].bias))
