@@ -20,7 +20,6 @@ import ctypes
 import functools
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +91,8 @@ class Read:
 
 class LlamaDraft:
     """A GGUF loaded once a process (weights memory-mapped), shared by the contexts of its drafters, with the prompt
-    reads they made last (as `hlm.prefix.read` keeps the transformers draft's): the chat template's head, read once
-    as its own pass, and the latest prompts, READ_TOKENS tokens in all."""
+    reads they made last, kept as the transformers draft's are (`hlm.prefix.Kept`): the chat template's head, read
+    once as its own pass, and the latest prompts."""
 
     def __init__(self, path: Path, head: tuple[int, ...] = ()) -> None:
         lib = _lib()
@@ -107,26 +106,11 @@ class LlamaDraft:
         self.path, self.head = path, head
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.width = lib.llama_model_n_embd(self.model)
-        self._reads: OrderedDict[tuple[int, ...], Read] = OrderedDict()
-        self._lock = threading.Lock()
+        self.reads: prefix.Kept[Read] = prefix.Kept()
 
     def recall(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> Read | None:
         """The kept read of exactly `ids`, unless a meter asks for energy it was read without."""
-        with self._lock:
-            kept = self._reads.get(ids)
-            if kept is None or (meter is not None and kept.cost.joules is None):
-                return None
-            self._reads.move_to_end(ids)
-            return kept
-
-    def keep(self, ids: tuple[int, ...], read: Read) -> None:
-        if len(ids) > prefix.READ_TOKENS:
-            return
-        with self._lock:
-            self._reads[ids] = read
-            self._reads.move_to_end(ids)
-            while sum(map(len, self._reads)) > prefix.READ_TOKENS:
-                self._reads.popitem(last=False)
+        return self.reads.get(ids, lambda kept: meter is None or kept.cost.joules is not None)
 
     def drafter(self, capacity: int) -> LlamaCppDrafter:
         """A fresh drafter (its own KV cache) for a run of at most `capacity` tokens, prompt included."""
@@ -231,7 +215,7 @@ class LlamaCppDrafter:
                     lib.llama_set_abort_callback(self.context, lib.ggml_abort_callback(), None)
                 self._cancel = None
             kept = Read(self._state(), read, cost)
-            self.draft.keep(key, kept)
+            self.draft.reads.put(key, kept)
         else:
             self._restore(kept.state, len(ids))
             self.remembered = kept.cost
@@ -247,7 +231,7 @@ class LlamaCppDrafter:
             return
         with measure(CPU, meter) as cost:
             read = self._pass(list(ids), hidden=True)
-        self.draft.keep(ids, Read(self._state(), read, cost))
+        self.draft.reads.put(ids, Read(self._state(), read, cost))
 
     def _state(self) -> bytes:
         """The cache's sequence as llama.cpp saves it."""

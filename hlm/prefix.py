@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 import torch
@@ -129,7 +130,35 @@ def prefill(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], progr
 # Per model, the most recent prompts' reads, this many tokens in all: the 1.5B verifier's KV is ~28 KB a token, so at
 # most ~115 MB; a longer prompt is not kept.
 READ_TOKENS = 4096
-_READS: WeakKeyDictionary[PreTrainedModel, OrderedDict[tuple[int, ...], Read]] = WeakKeyDictionary()
+T = TypeVar("T")
+
+
+class Kept(Generic[T]):
+    """One model's most recent prompt reads, READ_TOKENS tokens in all, the oldest dropped first: the transformers
+    models' (`read`) and llama.cpp's (`hlm.llamacpp.LlamaDraft`)."""
+
+    def __init__(self) -> None:
+        self._reads: OrderedDict[tuple[int, ...], T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ids: tuple[int, ...], usable: Callable[[T], bool]) -> T | None:
+        """The kept read of exactly `ids` where `usable` accepts it (it then counts as the newest), else None."""
+        with self._lock:
+            read = self._reads.get(ids)
+            if read is None or not usable(read):
+                return None
+            self._reads.move_to_end(ids)
+            return read
+
+    def put(self, ids: tuple[int, ...], read: T) -> None:
+        """Keep `read` as the newest (not when `ids` alone outgrow READ_TOKENS)."""
+        if len(ids) > READ_TOKENS:
+            return
+        with self._lock:
+            self._reads[ids] = read
+            self._reads.move_to_end(ids)
+            while sum(map(len, self._reads)) > READ_TOKENS:
+                self._reads.popitem(last=False)
 
 
 @dataclass
@@ -144,6 +173,9 @@ class Read:
     remembered: bool = False
 
 
+_READS: WeakKeyDictionary[PreTrainedModel, Kept[Read]] = WeakKeyDictionary()
+
+
 @torch.inference_mode()
 def read(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], meter: EnergyMeter | None,
          progress: Progress | None = None, hidden: bool = False) -> Read:
@@ -153,18 +185,13 @@ def read(model: PreTrainedModel, ids: list[int], head: tuple[int, ...], meter: E
     with a meter)."""
     key = tuple(ids)
     with _LOCK:
-        kept = _READS.setdefault(model, OrderedDict())
-        entry = kept.get(key)
-        if entry is not None and (entry.hidden is not None or not hidden) and \
-                (entry.cost.joules is not None or meter is None):
-            kept.move_to_end(key)
-            return Read(copy.deepcopy(entry.cache), entry.logits, entry.hidden, entry.cost, remembered=True)
+        kept = _READS.setdefault(model, Kept())
+    entry = kept.get(key, lambda e: (e.hidden is not None or not hidden) and
+                     (e.cost.joules is not None or meter is None))
+    if entry is not None:  # a kept cache is never written to: copied for the caller
+        return Read(copy.deepcopy(entry.cache), entry.logits, entry.hidden, entry.cost, remembered=True)
     with measure(model.device, meter) as cost:
         cache, logits, state = prefill(model, ids, head, progress, hidden)
-    if len(key) <= READ_TOKENS:
-        with _LOCK:
-            kept[key] = Read(copy.deepcopy(cache), logits, state, cost)
-            kept.move_to_end(key)
-            while sum(map(len, kept)) > READ_TOKENS:
-                kept.popitem(last=False)
+    if len(key) <= READ_TOKENS:  # copied only where it is kept
+        kept.put(key, Read(copy.deepcopy(cache), logits, state, cost))
     return Read(cache, logits, state, cost)

@@ -421,7 +421,7 @@ def test_a_prompt_read_before_is_not_read_again_and_charged_alike(tiny):
     assert max(passes["draft"] + passes["verifier"]) == 1, "the second read nothing but one token at a time"
     assert len(passes["verifier"]) == len(second) - 1  # one pass per upload after the first, which needed none
     key = tuple(tiny.encode_prompt(prompt, 12))
-    recorded = {name: prefix._READS[getattr(tiny, name)][key].cost.seconds for name in passes}
+    recorded = {name: prefix._READS[getattr(tiny, name)].get(key, lambda _read: True).cost.seconds for name in passes}
     assert second[0].verify_s >= recorded["verifier"] > 0
     assert second[0].draft_s >= recorded["draft"] > 0
 
