@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from hlm.quant import (
     float_layer,
     ggml_layer,
     int4_layer,
+    median_seconds,
     onednn_bf16,
     pack_float_linears,
     quantize,
@@ -336,22 +336,18 @@ LLAMA_STEPS = 3
 
 @torch.inference_mode()
 def _take_llama(pair: ModelPair, gguf: Path) -> None:
-    """Draft on llama.cpp where its step measures faster than the draft's own path (best of LLAMA_ROUNDS rounds of
-    LLAMA_STEPS steps each, in turns, at a short context): both read the same GGUF's blocks."""
+    """Draft on llama.cpp where its step measures faster than the draft's own path (the median of LLAMA_ROUNDS rounds
+    of LLAMA_STEPS steps each, the two in turns, at a short context; `hlm.quant.median_seconds`, as the fast path's
+    other timings at load): both read the same GGUF's blocks."""
     draft = llamacpp.LlamaDraft(gguf, pair.template_head)
-    ids = pair.encode_prompt("Hello.", LLAMA_ROUNDS * LLAMA_STEPS)
-    arms = {"llama.cpp": draft.drafter(len(ids) + LLAMA_ROUNDS * LLAMA_STEPS),
-            "own": Drafter(pair.draft, pair.template_head)}
-    seconds: dict[str, list[float]] = {name: [] for name in arms}
-    token = int(arms["own"].prefill(ids).logits.argmax())
-    arms["llama.cpp"].prefill(ids)
-    for _ in range(LLAMA_ROUNDS):
-        for name, drafter in arms.items():
-            t0 = time.perf_counter()
-            for _ in range(LLAMA_STEPS):
-                drafter.forward([token])
-            seconds[name].append((time.perf_counter() - t0) / LLAMA_STEPS)
-    fast, own = min(seconds["llama.cpp"]), min(seconds["own"])
+    steps = (LLAMA_ROUNDS + 1) * LLAMA_STEPS  # median_seconds calls each once more, untimed
+    ids = pair.encode_prompt("Hello.", steps)
+    fast_drafter, own_drafter = draft.drafter(len(ids) + steps), Drafter(pair.draft, pair.template_head)
+    token = int(own_drafter.prefill(ids).logits.argmax())
+    fast_drafter.prefill(ids)
+    fast, own = (seconds / LLAMA_STEPS for seconds in median_seconds(
+        [lambda d=d: [d.forward([token]) for _ in range(LLAMA_STEPS)] for d in (fast_drafter, own_drafter)],
+        LLAMA_ROUNDS))
     timed = f"{fast * 1e3:.0f} against {own * 1e3:.0f} ms a step"
     if fast >= own:
         pair.quant["draft"] += f"; llama.cpp not taken ({timed})"
