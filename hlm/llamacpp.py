@@ -35,6 +35,7 @@ from hlm.quant import median_seconds
 
 CHUNK = 512  # prompt tokens a pass: llama.cpp's default batch
 CPU = torch.device("cpu")
+KV_VALUE_BYTES = 4  # the drafters' KV cache holds float32 (GGML_TYPE_F32): why, above
 
 
 @functools.cache
@@ -107,6 +108,13 @@ class LlamaDraft:
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.width = lib.llama_model_n_embd(self.model)
         self.reads: prefix.Kept[Read] = prefix.Kept()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token holds in the drafters' KV cache."""
+        lib, model = _lib(), self.model
+        head_dim = self.width // lib.llama_model_n_head(model)
+        return 2 * lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * head_dim * KV_VALUE_BYTES
 
     def recall(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> Read | None:
         """The kept read of exactly `ids`, unless a meter asks for energy it was read without."""

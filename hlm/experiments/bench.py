@@ -41,7 +41,7 @@ from hlm.config import BENCH_SECTIONS as SECTIONS
 from hlm.config import RunConfig, SamplingConfig
 from hlm.estimators import DraftStats
 from hlm.experiments.prompts import load_prompts
-from hlm.experiments.roofline import Bandwidth, decode_bytes, measure_bandwidth
+from hlm.experiments.roofline import Bandwidth, decode_bytes, gguf_decode_bytes, measure_bandwidth
 from hlm.features import judge_input
 from hlm.models.presets import default_dtype
 from hlm.policies import REGISTRY, with_role
@@ -156,12 +156,11 @@ def limit(pair: ModelPair, load: Loader, bandwidth: Bandwidth, context: int) -> 
             paths = {f"{dtype} plain": plain, f"{own} (the attention estimators')": shipped,
                      "llama.cpp shipped": pair.llama}
         for path, model in paths.items():
-            read = decode_bytes(shipped if model is pair.llama else model, context + STEPS // 2)  # at the median step
-            if model is pair.llama:  # the same blocks, its KV cache in float32 (`hlm.llamacpp`)
-                read = replace(read, kv_cache=read.kv_cache * 4 // _float_dtype(shipped).itemsize)
-                tps = 1 / model.step_seconds(STEPS, context)
+            at = context + STEPS // 2  # the bytes at the median step
+            if model is pair.llama:
+                read, tps = gguf_decode_bytes(model, at), 1 / model.step_seconds(STEPS, context)
             else:
-                tps = 1 / step_seconds(model, steps=STEPS, context=context)
+                read, tps = decode_bytes(model, at), 1 / step_seconds(model, steps=STEPS, context=context)
             rows += [(f"(r) {role} {path}: decode step tok/s", tps, f"cached step, context {context} tokens"),
                      (f"(r) {role} {path}: MB read per token", read.total / 1e6,
                       f"weights {read.weights / 1e6:.1f} MB + KV cache {read.kv_cache / 1e6:.2f} MB"),

@@ -11,9 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from gguf import GGUFReader
 from torch import nn
+
+if TYPE_CHECKING:
+    from hlm.llamacpp import LlamaDraft
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,15 @@ def decode_bytes(model: nn.Module, context: int) -> DecodeBytes:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim * context * embedding.element_size()
     return DecodeBytes(weights, kv)
+
+
+def gguf_decode_bytes(draft: LlamaDraft, context: int) -> DecodeBytes:
+    """`decode_bytes` of a step on llama.cpp: every tensor as its GGUF stores it, the input embedding one row where
+    the file has an output head of its own (else the head reads all of it), and its KV cache as llama.cpp holds it."""
+    stored = {t.name: int(t.n_bytes) for t in GGUFReader(draft.path).tensors}
+    embedding = stored["token_embd.weight"]
+    unread = embedding - embedding // draft.vocab if "output.weight" in stored else 0
+    return DecodeBytes(sum(stored.values()) - unread, draft.kv_bytes_per_token * context)
 
 
 @dataclass(frozen=True)
