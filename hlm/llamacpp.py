@@ -99,7 +99,7 @@ class LlamaDraft:
         lib = _lib()
         _backend()
         params = lib.llama_model_default_params()
-        params.use_extra_bufts = not _amx()  # AMX's buffer crashes (`_amx`); elsewhere they repack for speed
+        params.use_extra_bufts = not _amx()  # AMX's buffer crashes (`_amx`); elsewhere llama.cpp's default
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise OSError(f"llama.cpp cannot load {path}")
