@@ -69,9 +69,10 @@ def _backend() -> Any:
 
 @functools.cache
 def _amx() -> bool:
-    """Whether llama.cpp's CPU backend runs AMX here. Its AMX weight buffer segfaults in the first product on such
-    CPUs (llama.cpp issue 20824, open; reproduced with llama-cpp-python 0.3.36 on a Xeon with AMX, the embedded
-    draft's Q4_K_M GGUF), so there the weights load without the extra buffer types (`LlamaDraft`)."""
+    """Whether llama.cpp's CPU backend was built with AMX (ggml answers from its build: a native build on a CPU with
+    AMX; the Docker image's build for AVX2 has none). Its AMX weight buffer segfaults in the first product (llama.cpp
+    issue 20824, open; reproduced with llama-cpp-python 0.3.36 on a Xeon with AMX, the embedded draft's Q4_K_M GGUF),
+    so there the weights load without the extra buffer types (`LlamaDraft`)."""
     native.load()  # the library as `native` opened it, bound to its own ggml
     folder = native.library_folder("llama_cpp")
     try:
