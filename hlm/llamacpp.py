@@ -69,16 +69,11 @@ def _backend() -> Any:
 
 @functools.cache
 def _amx() -> bool:
-    """Whether llama.cpp's CPU backend was built with AMX (ggml answers from its build: a native build on a CPU with
-    AMX; the Docker image's build for AVX2 has none). Its AMX weight buffer segfaults in the first product (llama.cpp
-    issue 20824, open; reproduced with llama-cpp-python 0.3.36 on a Xeon with AMX, the embedded draft's Q4_K_M GGUF),
-    so there the weights load without the extra buffer types (`LlamaDraft`)."""
-    native.load()  # the library as `native` opened it, bound to its own ggml
-    folder = native.library_folder("llama_cpp")
-    try:
-        return bool(ctypes.CDLL(str(folder / "libggml-cpu.so.0")).ggml_cpu_has_amx_int8()) if folder else False
-    except (OSError, AttributeError):
-        return False
+    """Whether llama.cpp's CPU backend runs AMX, as llama.cpp reports its build (a native build on a CPU with AMX; the
+    Docker image's build for AVX2 has none). Its AMX weight buffer segfaults in the first product (llama.cpp issue
+    20824, open; reproduced with llama-cpp-python 0.3.36 on a Xeon with AMX, the embedded draft's Q4_K_M GGUF), so
+    there the weights load without the extra buffer types (`LlamaDraft`)."""
+    return b"AMX_INT8 = 1" in _lib().llama_print_system_info()
 
 
 @dataclass
