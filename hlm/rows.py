@@ -20,6 +20,7 @@ fast paths.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from hlm.quant import (
 KERNEL = "sdpa+exact-rows"
 EXACT_ROWS = min(PREFILL_ROWS, INT4_PREFILL_ROWS) - 1  # the int8 kernel's last row count before it dequantises
 BLOCK = 4  # rows per float GEMM where a block of them costs about one row (`block_rows`)
+BLOCK_ENV = "HLM_BLOCK_ROWS"  # a block to take instead of measuring one: processes that must agree (Ray workers)
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -77,6 +79,16 @@ def block_rows(device_type: str, dtype: torch.dtype) -> int:
     return BLOCK if block <= 2 * one else 1
 
 
+def pinned_block() -> int | None:
+    """$HLM_BLOCK_ROWS, if set. A timing near the middle (fp32 on one AMX machine: a block cost 2.1-2.3 rows) comes
+    out either way, most of all in two processes timing at once; the workers of one run must multiply alike."""
+    if not (value := os.environ.get(BLOCK_ENV)):
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= EXACT_ROWS:
+        raise ValueError(f"${BLOCK_ENV} must be a whole number of rows from 1 to {EXACT_ROWS}, not {value!r}")
+    return int(value)
+
+
 class BlockLinear(nn.Module):
     """A float Linear whose passes of up to EXACT_ROWS rows multiply in zero-padded blocks of `block` rows; longer
     ones (prompt chunks) in one GEMM. Wraps the layer itself (no copy; a tied lm-head stays tied), which may later run
@@ -99,11 +111,12 @@ class BlockLinear(nn.Module):
 
 def exact_rows(model: nn.Module) -> nn.Module:
     """Make `model`'s float Linear layers `BlockLinear`, in place (load it with KERNEL attention), in blocks of
-    `block_rows` for its device and dtype, recorded as `model.hlm_block_rows` (the numerics key names it)."""
+    `block_rows` for its device and dtype, or of $HLM_BLOCK_ROWS where set, recorded as `model.hlm_block_rows` (the
+    numerics key names it)."""
     if model.config._attn_implementation != KERNEL:
         raise ValueError(f"exact rows need the {KERNEL!r} attention, not {model.config._attn_implementation!r}")
     if not any(isinstance(m, BlockLinear) for m in model.modules()):  # once: its layers would nest again
-        block = block_rows(model.device.type, model.dtype)
+        block = pinned_block() or block_rows(model.device.type, model.dtype)
         swap_linears(model, lambda _name, linear: BlockLinear(linear, block))
         model.hlm_block_rows = block
     return model

@@ -105,6 +105,20 @@ def test_the_commands_take_ray_flags(local_ray, tmp_path, capsys):
     assert exc.value.code == 2 and "give local, auto or ray://HOST:PORT" in capsys.readouterr().err
 
 
+def test_every_worker_multiplies_in_one_block_of_rows(local_ray, monkeypatch):
+    """The verifier's block is timed at load, and two actors timing at once came out 1 and 4 (an AMX machine): one
+    actor measures it, every actor takes it; one pinned on the driver ($HLM_BLOCK_ROWS) reaches every actor."""
+    from hlm import rows
+
+    assert local_ray.facts.block_rows in (1, rows.BLOCK)
+    monkeypatch.setenv(rows.BLOCK_ENV, "3")  # never measured: only the pin gives it
+    pinned = RayWorkers(PairSpec("tiny"), n=2, cpus=0.5, address="local")
+    try:
+        assert pinned.facts.block_rows == 3 and pinned.facts.numerics.endswith("3-row blocks")
+    finally:
+        pinned.close()
+
+
 def test_humaneval_runs_its_jobs_on_ray(local_ray, tmp_path):
     """The decoding goes to the actors; the tests of each completion run here, on the driver."""
     from hlm.cli import main

@@ -68,6 +68,21 @@ def test_the_block_of_rows_is_chosen_by_what_a_block_costs_here(monkeypatch, blo
         rows.block_rows.cache_clear()
 
 
+def test_a_pinned_block_is_taken_without_measuring(monkeypatch):
+    """$HLM_BLOCK_ROWS (what a run's Ray workers are told) wins over the timing; a bad value is a clear error."""
+    from hlm.models.tiny import tiny_role
+
+    monkeypatch.setattr(rows, "block_rows", lambda *args: pytest.fail("measured although pinned"))
+    monkeypatch.setenv(rows.BLOCK_ENV, "3")
+    verifier = rows.exact_rows(tiny_role("verifier", rows.KERNEL))
+    assert verifier.hlm_block_rows == 3
+    assert {m.block for m in verifier.modules() if isinstance(m, rows.BlockLinear)} == {3}
+    for bad in ("0", "four", str(rows.EXACT_ROWS + 1)):
+        monkeypatch.setenv(rows.BLOCK_ENV, bad)
+        with pytest.raises(ValueError, match=rows.BLOCK_ENV):
+            rows.exact_rows(tiny_role("verifier", rows.KERNEL))
+
+
 @pytest.mark.parametrize("size", [1, rows.BLOCK])
 def test_a_block_linear_row_does_not_depend_on_the_rows_beside_it(size):
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from hlm.errors import UserError
 from hlm.models.numerics import without_draft
 from hlm.policies import REGISTRY as POLICIES
+from hlm.rows import BLOCK_ENV, pinned_block
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -47,6 +48,7 @@ class PairFacts:
     """What the driver needs of the pair without holding one: cache keys, thresholds, the selection calibration."""
 
     numerics: str
+    block_rows: int  # the verifier's (`hlm.rows`): what the other workers of a run are told to take
     calibration: Calibration | None
     selection: SelectionCalibration
     description: dict[str, Any]
@@ -63,7 +65,7 @@ class PairFacts:
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:
     pair = decoder.pair
-    return PairFacts(pair.numerics, pair.calibration, pair.selection, pair.describe())
+    return PairFacts(pair.numerics, pair.verifier.hlm_block_rows, pair.calibration, pair.selection, pair.describe())
 
 
 def energy_methods(decoder: HybridDecoder, item: tuple[LinkConfig, DeviceProfile]) -> dict[str, str]:
@@ -174,25 +176,41 @@ class RayWorkers:
         self._started = cluster.connect(self.address)
         import ray
 
-        remote = ray.remote(max_restarts=-1, max_task_retries=0)(_PairActor)
-        self.actors = [remote.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.spec)
-                       for _ in range(self.n)]
         total = ray.cluster_resources()
         if total.get("CPU", 0) < self.n * self.cpus or total.get("GPU", 0) < self.n * self.gpus:
             self.close()
             raise UserError(f"the cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; "
                             f"{self.n} workers of {self.cpus:g} CPUs and {self.gpus:g} GPUs do not fit")
-        try:
-            facts = ray.get([a.facts.remote() for a in self.actors], timeout=self.patience_s)
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            self.close()
-            raise UserError(f"the workers could not start with {self.spec.models!r} within {self.patience_s:.0f} s "
-                            f"(resources taken by other jobs, or a load error): {exc}") from exc
+        # The verifier's block is measured at load, and a timing near the middle comes out either way: one actor
+        # measures it, then every actor (a restarted one too) is told to take it.
+        block = pinned_block() or self._facts([self._start({})])[0].block_rows
+        self.close_actors()
+        facts = self._facts([self._start({BLOCK_ENV: str(block)}) for _ in range(self.n)])
         if len({f.numerics for f in facts}) > 1:
             self.close()
             raise UserError("workers run the pair with different numerics "
                             f"({sorted({f.numerics for f in facts})}): pass --dtype and --quant explicitly")
         self.facts = facts[0]
+
+    def _start(self, env: dict[str, str]) -> Any:
+        """An actor with `env` beside the job's environment variables (Ray merges the two), kept in `self.actors`
+        so that `close` stops it."""
+        import ray
+
+        remote = ray.remote(max_restarts=-1, max_task_retries=0)(_PairActor)
+        actor = remote.options(num_cpus=self.cpus, num_gpus=self.gpus, runtime_env={"env_vars": env}).remote(self.spec)
+        self.actors = [*getattr(self, "actors", []), actor]
+        return actor
+
+    def _facts(self, actors: list[Any]) -> list[PairFacts]:
+        import ray
+
+        try:
+            return ray.get([a.facts.remote() for a in actors], timeout=self.patience_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            self.close()
+            raise UserError(f"the workers could not start with {self.spec.models!r} within {self.patience_s:.0f} s "
+                            f"(resources taken by other jobs, or a load error): {exc}") from exc
 
     def map(self, task: Task, items: Sequence[T], bar: tqdm | None = None,
             size: Callable[[T], int] = lambda item: 1) -> Iterator[Outcome[T]]:
@@ -248,15 +266,19 @@ class RayWorkers:
             bar.update(size(outcome.item))
         return outcome
 
-    def close(self) -> None:
-        """Stop the actors (also on Ctrl-C: their jobs are dropped; finished ones were already written)."""
+    def close_actors(self) -> None:
         import ray
-
-        from hlm import cluster
 
         if ray.is_initialized():
             for actor in getattr(self, "actors", []):
                 ray.kill(actor, no_restart=True)
         self.actors = []
+
+    def close(self) -> None:
+        """Stop the actors (also on Ctrl-C: their jobs are dropped; finished ones were already written)."""
+
+        from hlm import cluster
+
+        self.close_actors()
         cluster.shutdown(self._started)
         self._started = False
