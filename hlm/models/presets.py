@@ -37,6 +37,7 @@ from hlm.quant import (
     onednn_bf16,
     pack_float_linears,
     quantize,
+    recipe_of,
     step_seconds,
     stored_blocks,
     streamed_seconds,
@@ -353,5 +354,8 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
         pair.quant["draft"] += f"; llama.cpp not taken ({timed})"
         return
     pair.llama = draft
-    pair.quant["draft"] = f"llama.cpp (auto: {timed} on {pair.quant['draft']}, which the estimators reading " \
-                          "attention keep; measured at load)"
+    # The recipe names both paths: runs of the estimators reading attention stay on the one chosen at load (gguf or
+    # ggml, whose timings can come out either way on a machine), and the numerics key must tell their results apart.
+    kept = recipe_of(pair.quant["draft"]).rstrip(",")
+    pair.quant["draft"] = f"llama.cpp+{kept} (auto: {timed} on {pair.quant['draft']}, which the estimators " \
+                          "reading attention keep; measured at load)"
