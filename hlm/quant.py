@@ -383,7 +383,7 @@ class GgmlLinear(nn.Module):
             raise QuantError(f"{blocks.size} bytes of {kind} blocks for a {self.out_features} x {self.in_features} "
                              "layer")
         # a buffer, so the model's state counts its bytes (`hlm.experiments.roofline`); ggml reads it in place
-        blocks = np.require(blocks, requirements=["C", "W"])  # a GGUF's read-only map: copied
+        blocks = np.require(blocks, requirements=["C", "W"])  # a GGUF's read-only map: copied (FILE's is private)
         self.register_buffer("blocks", torch.from_numpy(blocks.reshape(self.out_features, size)))
         self.dtype = linear.weight.dtype
         bias = getattr(linear, "bias", None)
@@ -478,9 +478,12 @@ def stored_blocks(model: nn.Module, recipe: str) -> dict[str, np.ndarray]:
     if source is not None and source.suffix == ".gguf":
         blocks = gguf_blocks.from_gguf(model, source)
     elif source is not None and (source / gguf_blocks.FILE).is_file():
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        blocks = load_file(source / gguf_blocks.FILE)
+        # memory-mapped, not read: ggml runs the blocks in place, so its layers' pages are the file's, resident only
+        # while read (`page_out` gives them back where llama.cpp drafts instead: `hlm.models.presets`)
+        with safe_open(source / gguf_blocks.FILE, "pt") as stored:
+            blocks = {name: stored.get_tensor(name).numpy() for name in stored.keys()}  # noqa: SIM118 - no __iter__
     else:
         return {}
     kinds = {"q4k": ("Q4_K",), "gguf": gguf_blocks.KINDS, "ggml": ggml_kernel.KINDS}[recipe]

@@ -49,6 +49,7 @@ def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4,
     to the rounding of the group scales (and, on ggml, of the activations to 8 bits a block)."""
     from safetensors import safe_open
 
+    from hlm import memory
     from hlm.models import embedded as files
     from hlm.quant import GgmlLinear, Int4Linear, PlanesLinear
 
@@ -59,7 +60,9 @@ def test_embedded_models_run_their_own_gguf_blocks(embedded, role, recipe, int4,
         assert embedded.pair.quant[role].startswith(("none (auto: ggml", f"none (auto: {recipe}"))
         pytest.skip(embedded.pair.quant[role])
     if taken == "ggml":
-        assert sum(isinstance(m, GgmlLinear) for m in model.modules()) == ggml
+        layers = [m for m in model.modules() if isinstance(m, GgmlLinear)]
+        assert len(layers) == ggml
+        assert all(memory.file_backed(m.blocks) for m in layers)  # ggml runs the stored blocks in place: no copy
     else:
         assert sum(isinstance(m, Int4Linear) for m in model.modules()) == int4  # a plane layer holds one of 2n rows
         assert sum(isinstance(m, PlanesLinear) for m in model.modules()) == planes

@@ -359,3 +359,5 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
     kept = recipe_of(pair.quant["draft"]).rstrip(",")
     pair.quant["draft"] = f"llama.cpp+{kept} (auto: {timed} on {pair.quant['draft']}, which the estimators " \
                           "reading attention keep; measured at load)"
+    for buffer in pair.draft.buffers():  # that path's file-backed blocks (`quant.stored_blocks`), read by the timing
+        memory.page_out(buffer)  # and now only by those estimators: out of the process's memory until then
