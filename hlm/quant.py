@@ -383,7 +383,8 @@ class GgmlLinear(nn.Module):
             raise QuantError(f"{blocks.size} bytes of {kind} blocks for a {self.out_features} x {self.in_features} "
                              "layer")
         # a buffer, so the model's state counts its bytes (`hlm.experiments.roofline`); ggml reads it in place
-        blocks = np.require(blocks, requirements=["C", "W"])  # a GGUF's read-only map: copied (FILE's is private)
+        # a GGUF's read-only map is copied; `gguf_blocks.FILE`'s private (copy-on-write) map runs in place
+        blocks = np.require(blocks, requirements=["C", "W"])
         self.register_buffer("blocks", torch.from_numpy(blocks.reshape(self.out_features, size)))
         self.dtype = linear.weight.dtype
         bias = getattr(linear, "bias", None)

@@ -184,7 +184,7 @@ class RayWorkers:
         # The verifier's block is measured at load, and a timing near the middle comes out either way: one actor
         # measures it, then every actor (a restarted one too) is told to take it.
         block = pinned_block() or self._facts([self._start({})])[0].block_rows
-        self.close_actors()
+        self._stop_actors()
         facts = self._facts([self._start({BLOCK_ENV: str(block)}) for _ in range(self.n)])
         if len({f.numerics for f in facts}) > 1:
             self.close()
@@ -266,7 +266,7 @@ class RayWorkers:
             bar.update(size(outcome.item))
         return outcome
 
-    def close_actors(self) -> None:
+    def _stop_actors(self) -> None:
         import ray
 
         if ray.is_initialized():
@@ -276,9 +276,8 @@ class RayWorkers:
 
     def close(self) -> None:
         """Stop the actors (also on Ctrl-C: their jobs are dropped; finished ones were already written)."""
-
         from hlm import cluster
 
-        self.close_actors()
+        self._stop_actors()
         cluster.shutdown(self._started)
         self._started = False
