@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hlm.config import ConfigError
 from hlm.quant import (
     INT4_PREFILL_ROWS,
     PREFILL_ROWS,
@@ -85,7 +86,7 @@ def pinned_block() -> int | None:
     if not (value := os.environ.get(BLOCK_ENV)):
         return None
     if not value.isdigit() or not 1 <= int(value) <= EXACT_ROWS:
-        raise ValueError(f"${BLOCK_ENV} must be a whole number of rows from 1 to {EXACT_ROWS}, not {value!r}")
+        raise ConfigError(f"${BLOCK_ENV} must be a whole number of rows from 1 to {EXACT_ROWS}, not {value!r}")
     return int(value)
 
 

@@ -70,6 +70,7 @@ def test_the_block_of_rows_is_chosen_by_what_a_block_costs_here(monkeypatch, blo
 
 def test_a_pinned_block_is_taken_without_measuring(monkeypatch):
     """$HLM_BLOCK_ROWS (what a run's Ray workers are told) wins over the timing; a bad value is a clear error."""
+    from hlm.config import ConfigError
     from hlm.models.tiny import tiny_role
 
     monkeypatch.setattr(rows, "block_rows", lambda *args: pytest.fail("measured although pinned"))
@@ -79,7 +80,7 @@ def test_a_pinned_block_is_taken_without_measuring(monkeypatch):
     assert {m.block for m in verifier.modules() if isinstance(m, rows.BlockLinear)} == {3}
     for bad in ("0", "four", str(rows.EXACT_ROWS + 1)):
         monkeypatch.setenv(rows.BLOCK_ENV, bad)
-        with pytest.raises(ValueError, match=rows.BLOCK_ENV):
+        with pytest.raises(ConfigError, match=rows.BLOCK_ENV):  # a setting: one line, no traceback
             rows.exact_rows(tiny_role("verifier", rows.KERNEL))
 
 
