@@ -65,7 +65,7 @@ class PairFacts:
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:
     pair = decoder.pair
-    return PairFacts(pair.numerics, pair.verifier.hlm_block_rows, pair.calibration, pair.selection, pair.describe())
+    return PairFacts(pair.numerics, pair.verifier_block_rows, pair.calibration, pair.selection, pair.describe())
 
 
 def energy_methods(decoder: HybridDecoder, item: tuple[LinkConfig, DeviceProfile]) -> dict[str, str]:

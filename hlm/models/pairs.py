@@ -129,8 +129,13 @@ class ModelPair:
         part without the draft (`hlm.models.numerics.without_draft`)."""
         recipes = tuple((role, recipe_of(why)) for role, why in sorted(self.quant.items()))
         return str(Numerics(str(self.draft.dtype).removeprefix("torch."), recipes,
-                            self.verifier.config._attn_implementation,
-                            getattr(self.verifier, "hlm_block_rows", STORED_BLOCK_ROWS)))
+                            self.verifier.config._attn_implementation, self.verifier_block_rows))
+
+    @property
+    def verifier_block_rows(self) -> int:
+        """Rows per float GEMM of the verifier's short passes (`hlm.rows.exact_rows`; a verifier made otherwise, as
+        some tests make one, has the block every stored key had)."""
+        return getattr(self.verifier, "hlm_block_rows", STORED_BLOCK_ROWS)
 
     def describe(self) -> dict[str, Any]:
         """Hardware and model facts for the CLI/app hardware panel."""
