@@ -114,7 +114,7 @@ class CloudProcess:
         # the server's verifier multiplies in this process's block of rows: each timing its own, fp32's came out 1
         # in one and 4 in the other on an AMX machine, and a q(draft) moved by one ulp (`hlm.rows.pinned_block`)
         env = {**os.environ, "HLM_CLOUD_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1",
-               BLOCK_ENV: os.environ.get(BLOCK_ENV) or str(load_pair("tiny").verifier_block_rows)}
+               BLOCK_ENV: str(load_pair("tiny").verifier_block_rows)}  # $HLM_BLOCK_ROWS where set
         self.proc = subprocess.Popen([sys.executable, "-m", "hlm", "serve-cloud", "--models", "tiny", "--threads", "1",
                                       "--port", str(self.port), *self.args], env=env, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 120

@@ -92,7 +92,7 @@ def test_the_pair_drafts_on_llama_cpp_only_where_no_attention_is_read(pair):
     if pair.llama is None:
         assert "llama.cpp not taken" in pair.quant["draft"]
         pytest.skip(pair.quant["draft"])
-    kept = pair.quant["draft"].split(" on ", 1)[1].split(" ")[0].rstrip(",")  # the path attention runs take
+    kept = getattr(pair.draft, "hlm_quant", "none")  # the path the attention estimators' runs take
     assert pair.quant["draft"].startswith(f"llama.cpp+{kept} (auto: ") and f"draft llama.cpp+{kept}," in pair.numerics
     assert isinstance(pair.new_drafter(frozenset(), 64), llamacpp.LlamaCppDrafter)
     assert isinstance(pair.new_drafter(pair.head_layers, 64), Drafter)

@@ -171,6 +171,7 @@ class RayWorkers:
     def __post_init__(self) -> None:
         from hlm import cluster
 
+        self.actors: list[Any] = []  # every actor started and not stopped (`close` stops them)
         if self.n < 1 or self.cpus <= 0 or self.gpus < 0:
             raise UserError("--workers must be at least 1, --worker-cpus above 0 and --worker-gpus at least 0")
         self._started = cluster.connect(self.address)
@@ -193,13 +194,12 @@ class RayWorkers:
         self.facts = facts[0]
 
     def _start(self, env: dict[str, str]) -> Any:
-        """An actor with `env` beside the job's environment variables (Ray merges the two), kept in `self.actors`
-        so that `close` stops it."""
+        """An actor with `env` beside the job's environment variables (Ray merges the two), kept in `actors`."""
         import ray
 
         remote = ray.remote(max_restarts=-1, max_task_retries=0)(_PairActor)
         actor = remote.options(num_cpus=self.cpus, num_gpus=self.gpus, runtime_env={"env_vars": env}).remote(self.spec)
-        self.actors = [*getattr(self, "actors", []), actor]
+        self.actors.append(actor)
         return actor
 
     def _facts(self, actors: list[Any]) -> list[PairFacts]:
@@ -270,7 +270,7 @@ class RayWorkers:
         import ray
 
         if ray.is_initialized():
-            for actor in getattr(self, "actors", []):
+            for actor in self.actors:
                 ray.kill(actor, no_restart=True)
         self.actors = []
 
