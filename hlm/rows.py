@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hlm import timings
 from hlm.config import ConfigError
 from hlm.quant import (
     INT4_PREFILL_ROWS,
@@ -69,12 +70,14 @@ def block_rows(device_type: str, dtype: torch.dtype) -> int:
     own one-row product, exact too). Twice is the middle: a block that costs c rows loses c-fold on a one-token pass
     and gains 4/c-fold on a full block. Measured once a process on a CPU (an 8,960 x 1,536 layer, streamed): with
     oneDNN's bf16 the block costs about one row; with AVX2 alone torch's bf16 product is bound by arithmetic, four
-    rows cost four, and a one-token pass in blocks of 4 multiplied three rows of zeros (docs/speed.md). A GPU reads
-    the weights once for a few rows."""
+    rows cost four, and a one-token pass in blocks of 4 multiplied three rows of zeros (docs/speed.md); where the
+    two sides time near the middle, the timing is kept for later loads (`hlm.timings`). A GPU reads the weights once
+    for a few rows."""
     if device_type != "cpu":
         return BLOCK
     try:
-        one, block = streamed_seconds(*float_passes(8960, 1536, dtype, (1, BLOCK)))
+        (one, block), _ = timings.kept(
+            "block rows", lambda: streamed_seconds(*float_passes(8960, 1536, dtype, (1, BLOCK))), str(dtype), BLOCK)
     except Busy:  # untimed: the block oneDNN's bf16 runs at the cost of a row, one row each without it
         return BLOCK if onednn_bf16() else 1
     return BLOCK if block <= 2 * one else 1

@@ -20,6 +20,8 @@ from hlm.config import LinkConfig, PolicyConfig, RunConfig, SamplingConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray reads this when it is imported: a local instance or a test cluster then binds to 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Each load measures its own timings, as the tests that steer them expect: none kept from another load (hlm.timings).
+os.environ["HLM_TIMINGS"] = "off"
 # The tiny models are far faster on one thread (no cross-core sync); the slow tests raise it for real models.
 torch.set_num_threads(1)
 

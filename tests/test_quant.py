@@ -453,3 +453,24 @@ def test_auto_times_every_shape_its_blocks_replace_and_sums_them(tmp_path, monke
     assert timed == [("float", 256, 256), ("int4", 256, 256, 2)]  # the shape once, for its two layers
     assert f"({2 * int4_s * 1e3:.1f} vs 2.0 ms in float32 for one row through its 2 layers but the head" in why
     assert why.startswith("gguf") == taken == isinstance(model.model.layers[0].self_attn.q_proj, PlanesLinear)
+
+
+def test_a_second_load_takes_the_kept_timing_and_the_same_blocks(tmp_path, monkeypatch):
+    """With timings kept (`hlm.timings`), a second load of the same model on this machine times nothing and takes
+    what the first took, even where a new timing would come out the other way."""
+    from hlm.models import presets
+
+    monkeypatch.setenv("HLM_TIMINGS", str(tmp_path / "timings.json"))
+    monkeypatch.setattr(presets.ggml_kernel, "available", lambda: False)
+    monkeypatch.setattr(presets, "float_layer", lambda n, k, dtype: ("float", n, k))
+    monkeypatch.setattr(presets, "int4_layer", lambda n, k, dtype, planes: ("int4", n, k, planes))
+    timed = []
+    monkeypatch.setattr(presets, "streamed_seconds", lambda *layers: timed.extend(layers) or [1e-3, 0.9e-3])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = presets.fast_path(_planes_model(tmp_path / "a"), "auto", "gguf")
+    monkeypatch.setattr(presets, "streamed_seconds", lambda *layers: timed.extend(layers) or [1e-3, 1.1e-3])
+    model = _planes_model(tmp_path / "b")
+    second = presets.fast_path(model, "auto", "gguf")
+    assert len(timed) == 2 and first.startswith("gguf") and second.startswith("gguf")
+    assert first.endswith("measured at load)") and "kept in $HLM_TIMINGS" in second
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PlanesLinear)

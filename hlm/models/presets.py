@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hlm import ASSETS, ggml_kernel, llamacpp, memory, rows
+from hlm import ASSETS, ggml_kernel, llamacpp, memory, rows, timings
 from hlm.compiled import compile_step
 from hlm.config import COMPILED
 from hlm.drafter import KERNEL, Drafter
@@ -113,9 +113,10 @@ def cpu_bf16_taken() -> bool:
     decoding gains and prompts lose (docs/speed.md, "CPUs with AVX2 alone"); on another, in an earlier torch, a 0.5B
     decode step took 1.6 s in bf16 and 0.27 s in fp32. The margin: fp32 holds twice the bytes (the embedded pair
     about 10 GB), and on a third AVX2 CPU the two took 1.5-2.0 ms each by turns, which flipped the dtype from one load
-    to the next. When the cores are busy (`Busy`), bf16, untimed."""
+    to the next; so the timing is kept (`hlm.timings`). When the cores are busy (`Busy`), bf16, untimed."""
     try:
-        bf16, fp32 = streamed_seconds(float_layer(8960, 1536, torch.bfloat16), float_layer(8960, 1536, torch.float32))
+        (bf16, fp32), _ = timings.kept("dtype", lambda: streamed_seconds(
+            float_layer(8960, 1536, torch.bfloat16), float_layer(8960, 1536, torch.float32)), 8960, 1536)
     except Busy as exc:
         LOG.warning("dtype: %s; bf16 taken untimed", exc)
         return True
@@ -154,7 +155,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
     """Put `model` on its fast path in place; returns why. `auto` takes the recipe accepted for this model by the
     quality guard (`passed`, `Preset.fast`) only where it is faster on this machine, one decode step timed before
     and after, since CPUs differ (int8 kernels help where memory traffic dominates; not every CPU has fast ones).
-    An explicit recipe applies as asked."""
+    The timing is kept for later loads (`hlm.timings`). An explicit recipe applies as asked."""
     if requested not in ("auto", *RECIPES):
         raise ModelError(f"unknown --quant {requested!r}: use auto or one of {', '.join(RECIPES)}")
     if requested == "none" or (requested == "auto" and passed == "none"):
@@ -166,13 +167,32 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
     recipe = passed if requested == "auto" else requested
     if recipe in BLOCK_RECIPES:
         return _blocks_path(model, requested, recipe)
-    before = step_seconds(model)
-    quantize(model, recipe)
-    after = step_seconds(model)
+    quantized = False
+
+    def measure() -> list[float]:
+        nonlocal quantized
+        before = step_seconds(model)
+        quantize(model, recipe)
+        quantized = True
+        return [before, step_seconds(model)]
+
+    (before, after), when = timings.kept("step", measure, recipe, *model_key(model))
     why = f"{recipe} ({after * 1e3:.0f} ms a step vs {before * 1e3:.0f} ms in {str(model.dtype)[6:]}"
     if requested == "auto" and after >= before:
-        raise _Slower(why + "; slower here)")
-    return why + (", measured at load)" if requested == "auto" else ", as requested)")
+        if quantized:
+            raise _Slower(why + "; slower here)")
+        return f"none (auto: {why}; slower here, measured {when})"
+    if not quantized:
+        quantize(model, recipe)
+    return why + (f", measured {when})" if requested == "auto" else ", as requested)")
+
+
+def model_key(model: PreTrainedModel) -> tuple[str, ...]:
+    """What a kept timing of `model` depends on besides the machine (`hlm.timings.kept`): its checkpoint and shape."""
+    config = model.config
+    return (config.name_or_path, config.model_type, str(model.dtype), model.device.type,
+            *(str(getattr(config, name, None))
+              for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")))
 
 
 def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
@@ -190,7 +210,8 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
             return f"none (auto: no {recipe} blocks for this model)"
         use_blocks(model, {}, recipe)  # raises: nothing to run on
     try:
-        plain, costs, timed = _kernel_costs(model, found)
+        (plain, costs, timed), when = timings.kept("blocks", lambda: _kernel_costs(model, found), sorted(found),
+                                                   *model_key(model))
     except Busy as exc:  # untimed: the recipe its guard accepted (ggml where only it has blocks), bytes halved
         taken = recipe if recipe in found else next(iter(found))
         use_blocks(model, found[taken], taken)
@@ -200,9 +221,9 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
     why = (f"{taken}, {len(found[taken])} layers ({costs[taken] * 1e3:.1f} vs {plain * 1e3:.1f} ms in "
            f"{str(model.dtype)[6:]} for one row through its {timed} layers but the head{others}")
     if requested == "auto" and costs[taken] >= plain:
-        return f"none (auto: {why}; slower here)"
+        return f"none (auto: {why}; slower here, measured {when})"
     use_blocks(model, found[taken], taken)
-    return why + (", measured at load)" if requested == "auto" else ", as requested)")
+    return why + (f", measured {when})" if requested == "auto" else ", as requested)")
 
 
 def _kernel_costs(model: PreTrainedModel,
@@ -341,23 +362,28 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
     of LLAMA_STEPS steps each, the two in turns, at a short context; `hlm.quant.median_seconds`, as the fast path's
     other timings at load): both read the same GGUF's blocks."""
     draft = llamacpp.LlamaDraft(gguf, pair.template_head)
-    steps = (LLAMA_ROUNDS + 1) * LLAMA_STEPS  # median_seconds calls each once more, untimed
-    ids = pair.encode_prompt("Hello.", steps)
-    fast_drafter, own_drafter = draft.drafter(len(ids) + steps), Drafter(pair.draft, pair.template_head)
-    token = int(own_drafter.prefill(ids).logits.argmax())
-    fast_drafter.prefill(ids)
-    fast, own = (seconds / LLAMA_STEPS for seconds in median_seconds(
-        [lambda d=d: [d.forward([token]) for _ in range(LLAMA_STEPS)] for d in (fast_drafter, own_drafter)],
-        LLAMA_ROUNDS))
+
+    def measure() -> list[float]:
+        steps = (LLAMA_ROUNDS + 1) * LLAMA_STEPS  # median_seconds calls each once more, untimed
+        ids = pair.encode_prompt("Hello.", steps)
+        fast_drafter, own_drafter = draft.drafter(len(ids) + steps), Drafter(pair.draft, pair.template_head)
+        token = int(own_drafter.prefill(ids).logits.argmax())
+        fast_drafter.prefill(ids)
+        return [seconds / LLAMA_STEPS for seconds in median_seconds(
+            [lambda d=d: [d.forward([token]) for _ in range(LLAMA_STEPS)] for d in (fast_drafter, own_drafter)],
+            LLAMA_ROUNDS)]
+
+    (fast, own), when = timings.kept("llama.cpp draft", measure, gguf.name, gguf.stat().st_size,
+                                     recipe_of(pair.quant["draft"]), *model_key(pair.draft))
     timed = f"{fast * 1e3:.0f} against {own * 1e3:.0f} ms a step"
     if fast >= own:
-        pair.quant["draft"] += f"; llama.cpp not taken ({timed})"
+        pair.quant["draft"] += f"; llama.cpp not taken ({timed}, measured {when})"
         return
     pair.llama = draft
     # The recipe names both paths: runs of the estimators reading attention stay on the one chosen at load (gguf or
     # ggml, whose timings can come out either way on a machine), and the numerics key must tell their results apart.
     kept = recipe_of(pair.quant["draft"]).rstrip(",")
     pair.quant["draft"] = f"llama.cpp+{kept} (auto: {timed} on {pair.quant['draft']}, which the estimators " \
-                          "reading attention keep; measured at load)"
+                          f"reading attention keep; measured {when})"
     for buffer in pair.draft.buffers():  # that path's file-backed blocks (`quant.stored_blocks`), read by the timing
         memory.page_out(buffer)  # and now only by those estimators: out of the process's memory until then
