@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 FP32_MARGIN = 1.5  # fp32 is taken only where bf16 takes longer than this many times its time (`cpu_bf16_taken`)
+GUARD_MARGIN = 1.25  # on the verifier ggml beats the guard's recipe only where this many times faster (`_blocks_path`)
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,12 @@ def _load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         raise ModelError(f"cannot load tokenizer {ref!r}: {str(exc).splitlines()[0]}") from exc
 
 
-def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
+def fast_path(model: PreTrainedModel, requested: str, passed: str, output: bool = False) -> str:
     """Put `model` on its fast path in place; returns why. `auto` takes the recipe accepted for this model by the
     quality guard (`passed`, `Preset.fast`) only where it is faster on this machine, one decode step timed before
     and after, since CPUs differ (int8 kernels help where memory traffic dominates; not every CPU has fast ones).
-    The timing is kept for later loads (`hlm.timings`). An explicit recipe applies as asked."""
+    The timing is kept for later loads (`hlm.timings`). An explicit recipe applies as asked. `output`: the model whose
+    distribution is the output (the verifier; `Preset.fast`), on which a near-tie goes to the guard's recipe."""
     if requested not in ("auto", *RECIPES):
         raise ModelError(f"unknown --quant {requested!r}: use auto or one of {', '.join(RECIPES)}")
     if requested == "none" or (requested == "auto" and passed == "none"):
@@ -166,7 +168,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str) -> str:
         raise ModelError(f"--quant {requested} runs on the CPU only (this model is on {model.device})")
     recipe = passed if requested == "auto" else requested
     if recipe in BLOCK_RECIPES:
-        return _blocks_path(model, requested, recipe)
+        return _blocks_path(model, requested, recipe, GUARD_MARGIN if output else 1.0)
     quantized = False
 
     def measure() -> list[float]:
@@ -195,12 +197,15 @@ def model_key(model: PreTrainedModel) -> tuple[str, ...]:
               for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")))
 
 
-def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
+def _blocks_path(model: PreTrainedModel, requested: str, recipe: str, margin: float) -> str:
     """The recipes that run a GGUF's own blocks are timed on every layer they replace but the output head (whose
     made-up copies would take gigabytes): each shape once, float against each candidate's kernel, with made-up
     weights streamed from memory (`streamed_seconds`), summed over the layers of that shape; not on a whole step,
     which would read (and make resident) the very weights the blocks replace. `auto` weighs the guard's recipe
-    against ggml where it is installed (`_kernel_costs`) and takes the fastest, if faster than float. The largest
+    against ggml where it is installed (`_kernel_costs`) and takes the fastest, if faster than float; on the verifier
+    ggml must beat the guard's recipe `margin`-fold (GUARD_MARGIN), since the verifier's guard fails on its 8-bit
+    activations: on an AMX machine q4k took 0.93-1.05 times ggml's time, which flipped loads between them,
+    and on AVX2 alone ggml took 0.47 times theirs (docs/speed.md). The draft's guard passes on both. The largest
     layer alone misjudged the draft on one CPU (AVX2 alone): 0.70 against 0.73 ms favoured its blocks, while its
     small layers were each two to four times slower on them and the whole step 24 % slower."""
     candidates = ("ggml", recipe) if requested == "auto" and ggml_kernel.available() else (recipe,)
@@ -217,6 +222,8 @@ def _blocks_path(model: PreTrainedModel, requested: str, recipe: str) -> str:
         use_blocks(model, found[taken], taken)
         return f"{taken}, {len(found[taken])} layers (taken untimed: {exc})"
     taken = min(costs, key=costs.__getitem__)
+    if requested == "auto" and recipe in costs and costs[taken] * margin > costs[recipe]:
+        taken = recipe  # a near-tie goes to the numerics the guard accepted
     others = "".join(f"; {r} {cost * 1e3:.1f} ms" for r, cost in costs.items() if r != taken)
     why = (f"{taken}, {len(found[taken])} layers ({costs[taken] * 1e3:.1f} vs {plain * 1e3:.1f} ms in "
            f"{str(model.dtype)[6:]} for one row through its {timed} layers but the head{others}")
@@ -323,7 +330,7 @@ def _load_named(spec: str, dev: torch.device, dtype: str | None, progress: bool,
     for role, ref, attention, guard in zip(("draft", "verifier"), (draft_ref, verifier_ref), (KERNEL, rows.KERNEL),
                                            passed, strict=True):
         try:
-            pair.quant[role] = fast_path(getattr(pair, role), quant, guard)
+            pair.quant[role] = fast_path(getattr(pair, role), quant, guard, output=role == "verifier")
         except _Slower as slower:
             setattr(pair, role, load_model(ref, dev, torch_dtype, attention))
             pair.quant[role] = f"none (auto: {slower})"
