@@ -32,6 +32,7 @@ from hlm.models.embedded import cache_dir
 
 LOG = logging.getLogger(__name__)
 ENV = "HLM_TIMINGS"  # a file to keep timings in, or "off"
+AT_LOAD = "at load"  # `kept`'s word for a timing `measure` made just now
 KERNEL_MODULES = ("quant.py", "rows.py", "ggml_kernel.py", "gguf_blocks.py", "llamacpp.py", "native.py")
 T = TypeVar("T")
 
@@ -67,8 +68,8 @@ def machine() -> str:
 
 
 def kept(name: str, measure: Callable[[], T], *key: object) -> tuple[T, str]:
-    """`measure()`'s result (JSON-able: tuples come back as lists) and when it was measured: "at load", or the
-    day of an earlier load on this machine whose timing is kept. `name` and `key` say what it measured."""
+    """`measure()`'s result (JSON-able: tuples come back as lists) and when it was measured: AT_LOAD (`measure` ran
+    now), or the day of an earlier load on this machine whose timing is kept. `name` and `key` say what it measured."""
     path = _file()
     entry = f"{name} {json.dumps(key, default=str)} {machine()} {torch.get_num_threads()} threads"
     if path is not None:
@@ -78,7 +79,7 @@ def kept(name: str, measure: Callable[[], T], *key: object) -> tuple[T, str]:
     value = measure()
     if path is not None:
         _write(path, entry, {"value": value, "day": datetime.date.today().isoformat()})
-    return value, "at load"
+    return value, AT_LOAD
 
 
 def _read(path: Path) -> dict[str, Any]:
