@@ -41,11 +41,21 @@ class HumanEvalRun:
         return f"{self.folder}/results.json"
 
 
-# Shown in this order, the draft that ships first; each caption says what its run is.
+# Shown in this order, the path that ships first; each caption says what its run is.
 HUMANEVAL = (
-    HumanEvalRun("humaneval-gguf-curve", "The draft that ships, on its GGUF blocks: k = 4, the default k = 8 and "
-                 "k = 16, and the hidden-state judge at k = 4, 8 and 16, each against its matched coin, with slm as "
-                 "the floor and llm as the ceiling, on all 164 problems",
+    HumanEvalRun("humaneval-amx-164", "The shipped path (`--quant auto` on an AMX machine: the draft's steps on "
+                 "llama.cpp, the verifier on `q4k`): the default k = 8 and its matched coin, with slm as the floor "
+                 "and llm as the ceiling, on all 164 problems",
+                 "python -m hlm eval humaneval --policies ours,random --limit 90 --out runs/humaneval-164-amx; "
+                 "python -m hlm eval humaneval --policies ours,random --skip 90 --limit 74 "
+                 "--out runs/humaneval-amx-90-163; python -m hlm eval humaneval --policies slm --limit 164 "
+                 "--out runs/humaneval-amx-slm; python -m hlm eval humaneval --policies llm --limit 164 "
+                 "--out runs/humaneval-amx-llm; python -m hlm eval merge runs/humaneval-164-amx "
+                 "runs/humaneval-amx-90-163 runs/humaneval-amx-slm runs/humaneval-amx-llm "
+                 "--out runs/humaneval-amx-164"),
+    HumanEvalRun("humaneval-gguf-curve", "The draft on its GGUF blocks (`gguf`, shipped before llama.cpp): k = 4, "
+                 "the default k = 8 and k = 16, and the hidden-state judge at k = 4, 8 and 16, each against its "
+                 "matched coin, with slm as the floor and llm as the ceiling, on all 164 problems",
                  "python -m hlm eval humaneval --policies ours,random,slm --ks 8 --limit 64 "
                  "--out runs/humaneval-gguf-64; python -m hlm eval humaneval --policies ours,random,slm --ks 8 "
                  "--skip 64 --limit 16 --out runs/humaneval-gguf-rest; python -m hlm eval humaneval --policies "
