@@ -476,27 +476,39 @@ def test_a_second_load_takes_the_kept_timing_and_the_same_blocks(tmp_path, monke
     assert isinstance(model.model.layers[0].self_attn.q_proj, PlanesLinear)
 
 
-def test_the_step_timed_recipes_keep_their_timing_too(tmp_path, monkeypatch):
+def _step_timer(seconds: list[float], timed: list[float]):
+    """A stand-in for `step_seconds`: the given step times in turn, each one recorded in `timed`."""
+    queue = iter(seconds)
+
+    def step_seconds(model: torch.nn.Module) -> float:
+        timed.append(next(queue))
+        return timed[-1]
+
+    return step_seconds
+
+
+@pytest.mark.parametrize(("recipe", "before_after", "taken"), [("int8", [2e-3, 1e-3], True),
+                                                                ("int4", [1e-3, 2e-3], False)])
+def test_the_step_timed_recipes_keep_their_timing_too(tmp_path, monkeypatch, recipe, before_after, taken):
     """`int8` and `int4` are chosen on a whole step timed before and after, kept like the blocks' timings: a second
     load times nothing and takes what the first took, quantised or left as loaded, whatever a new timing would say."""
     from hlm.drafter import KERNEL
     from hlm.models import presets
 
     monkeypatch.setenv("HLM_TIMINGS", str(tmp_path / "timings.json"))
-    for recipe, steps, taken in (("int8", [2e-3, 1e-3], True), ("int4", [1e-3, 2e-3], False)):
-        timed: list[float] = []
-        monkeypatch.setattr(presets, "step_seconds", lambda model, s=steps, t=timed: t.append(s[len(t) % 2]) or t[-1])
-        first = presets.tiny_role("draft", KERNEL)
-        if taken:
-            why = presets.fast_path(first, "auto", recipe)
-            assert why.endswith("measured at load)") and isinstance(first.model.layers[0].mlp.up_proj, Int8Linear)
-        else:
-            with pytest.raises(presets._Slower):  # measured slower: the caller reloads the model as it was
-                presets.fast_path(first, "auto", recipe)
-        assert len(timed) == 2
-        monkeypatch.setattr(presets, "step_seconds", lambda model, s=steps[::-1], t=timed: t.append(s[0]) or s[0])
-        second = presets.tiny_role("draft", KERNEL)
-        why = presets.fast_path(second, "auto", recipe)
-        assert len(timed) == 2 and "kept in $HLM_TIMINGS" in why  # nothing timed again
-        up_proj = second.model.layers[0].mlp.up_proj
-        assert why.startswith(recipe) == taken == (type(up_proj) is not torch.nn.Linear)
+    timed: list[float] = []
+    monkeypatch.setattr(presets, "step_seconds", _step_timer(before_after, timed))
+    first = presets.tiny_role("draft", KERNEL)
+    if taken:
+        why = presets.fast_path(first, "auto", recipe)
+        assert why.endswith("measured at load)") and isinstance(first.model.layers[0].mlp.up_proj, Int8Linear)
+    else:
+        with pytest.raises(presets._Slower):  # measured slower: the caller reloads the model as it was
+            presets.fast_path(first, "auto", recipe)
+    assert len(timed) == 2
+    monkeypatch.setattr(presets, "step_seconds", _step_timer(before_after[::-1], timed))  # would now say the opposite
+    second = presets.tiny_role("draft", KERNEL)
+    why = presets.fast_path(second, "auto", recipe)
+    assert len(timed) == 2 and "kept in $HLM_TIMINGS" in why  # nothing timed again
+    up_proj = second.model.layers[0].mlp.up_proj
+    assert why.startswith(recipe) == taken == (type(up_proj) is not torch.nn.Linear)
