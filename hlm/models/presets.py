@@ -169,6 +169,7 @@ def fast_path(model: PreTrainedModel, requested: str, passed: str, output: bool 
     recipe = passed if requested == "auto" else requested
     if recipe in BLOCK_RECIPES:
         return _blocks_path(model, requested, recipe, GUARD_MARGIN if output else 1.0)
+
     def measure() -> list[float]:
         before = step_seconds(model)
         quantize(model, recipe)
