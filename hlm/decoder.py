@@ -103,7 +103,9 @@ class HybridDecoder:
             # In process the cloud shares the device's cores, so it reads the prompt when first asked: reading it
             # early on a thread of its own delays the first draft and gains nothing in tok/s (docs/speed.md, measured).
             # Over HTTP it reads early.
-            verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head)
+            # It remembers its last passes on a prompt, so a page's Compare serves again the passes one run made
+            # before another (`hlm.verifier.Track`).
+            verifier = LocalVerifier(pair.verifier, pair.valid, head=pair.template_head, remember=True)
         self.verifier = verifier
         self.device = pair.draft.device
         self.meter = open_meter(self.device)
@@ -216,6 +218,7 @@ class HybridDecoder:
         _add(spent, w)
         if gen.drafter.remembered is not None:  # a prompt read before is charged what it cost then (`hlm.prefix.read`)
             _add(spent, gen.drafter.remembered)
+            t0 -= gen.drafter.remembered.seconds  # and so is the clock: wall_s counts work served at its cost
         for index in range(s.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 return
@@ -238,6 +241,7 @@ class HybridDecoder:
                 verdict, source = self._verify(gen.context, d)
                 if verdict is not None:
                     held = len(gen.context) + 1  # the verifier holds its own verdict token
+                    t0 -= verdict.served_s
             token = verdict.token if verdict else d.token
             gen.context.append(token)
 
@@ -277,7 +281,7 @@ class HybridDecoder:
             if progress and not held:
                 progress("cloud", 0, len(context))
             verdict = self.verifier.verify(context, None, None)
-            held = len(context) + 1
+            held, t0 = len(context) + 1, t0 - verdict.served_s
             context.append(verdict.token)
             bits_up = upload_bits(link, self.pair.vocab_size, n_sync, with_distribution=False)
             last = ends(s, index, verdict.token, self.pair.stop_ids)

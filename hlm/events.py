@@ -78,7 +78,8 @@ class TokenEvent:
     verify_s: float = 0.0
     uplink_s: float = 0.0
     wait_s: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # since the run began, work served as computed before counted at what it cost then
+    served_s: float = 0.0  # of verify_s, the verifier's work served as computed before (`hlm.verifier.Track`)
     energy_j: dict[str, float] = field(default_factory=dict)
     energy_method: dict[str, str] = field(default_factory=dict)
 
@@ -100,7 +101,7 @@ class TokenEvent:
                              important=imp.important)
         if verdict is not None:
             parts.update(token_id=verdict.token, p_draft=verdict.p_draft, q_draft=verdict.q_draft,
-                         verify_s=verdict.compute_s, wire_bytes_up=verdict.wire_bytes_up,
+                         verify_s=verdict.compute_s, served_s=verdict.served_s, wire_bytes_up=verdict.wire_bytes_up,
                          wire_bytes_down=verdict.wire_bytes_down)
         return cls(index=index, position=position, text=text, source=source,
                    uploaded=draft is not None and cost.bits_up > 0, synced_ids=synced_ids, bits_up=cost.bits_up,

@@ -117,6 +117,7 @@ def test_overhead_rows_on_the_tiny_pair():
     assert values["(a) overhead of the judge per draft"] == pytest.approx(
         values["(a) the judge's own work per draft, us"] / 1e6 / (values["(a) draft step with ubar, ms"] / 1e3))
     assert "(a) overhead as the two runs' difference" in values
+    assert decoder.verifier.remember is False  # its repeated runs time every pass: none served (`hlm.verifier.Track`)
 
 
 def test_an_unknown_section_is_refused():

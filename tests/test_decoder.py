@@ -400,7 +400,8 @@ def test_a_prompt_read_before_is_not_read_again_and_charged_alike(tiny):
     which ran first."""
     from hlm import prefix
 
-    decoder = HybridDecoder(tiny)
+    # A verifier that keeps no passes, so the second run's passes after the prompt run (tests/test_passes.py)
+    decoder = HybridDecoder(tiny, LocalVerifier(tiny.verifier, tiny.valid, head=tiny.template_head))
     config = RunConfig(SamplingConfig(max_new_tokens=12, seed=3, stop_at_eos=False), PolicyConfig(name="hlm"))
     prompt = "A prompt read twice."
     passes: dict[str, list[int]] = {"draft": [], "verifier": []}

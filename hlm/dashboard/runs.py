@@ -80,6 +80,13 @@ class RunView:
     def text(self) -> str:
         return "".join(e.text for e in self.events)
 
+    @property
+    def served(self) -> str:
+        """What of the run's time was work made before and served again at its cost (`hlm.verifier.Track`, a prompt
+        read before): said wherever its time is, since its clock counts that work (`TokenEvent.wall_s`)."""
+        s = sum(e.served_s for e in self.events)
+        return f"{s:.1f} s of it cloud work made before, served again and charged what it cost" if s >= 0.05 else ""
+
     def payload(self, tokens: bool = True) -> dict[str, Any]:
         """What the API streams: the run so far (cumulative, so the last message is the whole result)."""
         out = {"status": self.phase, "note": self.note, "policy": self.label, "text": self.text,

@@ -47,6 +47,7 @@ from hlm.models.presets import default_dtype
 from hlm.policies import REGISTRY, with_role
 from hlm.quant import PackedLinear, WideLinear, quality, step_seconds
 from hlm.session import with_u_th
+from hlm.verifier import LocalVerifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -369,8 +370,11 @@ def rows_at_once(pair: ModelPair, context: int) -> list[Row]:
 
 def bench(decoder: HybridDecoder, load: Loader, sections: Sequence[str] = SECTIONS, *, n_tokens: int,
           repeats: int, prompt: str, guard_prompts: int, n_prompts: int, bandwidth_mib: int = 1024) -> list[Row]:
-    """The rows of the chosen `sections`, in `SECTIONS` order; `load` gives a model of the pair unquantised."""
+    """The rows of the chosen `sections`, in `SECTIONS` order; `load` gives a model of the pair unquantised. Every
+    pass a row times runs: the verifier serves none from a kept session (`hlm.verifier.Track`), though runs repeat."""
     pair, rows = decoder.pair, []
+    if isinstance(decoder.verifier, LocalVerifier):
+        decoder.verifier.remember = False
     plain_dtypes: dict[str, torch.dtype] = {}
     context = len(pair.encode_prompt(prompt, n_tokens)) + n_tokens // 2  # mid-answer on the bench's prompt
     if "limit" in sections:
