@@ -72,7 +72,7 @@ class Pass:
     the verifier's choice there (the argmax, all greedy needs; the logits row for sampling) and what it cost."""
 
     start: int
-    argmax: int
+    argmax: int  # read at greedy only where `logits` is None (a greedy pass's, so its one-hot's argmax)
     size: int  # the distribution's length
     logits: torch.Tensor | None
     cost: Window
@@ -248,7 +248,7 @@ class LocalVerifier:
             self._cached = len(context)
             self._charge(kept.cost)
             self._served += kept.cost.seconds
-            if kept.logits is not None and self.sampling.temperature != 0:
+            if kept.logits is not None:  # at greedy too: the argmax of its sampled q could break a near-tie otherwise
                 return distribution(kept.logits, self.sampling, self.valid), None
             q = torch.zeros(kept.size, device=self.device)  # `distribution`'s one-hot at temperature 0
             q[kept.argmax] = 1.0

@@ -72,6 +72,17 @@ def test_sampled_runs_take_the_kept_logits_and_draw_as_before(tiny, policy, kw):
     assert decided(decoder.run(prompt, other)[1]) == decided(forgetful(tiny).run(prompt, other)[1])
 
 
+def test_a_greedy_run_served_from_sampled_passes_takes_their_logits(tiny):
+    """A sampled pass keeps its logits row, and a greedy verify can be served from it: here every pass, each deciding
+    as a forgetful verifier does. (It takes the argmax of the logits, not of the sampled q, in which a temperature
+    could round a near-tie to a tie; no such tie is built here.)"""
+    prompt, greedy = "Kept passes: greedy after nearly greedy.", cfg("llm", n=12, temperature=0.0)
+    decoder = HybridDecoder(tiny)
+    decoder.run(prompt, cfg("llm", n=12, temperature=0.001))  # samples the argmax here, and keeps its rows
+    rows, (_, events, _) = verifier_rows(tiny, lambda: decoder.run(prompt, greedy))
+    assert rows == [] and decided(events) == decided(forgetful(tiny).run(prompt, greedy)[1])
+
+
 def test_a_new_prompt_drops_the_kept_tracks_and_their_size_is_bounded(tiny):
     decoder = HybridDecoder(tiny)
     for seed in range(TRACKS + 2):  # sampled runs keep a logits row for every pass
