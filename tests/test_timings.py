@@ -87,3 +87,23 @@ def test_a_file_that_cannot_be_written_costs_only_a_measurement(tmp_path, monkey
     blocker.write_text("")
     monkeypatch.setenv(timings.ENV, str(blocker / "timings.json"))  # its folder is a file
     assert [timings.kept("x", lambda: 1) for _ in range(2)] == [(1, "at load")] * 2
+
+
+@pytest.mark.parametrize(("fast", "taken"), [(2.0, False), (0.5, True)])
+def test_a_kept_llama_timing_loads_the_gguf_only_where_it_is_taken(tiny, tmp_path, monkeypatch, fast, taken):
+    """`_take_llama` with a kept timing: llama.cpp loads the GGUF where the timing takes it, and not at all where
+    it says no (the load is a memory map and a context for nothing)."""
+    from dataclasses import replace
+
+    from hlm import llamacpp
+    from hlm.models import presets
+
+    loads = []
+    monkeypatch.setattr(llamacpp, "LlamaDraft", lambda path, head: loads.append(path) or "the llama.cpp draft")
+    monkeypatch.setattr(timings, "kept", lambda _name, _measure, *_key: ((fast, 1.0), "kept"))
+    gguf = tmp_path / "draft.gguf"
+    gguf.write_bytes(b"GGUF")
+    pair = replace(tiny, quant={"draft": "none", "verifier": "none"}, llama=None)
+    presets._take_llama(pair, gguf)
+    assert (pair.llama == "the llama.cpp draft") is taken and loads == ([gguf] if taken else [])
+    assert ("llama.cpp not taken" in pair.quant["draft"]) is not taken

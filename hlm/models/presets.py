@@ -365,13 +365,19 @@ LLAMA_STEPS = 3
 def _take_llama(pair: ModelPair, gguf: Path) -> None:
     """Draft on llama.cpp where its step measures faster than the draft's own path (the median of LLAMA_ROUNDS rounds
     of LLAMA_STEPS steps each, the two in turns, at a short context; `hlm.quant.median_seconds`, as the fast path's
-    other timings at load): both read the same GGUF's blocks."""
-    draft = llamacpp.LlamaDraft(gguf, pair.template_head)
+    other timings at load): both read the same GGUF's blocks. The GGUF is loaded on llama.cpp only to be timed or
+    taken: where a kept timing says no, never."""
+    loaded: list[llamacpp.LlamaDraft] = []
+
+    def draft() -> llamacpp.LlamaDraft:
+        if not loaded:
+            loaded.append(llamacpp.LlamaDraft(gguf, pair.template_head))
+        return loaded[0]
 
     def measure() -> list[float]:
         steps = (LLAMA_ROUNDS + 1) * LLAMA_STEPS  # median_seconds calls each once more, untimed
         ids = pair.encode_prompt("Hello.", steps)
-        fast_drafter, own_drafter = draft.drafter(len(ids) + steps), Drafter(pair.draft, pair.template_head)
+        fast_drafter, own_drafter = draft().drafter(len(ids) + steps), Drafter(pair.draft, pair.template_head)
         token = int(own_drafter.prefill(ids).logits.argmax())
         fast_drafter.prefill(ids)
         return [seconds / LLAMA_STEPS for seconds in median_seconds(
@@ -384,7 +390,7 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
     if fast >= own:
         pair.quant["draft"] += f"; llama.cpp not taken ({timed}, measured {when})"
         return
-    pair.llama = draft
+    pair.llama = draft()
     # The recipe names both paths: runs of the estimators reading attention stay on the one chosen at load (gguf or
     # ggml, whose timings can come out either way on a machine), and the numerics key must tell their results apart.
     kept = recipe_of(pair.quant["draft"]).rstrip(",")
