@@ -169,10 +169,13 @@ class LocalVerifier:
             self._sync(context)
         self._charge(window)
 
-    def _charge(self, window: Window) -> None:
-        """Work done outside a verify's own window, charged to the next verify."""
+    def _charge(self, window: Window, served: bool = False) -> None:
+        """Work done outside a verify's own window, charged to the next verify; `served`: work not done now at all
+        (a pass or prompt read served as computed before), which the verdict's `served_s` counts too."""
         s, j = self._read
         self._read = (s + window.seconds, None if window.joules is None else (j or 0.0) + window.joules)
+        if served:
+            self._served += window.seconds
 
     def prefill(self, context: list[int]) -> None:
         """Read `context` now, before its first draft (the HTTP service's early start); its compute time is
@@ -203,8 +206,7 @@ class LocalVerifier:
             read = prefix.read(self.model, context[:n], self.head, self.meter)
             self.cache, self.last_logits, self._cached, self._kv = read.cache, read.logits, n, n
             if read.remembered:  # charged what reading it cost, so no run's figures depend on what ran before it
-                self._charge(read.cost)
-                self._served += read.cost.seconds
+                self._charge(read.cost, served=True)
         if self._kv < self._cached:  # passes were served: the cache catches up from the track that ran them
             self._catch_up(context)
         for i in range(self._kv, len(context), rows.EXACT_ROWS):
@@ -239,15 +241,14 @@ class LocalVerifier:
                 return p
         return None
 
-    def _q(self, context: list[int]) -> tuple[torch.Tensor, Pass | None]:
-        """q at the next position, served from a kept pass or computed; a computed one also comes back as the
-        `Pass` to keep (with `remember`), its cost set once the verify's window closes."""
+    def _q(self, context: list[int]) -> tuple[torch.Tensor, int | None]:
+        """q at the next position, served from a kept pass or computed; for a computed pass to keep (with
+        `remember`, after the prompt), also the rows read before it."""
         kept = self._kept_pass(context)
         if kept is not None:
             self.held.extend(context[len(self.held):])
             self._cached = len(context)
-            self._charge(kept.cost)
-            self._served += kept.cost.seconds
+            self._charge(kept.cost, served=True)
             if kept.logits is not None:  # at greedy too: the argmax of its sampled q could break a near-tie otherwise
                 return distribution(kept.logits, self.sampling, self.valid), None
             q = torch.zeros(kept.size, device=self.device)  # `distribution`'s one-hot at temperature 0
@@ -255,25 +256,21 @@ class LocalVerifier:
             return q, None
         start = self._cached
         self._sync(context)
-        q = distribution(self.last_logits, self.sampling, self.valid)
-        if not (self.remember and start):
-            return q, None
-        logits = None if self.sampling.temperature == 0 else self.last_logits.clone()
-        return q, Pass(start, int(q.argmax()), int(q.shape[-1]), logits, Window())
+        return distribution(self.last_logits, self.sampling, self.valid), start if self.remember and start else None
 
     def verify(self, context: list[int], draft: int | None, payload: bytes | None) -> Verdict:
         self._ready(context, "verify")
         with measure(self.device, self.meter) as window:
-            q, ran = self._q(context)
+            q, ran_from = self._q(context)
             if draft is None:
                 token, accepted, p_d, q_d = pick(q, self.sampling, self.generator), None, None, None
             else:
                 p = decode(payload or b"", self.vocab_size).to(self.device)
                 token, accepted = rejection_step(draft, p, q, self.generator)
                 p_d, q_d = float(p[draft]), float(q[draft])
-        if ran is not None:  # kept with this window's cost alone, not what earlier work charged to this verify
-            ran.cost = window
-            self._passes[len(context)] = ran
+        if ran_from is not None:  # kept with this window's cost alone, not what earlier work charged to this verify
+            logits = None if self.sampling.temperature == 0 else self.last_logits.clone()
+            self._passes[len(context)] = Pass(ran_from, int(q.argmax()), int(q.shape[-1]), logits, window)
         method = self.meter.method if self.meter and window.joules is not None else None
         self.held.append(token)  # the caller commits it: the next pass reads it with the ids that follow
         (read_s, read_j), self._read = self._read, (0.0, None)  # the early prefill is this verify's work too

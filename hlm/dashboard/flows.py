@@ -333,9 +333,9 @@ class Dashboard:
         s = run.summary
         limit = (f"; stopped at the {len(run.events)}-token limit (raise Max new tokens for more)"
                  if run.at_limit(decoder.pair.stop_ids) else "")
+        served = f" ({said})" if (said := run.served) else ""
         run.note = (f"stopped after {s.tokens if s else 0} tokens" if stopped else
-                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s{limit}"
-                    f"{f' ({run.served})' if run.served else ''}" if s else "done: no tokens")
+                    f"done: {s.tokens} tokens decoded in {s.wall_s:.1f} s{limit}{served}" if s else "done: no tokens")
         yield
 
     def hardware(self, preset: str, config: RunConfig | None = None) -> str:

@@ -221,7 +221,7 @@ def _column_facts(run: RunView) -> str:
     if s is None:
         return "waiting…"
     again = f" · the run of {run.shown_again}, shown again (same prompt and settings)" if run.shown_again else ""
-    served = f" · {s.wall_s:.1f} s, {run.served}" if run.served else ""
+    served = f" · {s.wall_s:.1f} s, {said}" if (said := run.served) else ""
     return (f"upload {_pct(s.upload_rate)} · saving {_pct(s.energy_saving)} · "
             f"F1 {'–' if run.f1 is None else f'{run.f1:.3f}'}{again}{served}")
 

@@ -367,12 +367,7 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
     of LLAMA_STEPS steps each, the two in turns, at a short context; `hlm.quant.median_seconds`, as the fast path's
     other timings at load): both read the same GGUF's blocks. The GGUF is loaded on llama.cpp only to be timed or
     taken: where a kept timing says no, never."""
-    loaded: list[llamacpp.LlamaDraft] = []
-
-    def draft() -> llamacpp.LlamaDraft:
-        if not loaded:
-            loaded.append(llamacpp.LlamaDraft(gguf, pair.template_head))
-        return loaded[0]
+    draft = functools.cache(lambda: llamacpp.LlamaDraft(gguf, pair.template_head))  # loaded once, on first use
 
     def measure() -> list[float]:
         steps = (LLAMA_ROUNDS + 1) * LLAMA_STEPS  # median_seconds calls each once more, untimed
