@@ -2,6 +2,7 @@
 prompt choice, and the new sections on the tiny pair (values sane, never timed against a figure)."""
 
 import functools
+import re
 
 import pytest
 from transformers import Qwen2ForCausalLM
@@ -89,6 +90,19 @@ def test_limit_and_heldout_rows_on_the_tiny_pair():
     assert "2 held-back prompts x 4 tokens, greedy" in held["(h) verifier plain generate (float32), mean tok/s"][1]
     assert {"(h) ratio: project SLM / plain generate of the draft",
             "(h) ratio: default ours / plain generate of the verifier"} <= held.keys()
+
+
+def test_the_guard_row_says_how_many_positions_it_compared_and_how_many_differ():
+    decoder = open_decoder("tiny", quant="int8")
+    rows = bench(decoder, functools.partial(load_unquantised, "tiny"), ("plain",), n_tokens=4, repeats=1,
+                 prompt="Say hi.", guard_prompts=2, n_prompts=1, bandwidth_mib=32)
+    guard = {name.split(":")[0]: (value, note) for name, value, note in rows if "guard: top-1" in name}
+    assert set(guard) == {"(p) draft guard", "(p) verifier guard"}
+    for top1, note in guard.values():
+        match = re.fullmatch(r"target >= 99 %, 2 prompts x 32 tokens: (\d+) of (\d+) positions apart", note)
+        assert match, note
+        apart, n = map(int, match.groups())
+        assert 0 < n <= 2 * 32 and apart == round((1 - top1) * n)
 
 
 def test_rows_section_times_steps_of_several_new_tokens():
