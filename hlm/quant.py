@@ -720,20 +720,30 @@ def _decoded_log_probs(model: nn.Module, ids: torch.Tensor, start: int) -> torch
     return F.log_softmax(torch.stack(logits).float(), -1)
 
 
+class Agreement(NamedTuple):
+    """What the quality guard measured: the counts beside the rates, because near its 99 % bar a handful of
+    positions decides the verdict."""
+
+    top1: float  # the share of positions where both models' argmax agree
+    kl: float  # mean KL(p_ref || p_fast), nats
+    positions: int
+    apart: int  # positions whose argmax differs
+
+
 @torch.inference_mode()
 def quality(reference: nn.Module, fast: nn.Module | LlamaDraft, sequences: list[list[int]],
-            start: list[int]) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(p_ref || p_fast) in nats) over the positions from `start[i]` on of each sequence,
+            start: list[int]) -> Agreement:
+    """Top-1 agreement and mean KL(p_ref || p_fast) over the positions from `start[i]` on of each sequence,
     teacher-forced: both models read the same ids, so every position is compared under the same context. Each
     answer position comes from a one-token step on the cache, as in decoding: one pass over the whole sequence
     would run a quantised layer's prompt path (dequantised weights, float GEMM) where decoding runs its kernel.
     `fast` is a model, or a draft on llama.cpp (`hlm.llamacpp.LlamaDraft`, which computes its own `log_probs`)."""
-    agree, kl, n = 0.0, 0.0, 0
+    agree, kl, n = 0, 0.0, 0
     for ids, s in zip(sequences, start, strict=True):
         x = torch.tensor([ids], device=next(reference.parameters()).device)
         ref = _decoded_log_probs(reference, x, s)
         out = _decoded_log_probs(fast, x, s) if isinstance(fast, nn.Module) else fast.log_probs(ids, s)
-        agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         kl += float((ref.exp() * (ref - out)).sum())
         n += ref.shape[0]
-    return agree / n, kl / n
+    return Agreement(agree / n, kl / n, n, n - agree)

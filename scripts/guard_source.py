@@ -84,7 +84,7 @@ def main() -> None:
     rows = [(f"{recipe} vs bf16", bf16, fast), ("bf16 vs source (GGUF weights, float32)", source, bf16),
             (f"{recipe} vs source (GGUF weights, float32)", source, fast)]
     for label, reference, model in rows:
-        top1, kl = quality(reference, model, *sequences)
+        top1, kl, *_ = quality(reference, model, *sequences)
         print(f"{label:42s} top-1 {100 * top1:6.2f} %   KL {kl:.5f} nats", flush=True)
 
 

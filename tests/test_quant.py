@@ -132,11 +132,12 @@ def _sequences(pair):
 
 def test_quality_guard_passes_int8_and_fails_a_different_model(tiny):
     fast = quantize(copy.deepcopy(tiny.draft), "int8")
-    top1, kl = quality(tiny.draft, fast, *_sequences(tiny))
-    assert top1 >= 0.99 and kl <= 0.01
+    guard = quality(tiny.draft, fast, *_sequences(tiny))
+    assert guard.top1 >= 0.99 and guard.kl <= 0.01
+    assert guard.positions == 3 * 6 and guard.apart == round((1 - guard.top1) * guard.positions)
     # The guard can fail: another model (the verifier of the pair) is far from the draft.
-    top1, kl = quality(tiny.draft, tiny.verifier, *_sequences(tiny))
-    assert top1 < 0.9 and kl > 0.1
+    guard = quality(tiny.draft, tiny.verifier, *_sequences(tiny))
+    assert guard.top1 < 0.9 and guard.kl > 0.1 and guard.apart > 0
 
 
 def test_quality_guard_scores_the_answer_with_decode_steps(tiny):

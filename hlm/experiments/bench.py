@@ -204,13 +204,11 @@ def plain_vs_fast(pair: ModelPair, load: Loader, n_tokens: int, prompt: str,
             rows.append((f"(p) {role} plain generate, {_dtype_name(dtype)}, tok/s", tps, ""))
             if dtype == _float_dtype(fast) and guard_prompts and getattr(fast, "hlm_quant", "none") != "none":
                 shipped = pair.llama if role == "draft" and pair.llama is not None else fast
-                sequences, starts = _guard_sequences(pair, guard_prompts, 32, model)
-                top1, kl = quality(model, shipped, sequences, starts)
-                n = sum(len(ids) - s for ids, s in zip(sequences, starts, strict=True))  # the positions compared
-                rows += [(f"(p) {role} guard: top-1 agreement, {_recipe(pair, role)} vs {_dtype_name(dtype)}", top1,
-                          f"target >= 99 %, {guard_prompts} prompts x 32 tokens: {round((1 - top1) * n)} of {n:,} "
-                          "positions apart"),
-                         (f"(p) {role} guard: mean KL, nats", kl, "target <= 0.01")]
+                guard = quality(model, shipped, *_guard_sequences(pair, guard_prompts, 32, model))
+                rows += [(f"(p) {role} guard: top-1 agreement, {_recipe(pair, role)} vs {_dtype_name(dtype)}",
+                          guard.top1, f"target >= 99 %, {guard_prompts} prompts x 32 tokens: {guard.apart} of "
+                          f"{guard.positions:,} positions apart"),
+                         (f"(p) {role} guard: mean KL, nats", guard.kl, "target <= 0.01")]
             del model
             gc.collect()
     return rows, {role: dtype for role, (_, dtype) in best.items()}
