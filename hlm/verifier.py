@@ -148,7 +148,7 @@ class LocalVerifier:
     def open(self, sampling: SamplingConfig, prompt: Sequence[int] = ()) -> None:
         self.sampling, self.prompt = sampling, list(prompt)
         self.generator = torch.Generator(self.device).manual_seed(sampling.seed ^ VERIFIER_SEED_SALT)
-        self.cache, self.held, self._cached, self._kv, self._read = DynamicCache(), [], 0, 0, (0.0, None)
+        self._empty()
         self._passes, self._served = {}, 0.0
         if self.early and prompt:
             self._stop = threading.Event()
@@ -162,7 +162,11 @@ class LocalVerifier:
             with prefix.stopping(self._stop):
                 self._read_now(prompt)
         except Exception:  # noqa: BLE001 - Cancelled, or an error the first verify will meet again
-            self.cache, self.held, self._cached, self._kv, self._read = DynamicCache(), [], 0, 0, (0.0, None)
+            self._empty()
+
+    def _empty(self) -> None:
+        """A session with nothing read: the state `open` starts from and a failed early prefill returns to."""
+        self.cache, self.held, self._cached, self._kv, self._read = DynamicCache(), [], 0, 0, (0.0, None)
 
     def _read_now(self, context: list[int]) -> None:
         with measure(self.device, self.meter) as window:
