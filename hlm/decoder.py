@@ -134,12 +134,12 @@ class HybridDecoder:
             "cloud": cloud.method if cloud else f"modelled: {link.cloud_power_w} W x measured verifier compute time",
         }
 
-    def read_prompt(self, prompt: str, max_new_tokens: int) -> None:
-        """The device reads `prompt` now, on the drafter a run that reads no attention weights takes (both kinds keep
-        the read: `hlm.prefix.read`, `hlm.llamacpp.LlamaDraft`), so that a later run of it drafts at once: what a
-        server does while it is idle."""
-        ids = self.pair.encode_prompt(prompt, max_new_tokens)
-        self._drafter(frozenset(), len(ids)).prefill(ids)
+    def read_prompt(self, prompt: str, config: RunConfig) -> None:
+        """The device reads `prompt` now, on the drafter a run of `config` takes (both kinds keep the read:
+        `hlm.prefix.read`, `hlm.llamacpp.LlamaDraft`), so that a later run of it drafts at once: what a server does
+        while it is idle."""
+        ids = self.pair.encode_prompt(prompt, config.sampling.max_new_tokens)
+        self._drafter(read_layers(self.pair, config), len(ids)).prefill(ids)
 
     def run(self, prompt: str, config: RunConfig, stop: str | None = None,
             **kwargs: Any) -> tuple[str, list[TokenEvent], dict]:
@@ -312,6 +312,17 @@ class HybridDecoder:
                       "device_idle": "modelled", "cloud": "measured" if cloud_measured else "modelled"})
 
 
+def read_layers(pair: ModelPair, config: RunConfig) -> frozenset[int]:
+    """The layers whose attention weights a run's estimator reads: its passes compute weights on these alone."""
+    pol = config.policy
+    attention = ESTIMATORS[pol.estimator].attention if POLICIES[pol.name].uses_estimator else ""
+    if attention == "heads":
+        return pair.head_layers
+    if attention == "rows":
+        return frozenset(row_layers(pair.draft.config.num_hidden_layers, pol.last_layers))
+    return frozenset()
+
+
 class Generation:
     """One generation's device side: the SLM's drafter (its KV cache), the random streams, the context emitted so
     far, the drafts awaiting a decision, and what the next draft reads (the logits and attention weights of the
@@ -329,7 +340,7 @@ class Generation:
         self.needs_u = diagnostics or self.policy.uses_uncertainty  # calibration needs u whatever the policy
         self.selection, self.valid, self.embeddings = pair.selection, pair.valid, pair.embeddings
         self.heads = pair.heads
-        self.layers = self._read_layers(est.attention if est else "", pair)
+        self.layers = read_layers(pair, config)
         # (the layers it reads, the most tokens its cache will hold: the prompt, the answer, the drafts read ahead)
         self.drafter = drafter(self.layers, len(prompt_ids) + s.max_new_tokens + self.passes + 1)
         self.draft_gen, self.u_gen = (torch.Generator(self.device).manual_seed(s.seed + i) for i in range(2))
@@ -341,14 +352,6 @@ class Generation:
         self.hidden: torch.Tensor | None = None  # the final hidden state of that pass, where the estimator reads it
         self.p_prev: float | None = None  # the SLM's probability of the newest token in its context
         self.log_p_drafts = 0.0  # the sum of log p_draft over the drafts decided so far (`DraftStats.log_p_before`)
-
-    def _read_layers(self, attention: str, pair: ModelPair) -> frozenset[int]:
-        """The layers whose attention weights the estimator reads: its passes compute weights on these alone."""
-        if attention == "heads":
-            return pair.head_layers
-        if attention == "rows":
-            return frozenset(row_layers(pair.draft.config.num_hidden_layers, self.config.policy.last_layers))
-        return frozenset()
 
     def prefill(self, progress: prefix.Progress | None, meter: EnergyMeter | None) -> None:
         """The SLM reads the prompt (in chunks, `hlm.prefix`): the first draft's logits."""

@@ -7,11 +7,19 @@ reads the GGUF the embedded draft was converted from, so the weights are the ggm
 cache is kept in float32: with llama.cpp's default float16 cache the greedy guard against bf16 fell to 98.71 %
 (99.14 % in float32, as on the ggml path).
 
-Contract: `hlm.drafter.Drafter`'s (`prefill`, `forward`, `rollback`, `length`, `remembered`). llama.cpp returns no
-attention weights, so a pair drafts here only for estimators that read none (`ModelPair.new_drafter`); the final
-hidden state, which the judge reads, is llama.cpp's embeddings output (the normed state its head reads). Prompt reads
-are kept as `hlm.prefix` keeps the transformers draft's (`LlamaDraft`), and Stop cuts a prompt read within one node
-of the graph (llama.cpp's abort callback).
+Contract: `hlm.drafter.Drafter`'s (`prefill`, `forward`, `rollback`, `length`, `remembered`). The final hidden state,
+which the judge reads, is llama.cpp's embeddings output (the normed state its head reads). Prompt reads are kept as
+`hlm.prefix` keeps the transformers draft's (`LlamaDraft`), and Stop cuts a prompt read within one node of the graph
+(llama.cpp's abort callback).
+
+Attention weights: llama.cpp's API returns none, but its graph computes them where flash attention is off (the
+`kq_soft_max-<layer>` nodes). A drafter made for some layers (the `heads` estimators', the default's among them) runs
+with flash attention off and copies those nodes out of the graph as they are computed (llama.cpp's `cb_eval`), in the
+steps that ask for them: 1-2 ms a step, against the transformers draft's 16-23 ms more a step (docs/speed.md). A
+token's KV cell is its position (one sequence, cells filled in order, rollback and restored reads included), so the
+weights come back in the transformers draft's shape. Their numerics differ from that draft's (within 0.01 on the
+default's feature), so runs that read them are keyed apart (`ModelPair.heads_path`). The importance rows of the
+paper-literal rule (every head of the last layers, read ahead) stay on the transformers draft.
 """
 
 from __future__ import annotations
@@ -76,6 +84,24 @@ def _amx() -> bool:
     return b"AMX_INT8 = 1" in _lib().llama_print_system_info()
 
 
+class _Tensor(ctypes.Structure):
+    """The head of ggml's `struct ggml_tensor` (ggml.h): its type, buffer and shape (elements per axis, fastest
+    first)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+
+@functools.cache
+def _ggml() -> Any:
+    """The ggml of llama-cpp-python's build (already open: `hlm.native.load`), for a graph node's name and data."""
+    folder = native.library_folder("llama_cpp")
+    base = ctypes.CDLL(str(folder / "libggml-base.so"))
+    base.ggml_get_name.restype, base.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    base.ggml_get_data_f32.restype = ctypes.POINTER(ctypes.c_float)
+    base.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
+    return base
+
+
 @dataclass
 class Read:
     """A prompt read, kept: the sequence's KV cache as llama.cpp saves it, what the pass returned (the hidden state
@@ -89,7 +115,8 @@ class Read:
 class LlamaDraft:
     """A GGUF loaded once a process (weights memory-mapped), shared by the contexts of its drafters, with the prompt
     reads they made last, kept as the transformers draft's are (`hlm.prefix.Kept`): the chat template's head, read
-    once as its own pass, and the latest prompts."""
+    once as its own pass, and the latest prompts; apart for the drafters that read attention weights (flash attention
+    off computes other numbers)."""
 
     def __init__(self, path: Path, head: tuple[int, ...] = ()) -> None:
         lib = _lib()
@@ -103,22 +130,25 @@ class LlamaDraft:
         self.path, self.head = path, head
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.width = lib.llama_model_n_embd(self.model)
-        self.reads: prefix.Kept[Read] = prefix.Kept()
+        self.layers = lib.llama_model_n_layer(self.model)
+        self.reads: dict[bool, prefix.Kept[Read]] = {False: prefix.Kept(), True: prefix.Kept()}  # by `weights`
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token holds in the drafters' KV cache."""
         lib, model = _lib(), self.model
         head_dim = self.width // lib.llama_model_n_head(model)
-        return 2 * lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * head_dim * KV_VALUE_BYTES
+        return 2 * self.layers * lib.llama_model_n_head_kv(model) * head_dim * KV_VALUE_BYTES
 
-    def recall(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> Read | None:
-        """The kept read of exactly `ids`, unless a meter asks for energy it was read without."""
-        return self.reads.get(ids, lambda kept: meter is None or kept.cost.joules is not None)
+    def recall(self, ids: tuple[int, ...], meter: EnergyMeter | None, weights: bool = False) -> Read | None:
+        """The kept read of exactly `ids` by a drafter of that kind, unless a meter asks for energy it was read
+        without."""
+        return self.reads[weights].get(ids, lambda kept: meter is None or kept.cost.joules is not None)
 
-    def drafter(self, capacity: int) -> LlamaCppDrafter:
-        """A fresh drafter (its own KV cache) for a run of at most `capacity` tokens, prompt included."""
-        return LlamaCppDrafter(self, capacity)
+    def drafter(self, capacity: int, weights: bool = False) -> LlamaCppDrafter:
+        """A fresh drafter (its own KV cache) for a run of at most `capacity` tokens, prompt included; with `weights`,
+        one whose passes return the attention weights of the layers asked (flash attention off)."""
+        return LlamaCppDrafter(self, capacity, weights)
 
     def log_probs(self, ids: list[int], start: int) -> torch.Tensor:
         """Log-probabilities of the tokens from `start` on, as decoding computes them (the prompt in one read, then
@@ -140,9 +170,9 @@ class LlamaDraft:
 class LlamaCppDrafter:
     """One generation's drafter on llama.cpp: its own context (KV cache), one token a pass after the prompt."""
 
-    def __init__(self, draft: LlamaDraft, capacity: int) -> None:
+    def __init__(self, draft: LlamaDraft, capacity: int, weights: bool = False) -> None:
         lib = _lib()
-        self.draft, self.capacity, self.remembered = draft, capacity, None
+        self.draft, self.capacity, self.remembered, self.weights = draft, capacity, None, weights
         self._cancel: threading.Event | None = None
         # Called between the graph's nodes while a prompt is read (a Python call a node: not while decoding), so a
         # set cancel event stops the read there (llama_decode returns 2).
@@ -152,6 +182,13 @@ class LlamaCppDrafter:
         params.n_threads = params.n_threads_batch = torch.get_num_threads()
         params.type_k = params.type_v = lib.GGML_TYPE_F32
         params.no_perf = True
+        self._nodes = {f"kq_soft_max-{layer}".encode(): layer for layer in range(draft.layers)}
+        self._asked: Collection[int] = ()  # the layers whose weights the running pass copies out
+        self._copied: dict[int, np.ndarray] = {}
+        if weights:
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # flash attention never forms the weights
+            self._observe = lib.ggml_backend_sched_eval_callback(self._copy)  # kept alive with the context
+            params.cb_eval = self._observe
         self.context = lib.llama_init_from_model(draft.model, params)
         if not self.context:
             raise MemoryError(f"llama.cpp could not make a context of {capacity:,} tokens")
@@ -164,11 +201,28 @@ class LlamaCppDrafter:
         """Tokens held in the KV cache."""
         return self._length
 
-    def _pass(self, ids: list[int], hidden: bool) -> Pass:
-        """Read `ids` after the cache, CHUNK at a time: the last position's logits and, if asked, hidden state."""
+    def _copy(self, node: int, ask: bool, _data: Any) -> bool:
+        """llama.cpp's eval callback: asked first, node by node, which ones to see once computed (the weights of the
+        layers the pass asks for), then shown each of those (copied; True: go on)."""
+        layer = self._nodes.get(_ggml().ggml_get_name(node))
+        if layer is None or layer not in self._asked:
+            return not ask
+        if not ask:
+            ne = _Tensor.from_address(node).ne  # (KV cells, new tokens, heads, 1)
+            data = np.ctypeslib.as_array(_ggml().ggml_get_data_f32(node), (ne[0] * ne[1] * ne[2] * ne[3],))
+            self._copied[layer] = data.reshape(ne[3], ne[2], ne[1], ne[0])[..., :self._length + ne[1]].copy()
+        return True
+
+    def _pass(self, ids: list[int], hidden: bool, layers: Collection[int] = ()) -> Pass:
+        """Read `ids` after the cache, CHUNK at a time: the last position's logits and, if asked, the hidden state
+        and the attention weights of `layers` (as `hlm.drafter.Pass` holds them: a token's cell is its position)."""
         lib, batch = _lib(), self.batch
         if self._length + len(ids) > self.capacity:
             raise ValueError(f"the draft's context holds {self.capacity:,} tokens; {self._length + len(ids):,} asked")
+        if layers and (not self.weights or len(ids) > CHUNK):
+            raise ValueError("this llama.cpp drafter returns no attention weights" if not self.weights else
+                             f"attention weights come back for at most {CHUNK} new tokens a pass")
+        self._asked, self._copied = layers, {}
         lib.llama_set_embeddings(self.context, hidden)
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
@@ -187,13 +241,16 @@ class LlamaCppDrafter:
                                                         (self.draft.vocab,)).copy())
         state = torch.from_numpy(np.ctypeslib.as_array(lib.llama_get_embeddings_ith(self.context, -1),
                                                        (self.draft.width,)).copy()) if hidden else None
-        return Pass(logits, None, state)
+        self._asked = ()
+        if not layers:
+            return Pass(logits, None, state)
+        return Pass(logits, tuple(torch.from_numpy(self._copied[i]) if i in layers else None
+                                  for i in range(self.draft.layers)), state)
 
     def forward(self, ids: list[int], layers: Collection[int] = (), hidden: bool = False) -> Pass:
-        """Process `ids` after the cached context: the next position's logits and, if asked, the hidden state."""
-        if layers:
-            raise ValueError("llama.cpp returns no attention weights: draft on transformers for this estimator")
-        return self._pass(ids, hidden)
+        """Process `ids` after the cached context: the next position's logits, the attention weights of the `layers`
+        named (a drafter made with `weights` only) and, if asked, the hidden state."""
+        return self._pass(ids, hidden, layers)
 
     def prefill(self, ids: list[int], progress: prefix.Progress | None = None, hidden: bool = False,
                 meter: EnergyMeter | None = None) -> Pass:
@@ -203,7 +260,7 @@ class LlamaCppDrafter:
         lib, key = _lib(), tuple(ids)
         lib.llama_memory_clear(lib.llama_get_memory(self.context), True)
         self._length, self.remembered = 0, None
-        kept = self.draft.recall(key, meter)
+        kept = self.draft.recall(key, meter, self.weights)
         if kept is None:
             self._cancel = prefix.cancel_event()
             if self._cancel is not None:
@@ -219,7 +276,7 @@ class LlamaCppDrafter:
                     lib.llama_set_abort_callback(self.context, lib.ggml_abort_callback(), None)
                 self._cancel = None
             kept = Read(self._state(), read, cost)
-            self.draft.reads.put(key, kept)
+            self.draft.reads[self.weights].put(key, kept)
         else:
             self._restore(kept.state, len(ids))
             self.remembered = kept.cost
@@ -229,13 +286,13 @@ class LlamaCppDrafter:
 
     def _read(self, ids: tuple[int, ...], meter: EnergyMeter | None) -> None:
         """Put the read of `ids` in the empty cache: kept, or computed now and kept."""
-        kept = self.draft.recall(ids, meter)
+        kept = self.draft.recall(ids, meter, self.weights)
         if kept is not None:
             self._restore(kept.state, len(ids))
             return
         with measure(CPU, meter) as cost:
             read = self._pass(list(ids), hidden=True)
-        self.draft.reads.put(ids, Read(self._state(), read, cost))
+        self.draft.reads[self.weights].put(ids, Read(self._state(), read, cost))
 
     def _state(self) -> bytes:
         """The cache's sequence as llama.cpp saves it."""

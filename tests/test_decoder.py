@@ -433,7 +433,7 @@ def test_read_prompt_lets_the_next_run_draft_without_reading_it(tiny):
     decoder = HybridDecoder(tiny)
     config = RunConfig(SamplingConfig(max_new_tokens=6, seed=0, stop_at_eos=False), PolicyConfig(name="slm"))
     prompt = "A prompt read while idle."
-    decoder.read_prompt(prompt, config.sampling.max_new_tokens)
+    decoder.read_prompt(prompt, config)
     seen: list[int] = []
     hook = tiny.draft.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].shape[1]),
                                                 with_kwargs=True)

@@ -126,6 +126,22 @@ def test_runs_that_ask_an_estimator_are_cached_per_selection_calibration(tools, 
         assert (before.path(job) != after.path(job)) is keyed, policy
 
 
+def test_runs_whose_estimator_reads_attention_are_keyed_by_the_path_that_computes_it(tools, tmp_path):
+    """Where llama.cpp's graph gives the attention weights (`ModelPair.attention_path`), the runs of estimators that
+    read them are decoded again; runs of estimators that read none, and of policies without one, keep their cache."""
+    from hlm.experiments.sweep import Job, Runner
+
+    facts = tools[0].facts
+    assert facts.attention_path == ""  # the tiny pair drafts on transformers
+    llama = replace(facts, attention_path="attention weights: llama.cpp, flash attention off")
+    before, after = (Runner(SimpleNamespace(facts=f), "tiny", tmp_path, None) for f in (facts, llama))
+    for policy, estimator, keyed in (("ours", "probe-horizon", True), ("ours", "paper-self", True),
+                                     ("ours", "ubar", False), ("slm", "", False), ("random", "", False)):
+        config = GRID.config(policy, k=8, gamma=0.0, estimator=estimator) if estimator else GRID.config(policy)
+        job = Job(PROMPTS[0], replace(BASE, policy=config))
+        assert (before.path(job) != after.path(job)) is keyed, (policy, estimator)
+
+
 def test_the_llm_alone_keeps_its_cache_when_only_the_draft_changes(tools, tmp_path):
     """The LLM alone never runs the draft, so another draft path is served its cached runs; a change of the
     verifier's numerics, or any policy that drafts, is not."""

@@ -343,7 +343,7 @@ class Service:
         built = []
         for prompt in prompts or [e["prompt"] for e in load_examples()]:
             while wanted(prompt):
-                answer = self.when_idle(functools.partial(self._build_one, prompt, llm))
+                answer = self.when_idle(functools.partial(self._build_one, prompt, llm, config))
                 if answer is not None:
                     self._keep(self.start, prompt, sampling, config.link, answer)
                     built.append(prompt)
@@ -361,12 +361,12 @@ class Service:
         result = self.models.call(functools.partial(work, cancel))
         return None if cancel.is_set() else result
 
-    def _build_one(self, prompt: str, llm: RunConfig, cancel: threading.Event) -> list[TokenEvent]:
+    def _build_one(self, prompt: str, llm: RunConfig, page: RunConfig, cancel: threading.Event) -> list[TokenEvent]:
         """One prompt's reference for `build_references`, on the model thread."""
         decoder = self.decoder(self.start)
         events = list(decoder.generate(prompt, llm, cancel))  # the verifier has read the prompt (`hlm.prefix.read`)
-        if not cancel.is_set():  # and so does the device, so a viewer's first run of the example drafts at once
-            decoder.read_prompt(prompt, llm.sampling.max_new_tokens)
+        if not cancel.is_set():  # and so does the device, on the drafter a viewer's first run (`page`) drafts on
+            decoder.read_prompt(prompt, page)
         return events
 
     def _hold(self, n: int) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from hlm.errors import UserError
+from hlm.estimators import REGISTRY as ESTIMATORS
 from hlm.models.numerics import without_draft
 from hlm.policies import REGISTRY as POLICIES
 from hlm.rows import BLOCK_ENV, pinned_block
@@ -52,20 +53,26 @@ class PairFacts:
     calibration: Calibration | None
     selection: SelectionCalibration
     description: dict[str, Any]
+    attention_path: str = ""  # `ModelPair.attention_path`
 
     def run_key(self, config: RunConfig) -> list[str]:
         """What a cached run of `config` depends on beside its prompt and config: the pair's numerics (without the
         draft's for a policy that never drafts: the LLM alone is not decoded again when only the draft changed) and,
         where the policy asks an estimator, the selection calibration it asks (a refit must never be served the runs
-        of the fit before it)."""
+        of the fit before it) and, where that estimator reads attention weights, the path that computes them if it is
+        not the draft the numerics name (runs made before llama.cpp read them keep their keys)."""
         policy = POLICIES[config.policy.name]
         numerics = self.numerics if policy.drafts else without_draft(self.numerics)
-        return [numerics, *([self.selection.digest] if policy.uses_estimator else [])]
+        if not policy.uses_estimator:
+            return [numerics]
+        reads = ESTIMATORS[config.policy.estimator].attention and self.attention_path
+        return [numerics, self.selection.digest, *([reads] if reads else [])]
 
 
 def facts_of(decoder: HybridDecoder) -> PairFacts:
     pair = decoder.pair
-    return PairFacts(pair.numerics, pair.verifier_block_rows, pair.calibration, pair.selection, pair.describe())
+    return PairFacts(pair.numerics, pair.verifier_block_rows, pair.calibration, pair.selection, pair.describe(),
+                     pair.attention_path)
 
 
 def energy_methods(decoder: HybridDecoder, item: tuple[LinkConfig, DeviceProfile]) -> dict[str, str]:

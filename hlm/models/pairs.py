@@ -83,11 +83,18 @@ class ModelPair:
         return frozenset(layer for layer, _ in self.heads)
 
     def new_drafter(self, layers: Collection[int], capacity: int) -> Drafter | LlamaCppDrafter:
-        """A fresh drafter for a run of at most `capacity` tokens: on llama.cpp where the pair took it and the run's
-        passes read no attention weights (llama.cpp returns none), else on the transformers draft."""
-        if self.llama is not None and not layers:
-            return self.llama.drafter(capacity)
+        """A fresh drafter for a run of at most `capacity` tokens whose passes read the attention weights of `layers`:
+        on llama.cpp where the pair took it (weights read from its graph where `layers` are named), else on the
+        transformers draft."""
+        if self.llama is not None:
+            return self.llama.drafter(capacity, weights=bool(layers))
         return Drafter(self.draft, self.template_head)
+
+    @property
+    def attention_path(self) -> str:
+        """Where runs that read attention weights draft, where that is not the draft the numerics key names
+        (`PairFacts.run_key` keys their cached runs by it): llama.cpp's graph with flash attention off."""
+        return "" if self.llama is None else "attention weights: llama.cpp, flash attention off"
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Chat-template the prompt (one template for both models) and check it fits the context."""

@@ -386,10 +386,11 @@ def _take_llama(pair: ModelPair, gguf: Path) -> None:
         pair.quant["draft"] += f"; llama.cpp not taken ({timed}, measured {when})"
         return
     pair.llama = draft()
-    # The recipe names both paths: runs of the estimators reading attention stay on the one chosen at load (gguf or
-    # ggml, whose timings can come out either way on a machine), and the numerics key must tell their results apart.
+    # The recipe names both paths: every run drafts on llama.cpp, but the study's batched passes and the semantic
+    # statistic's embedding rows stay on the one chosen at load (gguf or ggml, whose timings can come out either way
+    # on a machine), and the numerics key must tell their results apart.
     kept = recipe_of(pair.quant["draft"]).rstrip(",")
-    pair.quant["draft"] = f"llama.cpp+{kept} (auto: {timed} on {pair.quant['draft']}, which the estimators " \
-                          f"reading attention keep; measured {when})"
+    pair.quant["draft"] = f"llama.cpp+{kept} (auto: {timed} on {pair.quant['draft']}, which batched passes " \
+                          f"keep; measured {when})"
     for buffer in pair.draft.buffers():  # that path's file-backed blocks (`quant.stored_blocks`), read by the timing
-        memory.page_out(buffer)  # and now only by those estimators: out of the process's memory until then
+        memory.page_out(buffer)  # and now only by batched passes and the head's rows: out of memory until then
