@@ -13,13 +13,13 @@ which the judge reads, is llama.cpp's embeddings output (the normed state its he
 (llama.cpp's abort callback).
 
 Attention weights: llama.cpp's API returns none, but its graph computes them where flash attention is off (the
-`kq_soft_max-<layer>` nodes). A drafter made for some layers (the `heads` estimators', the default's among them) runs
-with flash attention off and copies those nodes out of the graph as they are computed (llama.cpp's `cb_eval`), in the
-steps that ask for them: 1-2 ms a step, against the transformers draft's 16-23 ms more a step (docs/speed.md). A
-token's KV cell is its position (one sequence, cells filled in order, rollback and restored reads included), so the
-weights come back in the transformers draft's shape. Their numerics differ from that draft's (within 0.01 on the
-default's feature), so runs that read them are keyed apart (`ModelPair.heads_path`). The importance rows of the
-paper-literal rule (every head of the last layers, read ahead) stay on the transformers draft.
+`kq_soft_max-<layer>` nodes). A drafter made for runs that read attention (the default estimator's eight heads, RAUQ's,
+the paper-literal rows) runs with flash attention off and copies the asked layers' nodes out of the graph as they are
+computed (llama.cpp's `cb_eval`), in the steps that ask for them: 1-2 ms a step, where the transformers draft's step
+costs 16-23 ms more (docs/speed.md). A token's KV cell is its position (one sequence, cells filled in order, rollback
+and restored reads included), so the weights come back in the transformers draft's shape. Their numbers differ from
+that draft's (by under 0.01 on the default's feature), so runs that read them are keyed apart
+(`ModelPair.attention_path`).
 """
 
 from __future__ import annotations
@@ -158,13 +158,13 @@ class LlamaDraft:
         logits += [drafter.forward([token]).logits for token in ids[start:-1]]
         return torch.log_softmax(torch.stack(logits).float(), -1)
 
-    def step_seconds(self, steps: int, context: int) -> float:
+    def step_seconds(self, steps: int, context: int, layers: Collection[int] = ()) -> float:
         """Median seconds of one cached decode step after a prefill of `context` tokens (`hlm.quant.step_seconds`,
-        on llama.cpp)."""
-        drafter = self.drafter(context + steps + 1)
+        on llama.cpp), each step returning the attention weights of `layers`."""
+        drafter = self.drafter(context + steps + 1, weights=bool(layers))
         drafter.prefill(list(range(1, context + 1)))
         tokens = iter(range(context + 1, context + steps + 2))
-        return median_seconds([lambda: drafter.forward([next(tokens)])], steps)[0]
+        return median_seconds([lambda: drafter.forward([next(tokens)], layers)], steps)[0]
 
 
 class LlamaCppDrafter:

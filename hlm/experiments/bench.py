@@ -154,12 +154,13 @@ def limit(pair: ModelPair, load: Loader, bandwidth: Bandwidth, context: int) -> 
             {f"{dtype} plain": plain, f"{_recipe(pair, role)} shipped": shipped}
         if role == "draft" and pair.llama is not None:  # its decode steps run there, on the ggml path's blocks
             own = getattr(shipped, "hlm_quant", "none")
-            paths = {f"{dtype} plain": plain, f"{own} (the attention estimators')": shipped,
-                     "llama.cpp shipped": pair.llama}
+            paths = {f"{dtype} plain": plain, f"{own} (batched passes')": shipped, "llama.cpp shipped": pair.llama,
+                     "llama.cpp reading the default's attention": pair.llama}
         for path, model in paths.items():
             at = context + STEPS // 2  # the bytes at the median step
             if model is pair.llama:
-                read, tps = gguf_decode_bytes(model, at), 1 / model.step_seconds(STEPS, context)
+                layers = pair.head_layers if "attention" in path else frozenset()
+                read, tps = gguf_decode_bytes(model, at), 1 / model.step_seconds(STEPS, context, layers)
             else:
                 read, tps = decode_bytes(model, at), 1 / step_seconds(model, steps=STEPS, context=context)
             rows += [(f"(r) {role} {path}: decode step tok/s", tps, f"cached step, context {context} tokens"),

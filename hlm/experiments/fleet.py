@@ -37,6 +37,7 @@ from tqdm import tqdm
 from hlm.cloud.client import verify_body
 from hlm.config import ConfigError, LinkConfig, RunConfig, SamplingConfig
 from hlm.experiments.sweep import Grid, Job, write_atomic
+from hlm.experiments.workers import facts_of
 from hlm.link import upload_cost
 from hlm.policies import REGISTRY as POLICIES
 
@@ -102,8 +103,8 @@ class RecordingVerifier:
         self.inner.close()
 
 
-def _trace_path(traces_dir: Path, job: Job, models: str, numerics: str) -> Path:
-    text = json.dumps([job.identity(models), numerics], sort_keys=True)
+def _trace_path(traces_dir: Path, job: Job, models: str, key: list[str]) -> Path:
+    text = json.dumps([job.identity(models), *key], sort_keys=True)
     return traces_dir / hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -128,7 +129,7 @@ def load_trace(path: Path) -> Trace:
 
 def record(decoder: HybridDecoder, job: Job, models: str, traces_dir: Path) -> Trace:
     """The trace of `job` (cached): one in-process run with its verifier recorded."""
-    path = _trace_path(traces_dir, job, models, decoder.pair.numerics)
+    path = _trace_path(traces_dir, job, models, facts_of(decoder).run_key(job.config))  # as the sweep keys its runs
     if path.with_suffix(".json").is_file():
         return load_trace(path)
     recorder = RecordingVerifier(decoder.verifier)
