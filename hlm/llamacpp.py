@@ -19,7 +19,8 @@ computed (llama.cpp's `cb_eval`), in the steps that ask for them: 1-2 ms a step,
 costs 16-23 ms more (docs/speed.md). A token's KV cell is its position (one sequence, cells filled in order, rollback
 and restored reads included), so the weights come back in the transformers draft's shape. Their numbers differ from
 that draft's (by under 0.01 on the default's feature), so runs that read them are keyed apart
-(`ModelPair.attention_path`).
+(`ModelPair.attention_path`). Such a drafter reads its prompt without flash attention too, into reads kept apart:
+llama.cpp keeps V transposed there, and a sequence saved with flash attention does not restore without it.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class LlamaCppDrafter:
         lib = _lib()
         buffer = (ctypes.c_uint8 * lib.llama_state_seq_get_size(self.context, 0))()
         written = lib.llama_state_seq_get_data(self.context, buffer, len(buffer), 0)
-        return bytes(buffer[:written])
+        return ctypes.string_at(buffer, written)
 
     def _restore(self, state: bytes, length: int) -> None:
         buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
