@@ -177,7 +177,11 @@ class LlamaCppDrafter:
         self._cancel: threading.Event | None = None
         # Called between the graph's nodes while a prompt is read (a Python call a node: not while decoding), so a
         # set cancel event stops the read there (llama_decode returns 2).
-        self._abort = lib.ggml_abort_callback(lambda _data: bool(self._cancel is not None and self._cancel.is_set()))
+        # The callbacks reach the drafter by a weak reference: a cycle through them would keep its context (its KV
+        # cache and compute buffers, outside Python's heap) until a full collection, and HumanEval's 328 runs
+        # grew a process to 23 GB that way.
+        me = weakref.ref(self)
+        self._abort = lib.ggml_abort_callback(lambda _data: me()._cancelled())
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = capacity, CHUNK, CHUNK
         params.n_threads = params.n_threads_batch = torch.get_num_threads()
@@ -188,7 +192,7 @@ class LlamaCppDrafter:
         self._copied: dict[int, np.ndarray] = {}
         if weights:
             params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # flash attention never forms the weights
-            self._observe = lib.ggml_backend_sched_eval_callback(self._copy)  # kept alive with the context
+            self._observe = lib.ggml_backend_sched_eval_callback(lambda node, ask, _data: me()._copy(node, ask))
             params.cb_eval = self._observe
         self.context = lib.llama_init_from_model(draft.model, params)
         if not self.context:
@@ -202,7 +206,10 @@ class LlamaCppDrafter:
         """Tokens held in the KV cache."""
         return self._length
 
-    def _copy(self, node: int, ask: bool, _data: Any) -> bool:
+    def _cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
+    def _copy(self, node: int, ask: bool) -> bool:
         """llama.cpp's eval callback: asked first, node by node, which ones to see once computed (the weights of the
         layers the pass asks for), then shown each of those (copied; True: go on)."""
         layer = self._nodes.get(_ggml().ggml_get_name(node))

@@ -88,6 +88,26 @@ def test_bad_use_is_a_clear_error_and_stop_cuts_the_prompt_read(pair, draft):
         drafter.forward([220] * 5)
 
 
+def test_a_drafter_frees_its_context_when_its_last_reference_goes(pair, draft):
+    """No reference cycle through llama.cpp's callbacks: a drafter's context (KV cache and compute buffers, outside
+    Python's heap) goes with the drafter, not at some later full collection (a cycle grew HumanEval's process to 23
+    GB)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        for weights in (False, True):
+            drafter = draft.drafter(64, weights=weights)
+            drafter.prefill(pair.encode_prompt("def add(a, b):", 8))
+            drafter.forward([220], pair.head_layers if weights else ())
+            gone = weakref.ref(drafter)
+            del drafter
+            assert gone() is None, weights
+    finally:
+        gc.enable()
+
+
 def test_the_pair_drafts_every_run_on_llama_cpp_where_it_took_it(pair):
     if pair.llama is None:
         assert "llama.cpp not taken" in pair.quant["draft"]
