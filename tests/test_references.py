@@ -122,12 +122,12 @@ def test_the_background_build_gives_way_to_a_viewer(store, monkeypatch):
     svc = make_service(store)
     real, started = svc._build_one, threading.Event()
 
-    def slow_first(prompt, llm, cancel):
+    def slow_first(prompt, llm, page, cancel):
         if not started.is_set():  # the first build holds the models until a viewer stops it
             started.set()
             assert cancel.wait(30), "a viewer's request should stop the build"
             return []
-        return real(prompt, llm, cancel)
+        return real(prompt, llm, page, cancel)
 
     monkeypatch.setattr(svc, "_build_one", slow_first)
     config = GREEDY.run_config(None)
